@@ -1,0 +1,818 @@
+//! HTTP/1 wire format: reading message heads (bounded) and reading and writing
+//! bodies in every framing (Content-Length, chunked with trailers,
+//! close-delimited), streaming piece by piece so no body is held whole.
+//!
+//! Heads are kept as the raw bytes received plus the offsets of each field, so
+//! a rewrite can copy names and values exactly as the peer wrote them.
+
+use std::io;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Anything a connection can run over (plain TCP now, TLS later).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Read buffer growth step: large enough to move bulk bodies efficiently.
+const READ_CHUNK: usize = 32 * 1024;
+/// Longest chunk-size line accepted (size plus extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer section accepted.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+
+/// A byte stream with the bytes read but not yet consumed. Handing a `Conn`
+/// on replays what was read ahead.
+pub struct Conn<S> {
+    pub io: S,
+    pub buf: BytesMut,
+}
+
+impl<S: AsyncRead + Unpin> Conn<S> {
+    pub fn new(io: S) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    /// Cancel-safe: bytes read stay in the buffer.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.io.read_buf(&mut self.buf).await
+    }
+}
+
+// ---------------------------------------------------------------- heads
+
+/// Header fields of a head, as offsets into the raw head bytes.
+#[derive(Debug, Clone)]
+pub struct Fields {
+    raw: Bytes,
+    pos: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Fields {
+    /// Each field as `(name, value)`, in the order received, names as written.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        self.pos.iter().map(move |(n, v)| {
+            // httparse only accepts token characters in names: always ASCII.
+            let name = std::str::from_utf8(&self.raw[n.clone()]).unwrap_or("");
+            (name, &self.raw[v.clone()])
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+
+    /// Every value of the field `name` (case-insensitive).
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The first value of `name`.
+    pub fn get<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.get_all(name).next()
+    }
+
+    /// Whether the comma-separated list field `name` contains `token`.
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.get_all(name)
+            .flat_map(|v| v.split(|b| *b == b','))
+            .any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    /// The lower-cased tokens of every list value of `name`.
+    pub fn tokens(&self, name: &str) -> Vec<String> {
+        self.get_all(name)
+            .flat_map(|v| v.split(|b| *b == b','))
+            .map(trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+            .collect()
+    }
+}
+
+/// Trims optional white space around a field value or list element.
+pub fn trim(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub fields: Fields,
+    method: Range<usize>,
+    target: Range<usize>,
+    /// HTTP/1.x minor version: 0 or 1.
+    pub minor: u8,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> &str {
+        std::str::from_utf8(&self.fields.raw[self.method.clone()]).unwrap_or("")
+    }
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(&self.fields.raw[self.target.clone()]).unwrap_or("")
+    }
+    /// Size of the head on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.fields.raw.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub fields: Fields,
+    pub status: u16,
+    reason: Range<usize>,
+    pub minor: u8,
+}
+
+impl ResponseHead {
+    pub fn reason(&self) -> &[u8] {
+        &self.fields.raw[self.reason.clone()]
+    }
+    pub fn wire_len(&self) -> usize {
+        self.fields.raw.len()
+    }
+}
+
+#[derive(Debug)]
+pub enum HeadError {
+    /// The stream ended; `partial` when some of a head had arrived.
+    Eof {
+        partial: bool,
+    },
+    /// Over the byte or field-count limit.
+    TooLarge,
+    /// Not a valid HTTP/1 head.
+    Malformed(&'static str),
+    Io(io::Error),
+}
+
+impl From<io::Error> for HeadError {
+    fn from(e: io::Error) -> Self {
+        HeadError::Io(e)
+    }
+}
+
+/// Where the head in `buf` ends (index after the blank line), searching from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    for i in memchr::memchr_iter(b'\n', &buf[from..]).map(|i| i + from) {
+        match buf.get(i + 1..i + 3) {
+            Some([b'\r', b'\n']) => return Some(i + 3),
+            Some([b'\n', _]) => return Some(i + 2),
+            None if buf.get(i + 1) == Some(&b'\n') => return Some(i + 2),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads bytes until a whole head is buffered, then splits it off.
+async fn read_raw_head<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max_bytes: usize,
+) -> Result<Bytes, HeadError> {
+    let mut scanned = 0;
+    loop {
+        // A request may be preceded by stray empty lines (RFC 9112 section 2.2).
+        while conn.buf.starts_with(b"\r\n") {
+            let _ = conn.buf.split_to(2);
+        }
+        if let Some(end) = head_end(&conn.buf, scanned) {
+            if end > max_bytes {
+                return Err(HeadError::TooLarge);
+            }
+            return Ok(conn.buf.split_to(end).freeze());
+        }
+        if conn.buf.len() >= max_bytes {
+            return Err(HeadError::TooLarge);
+        }
+        scanned = conn.buf.len().saturating_sub(2);
+        if conn.fill().await? == 0 {
+            return Err(HeadError::Eof {
+                partial: !conn.buf.is_empty(),
+            });
+        }
+    }
+}
+
+fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - raw.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn field_positions(
+    raw: &Bytes,
+    headers: &[httparse::Header<'_>],
+) -> Vec<(Range<usize>, Range<usize>)> {
+    headers
+        .iter()
+        .map(|h| (offset(raw, h.name.as_bytes()), offset(raw, h.value)))
+        .collect()
+}
+
+fn parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
+        httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+        httparse::Error::Token => HeadError::Malformed("invalid method or token"),
+        _ => HeadError::Malformed("malformed request line or header"),
+    }
+}
+
+/// Reads one request head. The caller bounds the time.
+pub async fn read_request_head<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max_bytes: usize,
+    max_headers: usize,
+) -> Result<RequestHead, HeadError> {
+    let raw = read_raw_head(conn, max_bytes).await?;
+    parse_request_head(raw, max_headers)
+}
+
+/// Parses a complete request head.
+pub fn parse_request_head(raw: Bytes, max_headers: usize) -> Result<RequestHead, HeadError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&raw).map_err(parse_error)? {
+        httparse::Status::Complete(_) => {}
+        httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
+    Ok(RequestHead {
+        method: offset(&raw, method.as_bytes()),
+        target: offset(&raw, target.as_bytes()),
+        minor,
+        fields: Fields {
+            pos: field_positions(&raw, req.headers),
+            raw: raw.clone(),
+        },
+    })
+}
+
+/// Reads one response head. The caller bounds the time.
+pub async fn read_response_head<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max_bytes: usize,
+    max_headers: usize,
+) -> Result<ResponseHead, HeadError> {
+    let raw = read_raw_head(conn, max_bytes).await?;
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&raw).map_err(parse_error)? {
+        httparse::Status::Complete(_) => {}
+        httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
+    }
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err(HeadError::Malformed("incomplete status line"));
+    };
+    let reason = offset(&raw, resp.reason.unwrap_or("").as_bytes());
+    Ok(ResponseHead {
+        status,
+        reason: if reason.start == 0 { 0..0 } else { reason },
+        minor,
+        fields: Fields {
+            pos: field_positions(&raw, resp.headers),
+            raw: raw.clone(),
+        },
+    })
+}
+
+// ---------------------------------------------------------------- framing
+
+/// How a message body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the sender closes (responses only).
+    Close,
+}
+
+fn parse_content_length(fields: &Fields) -> Result<Option<u64>, &'static str> {
+    let mut found: Option<u64> = None;
+    for value in fields.get_all("content-length") {
+        for part in value.split(|b| *b == b',') {
+            let part = trim(part);
+            if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(m) if m != n => return Err("conflicting Content-Length values"),
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the final transfer coding is `chunked` (and it appears only there).
+fn chunked_is_final(fields: &Fields) -> bool {
+    let codings = fields.tokens("transfer-encoding");
+    matches!(codings.last(), Some(last) if last == "chunked")
+        && codings.iter().filter(|c| *c == "chunked").count() == 1
+}
+
+/// The body framing of a request (RFC 9112 section 6.3). Ambiguous framing is
+/// refused: a proxy that guesses invites request smuggling.
+pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
+    let has_te = head.fields.get("transfer-encoding").is_some();
+    let length = parse_content_length(&head.fields)?;
+    if has_te {
+        if head.minor == 0 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if length.is_some() {
+            return Err("both Content-Length and Transfer-Encoding");
+        }
+        if !chunked_is_final(&head.fields) {
+            return Err("Transfer-Encoding must end in chunked");
+        }
+        return Ok(Framing::Chunked);
+    }
+    Ok(match length {
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// The body framing of a response to `method` (RFC 9112 section 6.3).
+pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'static str> {
+    if method.eq_ignore_ascii_case("HEAD")
+        || head.status < 200
+        || head.status == 204
+        || head.status == 304
+    {
+        return Ok(Framing::Empty);
+    }
+    if head.fields.get("transfer-encoding").is_some() {
+        return Ok(if chunked_is_final(&head.fields) {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        });
+    }
+    Ok(match parse_content_length(&head.fields)? {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+// ---------------------------------------------------------------- body reading
+
+#[derive(Debug)]
+pub enum BodyError {
+    Io(io::Error),
+    /// The stream ended before the body did.
+    Truncated,
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Io(e) => write!(f, "{e}"),
+            BodyError::Truncated => write!(f, "body ended early"),
+            BodyError::Malformed(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl From<io::Error> for BodyError {
+    fn from(e: io::Error) -> Self {
+        BodyError::Io(e)
+    }
+}
+
+/// One step of a body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item {
+    Data(Bytes),
+    /// The trailer field lines, each ending in CRLF (without the final blank line).
+    Trailers(Bytes),
+    End,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    Trailers,
+    Close,
+    Done,
+}
+
+/// Reads a body from a [`Conn`] one piece at a time.
+#[derive(Debug)]
+pub struct BodyReader {
+    state: State,
+}
+
+impl BodyReader {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        BodyReader { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// The next piece of the body.
+    pub async fn next<S: AsyncRead + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+    ) -> Result<Item, BodyError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Item::End),
+                State::Length(0) => self.state = State::Done,
+                State::Length(rem) => {
+                    let data = take_up_to(conn, rem).await?;
+                    self.state = State::Length(rem - data.len() as u64);
+                    return Ok(Item::Data(data));
+                }
+                State::Close => {
+                    if conn.buf.is_empty() && conn.fill().await? == 0 {
+                        self.state = State::Done;
+                        return Ok(Item::End);
+                    }
+                    return Ok(Item::Data(conn.buf.split().freeze()));
+                }
+                State::ChunkSize => {
+                    let line = read_line(conn, MAX_CHUNK_LINE, "chunk size line too long").await?;
+                    let size = parse_chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        State::Trailers
+                    } else {
+                        State::ChunkData(size)
+                    };
+                }
+                State::ChunkData(rem) => {
+                    let data = take_up_to(conn, rem).await?;
+                    let left = rem - data.len() as u64;
+                    self.state = if left == 0 {
+                        State::ChunkDataEnd
+                    } else {
+                        State::ChunkData(left)
+                    };
+                    return Ok(Item::Data(data));
+                }
+                State::ChunkDataEnd => {
+                    let line = read_line(conn, 2, "chunk data not followed by CRLF").await?;
+                    if !line.is_empty() {
+                        return Err(BodyError::Malformed("chunk data not followed by CRLF"));
+                    }
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    let trailers = read_trailers(conn).await?;
+                    self.state = State::Done;
+                    if !trailers.is_empty() {
+                        return Ok(Item::Trailers(trailers));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes up to `max` buffered bytes, reading if none are buffered.
+async fn take_up_to<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max: u64,
+) -> Result<Bytes, BodyError> {
+    if conn.buf.is_empty() && conn.fill().await? == 0 {
+        return Err(BodyError::Truncated);
+    }
+    let n = usize::try_from(max)
+        .unwrap_or(usize::MAX)
+        .min(conn.buf.len());
+    Ok(conn.buf.split_to(n).freeze())
+}
+
+/// Reads one line (CRLF or LF terminated) of at most `max` bytes, without its terminator.
+async fn read_line<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    max: usize,
+    too_long: &'static str,
+) -> Result<Bytes, BodyError> {
+    let mut scanned = 0;
+    loop {
+        if let Some(i) = memchr::memchr(b'\n', &conn.buf[scanned..]).map(|i| i + scanned) {
+            let mut line = conn.buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            return Ok(line.freeze());
+        }
+        if conn.buf.len() > max {
+            return Err(BodyError::Malformed(too_long));
+        }
+        scanned = conn.buf.len();
+        if conn.fill().await? == 0 {
+            return Err(BodyError::Truncated);
+        }
+    }
+}
+
+/// Parses `1a2b[;ext...]` (RFC 9112 section 7.1).
+pub fn parse_chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(BodyError::Malformed("invalid chunk size"));
+    }
+    let rest = trim(&line[digits..]);
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(BodyError::Malformed("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(&line[..digits])
+        .map_err(|_| BodyError::Malformed("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| BodyError::Malformed("invalid chunk size"))
+}
+
+/// Reads the trailer section up to and including its blank line; returns the
+/// field lines (validated) without the blank line.
+async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes, BodyError> {
+    let mut scanned = 0;
+    loop {
+        if conn.buf.starts_with(b"\r\n") || conn.buf.starts_with(b"\n") {
+            let n = if conn.buf[0] == b'\r' { 2 } else { 1 };
+            let _ = conn.buf.split_to(n);
+            return Ok(Bytes::new());
+        }
+        if let Some(end) = head_end(&conn.buf, scanned) {
+            let section = conn.buf.split_to(end).freeze();
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            match httparse::parse_headers(&section, &mut headers) {
+                Ok(httparse::Status::Complete(_)) => {}
+                _ => return Err(BodyError::Malformed("malformed trailer section")),
+            }
+            // Drop the final blank line; keep the field lines as they came.
+            let blank = if section.ends_with(b"\r\n\r\n") { 2 } else { 1 };
+            return Ok(section.slice(..section.len() - blank));
+        }
+        if conn.buf.len() > MAX_TRAILER_BYTES {
+            return Err(BodyError::Malformed("trailer section too large"));
+        }
+        scanned = conn.buf.len().saturating_sub(2);
+        if conn.fill().await? == 0 {
+            return Err(BodyError::Truncated);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- body writing
+
+/// How the relay frames a body it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFraming {
+    /// No body, or a length the head already states.
+    Plain,
+    Chunked,
+}
+
+/// Writes one piece of body data in the given framing.
+pub async fn write_data<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    framing: OutFraming,
+    data: &[u8],
+) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match framing {
+        OutFraming::Plain => w.write_all(data).await,
+        OutFraming::Chunked => {
+            let prefix = format!("{:x}\r\n", data.len());
+            if data.len() <= 16 * 1024 {
+                let mut out = Vec::with_capacity(prefix.len() + data.len() + 2);
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"\r\n");
+                w.write_all(&out).await
+            } else {
+                w.write_all(prefix.as_bytes()).await?;
+                w.write_all(data).await?;
+                w.write_all(b"\r\n").await
+            }
+        }
+    }
+}
+
+/// Ends a body: the last chunk and trailers when chunked.
+pub async fn write_end<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    framing: OutFraming,
+    trailers: Option<&[u8]>,
+) -> io::Result<()> {
+    if framing == OutFraming::Chunked {
+        let mut out = Vec::with_capacity(8 + trailers.map_or(0, <[u8]>::len));
+        out.extend_from_slice(b"0\r\n");
+        if let Some(t) = trailers {
+            out.extend_from_slice(t);
+        }
+        out.extend_from_slice(b"\r\n");
+        w.write_all(&out).await?;
+    }
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_test::io::Builder;
+
+    fn head(text: &str) -> RequestHead {
+        parse_request_head(Bytes::copy_from_slice(text.as_bytes()), 100).unwrap()
+    }
+
+    #[test]
+    fn request_framing_by_table() {
+        let cases: &[(&str, Result<Framing, &str>)] = &[
+            ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok(Framing::Empty)),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok(Framing::Length(5))),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Ok(Framing::Length(5))),
+            ("POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n", Err("conflicting Content-Length values")),
+            ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err("invalid Content-Length")),
+            ("POST / HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n", Err("invalid Content-Length")),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Err("Transfer-Encoding must end in chunked")),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", Err("Transfer-Encoding must end in chunked")),
+            ("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", Err("both Content-Length and Transfer-Encoding")),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err("Transfer-Encoding in an HTTP/1.0 request")),
+        ];
+        for (text, want) in cases {
+            assert_eq!(request_framing(&head(text)), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"10 ;x").unwrap(), 16);
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b"zz").is_err());
+        assert!(parse_chunk_size(b"1 2").is_err());
+        assert!(parse_chunk_size(b"ffffffffffffffffff").is_err());
+    }
+
+    #[tokio::test]
+    async fn head_arrives_in_pieces() {
+        let io = Builder::new()
+            .read(b"GET /x HT")
+            .read(b"TP/1.1\r\nHost: a.b\r")
+            .read(b"\n\r\nrest")
+            .build();
+        let mut conn = Conn::new(io);
+        let h = read_request_head(&mut conn, 1024, 10).await.unwrap();
+        assert_eq!(h.method(), "GET");
+        assert_eq!(h.target(), "/x");
+        assert_eq!(h.fields.get("host"), Some(&b"a.b"[..]));
+        assert_eq!(&conn.buf[..], b"rest");
+    }
+
+    #[tokio::test]
+    async fn head_limits() {
+        let mut conn = Conn::new(Builder::new().read(&[b'a'; 200]).build());
+        assert!(matches!(
+            read_request_head(&mut conn, 100, 10).await,
+            Err(HeadError::TooLarge)
+        ));
+
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(5));
+        let mut conn = Conn::new(Builder::new().read(many.as_bytes()).build());
+        assert!(matches!(
+            read_request_head(&mut conn, 1000, 4).await,
+            Err(HeadError::TooLarge)
+        ));
+
+        let mut conn = Conn::new(
+            Builder::new()
+                .read(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n")
+                .build(),
+        );
+        assert!(matches!(
+            read_request_head(&mut conn, 1000, 10).await,
+            Err(HeadError::Malformed(_))
+        ));
+
+        let mut conn = Conn::new(Builder::new().read(b"GET / HT").build());
+        assert!(matches!(
+            read_request_head(&mut conn, 1000, 10).await,
+            Err(HeadError::Eof { partial: true })
+        ));
+    }
+
+    async fn read_all(
+        framing: Framing,
+        wire: &[u8],
+    ) -> Result<(Vec<u8>, Option<Bytes>), BodyError> {
+        let mut conn = Conn::new(Builder::new().read(wire).build());
+        let mut reader = BodyReader::new(framing);
+        let mut body = Vec::new();
+        let mut trailers = None;
+        loop {
+            match reader.next(&mut conn).await? {
+                Item::Data(d) => body.extend_from_slice(&d),
+                Item::Trailers(t) => trailers = Some(t),
+                Item::End => return Ok((body, trailers)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies() {
+        let (body, trailers) = read_all(
+            Framing::Chunked,
+            b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nX-Sum: 1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(body, b"abcde");
+        assert_eq!(trailers.unwrap(), Bytes::from_static(b"X-Sum: 1\r\n"));
+
+        let (body, trailers) = read_all(Framing::Chunked, b"3\r\nabc\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(body, b"abc");
+        assert!(trailers.is_none());
+
+        assert!(matches!(
+            read_all(Framing::Chunked, b"3\r\nabcd\r\n0\r\n\r\n").await,
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            read_all(Framing::Chunked, b"g\r\n").await,
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
+            read_all(Framing::Chunked, b"3\r\nab").await,
+            Err(BodyError::Truncated)
+        ));
+    }
+
+    #[tokio::test]
+    async fn length_and_close_bodies() {
+        assert_eq!(
+            read_all(Framing::Length(3), b"abcdef").await.unwrap().0,
+            b"abc"
+        );
+        assert!(matches!(
+            read_all(Framing::Length(9), b"abc").await,
+            Err(BodyError::Truncated)
+        ));
+        assert_eq!(
+            read_all(Framing::Close, b"abcdef").await.unwrap().0,
+            b"abcdef"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_writer() {
+        let mut out = Vec::new();
+        write_data(&mut out, OutFraming::Chunked, b"hello")
+            .await
+            .unwrap();
+        write_end(&mut out, OutFraming::Chunked, Some(b"A: b\r\n"))
+            .await
+            .unwrap();
+        assert_eq!(out, b"5\r\nhello\r\n0\r\nA: b\r\n\r\n");
+    }
+}

@@ -1,0 +1,520 @@
+//! Configuration: raw (serde, as written), then validated into the typed
+//! runtime [`Config`]. Every problem names the key it is about.
+//!
+//! Sources, later ones winning: the TOML file (or the embedded
+//! `conf/relay.toml`), then the environment (`PORTHOLE__RELAY__LISTEN=...`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routes::{RouteTable, Target};
+
+/// The example configuration shipped in `conf/relay.toml`; used when no
+/// `--config` is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/relay.toml");
+
+// ---------------------------------------------------------------- raw form
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// `[relay]`: the aggregate port and the relay's identity.
+    #[serde(default)]
+    relay: RawRelay,
+    /// `[[route]]`: the internal services this relay may reach.
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    /// `[limits]`: protective limits for every client connection.
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    /// The aggregate port, `ip:port`.
+    #[serde(default = "default_listen")]
+    listen: String,
+    /// The relay's pseudonym: used in `Via`; requests for this host are the relay's own.
+    #[serde(default = "default_name")]
+    name: String,
+    /// How long in-flight requests and tunnels may run on after `SIGTERM`.
+    #[serde(default = "default_drain_timeout")]
+    drain_timeout: String,
+}
+
+impl Default for RawRelay {
+    fn default() -> Self {
+        RawRelay {
+            listen: default_listen(),
+            name: default_name(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    /// Exact host name, or `*.suffix` for every name under `suffix`.
+    host: String,
+    /// Internal address or name; with a port, every request goes to that port.
+    to: String,
+    /// Ports a request may name.
+    #[serde(default = "default_ports")]
+    ports: Vec<u16>,
+    /// Dialling the internal server (502 past it).
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+    /// Waiting for the response head (504 past it).
+    #[serde(default = "default_response_timeout")]
+    response_timeout: String,
+    /// Strip Porthole's own `Via` entries before the request reaches the server.
+    #[serde(default)]
+    transparent: bool,
+    /// Decode gzip responses for clients that did not offer gzip.
+    #[serde(default)]
+    decompress: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    /// Largest request head (request line plus headers), bytes; 431 past it.
+    #[serde(default = "default_max_head_bytes")]
+    max_head_bytes: usize,
+    /// Most header fields in one head; 431 past it.
+    #[serde(default = "default_max_headers")]
+    max_headers: usize,
+    /// Time allowed for a whole request head; 408 past it.
+    #[serde(default = "default_head_timeout")]
+    head_timeout: String,
+    /// Keep-alive connections and tunnels with no traffic are closed after this.
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: String,
+    /// Open client connections in total.
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    /// Open client connections from one client address.
+    #[serde(default = "default_max_connections_per_client")]
+    max_connections_per_client: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_head_bytes: default_max_head_bytes(),
+            max_headers: default_max_headers(),
+            head_timeout: default_head_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_name() -> String {
+    "porthole".into()
+}
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+fn default_ports() -> Vec<u16> {
+    vec![80, 443]
+}
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_response_timeout() -> String {
+    "60s".into()
+}
+fn default_max_head_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_head_timeout() -> String {
+    "10s".into()
+}
+fn default_idle_timeout() -> String {
+    "5m".into()
+}
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_max_connections_per_client() -> usize {
+    2_000
+}
+
+// ---------------------------------------------------------------- typed form
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub relay: RelaySettings,
+    pub routes: RouteTable,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub listen: SocketAddr,
+    /// Lower-cased pseudonym.
+    pub name: String,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub head_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // The defaults always validate; this mirrors RawLimits::default().
+        Limits {
+            max_head_bytes: default_max_head_bytes(),
+            max_headers: default_max_headers(),
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+        }
+    }
+}
+
+/// One route as the relay uses it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The `host` pattern as configured (lower case); names the route in errors and logs.
+    pub host: String,
+    pub to: Target,
+    pub ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub transparent: bool,
+    pub decompress: bool,
+}
+
+// ---------------------------------------------------------------- errors
+
+/// One thing wrong with a configuration, tied to its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.problems.iter().map(|p| p.to_string()).collect();
+        write!(f, "invalid configuration: {}", lines.join("; "))
+    }
+}
+
+impl ConfigError {
+    fn one(key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                key: key.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+impl Config {
+    /// Loads a configuration file, then applies `PORTHOLE__...` overrides from
+    /// the process environment.
+    pub fn load_file(path: &str) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one("--config", format!("cannot read {path}: {e}")))?;
+        Config::from_toml_with_env(&text, None)
+    }
+
+    /// Parses TOML text, then applies environment overrides: from `env` when
+    /// given (tests pass a map), otherwise from the process environment.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let environment = config::Environment::with_prefix("PORTHOLE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let merged: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::one("config", e.to_string()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.inner().to_string();
+            // The path already ends in the offending key (unknown ones included).
+            let key = if path == "." {
+                "config".to_string()
+            } else {
+                path
+            };
+            ConfigError::one(&key, message)
+        })?;
+        raw.validate()
+    }
+
+    /// Parses TOML text alone (no environment).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, Some(HashMap::new()))
+    }
+}
+
+/// Parses a duration such as `"10s"`, `"250ms"`, `"5m"`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("`{value}` is not a duration like \"10s\" ({e})"))
+}
+
+struct Collector {
+    problems: Vec<Problem>,
+}
+
+impl Collector {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: &str) -> Duration {
+        match parse_duration(value) {
+            Ok(d) if d.is_zero() => {
+                self.push(key, "must be greater than zero");
+                Duration::from_secs(1)
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.push(key, e);
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: usize) -> usize {
+        if value == 0 {
+            self.push(key, "must be at least 1");
+            return 1;
+        }
+        value
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut c = Collector {
+            problems: Vec::new(),
+        };
+
+        let listen = match self.relay.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                c.push(
+                    "relay.listen",
+                    format!(
+                        "`{}` is not an address like 0.0.0.0:8080",
+                        self.relay.listen
+                    ),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 8080))
+            }
+        };
+        let name = self.relay.name.trim().to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(is_name_byte) {
+            c.push(
+                "relay.name",
+                format!("`{}` is not a host name", self.relay.name),
+            );
+        }
+        let relay = RelaySettings {
+            listen,
+            name,
+            drain_timeout: c.duration("relay.drain_timeout", &self.relay.drain_timeout),
+        };
+
+        let l = &self.limits;
+        let limits = Limits {
+            max_head_bytes: c.positive("limits.max_head_bytes", l.max_head_bytes),
+            max_headers: c.positive("limits.max_headers", l.max_headers),
+            head_timeout: c.duration("limits.head_timeout", &l.head_timeout),
+            idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout),
+            max_connections: c.positive("limits.max_connections", l.max_connections),
+            max_connections_per_client: c.positive(
+                "limits.max_connections_per_client",
+                l.max_connections_per_client,
+            ),
+        };
+
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in self.route.into_iter().enumerate() {
+            let key = |field: &str| format!("route[{i}].{field}");
+            let host = r.host.trim().to_ascii_lowercase();
+            if !valid_host_pattern(&host) {
+                c.push(
+                    key("host"),
+                    format!("`{}` is not a host name or *.suffix pattern", r.host),
+                );
+            } else if !seen.insert(host.clone()) {
+                c.push(key("host"), format!("`{host}` is routed twice"));
+            }
+            let to = match Target::parse(&r.to) {
+                Ok(t) => t,
+                Err(e) => {
+                    c.push(key("to"), e);
+                    Target::placeholder()
+                }
+            };
+            if r.ports.is_empty() {
+                c.push(key("ports"), "must name at least one port");
+            }
+            if r.ports.contains(&0) {
+                c.push(key("ports"), "port 0 is not a port");
+            }
+            routes.push(Route {
+                connect_timeout: c.duration(&key("connect_timeout"), &r.connect_timeout),
+                response_timeout: c.duration(&key("response_timeout"), &r.response_timeout),
+                host,
+                to,
+                ports: r.ports,
+                transparent: r.transparent,
+                decompress: r.decompress,
+            });
+        }
+
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                problems: c.problems,
+            });
+        }
+        Ok(Config {
+            relay,
+            routes: RouteTable::new(routes),
+            limits,
+        })
+    }
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'
+}
+
+fn valid_host_pattern(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty() && !name.contains('*') && name.bytes().all(is_name_byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::from_toml(EMBEDDED_DEFAULT).expect("conf/relay.toml validates");
+        assert!(!c.routes.is_empty());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.relay.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.limits.max_head_bytes, 65536);
+        assert_eq!(c.limits.head_timeout, Duration::from_secs(10));
+    }
+
+    fn problem_keys(text: &str) -> Vec<String> {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("expected an error for {text}"),
+            Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let keys = problem_keys("[relay]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n");
+        assert_eq!(keys, vec!["relay.listne"]);
+    }
+
+    #[test]
+    fn bad_values_name_their_keys() {
+        let text = r#"
+            [relay]
+            listen = "nowhere"
+            [limits]
+            head_timeout = "soon"
+            [[route]]
+            host = "a b"
+            to = "10.0.0.1:99999"
+            ports = []
+        "#;
+        let keys = problem_keys(text);
+        assert_eq!(
+            keys,
+            vec![
+                "relay.listen",
+                "limits.head_timeout",
+                "route[0].host",
+                "route[0].to",
+                "route[0].ports"
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_route_is_refused() {
+        let text = "[[route]]\nhost=\"a.corp\"\nto=\"x\"\n[[route]]\nhost=\"A.corp\"\nto=\"y\"\n";
+        assert_eq!(problem_keys(text), vec!["route[1].host"]);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let env = HashMap::from([
+            (
+                "PORTHOLE__RELAY__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            ("PORTHOLE__LIMITS__MAX_HEADERS".to_string(), "7".to_string()),
+        ]);
+        let c =
+            Config::from_toml_with_env("[relay]\nlisten = \"127.0.0.1:1\"\n", Some(env)).unwrap();
+        assert_eq!(c.relay.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.limits.max_headers, 7);
+    }
+}

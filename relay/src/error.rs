@@ -1,0 +1,206 @@
+//! What went wrong with a request, whose fault it was, and — in exactly one
+//! place, [`RelayError::status`] — which status code the client gets.
+
+use std::fmt;
+use std::io;
+
+/// Who caused a failure; decides the log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug)]
+pub enum ErrorKind {
+    /// No route for the host.
+    NoRoute { host: String },
+    /// The route exists but the port is not among its `ports`.
+    PortNotAllowed { port: u16 },
+    /// The request already passed through this relay.
+    Loop,
+    /// The request head exceeded `max_head_bytes` or `max_headers`.
+    HeadTooLarge,
+    /// The request head did not arrive within `head_timeout`.
+    HeadTimeout,
+    /// The request is malformed or ambiguous.
+    BadRequest(&'static str),
+    /// The relay's own endpoints have nothing at this path.
+    NotFound,
+    /// The upstream name did not resolve.
+    Resolve { upstream: String, cause: io::Error },
+    /// Dialling the upstream failed.
+    Connect { upstream: String, cause: io::Error },
+    /// Dialling the upstream took longer than `connect_timeout`.
+    ConnectTimeout { upstream: String },
+    /// No response head within `response_timeout`.
+    ResponseTimeout { upstream: String },
+    /// The upstream sent something that is not a valid HTTP/1 response, or closed early.
+    BadResponse { upstream: String, cause: String },
+}
+
+/// A failed request: the kind, and the route it was for when one was chosen.
+#[derive(Debug)]
+pub struct RelayError {
+    pub kind: ErrorKind,
+    pub route: Option<String>,
+}
+
+impl RelayError {
+    pub fn new(kind: ErrorKind) -> Self {
+        RelayError { kind, route: None }
+    }
+
+    pub fn on_route(kind: ErrorKind, route: &str) -> Self {
+        RelayError {
+            kind,
+            route: Some(route.to_string()),
+        }
+    }
+
+    /// The status code the client gets. The only place that chooses one for an error.
+    pub fn status(&self) -> u16 {
+        use ErrorKind::*;
+        match self.kind {
+            NoRoute { .. } | PortNotAllowed { .. } => 403,
+            Loop => 508,
+            HeadTooLarge => 431,
+            HeadTimeout => 408,
+            BadRequest(_) => 400,
+            NotFound => 404,
+            Resolve { .. } | Connect { .. } | ConnectTimeout { .. } | BadResponse { .. } => 502,
+            ResponseTimeout { .. } => 504,
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        use ErrorKind::*;
+        match self.kind {
+            NoRoute { .. }
+            | PortNotAllowed { .. }
+            | Loop
+            | HeadTooLarge
+            | HeadTimeout
+            | BadRequest(_)
+            | NotFound => Fault::Client,
+            Resolve { .. }
+            | Connect { .. }
+            | ConnectTimeout { .. }
+            | ResponseTimeout { .. }
+            | BadResponse { .. } => Fault::Upstream,
+        }
+    }
+
+    /// Whether the client connection must close after the error response.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::HeadTooLarge | ErrorKind::HeadTimeout | ErrorKind::BadRequest(_)
+        )
+    }
+
+    /// The plain-text body: status, route and cause. Never contains secrets:
+    /// only names, addresses and OS error texts go in.
+    pub fn body(&self) -> String {
+        let reason = reason_phrase(self.status());
+        match &self.route {
+            Some(route) => format!("{} {reason}: route {route}: {self}\n", self.status()),
+            None => format!("{} {reason}: {self}\n", self.status()),
+        }
+    }
+}
+
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ErrorKind::*;
+        match &self.kind {
+            NoRoute { host } => write!(f, "no route for host {host}"),
+            PortNotAllowed { port } => write!(f, "port {port} is not allowed"),
+            Loop => write!(f, "request loop: this relay is already in Via"),
+            HeadTooLarge => write!(f, "request head too large"),
+            HeadTimeout => write!(f, "request head not received in time"),
+            BadRequest(why) => write!(f, "bad request: {why}"),
+            NotFound => write!(f, "no such endpoint on this relay"),
+            Resolve { upstream, cause } => write!(f, "cannot resolve {upstream}: {cause}"),
+            Connect { upstream, cause } => write!(f, "connect to {upstream} failed: {cause}"),
+            ConnectTimeout { upstream } => write!(f, "connect to {upstream} timed out"),
+            ResponseTimeout { upstream } => write!(f, "no response from {upstream} in time"),
+            BadResponse { upstream, cause } => write!(f, "bad response from {upstream}: {cause}"),
+        }
+    }
+}
+
+impl std::error::Error for RelayError {}
+
+/// Standard reason phrases for the codes the relay produces or commonly relays.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        508 => "Loop Detected",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_by_kind() {
+        let up = || "10.0.0.1:80".to_string();
+        let cases = [
+            (ErrorKind::NoRoute { host: "x".into() }, 403),
+            (ErrorKind::PortNotAllowed { port: 22 }, 403),
+            (ErrorKind::Loop, 508),
+            (ErrorKind::HeadTooLarge, 431),
+            (ErrorKind::HeadTimeout, 408),
+            (ErrorKind::BadRequest("x"), 400),
+            (ErrorKind::NotFound, 404),
+            (
+                ErrorKind::Connect {
+                    upstream: up(),
+                    cause: io::ErrorKind::ConnectionRefused.into(),
+                },
+                502,
+            ),
+            (ErrorKind::ConnectTimeout { upstream: up() }, 502),
+            (ErrorKind::ResponseTimeout { upstream: up() }, 504),
+        ];
+        for (kind, status) in cases {
+            assert_eq!(RelayError::new(kind).status(), status);
+        }
+    }
+
+    #[test]
+    fn body_names_route_and_cause() {
+        let e = RelayError::on_route(
+            ErrorKind::ConnectTimeout {
+                upstream: "10.0.0.1:80".into(),
+            },
+            "wiki.corp",
+        );
+        assert_eq!(
+            e.body(),
+            "502 Bad Gateway: route wiki.corp: connect to 10.0.0.1:80 timed out\n"
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! HTTP relay: one request from a client connection to the internal server of
+//! its route and the response back, streamed both ways (JP4570628B2 figures 6-7).
+//!
+//! Order: decide the route, rewrite the head, take a pooled connection or dial,
+//! send the head, honour `Expect: 100-continue`, stream the request body, read
+//! the response head (relaying interim `1xx`), rewrite it, stream the response
+//! body (re-framed, or gunzipped for routes with `decompress`), and give the
+//! upstream connection back to the pool when it can carry another request.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access_log::Access;
+use crate::codec::{
+    self, read_response_head, write_data, write_end, BodyError, BodyReader, Conn, Framing,
+    HeadError, Io, Item, OutFraming, RequestHead, ResponseHead,
+};
+use crate::dispatch::RelayTarget;
+use crate::error::{ErrorKind, Fault, RelayError};
+use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
+use crate::routes::{Decision, Refusal};
+use crate::upstream::{self, display_addr};
+use crate::ConnCtx;
+
+/// How long to wait for an upstream's `100 Continue` before sending the body anyway.
+const CONTINUE_WAIT: Duration = Duration::from_secs(1);
+/// Largest response head accepted from an internal server.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const MAX_RESPONSE_FIELDS: usize = 200;
+
+/// What the connection loop does after a relayed request.
+pub enum After {
+    /// Read the next request on this connection.
+    KeepAlive,
+    Close,
+    /// `101`: tunnel the client connection to this upstream connection.
+    Upgrade(Conn<TcpStream>),
+}
+
+/// Turns a route refusal into the error the client sees.
+pub fn refusal_error(refusal: Refusal, host: &str) -> RelayError {
+    match refusal {
+        Refusal::NoRoute => RelayError::new(ErrorKind::NoRoute {
+            host: host.to_string(),
+        }),
+        Refusal::PortNotAllowed { route, port } => {
+            RelayError::on_route(ErrorKind::PortNotAllowed { port }, &route)
+        }
+    }
+}
+
+/// Logs an error at the level its side deserves.
+pub fn log_error(ctx: &ConnCtx, err: &RelayError) {
+    let route = err.route.as_deref().unwrap_or("-");
+    match err.fault() {
+        Fault::Client => {
+            tracing::debug!(client = %ctx.peer, route, error = %err, "request refused")
+        }
+        Fault::Upstream => {
+            tracing::warn!(client = %ctx.peer, route, error = %err, "upstream failed")
+        }
+        Fault::Internal => {
+            tracing::error!(client = %ctx.peer, route, error = %err, "internal error")
+        }
+    }
+}
+
+/// The request as the connection loop hands it over.
+pub struct Request<'a> {
+    pub head: &'a RequestHead,
+    pub target: RelayTarget,
+    pub framing: Framing,
+    /// The client wants the connection kept open after the response.
+    pub keep_alive: bool,
+}
+
+/// Relays one request. Errors before anything was sent to the client are
+/// returned for the caller to answer; later failures close the connection.
+pub async fn relay<S: Io>(
+    client: &mut Conn<S>,
+    req: Request<'_>,
+    ctx: &ConnCtx,
+    access: &mut Access,
+) -> Result<After, RelayError> {
+    let config = ctx.shared.config();
+    let name = config.relay.name.as_str();
+    let decision: Decision = config
+        .routes
+        .decide(&req.target.host, req.target.port)
+        .map_err(|r| refusal_error(r, &req.target.host))?;
+    let route = decision.route.clone();
+    access.route = Some(route.host.clone());
+
+    if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
+        return Err(RelayError::on_route(ErrorKind::Loop, &route.host));
+    }
+    let upgrade = req.head.fields.get("upgrade").is_some()
+        && req.head.fields.has_token("connection", "upgrade");
+    let body_header = match req.framing {
+        Framing::Chunked => BodyHeader::Chunked,
+        _ => BodyHeader::AsReceived,
+    };
+    let head_out = rewrite::request_head(
+        req.head,
+        &RequestRewrite {
+            name,
+            path: &req.target.path,
+            host: req.target.authority.as_deref(),
+            body: body_header,
+            upgrade,
+            transparent: route.transparent,
+        },
+    );
+
+    let (uh, up) = (decision.upstream_host.as_str(), decision.upstream_port);
+    let upstream_name = display_addr(uh, up);
+    let bad_response = |cause: String| {
+        RelayError::on_route(
+            ErrorKind::BadResponse {
+                upstream: upstream_name.clone(),
+                cause,
+            },
+            &route.host,
+        )
+    };
+
+    // Send the head: on a pooled connection first, retrying once on a fresh
+    // one if the pooled connection turns out closed before any response.
+    let has_body = req.framing != Framing::Empty;
+    let (mut server, mut reused) = match ctx.shared.pool.take(uh, up) {
+        Some(mut pooled) => match pooled.io.write_all(&head_out).await {
+            Ok(()) => (pooled, true),
+            Err(_) => (
+                send_fresh(uh, up, &route, &head_out, &upstream_name).await?,
+                false,
+            ),
+        },
+        None => (
+            send_fresh(uh, up, &route, &head_out, &upstream_name).await?,
+            false,
+        ),
+    };
+    let deadline = Instant::now() + route.response_timeout;
+
+    // Expect: 100-continue — give the server a moment to answer first.
+    let mut early: Option<ResponseHead> = None;
+    let expects_continue = has_body && req.head.fields.has_token("expect", "100-continue");
+    if expects_continue {
+        if let Ok(result) = tokio::time::timeout(
+            CONTINUE_WAIT,
+            read_response_head(&mut server, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS),
+        )
+        .await
+        {
+            let head = result.map_err(|e| bad_response(head_error_text(&e)))?;
+            if head.status == 100 {
+                if req.head.minor == 1 {
+                    client
+                        .io
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .map_err(|_| bad_response("client went away".into()))?;
+                }
+            } else {
+                early = Some(head);
+            }
+        }
+    }
+
+    // Stream the request body, unless the server already answered finally.
+    let mut request_done = true;
+    if has_body && early.is_none() {
+        let out = match req.framing {
+            Framing::Chunked => OutFraming::Chunked,
+            _ => OutFraming::Plain,
+        };
+        match copy_body(
+            &mut BodyReader::new(req.framing),
+            client,
+            &mut server.io,
+            out,
+            None,
+        )
+        .await
+        {
+            Ok(n) => access.bytes_in += n,
+            Err(CopyError::Read(BodyError::Malformed(why))) => {
+                return Err(RelayError::new(ErrorKind::BadRequest(why)));
+            }
+            Err(CopyError::Read(_)) => return Ok(After::Close), // the client went away
+            Err(CopyError::Write(e)) => return Err(bad_response(format!("sending the body: {e}"))),
+        }
+    } else if has_body {
+        request_done = false;
+    }
+
+    // The final response head, relaying interim responses.
+    let resp = loop {
+        let head = match early.take() {
+            Some(h) => h,
+            None => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(
+                    left,
+                    read_response_head(&mut server, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(RelayError::on_route(
+                            ErrorKind::ResponseTimeout {
+                                upstream: upstream_name.clone(),
+                            },
+                            &route.host,
+                        ))
+                    }
+                    // A pooled connection the server closed meanwhile: one
+                    // retry on a fresh connection, when no body was sent.
+                    Ok(Err(HeadError::Eof { partial: false } | HeadError::Io(_)))
+                        if reused && !has_body =>
+                    {
+                        reused = false;
+                        server = send_fresh(uh, up, &route, &head_out, &upstream_name).await?;
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(bad_response(head_error_text(&e))),
+                    Ok(Ok(h)) => h,
+                }
+            }
+        };
+        match head.status {
+            101 if upgrade => break head,
+            100..=199 if head.status != 101 => {
+                if req.head.minor == 1 && head.status != 100 {
+                    let interim = rewrite::response_head(
+                        &head,
+                        &ResponseRewrite {
+                            name,
+                            body: ResponseBody::AsReceived,
+                            decoded: false,
+                            upgrade: false,
+                            keep_alive: true,
+                            client_minor: 1,
+                        },
+                    );
+                    let _ = client.io.write_all(&interim).await;
+                }
+            }
+            101 => return Err(bad_response("101 without an upgrade request".into())),
+            _ => break head,
+        }
+    };
+    access.status = resp.status;
+
+    if resp.status == 101 {
+        let head_back = rewrite::response_head(
+            &resp,
+            &ResponseRewrite {
+                name,
+                body: ResponseBody::AsReceived,
+                decoded: false,
+                upgrade: true,
+                keep_alive: true,
+                client_minor: req.head.minor,
+            },
+        );
+        client
+            .io
+            .write_all(&head_back)
+            .await
+            .map_err(|_| bad_response("client went away".into()))?;
+        access.bytes_out += head_back.len() as u64;
+        return Ok(After::Upgrade(server));
+    }
+
+    let in_framing = codec::response_framing(req.head.method(), &resp)
+        .map_err(|why| bad_response(why.into()))?;
+    let decode = route.decompress
+        && in_framing != Framing::Empty
+        && resp.fields.tokens("content-encoding") == ["gzip"]
+        && !rewrite::accepts_gzip(&req.head.fields);
+    let (body, out) = match in_framing {
+        Framing::Empty => (ResponseBody::AsReceived, OutFraming::Plain),
+        Framing::Length(_) if !decode => (ResponseBody::AsReceived, OutFraming::Plain),
+        _ if req.head.minor == 1 => (ResponseBody::Chunked, OutFraming::Chunked),
+        _ => (ResponseBody::Close, OutFraming::Plain),
+    };
+    let keep_alive = req.keep_alive
+        && request_done
+        && body != ResponseBody::Close
+        && !ctx.shared.shutdown.is_cancelled();
+    let head_back = rewrite::response_head(
+        &resp,
+        &ResponseRewrite {
+            name,
+            body,
+            decoded: decode,
+            upgrade: false,
+            keep_alive,
+            client_minor: req.head.minor,
+        },
+    );
+    if client.io.write_all(&head_back).await.is_err() {
+        return Ok(After::Close);
+    }
+    access.bytes_out += head_back.len() as u64;
+
+    let mut gunzip = decode.then(Gunzip::new);
+    let mut reader = BodyReader::new(in_framing);
+    match copy_body(
+        &mut reader,
+        &mut server,
+        &mut client.io,
+        out,
+        gunzip.as_mut(),
+    )
+    .await
+    {
+        Ok(n) => access.bytes_out += n,
+        Err(e) => {
+            tracing::warn!(route = %route.host, upstream = %upstream_name, error = %e, "response body failed");
+            return Ok(After::Close);
+        }
+    }
+
+    let server_keeps = in_framing != Framing::Close
+        && resp.minor == 1
+        && !resp.fields.has_token("connection", "close")
+        && request_done
+        && !(resp.fields.get("transfer-encoding").is_some()
+            && resp.fields.get("content-length").is_some());
+    if server_keeps {
+        ctx.shared.pool.put(uh, up, server);
+    }
+    Ok(if keep_alive {
+        After::KeepAlive
+    } else {
+        After::Close
+    })
+}
+
+/// Dials a new upstream connection and sends the request head on it.
+async fn send_fresh(
+    host: &str,
+    port: u16,
+    route: &crate::config::Route,
+    head: &[u8],
+    upstream_name: &str,
+) -> Result<Conn<TcpStream>, RelayError> {
+    let mut stream = upstream::connect(host, port, route.connect_timeout, &route.host).await?;
+    stream.write_all(head).await.map_err(|cause| {
+        RelayError::on_route(
+            ErrorKind::Connect {
+                upstream: upstream_name.to_string(),
+                cause,
+            },
+            &route.host,
+        )
+    })?;
+    Ok(Conn::new(stream))
+}
+
+fn head_error_text(e: &HeadError) -> String {
+    match e {
+        HeadError::Eof { .. } => "connection closed before a response".into(),
+        HeadError::TooLarge => "response head too large".into(),
+        HeadError::Malformed(why) => (*why).into(),
+        HeadError::Io(e) => e.to_string(),
+    }
+}
+
+#[derive(Debug)]
+pub enum CopyError {
+    Read(BodyError),
+    Write(std::io::Error),
+}
+
+impl std::fmt::Display for CopyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyError::Read(e) => write!(f, "reading: {e}"),
+            CopyError::Write(e) => write!(f, "writing: {e}"),
+        }
+    }
+}
+
+/// Streams a body from `from` to `to`, re-framed as `out`, optionally
+/// gunzipped. Returns the bytes written.
+pub async fn copy_body<R: Io, W: AsyncWrite + Unpin>(
+    reader: &mut BodyReader,
+    from: &mut Conn<R>,
+    to: &mut W,
+    out: OutFraming,
+    mut gunzip: Option<&mut Gunzip>,
+) -> Result<u64, CopyError> {
+    let mut written = 0u64;
+    loop {
+        match reader.next(from).await.map_err(CopyError::Read)? {
+            Item::Data(data) => match gunzip.as_deref_mut() {
+                None => {
+                    write_data(to, out, &data).await.map_err(CopyError::Write)?;
+                    written += data.len() as u64;
+                }
+                Some(g) => {
+                    let mut input = &data[..];
+                    loop {
+                        let (used, plain) = g.step(input).map_err(CopyError::Read)?;
+                        input = &input[used..];
+                        let (len, more) = (plain.len(), plain.len() == Gunzip::OUT_LEN);
+                        write_data(to, out, plain).await.map_err(CopyError::Write)?;
+                        written += len as u64;
+                        if (input.is_empty() && !more) || (used == 0 && len == 0) {
+                            break;
+                        }
+                    }
+                }
+            },
+            Item::Trailers(t) => {
+                let trailers = (out == OutFraming::Chunked).then_some(&t[..]);
+                write_end(to, out, trailers)
+                    .await
+                    .map_err(CopyError::Write)?;
+                return Ok(written);
+            }
+            Item::End => {
+                write_end(to, out, None).await.map_err(CopyError::Write)?;
+                return Ok(written);
+            }
+        }
+    }
+}
+
+/// A streaming gzip decoder with a bounded output buffer: a small compressed
+/// chunk that expands hugely is emitted piece by piece, never held whole.
+pub struct Gunzip {
+    header_left: Option<Vec<u8>>,
+    inflate: flate2::Decompress,
+    out: Vec<u8>,
+    finished: bool,
+}
+
+impl Default for Gunzip {
+    fn default() -> Self {
+        Gunzip::new()
+    }
+}
+
+impl Gunzip {
+    /// Output produced per step at most; a full output means inflate may hold more.
+    pub const OUT_LEN: usize = 32 * 1024;
+
+    pub fn new() -> Gunzip {
+        Gunzip {
+            header_left: Some(Vec::new()),
+            inflate: flate2::Decompress::new(false),
+            out: vec![0; Gunzip::OUT_LEN],
+            finished: false,
+        }
+    }
+
+    /// Consumes some of `input`; returns how much was used and the plain bytes produced.
+    pub fn step(&mut self, input: &[u8]) -> Result<(usize, &[u8]), BodyError> {
+        if self.finished {
+            return Ok((input.len(), &[]));
+        }
+        if let Some(header) = self.header_left.as_mut() {
+            // Collect the gzip header (RFC 1952) before inflating.
+            let before = header.len();
+            header.extend_from_slice(input);
+            match gzip_header_len(header)? {
+                None => return Ok((input.len(), &[])),
+                Some(len) => {
+                    self.header_left = None;
+                    return Ok((len - before, &[]));
+                }
+            }
+        }
+        let in_before = self.inflate.total_in();
+        let out_before = self.inflate.total_out();
+        let status = self
+            .inflate
+            .decompress(input, &mut self.out, flate2::FlushDecompress::None)
+            .map_err(|_| BodyError::Malformed("invalid gzip data"))?;
+        let used = (self.inflate.total_in() - in_before) as usize;
+        let produced = (self.inflate.total_out() - out_before) as usize;
+        if status == flate2::Status::StreamEnd {
+            self.finished = true;
+            return Ok((input.len(), &self.out[..produced]));
+        }
+        Ok((used, &self.out[..produced]))
+    }
+}
+
+/// The length of a complete gzip header at the start of `h`, `None` if more is needed.
+fn gzip_header_len(h: &[u8]) -> Result<Option<usize>, BodyError> {
+    if h.len() < 10 {
+        return Ok(None);
+    }
+    if h[0] != 0x1f || h[1] != 0x8b || h[2] != 8 {
+        return Err(BodyError::Malformed("not gzip data"));
+    }
+    let flags = h[3];
+    let mut at = 10;
+    if flags & 0x04 != 0 {
+        let Some(xlen) = h.get(at..at + 2) else {
+            return Ok(None);
+        };
+        at += 2 + usize::from(u16::from_le_bytes([xlen[0], xlen[1]]));
+    }
+    for bit in [0x08, 0x10] {
+        if flags & bit != 0 {
+            match h.get(at..).and_then(|rest| memchr::memchr(0, rest)) {
+                Some(i) => at += i + 1,
+                None => return Ok(None),
+            }
+        }
+    }
+    if flags & 0x02 != 0 {
+        at += 2;
+    }
+    Ok((h.len() >= at).then_some(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn gunzip_in_small_pieces() {
+        let plain: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251) as u8..=(i % 251) as u8)
+            .collect();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&plain).unwrap();
+        let gz = enc.finish().unwrap();
+        let mut g = Gunzip::new();
+        let mut out = Vec::new();
+        for piece in gz.chunks(7) {
+            let mut input = piece;
+            while !input.is_empty() {
+                let (used, produced) = g.step(input).unwrap();
+                out.extend_from_slice(produced);
+                input = &input[used..];
+                if used == 0 && produced.is_empty() {
+                    break;
+                }
+            }
+        }
+        // Drain what inflate still holds.
+        loop {
+            let (_, produced) = g.step(&[]).unwrap();
+            if produced.is_empty() {
+                break;
+            }
+            out.extend_from_slice(produced);
+        }
+        assert_eq!(out, plain);
+    }
+
+    #[test]
+    fn gunzip_refuses_garbage() {
+        let mut g = Gunzip::new();
+        assert!(g.step(b"this is not gzip at all").is_err());
+    }
+}

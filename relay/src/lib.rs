@@ -1,0 +1,115 @@
+//! Porthole relay: one aggregate port that relays HTTP to internal servers by
+//! absolute URI or `Host`, tunnels `CONNECT`, and serves the relay's own
+//! endpoints.
+//!
+//! Layout, in the order a connection meets them:
+//!
+//! - [`listener`]: accept loop, connection limits, first-bytes detection;
+//! - [`dispatch`]: pure decisions: which protocol, and what a request head asks for;
+//! - [`http1`]: the HTTP/1 server side of a client connection (request loop);
+//! - [`forward`]: the HTTP relay of one request to its route's internal server;
+//! - [`tunnel`]: `CONNECT` and upgraded connections, bytes both ways;
+//! - [`local`]: the relay's own endpoints on the aggregate port;
+//! - [`upstream`]: dialling internal servers and the keep-alive pool;
+//! - [`routes`]: the route table and its matching rules;
+//! - [`rewrite`]: head rewriting (hop-by-hop fields, `Host`, `Via`);
+//! - [`codec`]: HTTP/1 heads and bodies on the wire;
+//! - [`config`]: raw, validated and typed configuration;
+//! - [`error`]: what failed, whose fault, which status;
+//! - [`access_log`]: one line per request or tunnel.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod codec;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod forward;
+pub mod http1;
+pub mod listener;
+pub mod local;
+pub mod rewrite;
+pub mod routes;
+pub mod tunnel;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// State shared by every connection of a running relay.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    /// Idle keep-alive connections to internal servers.
+    pub pool: upstream::Pool,
+    /// Cancelled when the relay starts draining.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            config: RwLock::new(Arc::new(config)),
+            pool: upstream::Pool::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// The configuration in force; a request keeps the snapshot it started with.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What a connection knows about itself.
+#[derive(Clone)]
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The relay address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// Runs the relay on `listener` until `shutdown` completes, then stops
+/// accepting and lets in-flight requests and tunnels finish for up to
+/// `relay.drain_timeout`.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let drain_timeout = config.relay.drain_timeout;
+    let shared = Arc::new(Shared::new(config));
+    let tracker = TaskTracker::new();
+    let accept = tokio::spawn(listener::accept_loop(
+        listener,
+        shared.clone(),
+        tracker.clone(),
+    ));
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining");
+    shared.shutdown.cancel();
+    let _ = accept.await;
+    tracker.close();
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            ?drain_timeout,
+            "drain timeout: closing what is still open"
+        );
+    }
+    Ok(())
+}

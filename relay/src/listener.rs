@@ -1,0 +1,169 @@
+//! The accept loop on the aggregate port: connection limits (total and per
+//! client address), accept-error back-off, one task and one tracing span per
+//! connection, and the first-bytes detection that picks the protocol.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::codec::Conn;
+use crate::dispatch::{classify_bytes, Protocol};
+use crate::error::{ErrorKind, RelayError};
+use crate::http1::{self, write_simple};
+use crate::{ConnCtx, Shared};
+
+/// Accepts connections until shutdown; every connection task joins `tracker`.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+    let local = listener.local_addr().ok();
+    let limits = shared.config().limits.clone();
+    let total = Arc::new(Semaphore::new(limits.max_connections));
+    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and try again, never give up the port.
+                tracing::warn!(error = %e, ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+        let Ok(permit) = total.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "max_connections reached");
+            tracker.spawn(turn_away(stream, "the relay has too many connections"));
+            continue;
+        };
+        let Some(slot) =
+            ClientSlot::take(&per_client, peer.ip(), limits.max_connections_per_client)
+        else {
+            tracing::warn!(client = %peer, "max_connections_per_client reached");
+            tracker.spawn(turn_away(stream, "too many connections from your address"));
+            continue;
+        };
+        let ctx = ConnCtx {
+            shared: shared.clone(),
+            peer,
+            local,
+        };
+        let span = tracing::info_span!("conn", client = %peer);
+        tracker.spawn(
+            async move {
+                serve_connection(stream, ctx).await;
+                drop(slot);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Reads the first bytes, decides the protocol, and serves it.
+async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
+    let head_timeout = ctx.shared.config().limits.head_timeout;
+    let mut conn = Conn::new(stream);
+    let detect = async {
+        loop {
+            match classify_bytes(&conn.buf) {
+                Protocol::NeedMore => match conn.fill().await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                },
+                decided => return Some(decided),
+            }
+        }
+    };
+    let protocol = match tokio::time::timeout(head_timeout, detect).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(_) if conn.buf.is_empty() => return,
+        Err(_) => Protocol::Http1, // a slow request line: the HTTP reader answers 408
+    };
+    match protocol {
+        Protocol::Http1 => http1::serve(conn, ctx).await,
+        Protocol::Tls => tracing::debug!("TLS ClientHello on a port without [tls]; closing"),
+        Protocol::H2PriorKnowledge => {
+            tracing::debug!("HTTP/2 prior knowledge is not served; closing");
+        }
+        Protocol::NeedMore | Protocol::Unknown => {
+            let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));
+            let _ = http1::write_error(&mut conn.io, &err, true).await;
+        }
+    }
+}
+
+/// Answers a connection over a limit with `503` and closes it.
+async fn turn_away(mut stream: TcpStream, why: &str) {
+    let body = format!("503 Service Unavailable: {why}\n");
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        write_simple(
+            &mut stream,
+            503,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            true,
+            &[("Retry-After", "1")],
+        ),
+    )
+    .await;
+}
+
+/// One client address's share of `max_connections_per_client`, given back on drop.
+struct ClientSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(
+        map: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<ClientSlot> {
+        // A plain mutex: the section is a map update and never awaits.
+        let mut counts = map.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The address to log for a listener.
+pub fn describe(addr: SocketAddr) -> String {
+    addr.to_string()
+}

@@ -1,0 +1,366 @@
+//! Rewriting heads as they cross the relay (RFC 9110 sections 7.6, 7.6.3):
+//! origin-form request line, `Host` from the requested authority, hop-by-hop
+//! fields removed, bodies re-framed, and the relay's `Via` entry appended.
+//! Everything else is copied byte for byte, names in the case the peer wrote.
+
+use crate::codec::{trim, Fields, RequestHead, ResponseHead};
+
+/// The comment that marks `Via` entries written by Porthole hops.
+pub const VIA_MARK: &str = "(porthole)";
+
+/// Fields that describe one connection only (RFC 9110 section 7.6.1), plus
+/// the proxy credentials this relay consumes.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn is_hop_by_hop(name: &str, listed: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+}
+
+/// Whether `name` (our pseudonym) is already a `received-by` in `Via`: a loop.
+pub fn via_contains(fields: &Fields, name: &str) -> bool {
+    fields
+        .get_all("via")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .filter_map(|entry| {
+            let mut words = trim(entry)
+                .split(|b| *b == b' ' || *b == b'\t')
+                .filter(|w| !w.is_empty());
+            words.nth(1)
+        })
+        .any(|by| {
+            let host = by.split(|b| *b == b':').next().unwrap_or(by);
+            host.eq_ignore_ascii_case(name.as_bytes())
+        })
+}
+
+/// A `Via` value without the entries Porthole hops added; `None` when nothing is left.
+fn strip_porthole_via(value: &[u8]) -> Option<Vec<u8>> {
+    let kept: Vec<&[u8]> = value
+        .split(|b| *b == b',')
+        .map(trim)
+        .filter(|e| !e.is_empty() && !contains(e, VIA_MARK.as_bytes()))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    Some(kept.join(&b", "[..]))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the relay will send the request body upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyHeader {
+    /// No body, or keep the client's `Content-Length`.
+    AsReceived,
+    /// Send `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// What the request rewrite needs to know beyond the head itself.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRewrite<'a> {
+    /// The relay's pseudonym.
+    pub name: &'a str,
+    /// The origin-form target to send (path and query).
+    pub path: &'a str,
+    /// Replace `Host` with this authority (absolute-form requests).
+    pub host: Option<&'a str>,
+    pub body: BodyHeader,
+    /// Keep `Upgrade` and send `Connection: upgrade`.
+    pub upgrade: bool,
+    /// Strip Porthole's `Via` entries and add none.
+    pub transparent: bool,
+}
+
+/// Builds the head the relay sends to the internal server.
+pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(req.wire_len() + 64);
+    out.extend_from_slice(req.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(rw.path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let listed = req.fields.tokens("connection");
+    let mut wrote_host = false;
+    for (name, value) in req.fields.iter() {
+        if name.eq_ignore_ascii_case("host") {
+            if wrote_host {
+                continue;
+            }
+            wrote_host = true;
+            match rw.host {
+                Some(authority) => push_field(&mut out, name.as_bytes(), authority.as_bytes()),
+                None => push_field(&mut out, name.as_bytes(), value),
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case("upgrade") && rw.upgrade {
+            push_field(&mut out, name.as_bytes(), value);
+            continue;
+        }
+        if is_hop_by_hop(name, &listed) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-length") && rw.body == BodyHeader::Chunked {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("via") && rw.transparent {
+            if let Some(kept) = strip_porthole_via(value) {
+                if kept == value {
+                    push_field(&mut out, name.as_bytes(), value);
+                } else {
+                    push_field(&mut out, name.as_bytes(), &kept);
+                }
+            }
+            continue;
+        }
+        push_field(&mut out, name.as_bytes(), value);
+    }
+    if !wrote_host {
+        if let Some(authority) = rw.host {
+            push_field(&mut out, b"Host", authority.as_bytes());
+        }
+    }
+    if rw.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
+    if rw.body == BodyHeader::Chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if !rw.transparent {
+        via_line(&mut out, req.minor, rw.name);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
+    out.extend_from_slice(if minor == 0 {
+        b"Via: 1.0 "
+    } else {
+        b"Via: 1.1 "
+    });
+    out.extend_from_slice(name.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(VIA_MARK.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the relay frames the response body towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// Keep the upstream's `Content-Length` (or there is no body).
+    AsReceived,
+    /// Re-framed as chunked.
+    Chunked,
+    /// Delimited by closing the connection (HTTP/1.0 clients).
+    Close,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseRewrite<'a> {
+    pub name: &'a str,
+    pub body: ResponseBody,
+    /// The relay decodes the content coding: drop `Content-Encoding`.
+    pub decoded: bool,
+    /// `101 Switching Protocols`: keep `Upgrade`, send `Connection: upgrade`.
+    pub upgrade: bool,
+    /// The client connection stays open after this response.
+    pub keep_alive: bool,
+    /// The client spoke HTTP/1.0 (keep-alive must then be announced).
+    pub client_minor: u8,
+}
+
+/// Builds the head the relay sends back to the client.
+pub fn response_head(resp: &ResponseHead, rw: &ResponseRewrite<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(resp.wire_len() + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason());
+    out.extend_from_slice(b"\r\n");
+
+    let listed = resp.fields.tokens("connection");
+    for (name, value) in resp.fields.iter() {
+        if name.eq_ignore_ascii_case("upgrade") && rw.upgrade {
+            push_field(&mut out, name.as_bytes(), value);
+            continue;
+        }
+        if is_hop_by_hop(name, &listed) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-length") && rw.body != ResponseBody::AsReceived {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-encoding") && rw.decoded {
+            continue;
+        }
+        push_field(&mut out, name.as_bytes(), value);
+    }
+    if rw.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    } else if !rw.keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if rw.client_minor == 0 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    if rw.body == ResponseBody::Chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    via_line(&mut out, resp.minor, rw.name);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Whether a client's `Accept-Encoding` accepts gzip (RFC 9110 section 12.5.3).
+pub fn accepts_gzip(fields: &Fields) -> bool {
+    fields
+        .get_all("accept-encoding")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .any(|item| {
+            let mut parts = item.split(|b| *b == b';');
+            let coding = trim(parts.next().unwrap_or(b""));
+            let named = coding.eq_ignore_ascii_case(b"gzip")
+                || coding.eq_ignore_ascii_case(b"x-gzip")
+                || coding == b"*";
+            let refused = parts.any(|p| {
+                let p = trim(p);
+                p.len() >= 2
+                    && p[..2].eq_ignore_ascii_case(b"q=")
+                    && trim(&p[2..]).iter().all(|b| *b == b'0' || *b == b'.')
+            });
+            named && !refused
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::parse_request_head;
+    use bytes::Bytes;
+
+    fn req(text: &str) -> RequestHead {
+        parse_request_head(Bytes::copy_from_slice(text.as_bytes()), 100).unwrap()
+    }
+
+    fn rewrite(text: &str, rw: RequestRewrite<'_>) -> String {
+        String::from_utf8(request_head(&req(text), &rw)).unwrap()
+    }
+
+    fn plain<'a>() -> RequestRewrite<'a> {
+        RequestRewrite {
+            name: "relay.test",
+            path: "/x",
+            host: Some("app.test:81"),
+            body: BodyHeader::AsReceived,
+            upgrade: false,
+            transparent: false,
+        }
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let got = rewrite(
+            "GET http://app.test:81/x HTTP/1.1\r\nHost: relay.test\r\nUser-Agent: t\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\n\r\n",
+            plain(),
+        );
+        assert_eq!(
+            got,
+            "GET /x HTTP/1.1\r\nHost: app.test:81\r\nUser-Agent: t\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn body_reframed_and_upgrade_kept() {
+        let got = rewrite(
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+            RequestRewrite {
+                host: None,
+                body: BodyHeader::Chunked,
+                ..plain()
+            },
+        );
+        assert_eq!(
+            got,
+            "POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+        );
+        let got = rewrite(
+            "GET / HTTP/1.0\r\nhost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            RequestRewrite {
+                host: None,
+                upgrade: true,
+                ..plain()
+            },
+        );
+        assert_eq!(
+            got,
+            "GET /x HTTP/1.1\r\nhost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\nVia: 1.0 relay.test (porthole)\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn transparent_strips_only_porthole_via() {
+        let rw = RequestRewrite {
+            host: None,
+            transparent: true,
+            ..plain()
+        };
+        let got = rewrite(
+            "GET / HTTP/1.1\r\nHost: h\r\nVia: 1.1 app-proxy, 1.1 shim (porthole)\r\n\r\n",
+            rw,
+        );
+        assert_eq!(
+            got,
+            "GET /x HTTP/1.1\r\nHost: h\r\nVia: 1.1 app-proxy\r\n\r\n"
+        );
+        let got = rewrite(
+            "GET / HTTP/1.1\r\nHost: h\r\nVia: 1.1 shim (porthole)\r\nX: y\r\n\r\n",
+            rw,
+        );
+        assert_eq!(got, "GET /x HTTP/1.1\r\nHost: h\r\nX: y\r\n\r\n");
+    }
+
+    #[test]
+    fn loops_are_seen() {
+        let r = req("GET / HTTP/1.1\r\nVia: 1.0 a, 1.1 Relay.Test:8080 (porthole)\r\n\r\n");
+        assert!(via_contains(&r.fields, "relay.test"));
+        assert!(!via_contains(&r.fields, "relay"));
+        let r = req("GET / HTTP/1.1\r\nVia: 1.1 relay.test.other\r\n\r\n");
+        assert!(!via_contains(&r.fields, "relay.test"));
+    }
+
+    #[test]
+    fn gzip_acceptance() {
+        let cases = [
+            ("Accept-Encoding: gzip, br\r\n", true),
+            ("Accept-Encoding: br\r\n", false),
+            ("Accept-Encoding: gzip;q=0\r\n", false),
+            ("Accept-Encoding: GZIP;q=0.5\r\n", true),
+            ("Accept-Encoding: *\r\n", true),
+            ("", false),
+        ];
+        for (line, want) in cases {
+            let r = req(&format!("GET / HTTP/1.1\r\n{line}\r\n"));
+            assert_eq!(accepts_gzip(&r.fields), want, "{line}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Opaque byte tunnels: `CONNECT` (JP4570628B2 figures 8-10) and upgraded
+//! connections after `101`. The relay dials first, answers `200` only once the
+//! internal connection stands, then moves bytes both ways untouched; a
+//! half-close is passed on, and the tunnel ends when both directions have
+//! ended, either side fails, or nothing moves for `idle_timeout`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::access_log::Access;
+use crate::codec::{Conn, Io};
+use crate::http1::write_error;
+use crate::upstream;
+use crate::ConnCtx;
+
+/// Copy buffer per direction, allocated only while the tunnel is in use.
+const COPY_BUF: usize = 16 * 1024;
+
+/// Bytes moved by a tunnel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Moved {
+    /// Client to upstream.
+    pub up: u64,
+    /// Upstream to client.
+    pub down: u64,
+}
+
+/// Handles `CONNECT host:port` on a client connection; consumes it.
+pub async fn connect<S: Io>(
+    mut client: Conn<S>,
+    host: String,
+    port: u16,
+    ctx: &ConnCtx,
+    mut access: Access,
+) {
+    let config = ctx.shared.config();
+    let decision = match config.routes.decide(&host, port) {
+        Ok(d) => d,
+        Err(refusal) => {
+            let err = crate::forward::refusal_error(refusal, &host);
+            access.status = err.status();
+            let _ = write_error(&mut client.io, &err, true).await;
+            access.finish(ctx);
+            return;
+        }
+    };
+    let route = &decision.route;
+    access.route = Some(route.host.clone());
+    let dialled = upstream::connect(
+        &decision.upstream_host,
+        decision.upstream_port,
+        route.connect_timeout,
+        &route.host,
+    )
+    .await;
+    let server = match dialled {
+        Ok(s) => s,
+        Err(err) => {
+            crate::forward::log_error(ctx, &err);
+            access.status = err.status();
+            let _ = write_error(&mut client.io, &err, true).await;
+            access.finish(ctx);
+            return;
+        }
+    };
+    if client
+        .io
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        access.status = 200;
+        access.finish(ctx);
+        return;
+    }
+    access.status = 200;
+    let moved = relay_bytes(client, Conn::new(server), config.limits.idle_timeout).await;
+    access.bytes_in += moved.up;
+    access.bytes_out += moved.down;
+    access.finish(ctx);
+}
+
+/// Moves bytes both ways between `a` and `b` (first replaying what each has
+/// buffered) until both directions end, one fails, or the tunnel idles out.
+pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -> Moved {
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+
+    let (ar, aw) = tokio::io::split(a.io);
+    let (br, bw) = tokio::io::split(b.io);
+    let a_to_b = pump(ar, bw, a.buf.freeze(), &up, &last, start);
+    let b_to_a = pump(br, aw, b.buf.freeze(), &down, &last, start);
+    let watchdog = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let idle_for = start.elapsed().saturating_sub(since);
+            if idle_for >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - idle_for).await;
+        }
+    };
+    tokio::select! {
+        result = async { tokio::try_join!(a_to_b, b_to_a) } => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel ended by an error");
+            }
+        }
+        () = watchdog => tracing::debug!(?idle, "tunnel idle timeout"),
+    }
+    Moved {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+    }
+}
+
+/// One direction: replay `first`, then copy until EOF, then pass the half-close on.
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut r: R,
+    mut w: W,
+    first: bytes::Bytes,
+    count: &AtomicU64,
+    last: &AtomicU64,
+    start: Instant,
+) -> std::io::Result<()> {
+    if !first.is_empty() {
+        w.write_all(&first).await?;
+        count.fetch_add(first.len() as u64, Ordering::Relaxed);
+    }
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
