@@ -1,1 +1,703 @@
-pub fn placeholder() {}
+//! Test and benchmark support for Porthole: real servers on ephemeral
+//! 127.0.0.1 ports, the relay under test (in process or as the built binary),
+//! and the real `curl`. Nothing here sleeps blindly: readiness is "the port
+//! accepts connections".
+//!
+//! - [`Origin`]: an internal HTTP/1.1 server that records every request it
+//!   receives (raw head, fields, body, trailers) and answers with a [`Reply`];
+//! - [`EchoServer`]: a TCP server for tunnels: echoes, and reports half-closes;
+//! - [`Relay`]: the relay started through `porthole_relay::run`;
+//! - [`RelayProcess`]: the `porthole-relay` binary with a config file;
+//! - [`Curl`]: one run of the real `curl` binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use porthole_relay::codec::{self, BodyReader, Conn, Framing, Item};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+// ---------------------------------------------------------------- origin
+
+/// One request as the internal server received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The head exactly as it arrived (request line and fields, with CRLFs).
+    pub raw_head: String,
+    pub method: String,
+    pub target: String,
+    /// HTTP/1.x minor version.
+    pub minor: u8,
+    /// Fields in arrival order, names as written.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Raw trailer lines, if the body was chunked and had any.
+    pub trailers: String,
+    /// Which accepted connection carried it (0, 1, ...).
+    pub conn: usize,
+}
+
+impl Received {
+    /// Every value of a field (case-insensitive name).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+    /// The first value of a field.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).first().copied()
+    }
+}
+
+/// What the origin answers.
+pub enum Reply {
+    /// Write these bytes (a whole response, framed by the test) and keep the connection.
+    Raw(Vec<u8>),
+    /// Write these bytes and close the connection (close-delimited bodies).
+    RawThenClose(Vec<u8>),
+    /// Never answer (and keep the connection open).
+    Silent,
+    /// `200` with a `Content-Length` body of `len` bytes generated on the fly.
+    Generated { len: u64 },
+    /// `101 Switching Protocols`, then echo every byte back.
+    UpgradeEcho,
+}
+
+type Handler = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+/// An internal HTTP/1.1 server on 127.0.0.1 that records what it receives.
+pub struct Origin {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Origin {
+    /// Answers every request with `200` and body `ok <target>`.
+    pub async fn ok() -> Origin {
+        Origin::start(|r| {
+            let body = format!("ok {}", r.target);
+            Reply::Raw(response(
+                200,
+                &[("Content-Type", "text/plain")],
+                body.as_bytes(),
+            ))
+        })
+        .await
+    }
+
+    /// Starts a server whose answers come from `handler`.
+    pub async fn start(handler: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new(handler);
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (rec, count) = (received.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stopped => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_origin(stream, id, handler.clone(), rec.clone()));
+            }
+        });
+        Origin {
+            addr,
+            received,
+            connections,
+            _stop: stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("origin lock").clone()
+    }
+
+    /// The only request received; panics if there is not exactly one.
+    pub fn single(&self) -> Received {
+        let all = self.received();
+        assert_eq!(all.len(), 1, "expected exactly one request, got {all:#?}");
+        all.into_iter().next().expect("one request")
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// Builds a response with `Content-Length`.
+pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} X\r\n");
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+async fn serve_origin(
+    stream: TcpStream,
+    id: usize,
+    handler: Handler,
+    rec: Arc<Mutex<Vec<Received>>>,
+) {
+    let mut conn = Conn::new(stream);
+    loop {
+        let Ok(head) = codec::read_request_head(&mut conn, 1 << 20, 200).await else {
+            return;
+        };
+        let raw_head = String::from_utf8_lossy(&head_bytes(&head)).into_owned();
+        let headers: Vec<(String, String)> = head
+            .fields
+            .iter()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        let framing = codec::request_framing(&head).unwrap_or(Framing::Empty);
+        let expects = framing != Framing::Empty && head.fields.has_token("expect", "100-continue");
+        if expects
+            && conn
+                .io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut body = Vec::new();
+        let mut trailers = String::new();
+        let mut reader = BodyReader::new(framing);
+        loop {
+            match reader.next(&mut conn).await {
+                Ok(Item::Data(d)) => body.extend_from_slice(&d),
+                Ok(Item::Trailers(t)) => trailers = String::from_utf8_lossy(&t).into_owned(),
+                Ok(Item::End) => break,
+                Err(_) => return,
+            }
+        }
+        let received = Received {
+            raw_head,
+            method: head.method().to_string(),
+            target: head.target().to_string(),
+            minor: head.minor,
+            headers,
+            body,
+            trailers,
+            conn: id,
+        };
+        let reply = handler(&received);
+        rec.lock().expect("origin lock").push(received);
+        match reply {
+            Reply::Raw(mut bytes) => {
+                if head.method() == "HEAD" {
+                    // A HEAD response has no body, whatever its Content-Length says.
+                    if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+                        bytes.truncate(end + 4);
+                    }
+                }
+                if conn.io.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            Reply::RawThenClose(bytes) => {
+                let _ = conn.io.write_all(&bytes).await;
+                let _ = conn.io.shutdown().await;
+                return;
+            }
+            Reply::Silent => {
+                let _ = conn.io.read(&mut [0u8; 1]).await;
+                return;
+            }
+            Reply::Generated { len } => {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                if conn.io.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b'x'; 256 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(block.len() as u64) as usize;
+                    if conn.io.write_all(&block[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            }
+            Reply::UpgradeEcho => {
+                let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                if conn.io.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let leftover = conn.buf.split().freeze();
+                if conn.io.write_all(&leftover).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = conn.io.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                return;
+            }
+        }
+    }
+}
+
+fn head_bytes(head: &codec::RequestHead) -> Vec<u8> {
+    // Rebuild the raw head from the parsed parts, exactly as they arrived.
+    let mut out = format!(
+        "{} {} HTTP/1.{}\r\n",
+        head.method(),
+        head.target(),
+        head.minor
+    )
+    .into_bytes();
+    for (n, v) in head.fields.iter() {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+// ---------------------------------------------------------------- echo
+
+/// A TCP server for tunnel tests: echoes what it reads; on the client's
+/// half-close it writes `bye\n`, closes, and counts the half-close.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    half_closes: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl EchoServer {
+    pub async fn start() -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let half_closes = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let hc = half_closes.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stopped => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut s, _)) = accepted else { continue };
+                let hc = hc.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => {
+                                hc.fetch_add(1, Ordering::SeqCst);
+                                let _ = s.write_all(b"bye\n").await;
+                                let _ = s.shutdown().await;
+                                return;
+                            }
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        EchoServer {
+            addr,
+            half_closes,
+            _stop: stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn half_closes(&self) -> usize {
+        self.half_closes.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------- relay
+
+/// The relay under test, started in process through `porthole_relay::run`
+/// on an ephemeral port. Stops when dropped.
+pub struct Relay {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts a relay from TOML text; `[relay] listen` is replaced by 127.0.0.1:0.
+    pub async fn start(toml_text: &str) -> Relay {
+        let config = porthole_relay::Config::from_toml(toml_text).expect("test config is valid");
+        Relay::start_config(config).await
+    }
+
+    pub async fn start_config(config: porthole_relay::Config) -> Relay {
+        init_tracing();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            let _ = porthole_relay::run(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Relay {
+            addr,
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `curl -x`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts draining (as SIGTERM does) and waits until the relay has stopped.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Logs of in-process relays go to the test output (shown for failing tests).
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A route table entry for test configs.
+pub fn route(host: &str, to: &str, ports: &[u16], extra: &str) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "[[route]]\nhost = \"{host}\"\nto = \"{to}\"\nports = [{}]\n{extra}\n",
+        ports.join(", ")
+    )
+}
+
+/// A relay config with name `relay.test` and the given routes.
+pub fn config_with(routes: &str, extra: &str) -> String {
+    format!("[relay]\nlisten = \"127.0.0.1:0\"\nname = \"relay.test\"\ndrain_timeout = \"5s\"\n{extra}\n{routes}")
+}
+
+// ---------------------------------------------------------------- binary
+
+/// Path of a binary built by this workspace (`cargo build` puts it beside the test binary).
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The workspace root (where `conf/` is).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `addr` accepts connections (or panics after `limit`).
+pub async fn wait_for_port(addr: SocketAddr, limit: Duration) {
+    let start = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            start.elapsed() < limit,
+            "{addr} did not start listening within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `porthole-relay` binary running with a config file. Killed on drop.
+pub struct RelayProcess {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    /// Runs `porthole-relay --config FILE` with `env` added; the aggregate port is
+    /// chosen free and passed as `PORTHOLE__RELAY__LISTEN`.
+    pub async fn spawn(config: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let log =
+            std::env::temp_dir().join(format!("porthole-relay-{port}-{}.log", std::process::id()));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = tokio::process::Command::new(binary("porthole-relay"));
+        cmd.arg("--config")
+            .arg(config)
+            .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn porthole-relay");
+        wait_for_port(addr, Duration::from_secs(10)).await;
+        RelayProcess { addr, child, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("relay still running")
+    }
+
+    /// The relay's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`"TERM"`, `"HUP"`, ...) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// Current resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- curl
+
+/// What one curl run produced.
+#[derive(Debug)]
+pub struct CurlOutput {
+    /// `%{http_code}`: the last response's status (0 if none).
+    pub status: u16,
+    /// The response head(s) as `-D` wrote them.
+    pub head: String,
+    pub body: Vec<u8>,
+    pub stderr: String,
+    /// curl's exit code.
+    pub exit: i32,
+}
+
+impl CurlOutput {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Every value of a response field in the last head (case-insensitive).
+    pub fn header(&self, name: &str) -> Vec<String> {
+        // -D also records interim heads and trailers: take the last status head.
+        let last = self
+            .head
+            .split("\r\n\r\n")
+            .filter(|h| h.starts_with("HTTP/"))
+            .last()
+            .unwrap_or("");
+        last.lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+}
+
+/// One run of the real `curl` binary: `-sS --max-time`, no proxy from the
+/// environment, status via `-w`. Killed if the test drops it.
+pub struct Curl {
+    args: Vec<String>,
+    stdin: Option<Vec<u8>>,
+    max_time: u64,
+}
+
+static CURL_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl Curl {
+    pub fn new(url: &str) -> Curl {
+        Curl {
+            args: vec![url.to_string()],
+            stdin: None,
+            max_time: 20,
+        }
+    }
+
+    /// `-x PROXY`.
+    pub fn proxy(self, proxy: &str) -> Curl {
+        self.args(&["-x", proxy])
+    }
+
+    pub fn arg(mut self, a: &str) -> Curl {
+        self.args.push(a.to_string());
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Curl {
+        self.args.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn header(self, h: &str) -> Curl {
+        self.args(&["-H", h])
+    }
+
+    pub fn max_time(mut self, secs: u64) -> Curl {
+        self.max_time = secs;
+        self
+    }
+
+    /// Data for `--data-binary @-`.
+    pub fn stdin(mut self, data: Vec<u8>) -> Curl {
+        self.stdin = Some(data);
+        self
+    }
+
+    pub async fn run(self) -> CurlOutput {
+        let seq = CURL_SEQ.fetch_add(1, Ordering::SeqCst);
+        let base = std::env::temp_dir().join(format!("porthole-curl-{}-{seq}", std::process::id()));
+        let head_path = base.with_extension("head");
+        let body_path = base.with_extension("body");
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--noproxy",
+            "",
+            "--max-time",
+            &self.max_time.to_string(),
+        ])
+        .arg("-D")
+        .arg(&head_path)
+        .arg("-o")
+        .arg(&body_path)
+        .args(["-w", "%{http_code}"])
+        .args(&self.args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut child = cmd
+            .spawn()
+            .expect("curl is installed (scripts/test.sh installs it)");
+        if let Some(data) = self.stdin {
+            if let Some(mut stdin) = child.stdin.take() {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&data).await;
+                });
+            }
+        }
+        let out = child.wait_with_output().await.expect("curl ran");
+        let head = std::fs::read_to_string(&head_path).unwrap_or_default();
+        let body = std::fs::read(&body_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&head_path);
+        let _ = std::fs::remove_file(&body_path);
+        CurlOutput {
+            status: String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0),
+            head,
+            body,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            exit: out.status.code().unwrap_or(-1),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw client
+
+/// Sends raw bytes to `addr` and reads until the peer closes or `limit` passes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -186,7 +186,8 @@ mod tests {
     #[test]
     fn decisions_by_table() {
         let t = table();
-        let cases: &[(&str, u16, Result<(&str, u16), Refusal>)] = &[
+        type Case<'a> = (&'a str, u16, Result<(&'a str, u16), Refusal>);
+        let cases: &[Case] = &[
             ("wiki.corp", 80, Ok(("10.1.2.3", 80))),
             ("wiki.corp", 443, Ok(("10.1.2.3", 443))),
             ("wiki.corp.", 80, Ok(("10.1.2.3", 80))),

@@ -1,0 +1,566 @@
+//! Relay core, driven by the real curl: HTTP relay by absolute URI and by
+//! Host, CONNECT tunnels, upgrades, framing, keep-alive, errors and limits.
+//! Every test starts its own internal servers and relay on free ports.
+
+use std::io::Write;
+use std::time::Duration;
+
+use porthole_suite::{
+    config_with, raw_exchange, response, route, Curl, EchoServer, Origin, Relay, Reply,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+async fn relay_to(origin: &Origin, host: &str, extra: &str) -> Relay {
+    Relay::start(&config_with(
+        &route(host, "127.0.0.1", &[origin.port()], extra),
+        "",
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn absolute_form_is_relayed_in_origin_form_without_hop_by_hop_fields() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let url = format!("http://app-a.test:{}/x?q=1", origin.port());
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&[
+            "-U",
+            "alice:secret",
+            "-H",
+            "Connection: X-Drop, keep-alive",
+            "-H",
+            "X-Drop: 1",
+            "-H",
+            "Keep-Alive: 5",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Proxy-Connection: keep-alive",
+        ])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /x?q=1");
+    let via = out.header("via");
+    assert_eq!(
+        via,
+        vec!["1.1 relay.test (porthole)"],
+        "response Via: {}",
+        out.head
+    );
+
+    let got = origin.single();
+    assert_eq!(got.method, "GET");
+    assert_eq!(got.target, "/x?q=1");
+    assert_eq!(
+        got.header("host"),
+        Some(format!("app-a.test:{}", origin.port()).as_str())
+    );
+    assert_eq!(got.all("via"), vec!["1.1 relay.test (porthole)"]);
+    for name in HOP_BY_HOP.iter().chain(&["x-drop"]) {
+        assert!(
+            got.header(name).is_none(),
+            "{name} reached the server: {}",
+            got.raw_head
+        );
+    }
+}
+
+#[tokio::test]
+async fn jp4570628_form_restores_the_applications_host() {
+    // The shim's form: absolute URI, Host naming the relay itself.
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let url = format!("http://app-a.test:{}/index.html", origin.port());
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .header("Host: relay.test")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let got = origin.single();
+    assert_eq!(got.target, "/index.html");
+    assert_eq!(
+        got.all("host"),
+        vec![format!("app-a.test:{}", origin.port())]
+    );
+}
+
+#[tokio::test]
+async fn origin_form_is_relayed_by_host_to_a_pinned_port() {
+    let origin = Origin::ok().await;
+    let to = format!("127.0.0.1:{}", origin.port());
+    let relay = Relay::start(&config_with(&route("legacy.test", &to, &[80], ""), "")).await;
+    let out = Curl::new(&format!("{}/x", relay.url()))
+        .header("Host: legacy.test")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let got = origin.single();
+    assert_eq!(got.target, "/x");
+    assert_eq!(got.header("host"), Some("legacy.test"));
+}
+
+#[tokio::test]
+async fn transparent_route_delivers_the_head_as_the_application_wrote_it() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "transparent = true").await;
+    let url = format!("http://app-a.test:{}/t", origin.port());
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&["-H", "Via: 1.1 app-gw", "-H", "X-Custom: Keep  this"])
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert!(
+        out.header("via")
+            .iter()
+            .any(|v| v.contains("relay.test (porthole)")),
+        "{}",
+        out.head
+    );
+    let got = origin.single();
+    assert_eq!(got.all("via"), vec!["1.1 app-gw"], "{}", got.raw_head);
+    assert_eq!(got.header("x-custom"), Some("Keep  this"));
+
+    // A Porthole hop before this one (the shim) is hidden from the server too.
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .header("Via: 1.1 shim.local (porthole)")
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert!(origin.received()[1].header("via").is_none());
+}
+
+#[tokio::test]
+async fn decompress_route_gunzips_for_clients_without_gzip() {
+    let plain = "hello ".repeat(5000);
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(plain.as_bytes()).unwrap();
+    let gz = enc.finish().unwrap();
+    let gz2 = gz.clone();
+    let origin = Origin::start(move |_| {
+        Reply::Raw(response(
+            200,
+            &[("Content-Encoding", "gzip"), ("Content-Type", "text/plain")],
+            &gz2,
+        ))
+    })
+    .await;
+    let relay = relay_to(&origin, "app-a.test", "decompress = true").await;
+    let url = format!("http://app-a.test:{}/z", origin.port());
+
+    let out = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.text(), plain);
+    assert!(out.header("content-encoding").is_empty(), "{}", out.head);
+    assert!(out.header("content-length").is_empty());
+    assert_eq!(out.header("transfer-encoding"), vec!["chunked"]);
+
+    // HTTP/1.0 client: close-delimited.
+    let out = Curl::new(&url).proxy(&relay.url()).arg("-0").run().await;
+    assert_eq!(out.text(), plain);
+    assert_eq!(out.header("connection"), vec!["close"]);
+
+    // A client that offers gzip gets the bytes as the server sent them.
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .header("Accept-Encoding: gzip")
+        .run()
+        .await;
+    assert_eq!(out.body, gz);
+    assert_eq!(out.header("content-encoding"), vec!["gzip"]);
+}
+
+#[tokio::test]
+async fn connect_tunnel_passes_bytes_and_half_close() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("db.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!(
+        "CONNECT db.test:{0} HTTP/1.1\r\nHost: db.test:{0}\r\n\r\n",
+        echo.port()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let payload: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    s.write_all(&payload).await.unwrap();
+    s.shutdown().await.unwrap(); // half-close: the server must see EOF and still answer
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.len(), payload.len() + 4);
+    assert_eq!(
+        &back[..payload.len()],
+        &payload[..],
+        "bytes changed in the tunnel"
+    );
+    assert_eq!(&back[payload.len()..], b"bye\n");
+    assert_eq!(echo.half_closes(), 1);
+}
+
+#[tokio::test]
+async fn curl_proxytunnel_reaches_the_server() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let url = format!("http://app-a.test:{}/tunnelled", origin.port());
+    let out = Curl::new(&url).proxy(&relay.url()).arg("-p").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tunnelled");
+    // Through a tunnel the relay does not touch the request.
+    assert!(origin.single().header("via").is_none());
+}
+
+#[tokio::test]
+async fn connect_answers_only_once_the_internal_connection_stands() {
+    // Nothing listens on this port: the client gets 502, never 200.
+    let port = porthole_suite::free_port();
+    let relay = Relay::start(&config_with(
+        &route("gone.test", "127.0.0.1", &[port], ""),
+        "",
+    ))
+    .await;
+    let req = format!("CONNECT gone.test:{port} HTTP/1.1\r\n\r\n");
+    let answer = raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert!(answer.contains("route gone.test"), "{answer}");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_becomes_a_tunnel() {
+    let origin = Origin::start(|_| Reply::UpgradeEcho).await;
+    let relay = relay_to(&origin, "ws.test", "").await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!(
+        "GET http://ws.test:{}/chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        origin.port()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before 101");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    // A masked text frame "hi" both ways through the echo.
+    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    s.write_all(&frame).await.unwrap();
+    let mut echoed = [0u8; 8];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, frame);
+    let seen = origin.single();
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert_eq!(seen.header("connection"), Some("upgrade"));
+}
+
+#[tokio::test]
+async fn http10_head_and_keep_alive_with_pooled_upstream() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let base = format!("http://app-a.test:{}", origin.port());
+    // Two requests on one client connection (keep-alive), then separate curls.
+    let two = format!("GET {base}/1 HTTP/1.1\r\nHost: a\r\n\r\nGET {base}/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(relay.addr, two.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 ").count(), 2, "{answer}");
+    assert!(answer.ends_with("ok /2"), "{answer}");
+    let out = Curl::new(&format!("{base}/3"))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.text(), "ok /3");
+    let out = Curl::new(&format!("{base}/h"))
+        .proxy(&relay.url())
+        .arg("-I")
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.header("content-length"), vec!["5"]);
+    let out = Curl::new(&format!("{base}/old"))
+        .proxy(&relay.url())
+        .arg("-0")
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.text(), "ok /old");
+    let all = origin.received();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[3].method, "HEAD");
+    assert_eq!(all[4].minor, 1, "the relay speaks HTTP/1.1 upstream");
+    assert!(all[4]
+        .all("via")
+        .iter()
+        .any(|v| v.starts_with("1.0 relay.test")));
+    // Five requests from four client connections over one pooled upstream connection.
+    assert_eq!(
+        origin.connections(),
+        1,
+        "upstream connections were not reused"
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_with_trailers_and_expect_continue() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let url = format!("http://app-a.test:{}/up", origin.port());
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Trailer: X-Sum",
+            "--data-binary",
+            "@-",
+        ])
+        .stdin(body.clone())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        out.head.starts_with("HTTP/1.1 100 Continue"),
+        "curl saw no 100: {}",
+        out.head
+    );
+    let got = origin.single();
+    assert_eq!(got.body, body);
+    assert_eq!(got.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(got.header("expect"), Some("100-continue"));
+
+    // Trailers pass both ways (raw client: curl cannot send request trailers).
+    let req = format!(
+        "POST http://app-a.test:{}/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n",
+        origin.port()
+    );
+    let answer = raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = &origin.received()[1];
+    assert_eq!(got.body, b"hello");
+    assert_eq!(got.trailers, "X-Sum: 42\r\n");
+}
+
+#[tokio::test]
+async fn chunked_and_close_delimited_responses() {
+    let origin = Origin::start(|r| match r.target.as_str() {
+        "/chunked" => Reply::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n4\r\nabcd\r\n3\r\nefg\r\n0\r\nX-T: done\r\n\r\n".to_vec()),
+        _ => Reply::RawThenClose(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end".to_vec()),
+    })
+    .await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let base = format!("http://app-a.test:{}", origin.port());
+    let out = Curl::new(&format!("{base}/chunked"))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.text(), "abcdefg");
+    assert_eq!(out.header("transfer-encoding"), vec!["chunked"]);
+    let out = Curl::new(&format!("{base}/close"))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.text(), "until the end");
+    let out = Curl::new(&format!("{base}/close"))
+        .proxy(&relay.url())
+        .arg("-0")
+        .run()
+        .await;
+    assert_eq!(out.text(), "until the end");
+
+    // Trailers reach an HTTP/1.1 client.
+    let req = format!("GET {base}/chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.ends_with("0\r\nX-T: done\r\n\r\n"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn errors_name_the_route_and_the_cause() {
+    let origin = Origin::start(|r| {
+        if r.target == "/slow" {
+            Reply::Silent
+        } else {
+            Reply::Raw(response(200, &[], b"ok"))
+        }
+    })
+    .await;
+    let dead = porthole_suite::free_port();
+    let routes = [
+        route(
+            "app-a.test",
+            "127.0.0.1",
+            &[origin.port()],
+            "response_timeout = \"300ms\"",
+        ),
+        route("dead.test", "127.0.0.1", &[dead], ""),
+        route(
+            "nowhere.test",
+            "no-such-host.invalid",
+            &[80],
+            "connect_timeout = \"2s\"",
+        ),
+    ]
+    .concat();
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let cases = [
+        (
+            format!("http://other.test:{}/", origin.port()),
+            403,
+            "no route for host other.test",
+        ),
+        (
+            "http://app-a.test:22/".to_string(),
+            403,
+            "route app-a.test: port 22 is not allowed",
+        ),
+        (
+            format!("http://dead.test:{dead}/"),
+            502,
+            "route dead.test: connect to 127.0.0.1",
+        ),
+        (
+            "http://nowhere.test/".to_string(),
+            502,
+            "route nowhere.test",
+        ),
+        (
+            format!("http://app-a.test:{}/slow", origin.port()),
+            504,
+            "route app-a.test: no response from",
+        ),
+    ];
+    for (url, status, text) in cases {
+        let out = Curl::new(&url).proxy(&relay.url()).run().await;
+        assert_eq!(out.status, status, "{url}: {out:?}");
+        assert!(
+            out.text().contains(text),
+            "{url}: body {:?} lacks {text:?}",
+            out.text()
+        );
+    }
+    // A request that already passed through this relay is a loop.
+    let url = format!("http://app-a.test:{}/", origin.port());
+    let out = Curl::new(&url)
+        .proxy(&relay.url())
+        .header("Via: 1.1 relay.test (porthole)")
+        .run()
+        .await;
+    assert_eq!(out.status, 508);
+    // The relay's own name with no such endpoint.
+    let out = Curl::new("http://relay.test/nothing")
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 404);
+    // Still serving after all that.
+    let out = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(out.status, 200);
+}
+
+#[tokio::test]
+async fn bad_framing_and_oversized_heads_are_refused_and_the_relay_keeps_serving() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "[limits]\nmax_head_bytes = 4096\nmax_headers = 20\nhead_timeout = \"1s\"\n",
+    ))
+    .await;
+    let p = origin.port();
+    let t = Duration::from_secs(5);
+    let cases: Vec<(String, &str)> = vec![
+        (format!("POST http://app-a.test:{p}/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), "400"),
+        (format!("POST http://app-a.test:{p}/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"), "400"),
+        (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nBad Name: x\r\n\r\n"), "400"),
+        (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(5000)), "431"),
+        (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(30)), "431"),
+    ];
+    for (req, status) in cases {
+        let answer = raw_exchange(relay.addr, req.as_bytes(), t).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{req:?} -> {answer:?}"
+        );
+        assert!(answer.contains("Connection: close"), "{answer}");
+    }
+    // A smuggling attempt must never reach the server.
+    assert!(origin.received().is_empty(), "{:?}", origin.received());
+
+    // Slowloris: a head that never completes gets 408 after head_timeout.
+    let mut slow = TcpStream::connect(relay.addr).await.unwrap();
+    slow.write_all(b"GET http://app-a.test/ HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), slow.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+
+    let out = Curl::new(&format!("http://app-a.test:{p}/fine"))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+}
+
+#[tokio::test]
+async fn drain_lets_an_open_request_finish() {
+    // The server answers after a delay; shutdown starts meanwhile.
+    let origin = Origin::start(|_| Reply::Generated { len: 8 << 20 }).await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let url = format!("http://app-a.test:{}/big", origin.port());
+    let proxy = relay.url();
+    let download = tokio::spawn(async move {
+        Curl::new(&url)
+            .proxy(&proxy)
+            .args(&["--limit-rate", "8M"])
+            .run()
+            .await
+    });
+    // Wait until the request is in flight.
+    while origin.received().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let addr = relay.addr;
+    relay.shutdown().await;
+    let out = download.await.unwrap();
+    assert_eq!(out.status, 200);
+    assert_eq!(out.body.len(), 8 << 20, "the in-flight download was cut");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
