@@ -348,12 +348,14 @@ impl EchoServer {
 /// on an ephemeral port. Stops when dropped.
 pub struct Relay {
     pub addr: SocketAddr,
+    /// The admin listener (health, metrics, publishing).
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Relay {
-    /// Starts a relay from TOML text; `[relay] listen` is replaced by 127.0.0.1:0.
+    /// Starts a relay from TOML text; both listeners are bound on 127.0.0.1:0.
     pub async fn start(toml_text: &str) -> Relay {
         let config = porthole_relay::Config::from_toml(toml_text).expect("test config is valid");
         Relay::start_config(config).await
@@ -361,20 +363,32 @@ impl Relay {
 
     pub async fn start_config(config: porthole_relay::Config) -> Relay {
         init_tracing();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let addr = listener.local_addr().expect("relay addr");
+        let aggregate = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let addr = aggregate.local_addr().expect("relay addr");
+        let admin = admin_listener.local_addr().expect("admin addr");
+        let listeners = porthole_relay::Listeners {
+            aggregate,
+            admin: Some(admin_listener),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {
-            let _ = porthole_relay::run(listener, config, async {
+            let _ = porthole_relay::run(listeners, config, async {
                 let _ = stopped.await;
             })
             .await;
         });
         Relay {
             addr,
+            admin,
             stop: Some(stop),
             done: Some(done),
         }
+    }
+
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
     }
 
     /// `http://127.0.0.1:PORT`, for `curl -x`.
@@ -473,23 +487,29 @@ pub async fn wait_for_port(addr: SocketAddr, limit: Duration) {
 /// The `porthole-relay` binary running with a config file. Killed on drop.
 pub struct RelayProcess {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub child: tokio::process::Child,
     pub log: PathBuf,
 }
 
 impl RelayProcess {
-    /// Runs `porthole-relay --config FILE` with `env` added; the aggregate port is
-    /// chosen free and passed as `PORTHOLE__RELAY__LISTEN`.
+    /// Runs `porthole-relay --config FILE` with `env` added; the aggregate and
+    /// admin ports are chosen free and passed as `PORTHOLE__RELAY__LISTEN` and
+    /// `PORTHOLE__RELAY__ADMIN_LISTEN`.
     pub async fn spawn(config: &Path, env: &[(&str, &str)]) -> RelayProcess {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let log =
-            std::env::temp_dir().join(format!("porthole-relay-{port}-{}.log", std::process::id()));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log = std::env::temp_dir().join(format!(
+            "porthole-relay-{}-{}.log",
+            addr.port(),
+            std::process::id()
+        ));
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut cmd = tokio::process::Command::new(binary("porthole-relay"));
         cmd.arg("--config")
             .arg(config)
             .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", admin.to_string())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -499,7 +519,17 @@ impl RelayProcess {
         }
         let child = cmd.spawn().expect("spawn porthole-relay");
         wait_for_port(addr, Duration::from_secs(10)).await;
-        RelayProcess { addr, child, log }
+        wait_for_port(admin, Duration::from_secs(10)).await;
+        RelayProcess {
+            addr,
+            admin,
+            child,
+            log,
+        }
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
     }
 
     pub fn url(&self) -> String {

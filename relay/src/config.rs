@@ -45,6 +45,10 @@ struct RawRelay {
     /// How long in-flight requests and tunnels may run on after `SIGTERM`.
     #[serde(default = "default_drain_timeout")]
     drain_timeout: String,
+    /// Admin listener (health, metrics, status, event publishing); `""` turns it off.
+    /// Never the aggregate port.
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
 }
 
 impl Default for RawRelay {
@@ -53,6 +57,7 @@ impl Default for RawRelay {
             listen: default_listen(),
             name: default_name(),
             drain_timeout: default_drain_timeout(),
+            admin_listen: default_admin_listen(),
         }
     }
 }
@@ -126,6 +131,9 @@ fn default_name() -> String {
 fn default_drain_timeout() -> String {
     "30s".into()
 }
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
 fn default_ports() -> Vec<u16> {
     vec![80, 443]
 }
@@ -170,6 +178,8 @@ pub struct RelaySettings {
     /// Lower-cased pseudonym.
     pub name: String,
     pub drain_timeout: Duration,
+    /// `None` when turned off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -363,7 +373,25 @@ impl RawConfig {
                 format!("`{}` is not a host name", self.relay.name),
             );
         }
+        let admin_listen = match self.relay.admin_listen.trim() {
+            "" => None,
+            text => match text.parse::<SocketAddr>() {
+                Ok(a) if a == listen && a.port() != 0 => {
+                    c.push("relay.admin_listen", "must not be the aggregate port");
+                    None
+                }
+                Ok(a) => Some(a),
+                Err(_) => {
+                    c.push(
+                        "relay.admin_listen",
+                        format!("`{text}` is not an address like 127.0.0.1:9090"),
+                    );
+                    None
+                }
+            },
+        };
         let relay = RelaySettings {
+            admin_listen,
             listen,
             name,
             drain_timeout: c.duration("relay.drain_timeout", &self.relay.drain_timeout),

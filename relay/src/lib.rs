@@ -10,6 +10,7 @@
 //! - [`forward`]: the HTTP relay of one request to its route's internal server;
 //! - [`tunnel`]: `CONNECT` and upgraded connections, bytes both ways;
 //! - [`local`]: the relay's own endpoints on the aggregate port;
+//! - [`admin`]: the admin listener (health; metrics, status, publishing);
 //! - [`upstream`]: dialling internal servers and the keep-alive pool;
 //! - [`routes`]: the route table and its matching rules;
 //! - [`rewrite`]: head rewriting (hop-by-hop fields, `Host`, `Via`);
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod dispatch;
@@ -80,11 +82,35 @@ pub struct ConnCtx {
     pub local: SocketAddr,
 }
 
-/// Runs the relay on `listener` until `shutdown` completes, then stops
-/// accepting and lets in-flight requests and tunnels finish for up to
-/// `relay.drain_timeout`.
+/// The sockets a relay serves: the aggregate port and, optionally, the admin listener.
+pub struct Listeners {
+    pub aggregate: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses the configuration names.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let aggregate = TcpListener::bind(config.relay.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("relay.listen {}: {e}", config.relay.listen),
+            )
+        })?;
+        let admin = match config.relay.admin_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("relay.admin_listen {addr}: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Listeners { aggregate, admin })
+    }
+}
+
+/// Runs the relay until `shutdown` completes, then stops accepting and lets
+/// in-flight requests and tunnels finish for up to `relay.drain_timeout`.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -92,10 +118,13 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config));
     let tracker = TaskTracker::new();
     let accept = tokio::spawn(listener::accept_loop(
-        listener,
+        listeners.aggregate,
         shared.clone(),
         tracker.clone(),
     ));
+    let admin = listeners
+        .admin
+        .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.shutdown.cancel();
@@ -110,6 +139,9 @@ pub async fn run(
             ?drain_timeout,
             "drain timeout: closing what is still open"
         );
+    }
+    if let Some(admin) = admin {
+        admin.abort();
     }
     Ok(())
 }

@@ -84,17 +84,18 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listen = config.relay.listen;
-        let listener = match tokio::net::TcpListener::bind(listen).await {
+        let listeners = match porthole_relay::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(%listen, error = %e, "cannot bind the aggregate port");
+                tracing::error!(error = %e, "cannot bind");
                 return ExitCode::FAILURE;
             }
         };
-        let bound = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(aggregate = %bound, config = %source, routes = config.routes.routes().len(), "listening");
-        match porthole_relay::run(listener, config, shutdown_signal()).await {
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let aggregate = addr(&listeners.aggregate);
+        let admin = listeners.admin.as_ref().map(addr).unwrap_or_else(|| "off".into());
+        tracing::info!(%aggregate, %admin, config = %source, routes = config.routes.routes().len(), "listening");
+        match porthole_relay::run(listeners, config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "relay failed");
