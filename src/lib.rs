@@ -589,6 +589,8 @@ pub struct CurlOutput {
     pub stderr: String,
     /// curl's exit code.
     pub exit: i32,
+    /// `%{size_download}`: body bytes received (also when the body was discarded).
+    pub size_download: u64,
 }
 
 impl CurlOutput {
@@ -618,6 +620,7 @@ pub struct Curl {
     args: Vec<String>,
     stdin: Option<Vec<u8>>,
     max_time: u64,
+    discard: bool,
 }
 
 static CURL_SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -628,6 +631,7 @@ impl Curl {
             args: vec![url.to_string()],
             stdin: None,
             max_time: 20,
+            discard: false,
         }
     }
 
@@ -655,6 +659,12 @@ impl Curl {
         self
     }
 
+    /// Sends the body to /dev/null (large downloads); `size_download` still counts it.
+    pub fn discard_body(mut self) -> Curl {
+        self.discard = true;
+        self
+    }
+
     /// Data for `--data-binary @-`.
     pub fn stdin(mut self, data: Vec<u8>) -> Curl {
         self.stdin = Some(data);
@@ -665,7 +675,11 @@ impl Curl {
         let seq = CURL_SEQ.fetch_add(1, Ordering::SeqCst);
         let base = std::env::temp_dir().join(format!("porthole-curl-{}-{seq}", std::process::id()));
         let head_path = base.with_extension("head");
-        let body_path = base.with_extension("body");
+        let body_path = if self.discard {
+            PathBuf::from("/dev/null")
+        } else {
+            base.with_extension("body")
+        };
         let mut cmd = tokio::process::Command::new("curl");
         cmd.args([
             "-sS",
@@ -678,7 +692,7 @@ impl Curl {
         .arg(&head_path)
         .arg("-o")
         .arg(&body_path)
-        .args(["-w", "%{http_code}"])
+        .args(["-w", "%{http_code} %{size_download}"])
         .args(&self.args)
         .env_remove("http_proxy")
         .env_remove("https_proxy")
@@ -705,14 +719,20 @@ impl Curl {
         }
         let out = child.wait_with_output().await.expect("curl ran");
         let head = std::fs::read_to_string(&head_path).unwrap_or_default();
-        let body = std::fs::read(&body_path).unwrap_or_default();
+        let body = if self.discard {
+            Vec::new()
+        } else {
+            std::fs::read(&body_path).unwrap_or_default()
+        };
         let _ = std::fs::remove_file(&head_path);
-        let _ = std::fs::remove_file(&body_path);
+        if !self.discard {
+            let _ = std::fs::remove_file(&body_path);
+        }
+        let written = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut figures = written.split_whitespace();
         CurlOutput {
-            status: String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .unwrap_or(0),
+            status: figures.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+            size_download: figures.next().and_then(|s| s.parse().ok()).unwrap_or(0),
             head,
             body,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
