@@ -302,3 +302,62 @@ async fn one_gib_body_streams_through_in_bounded_memory() {
         "relay peak RSS {peak} KiB (was {before} KiB) grew with a 1 GiB body"
     );
 }
+
+#[tokio::test]
+async fn reload_replaces_routes_keeps_tunnels_and_refuses_bad_files() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = porthole_suite::EchoServer::start().await;
+    let origin = Origin::ok().await;
+    let first = route("db.test", "127.0.0.1", &[echo.port()], "");
+    let path = write_config("reload", &config(&first, ""));
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    let url = format!("http://new.test:{}/x", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 403);
+
+    // An open tunnel before the reload...
+    let mut tunnel = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port());
+    tunnel.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+
+    // ...a route added to the file takes effect on SIGHUP...
+    let second = route("new.test", "127.0.0.1", &[origin.port()], "");
+    std::fs::write(&path, config(&format!("{first}{second}"), "")).unwrap();
+    relay.signal("HUP");
+    let mut status = 0;
+    for _ in 0..100 {
+        status = Curl::new(&url).proxy(&relay.url()).run().await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the added route did not take effect");
+
+    // ...and the tunnel still carries bytes.
+    tunnel.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+
+    // An invalid file is refused with its reason; the old configuration stays.
+    std::fs::write(
+        &path,
+        config(&second, "[limits]\nhead_timeout = \"soon\"\n"),
+    )
+    .unwrap();
+    let out = Curl::new(&format!("{}/reload", relay.admin_url()))
+        .args(&["-X", "POST"])
+        .run()
+        .await;
+    assert_eq!(out.status, 422, "{}", out.text());
+    assert!(out.text().contains("limits.head_timeout"), "{}", out.text());
+    assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
+    assert!(
+        relay.log_text().contains("reload refused"),
+        "{}",
+        relay.log_text()
+    );
+}

@@ -50,6 +50,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => health(shared),
+        (&Method::POST, "/reload") => match shared.reload() {
+            Ok(()) => text(StatusCode::OK, "reloaded\n"),
+            Err(e) => text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("reload refused: {e}\n"),
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "404 Not Found: no such admin endpoint\n",

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -164,9 +165,40 @@ fn default_max_connections_per_client() -> usize {
 
 // ---------------------------------------------------------------- typed form
 
+/// Where a configuration came from; a reload reads it again from there.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    /// TOML text (the embedded default, or a test's), with the environment
+    /// overrides it was loaded with (`None`: the process environment).
+    Text {
+        text: String,
+        env: Option<HashMap<String, String>>,
+    },
+}
+
+impl Source {
+    /// Loads and validates the configuration again.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            Source::File(path) => Config::load_file(&path.to_string_lossy()),
+            Source::Text { text, env } => Config::from_toml_with_env(text, env.clone()),
+        }
+    }
+
+    /// A short description for logs and the status page.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::Text { .. } => "embedded configuration".to_string(),
+        }
+    }
+}
+
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub source: Source,
     pub relay: RelaySettings,
     pub routes: RouteTable,
     pub limits: Limits,
@@ -266,7 +298,9 @@ impl Config {
     pub fn load_file(path: &str) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::one("--config", format!("cannot read {path}: {e}")))?;
-        Config::from_toml_with_env(&text, None)
+        let mut config = Config::from_toml_with_env(&text, None)?;
+        config.source = Source::File(PathBuf::from(path));
+        Ok(config)
     }
 
     /// Parses TOML text, then applies environment overrides: from `env` when
@@ -275,6 +309,10 @@ impl Config {
         text: &str,
         env: Option<HashMap<String, String>>,
     ) -> Result<Config, ConfigError> {
+        let source = Source::Text {
+            text: text.to_string(),
+            env: env.clone(),
+        };
         let environment = config::Environment::with_prefix("PORTHOLE")
             .prefix_separator("__")
             .separator("__")
@@ -297,7 +335,7 @@ impl Config {
             };
             ConfigError::one(&key, message)
         })?;
-        raw.validate()
+        raw.validate(source)
     }
 
     /// Parses TOML text alone (no environment).
@@ -348,7 +386,7 @@ impl Collector {
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, ConfigError> {
+    fn validate(self, source: Source) -> Result<Config, ConfigError> {
         let mut c = Collector {
             problems: Vec::new(),
         };
@@ -453,6 +491,7 @@ impl RawConfig {
             });
         }
         Ok(Config {
+            source,
             relay,
             routes: RouteTable::new(routes),
             limits,

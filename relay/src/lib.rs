@@ -48,6 +48,8 @@ pub use config::Config;
 /// State shared by every connection of a running relay.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    /// The outcome of the last reload, for the status page.
+    last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
     /// Idle keep-alive connections to internal servers.
     pub pool: upstream::Pool,
     /// Cancelled when the relay starts draining.
@@ -58,6 +60,7 @@ impl Shared {
     pub fn new(config: Config) -> Shared {
         Shared {
             config: RwLock::new(Arc::new(config)),
+            last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::default(),
             shutdown: CancellationToken::new(),
         }
@@ -70,6 +73,54 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// Reads the configuration again from where it came from. A valid one
+    /// replaces routes, rules and limits for new requests (open connections,
+    /// tunnels and long-polls keep going); an invalid one is refused and the
+    /// old one stays. Listen addresses and connection limits need a restart.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let current = self.config();
+        let outcome = match current.source.load() {
+            Ok(new) => {
+                if new.relay.listen != current.relay.listen
+                    || new.relay.admin_listen != current.relay.admin_listen
+                {
+                    tracing::warn!(
+                        "listen addresses changed: they take effect at the next restart"
+                    );
+                }
+                let routes = new.routes.routes().len();
+                *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+                tracing::info!(source = %current.source.describe(), routes, "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(source = %current.source.describe(), error = %e, "reload refused; the old configuration stays");
+                Err(e)
+            }
+        };
+        let record = ReloadOutcome {
+            at: std::time::SystemTime::now(),
+            error: outcome.as_ref().err().map(|e| e.to_string()),
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        outcome
+    }
+
+    /// The outcome of the last reload, if there was one.
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// When the configuration was last reloaded, and why not if it was refused.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub at: std::time::SystemTime,
+    pub error: Option<String>,
 }
 
 /// What a connection knows about itself.
@@ -125,6 +176,7 @@ pub async fn run(
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
+    let reloader = tokio::spawn(reload_on_sighup(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.shutdown.cancel();
@@ -143,5 +195,21 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
+    reloader.abort();
     Ok(())
+}
+
+/// `SIGHUP` reloads the configuration (see [`Shared::reload`]).
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /reload on the admin listener");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let _ = shared.reload();
+    }
 }
