@@ -1,9 +1,15 @@
-//! One access-log line per request and per tunnel, through `tracing` under the
-//! target `porthole::access`: client, method, target, route, status, bytes
-//! each way and duration (the time comes from the log formatter).
+//! One access-log line per request and per tunnel: client, method, target,
+//! route, status, bytes each way and duration. By default through `tracing`
+//! under the target `porthole::access`; with `[log] access = "FILE"` into
+//! that file, which `SIGUSR1` reopens (for logrotate).
 
-use std::time::Instant;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
 
+use crate::metrics::Name;
 use crate::ConnCtx;
 
 /// What the access log records about one request or tunnel.
@@ -18,6 +24,8 @@ pub struct Access {
     /// Bytes to the client (head and body).
     pub bytes_out: u64,
     pub started: Instant,
+    /// A tunnel (CONNECT or upgrade) rather than a single request.
+    pub tunnel: bool,
 }
 
 impl Access {
@@ -30,11 +38,30 @@ impl Access {
             bytes_in: head_len as u64,
             bytes_out: 0,
             started: Instant::now(),
+            tunnel: false,
         }
     }
 
-    /// Writes the line.
+    /// Writes the line and counts the request in the metrics.
     pub fn finish(&self, ctx: &ConnCtx) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let route = Name::from(self.route.as_deref().unwrap_or("-"));
+        ctx.shared.metrics.record(&route, self, seconds);
+        if let Some(file) = &ctx.shared.access_file {
+            file.write_line(&format!(
+                "{} client={} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
+                humantime::format_rfc3339_millis(SystemTime::now()),
+                ctx.peer,
+                self.method,
+                self.target,
+                route.0,
+                self.status,
+                self.bytes_in,
+                self.bytes_out,
+                seconds * 1000.0
+            ));
+            return;
+        }
         tracing::info!(
             target: "porthole::access",
             client = %ctx.peer,
@@ -44,8 +71,48 @@ impl Access {
             status = self.status,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = seconds * 1000.0,
             "access"
         );
     }
+}
+
+/// The access-log file: appended to, reopened on request.
+pub struct FileSink {
+    path: PathBuf,
+    // A plain mutex: one short write per request, never held across an await.
+    file: Mutex<File>,
+}
+
+impl FileSink {
+    pub fn open(path: &Path) -> std::io::Result<FileSink> {
+        Ok(FileSink {
+            path: path.to_path_buf(),
+            file: Mutex::new(open_append(path)?),
+        })
+    }
+
+    /// Opens the path again (after logrotate moved the old file away).
+    pub fn reopen(&self) {
+        match open_append(&self.path) {
+            Ok(f) => {
+                *self.file.lock().unwrap_or_else(|p| p.into_inner()) = f;
+                tracing::info!(path = %self.path.display(), "access log reopened");
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the access log; still writing to the old file")
+            }
+        }
+    }
+
+    fn write_line(&self, line: &str) {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            tracing::warn!(path = %self.path.display(), error = %e, "access log write failed");
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
 }

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::Shared;
+use crate::{status, Shared};
 
 /// The response type of every admin endpoint.
 pub type AdminResponse = Response<Full<Bytes>>;
@@ -50,6 +50,24 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => health(shared),
+        (&Method::GET, "/metrics") => {
+            let mut resp = text(StatusCode::OK, shared.metrics.encode());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        (&Method::GET, "/status") => {
+            let mut resp = text(StatusCode::OK, status::render(shared));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::POST, "/reload") => match shared.reload() {
             Ok(()) => text(StatusCode::OK, "reloaded\n"),
             Err(e) => text(

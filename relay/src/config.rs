@@ -32,6 +32,18 @@ struct RawConfig {
     /// `[limits]`: protective limits for every client connection.
     #[serde(default)]
     limits: RawLimits,
+    /// `[log]`: where the access log goes.
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// Access-log file (one line per request or tunnel), reopened on SIGUSR1;
+    /// without it access lines go to the ordinary log.
+    #[serde(default)]
+    access: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +214,8 @@ pub struct Config {
     pub relay: RelaySettings,
     pub routes: RouteTable,
     pub limits: Limits,
+    /// Access-log file; `None`: access lines go through `tracing`.
+    pub access_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -490,7 +504,12 @@ impl RawConfig {
                 problems: c.problems,
             });
         }
+        let access_log = match self.log.access.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(path) => Some(PathBuf::from(path)),
+        };
         Ok(Config {
+            access_log,
             source,
             relay,
             routes: RouteTable::new(routes),

@@ -92,6 +92,21 @@ impl RelayError {
         }
     }
 
+    /// For failures to reach the internal server: the cause, as a metric label.
+    pub fn connect_failure(&self) -> Option<&'static str> {
+        match &self.kind {
+            ErrorKind::Resolve { .. } => Some("resolve"),
+            ErrorKind::Connect { cause, .. }
+                if cause.kind() == io::ErrorKind::ConnectionRefused =>
+            {
+                Some("refused")
+            }
+            ErrorKind::Connect { .. } => Some("connect"),
+            ErrorKind::ConnectTimeout { .. } => Some("timeout"),
+            _ => None,
+        }
+    }
+
     /// Whether the client connection must close after the error response.
     pub fn closes_connection(&self) -> bool {
         matches!(

@@ -54,6 +54,17 @@ pub fn refusal_error(refusal: Refusal, host: &str) -> RelayError {
 /// Logs an error at the level its side deserves.
 pub fn log_error(ctx: &ConnCtx, err: &RelayError) {
     let route = err.route.as_deref().unwrap_or("-");
+    if let Some(cause) = err.connect_failure() {
+        let labels = crate::metrics::FailureLabels {
+            route: route.into(),
+            cause,
+        };
+        ctx.shared
+            .metrics
+            .upstream_failures
+            .get_or_create(&labels)
+            .inc();
+    }
     match err.fault() {
         Fault::Client => {
             tracing::debug!(client = %ctx.peer, route, error = %err, "request refused")

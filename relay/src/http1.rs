@@ -123,7 +123,10 @@ pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
             }
             After::Upgrade(server) => {
                 let started = Instant::now();
+                access.tunnel = true;
+                let open = tunnel::open_tunnel(&ctx, access.route.as_deref().unwrap_or("-"));
                 let moved = tunnel::relay_bytes(conn, server, limits.idle_timeout).await;
+                drop(open);
                 access.bytes_in += moved.up;
                 access.bytes_out += moved.down;
                 tracing::debug!(elapsed = ?started.elapsed(), "upgraded connection closed");

@@ -10,14 +10,16 @@
 //! - [`forward`]: the HTTP relay of one request to its route's internal server;
 //! - [`tunnel`]: `CONNECT` and upgraded connections, bytes both ways;
 //! - [`local`]: the relay's own endpoints on the aggregate port;
-//! - [`admin`]: the admin listener (health; metrics, status, publishing);
+//! - [`admin`]: the admin listener (health, metrics, reload; publishing);
+//! - [`status`]: the HTML status page on the admin listener;
 //! - [`upstream`]: dialling internal servers and the keep-alive pool;
 //! - [`routes`]: the route table and its matching rules;
 //! - [`rewrite`]: head rewriting (hop-by-hop fields, `Host`, `Via`);
 //! - [`codec`]: HTTP/1 heads and bodies on the wire;
 //! - [`config`]: raw, validated and typed configuration;
 //! - [`error`]: what failed, whose fault, which status;
-//! - [`access_log`]: one line per request or tunnel.
+//! - [`access_log`]: one line per request or tunnel;
+//! - [`metrics`]: Prometheus metrics for the admin listener.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
@@ -30,8 +32,10 @@ pub mod forward;
 pub mod http1;
 pub mod listener;
 pub mod local;
+pub mod metrics;
 pub mod rewrite;
 pub mod routes;
+pub mod status;
 pub mod tunnel;
 pub mod upstream;
 
@@ -54,16 +58,34 @@ pub struct Shared {
     pub pool: upstream::Pool,
     /// Cancelled when the relay starts draining.
     pub shutdown: CancellationToken,
+    pub metrics: metrics::Metrics,
+    /// When the relay started (uptime on the status page).
+    pub started: std::time::SystemTime,
+    /// The addresses bound, by role (for the status page).
+    pub bound: std::sync::Mutex<Vec<(&'static str, SocketAddr)>>,
+    /// The access-log file, when `[log] access` names one.
+    pub access_file: Option<access_log::FileSink>,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Shared {
-        Shared {
+    /// Shared state for a configuration; fails if the access log cannot be opened.
+    pub fn new(config: Config) -> std::io::Result<Shared> {
+        let access_file = match &config.access_log {
+            Some(path) => Some(access_log::FileSink::open(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("log.access {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(Shared {
+            access_file,
             config: RwLock::new(Arc::new(config)),
             last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::default(),
             shutdown: CancellationToken::new(),
-        }
+            metrics: metrics::Metrics::new(),
+            started: std::time::SystemTime::now(),
+            bound: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// The configuration in force; a request keeps the snapshot it started with.
@@ -99,6 +121,11 @@ impl Shared {
                 Err(e)
             }
         };
+        let result = if outcome.is_ok() { "ok" } else { "refused" };
+        self.metrics
+            .reloads
+            .get_or_create(&metrics::ResultLabels { result })
+            .inc();
         let record = ReloadOutcome {
             at: std::time::SystemTime::now(),
             error: outcome.as_ref().err().map(|e| e.to_string()),
@@ -166,7 +193,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let drain_timeout = config.relay.drain_timeout;
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(Shared::new(config)?);
+    {
+        let mut bound = shared.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(a) = listeners.aggregate.local_addr() {
+            bound.push(("aggregate", a));
+        }
+        if let Some(Ok(a)) = listeners.admin.as_ref().map(TcpListener::local_addr) {
+            bound.push(("admin", a));
+        }
+    }
     let tracker = TaskTracker::new();
     let accept = tokio::spawn(listener::accept_loop(
         listeners.aggregate,
@@ -177,6 +213,7 @@ pub async fn run(
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
     let reloader = tokio::spawn(reload_on_sighup(shared.clone()));
+    let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.shutdown.cancel();
@@ -196,6 +233,7 @@ pub async fn run(
         admin.abort();
     }
     reloader.abort();
+    reopener.abort();
     Ok(())
 }
 
@@ -211,5 +249,23 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
     };
     while hup.recv().await.is_some() {
         let _ = shared.reload();
+    }
+}
+
+/// `SIGUSR1` reopens the access-log file (logrotate's `postrotate`).
+async fn reopen_on_sigusr1(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Some(file) = shared.access_file.as_ref() else {
+        return;
+    };
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGUSR1; the access log will not be reopened");
+            return;
+        }
+    };
+    while usr1.recv().await.is_some() {
+        file.reopen();
     }
 }

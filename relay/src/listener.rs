@@ -16,6 +16,7 @@ use crate::codec::Conn;
 use crate::dispatch::{classify_bytes, Protocol};
 use crate::error::{ErrorKind, RelayError};
 use crate::http1::{self, write_simple};
+use crate::metrics::GaugeGuard;
 use crate::{ConnCtx, Shared};
 
 /// Accepts connections until shutdown; every connection task joins `tracker`.
@@ -63,9 +64,11 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
             local,
         };
         let span = tracing::info_span!("conn", client = %peer);
+        let open = GaugeGuard::new(shared.metrics.open_connections.clone());
         tracker.spawn(
             async move {
                 serve_connection(stream, ctx).await;
+                drop(open);
                 drop(slot);
                 drop(permit);
             }

@@ -33,6 +33,13 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print each problem with its key.
     Check,
+    /// Ask a running relay's admin listener for `/healthz` (exit 0 when it answers 200);
+    /// for container health checks, where no curl is installed.
+    Health {
+        /// Admin address; defaults to the configuration's `relay.admin_listen`.
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,9 +81,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    if let Some(Command::Check) = cli.command {
-        println!("{source}: ok ({} routes)", config.routes.routes().len());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Command::Check) => {
+            println!("{source}: ok ({} routes)", config.routes.routes().len());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Health { admin }) => {
+            let addr = admin.or_else(|| config.relay.admin_listen.map(|a| a.to_string()));
+            return match addr {
+                Some(addr) => health(&addr),
+                None => {
+                    eprintln!("relay.admin_listen is off: nothing to ask");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -125,5 +145,38 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `GET /healthz` on the admin listener with a plain socket: prints the answer's
+/// status line, exits 0 on `200`.
+fn health(addr: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let attempt = || -> std::io::Result<String> {
+        let sock = addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    match attempt() {
+        Ok(answer) => {
+            let status_line = answer.lines().next().unwrap_or("").to_string();
+            println!("{addr}: {status_line}");
+            if status_line.starts_with("HTTP/1.1 200") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

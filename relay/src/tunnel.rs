@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::access_log::Access;
 use crate::codec::{Conn, Io};
 use crate::http1::write_error;
+use crate::metrics::{GaugeGuard, Name, RouteLabels};
 use crate::upstream;
 use crate::ConnCtx;
 
@@ -76,10 +77,21 @@ pub async fn connect<S: Io>(
         return;
     }
     access.status = 200;
+    access.tunnel = true;
+    let open = open_tunnel(ctx, &route.host);
     let moved = relay_bytes(client, Conn::new(server), config.limits.idle_timeout).await;
+    drop(open);
     access.bytes_in += moved.up;
     access.bytes_out += moved.down;
     access.finish(ctx);
+}
+
+/// Counts an open tunnel for `route` while the guard lives.
+pub fn open_tunnel(ctx: &ConnCtx, route: &str) -> GaugeGuard {
+    let labels = RouteLabels {
+        route: Name::from(route),
+    };
+    GaugeGuard::new(ctx.shared.metrics.open_tunnels.get_or_create_owned(&labels))
 }
 
 /// Moves bytes both ways between `a` and `b` (first replaying what each has

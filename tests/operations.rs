@@ -1,0 +1,382 @@
+//! Operating the relay: metrics that move with traffic, the status page in a
+//! real (headless) Chromium, the access log file and its reopening, and the
+//! Dockerfile and systemd unit kept consistent with the README and conf/.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use porthole_suite::{
+    config_with, route, workspace_root, Curl, EchoServer, Origin, Relay, RelayProcess,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Parses the exposition format into `series -> value` (`name{labels}` as written).
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(relay: &Relay) -> HashMap<String, f64> {
+    let out = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    parse_metrics(&out.text())
+}
+
+fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_requests_tunnels_and_failures() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let dead = porthole_suite::free_port();
+    let routes = [
+        route("app.test", "127.0.0.1", &[origin.port()], ""),
+        route("db.test", "127.0.0.1", &[echo.port()], ""),
+        route("dead.test", "127.0.0.1", &[dead], ""),
+    ]
+    .concat();
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let before = scrape(&relay).await;
+
+    let url = format!("http://app.test:{}/m", origin.port());
+    for _ in 0..3 {
+        assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
+    }
+    assert_eq!(
+        Curl::new("http://nope.test/")
+            .proxy(&relay.url())
+            .run()
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        Curl::new(&format!("http://dead.test:{dead}/"))
+            .proxy(&relay.url())
+            .run()
+            .await
+            .status,
+        502
+    );
+
+    // An open tunnel shows in the gauge while it is open.
+    let mut t = TcpStream::connect(relay.addr).await.unwrap();
+    t.write_all(format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    t.read_exact(&mut head).await.unwrap();
+    t.write_all(b"12345").await.unwrap();
+    let mut back = [0u8; 5];
+    t.read_exact(&mut back).await.unwrap();
+    let during = scrape(&relay).await;
+    assert_eq!(
+        value(&during, r#"porthole_open_tunnels{route="db.test"}"#),
+        1.0
+    );
+    assert!(value(&during, "porthole_open_connections") >= 1.0);
+    drop(t);
+
+    let app_ok = r#"porthole_requests_total{route="app.test",method="GET",status="2xx"}"#;
+    let refused = r#"porthole_requests_total{route="-",method="GET",status="4xx"}"#;
+    let failed = r#"porthole_upstream_connect_failures_total{route="dead.test",cause="refused"}"#;
+    let mut after = scrape(&relay).await;
+    // The tunnel's access record lands when both sides have closed.
+    for _ in 0..100 {
+        if value(
+            &after,
+            r#"porthole_tunnel_duration_seconds_count{route="db.test"}"#,
+        ) >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(&relay).await;
+    }
+    assert_eq!(value(&after, app_ok) - value(&before, app_ok), 3.0);
+    assert_eq!(value(&after, refused) - value(&before, refused), 1.0);
+    assert_eq!(value(&after, failed) - value(&before, failed), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            r#"porthole_request_duration_seconds_count{route="app.test"}"#
+        ),
+        3.0
+    );
+    assert!(value(&after, r#"porthole_bytes_out_total{route="app.test"}"#) > 3.0 * 5.0);
+    assert_eq!(
+        value(
+            &after,
+            r#"porthole_tunnel_duration_seconds_count{route="db.test"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&after, r#"porthole_open_tunnels{route="db.test"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            r#"porthole_requests_total{route="db.test",method="CONNECT",status="2xx"}"#
+        ),
+        1.0
+    );
+}
+
+fn chromium() -> PathBuf {
+    for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if std::path::Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("chromium is not installed (scripts/test.sh installs it)");
+}
+
+/// Loads a page in headless Chromium; returns the DOM after load, and saves a screenshot if asked.
+async fn chromium_dump(url: &str, screenshot: Option<&PathBuf>) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "porthole-chromium-{}-{}",
+        std::process::id(),
+        screenshot.is_some()
+    ));
+    let mut cmd = tokio::process::Command::new(chromium());
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    .kill_on_drop(true);
+    match screenshot {
+        Some(path) => cmd
+            .arg(format!("--screenshot={}", path.display()))
+            .arg("--window-size=1200,800"),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.arg(url).output())
+        .await
+        .expect("chromium finished in time")
+        .expect("chromium ran");
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The 2xx counter of a route's row in the rendered status page.
+fn route_2xx(dom: &str, route: &str) -> u64 {
+    let row_start = dom
+        .find(&format!("<tr data-route=\"{route}\">"))
+        .unwrap_or_else(|| panic!("no row for {route} in {dom}"));
+    let row = &dom[row_start..];
+    let cell = row.find("data-count=\"2xx\">").expect("2xx cell") + "data-count=\"2xx\">".len();
+    row[cell..]
+        .split('<')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test]
+async fn status_page_renders_in_chromium_and_counts_requests() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let status_url = format!("{}/status", relay.admin_url());
+    let dom = chromium_dump(&status_url, None).await;
+    assert!(dom.contains("Porthole relay"), "{dom}");
+    let before = route_2xx(&dom, "app.test");
+
+    let url = format!("http://app.test:{}/s", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
+    let dom = chromium_dump(&status_url, None).await;
+    assert_eq!(
+        route_2xx(&dom, "app.test"),
+        before + 1,
+        "the route's counter did not move"
+    );
+    assert!(
+        dom.contains(&relay.addr.to_string()),
+        "the aggregate listener is not shown"
+    );
+
+    let shot = workspace_root().join("target/status-page.png");
+    let _ = std::fs::create_dir_all(workspace_root().join("target"));
+    chromium_dump(&status_url, Some(&shot)).await;
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5_000,
+        "not a real screenshot"
+    );
+}
+
+#[tokio::test]
+async fn refused_reload_shows_on_status_page_and_in_metrics() {
+    let origin = Origin::ok().await;
+    let dir = std::env::temp_dir().join(format!("porthole-ops-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.toml");
+    let good = config_with(&route("app.test", "127.0.0.1", &[origin.port()], ""), "");
+    std::fs::write(&path, &good).unwrap();
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    std::fs::write(&path, format!("{good}\n[limits]\nmax_headers = 0\n")).unwrap();
+    let out = Curl::new(&format!("{}/reload", relay.admin_url()))
+        .args(&["-X", "POST"])
+        .run()
+        .await;
+    assert_eq!(out.status, 422);
+    let page = Curl::new(&format!("{}/status", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(page.contains("refused"), "{page}");
+    assert!(page.contains("limits.max_headers"), "{page}");
+    let metrics = parse_metrics(
+        &Curl::new(&format!("{}/metrics", relay.admin_url()))
+            .run()
+            .await
+            .text(),
+    );
+    assert_eq!(
+        value(
+            &metrics,
+            r#"porthole_config_reloads_total{result="refused"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn access_log_file_is_reopened_on_sigusr1() {
+    let origin = Origin::ok().await;
+    let dir = std::env::temp_dir().join(format!("porthole-ops-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let path = dir.join("relay.toml");
+    let text = config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    let url = |p: &str| format!("http://app.test:{}/{p}", origin.port());
+    assert_eq!(
+        Curl::new(&url("first"))
+            .proxy(&relay.url())
+            .run()
+            .await
+            .status,
+        200
+    );
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    relay.signal("USR1");
+    // The reopen is asynchronous: wait until the new file exists.
+    for _ in 0..100 {
+        if log.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        Curl::new(&url("second"))
+            .proxy(&relay.url())
+            .run()
+            .await
+            .status,
+        200
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        old.contains("target=\"http://app.test")
+            && old.contains("/first\"")
+            && old.contains("status=200"),
+        "{old}"
+    );
+    assert!(!old.contains("/second"), "{old}");
+    assert!(
+        new.contains("/second\"") && new.contains("route=\"app.test\""),
+        "{new}"
+    );
+    assert!(
+        !relay.log_text().contains("porthole::access"),
+        "access lines leaked into the main log"
+    );
+}
+
+#[test]
+fn dockerfile_and_systemd_unit_agree_with_conf_and_readme() {
+    let root = workspace_root();
+    let docker = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let unit = std::fs::read_to_string(root.join("conf/porthole-relay.service")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+
+    // The image builds locked, runs as a non-root user, copies the shipped config where it runs it.
+    assert!(
+        docker.contains("cargo build --release --locked"),
+        "not a locked release build"
+    );
+    assert!(docker.contains("FROM debian:bookworm-slim"));
+    assert!(docker.contains("COPY conf/relay.toml /etc/porthole/relay.toml"));
+    assert!(root.join("conf/relay.toml").exists());
+    assert!(docker.contains("USER porthole") && docker.contains("useradd --system"));
+    assert!(
+        docker.contains("EXPOSE 8080") && docker.contains("PORTHOLE__RELAY__LISTEN=0.0.0.0:8080")
+    );
+    assert!(docker.contains("HEALTHCHECK") && docker.contains("health"));
+    assert!(docker.contains(
+        r#"ENTRYPOINT ["/usr/local/bin/porthole-relay", "--config", "/etc/porthole/relay.toml"]"#
+    ));
+    // The unit runs the same binary with the same config, sandboxed, and reloads with SIGHUP.
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml")
+    );
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    for line in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(line), "{line} missing");
+    }
+    assert!(
+        unit.lines().any(|l| l.trim() == "CapabilityBoundingSet="),
+        "capabilities not dropped"
+    );
+    // The README names the same paths and user.
+    for needle in [
+        "/etc/porthole/relay.toml",
+        "USER porthole",
+        "conf/porthole-relay.service",
+        "docker build",
+    ] {
+        assert!(readme.contains(needle), "README does not mention {needle}");
+    }
+}
