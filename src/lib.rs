@@ -751,3 +751,90 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+// ---------------------------------------------------------------- cuttable proxy
+
+/// A TCP forwarder between two test parties that the test can cut: every
+/// connection through it is closed at once by [`CutProxy::cut`]. Counts the
+/// connections it accepted.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    cut: Arc<tokio::sync::Notify>,
+    generation: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl CutProxy {
+    pub async fn start(target: SocketAddr) -> CutProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let generation = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (count, cut2, gen2) = (accepted.clone(), cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stopped => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let cut = cut2.clone();
+                let born = gen2.load(Ordering::SeqCst);
+                let gen = gen2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    if gen.load(Ordering::SeqCst) != born {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        CutProxy {
+            addr,
+            accepted,
+            cut,
+            generation,
+            _stop: stop,
+        }
+    }
+
+    /// Closes every connection currently through the proxy (new ones still pass).
+    pub fn cut(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.cut.notify_waiters();
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

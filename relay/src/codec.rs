@@ -15,6 +15,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+/// A connection of any kind behind one type (uplink data connections arrive
+/// on the aggregate port as plain TCP or, later, TLS).
+pub type BoxIo = Box<dyn IoObject>;
+
+/// Object-safe form of [`Io`].
+pub trait IoObject: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoObject for T {}
+
 /// Read buffer growth step: large enough to move bulk bodies efficiently.
 const READ_CHUNK: usize = 32 * 1024;
 /// Longest chunk-size line accepted (size plus extensions).
@@ -219,6 +227,10 @@ impl ResponseHead {
     }
     pub fn wire_len(&self) -> usize {
         self.fields.raw.len()
+    }
+    /// The head exactly as received.
+    pub fn raw(&self) -> &Bytes {
+        &self.fields.raw
     }
 }
 
@@ -593,7 +605,7 @@ async fn take_up_to<S: AsyncRead + Unpin>(
 }
 
 /// Reads one line (CRLF or LF terminated) of at most `max` bytes, without its terminator.
-async fn read_line<S: AsyncRead + Unpin>(
+pub async fn read_line<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
     max: usize,
     too_long: &'static str,

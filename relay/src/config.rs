@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::routes::{RouteTable, Target};
+use crate::secret::Secret;
 
 /// The example configuration shipped in `conf/relay.toml`; used when no
 /// `--config` is given.
@@ -35,6 +36,53 @@ struct RawConfig {
     /// `[log]`: where the access log goes.
     #[serde(default)]
     log: RawLog,
+    /// `[uplink]`: dial out to an outside relay and offer services through it.
+    #[serde(default)]
+    uplink: Option<RawUplink>,
+    /// `[[accept_uplink]]`: inside relays allowed to uplink to this one.
+    #[serde(default)]
+    accept_uplink: Vec<RawAcceptUplink>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    /// The outside relay's aggregate port, `host:port`.
+    to: String,
+    /// This relay's uplink id, as the outside relay's `[[accept_uplink]]` names it.
+    id: String,
+    /// File holding the shared secret (first line).
+    secret_file: String,
+    /// Which of this relay's route hosts to offer outside.
+    #[serde(default)]
+    offer: Vec<String>,
+    /// Outbound HTTP proxy (`host:port`) to reach `to` through, with CONNECT.
+    #[serde(default)]
+    proxy: Option<String>,
+    /// Keepalive: ping after this much silence.
+    #[serde(default = "default_idle_ping")]
+    idle_ping: String,
+    /// Keepalive: probe this long after data stopped arriving.
+    #[serde(default = "default_gap_probe")]
+    gap_probe: String,
+    /// Keepalive: no answer within this means the control connection is dead.
+    #[serde(default = "default_ping_timeout")]
+    ping_timeout: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcceptUplink {
+    /// The uplink id the inside relay presents.
+    id: String,
+    /// A line from `porthole-relay passwd ID` (the secret on stdin).
+    secret_hash: String,
+    /// Host patterns this uplink may offer (`erp.plant3`, `*.plant3`).
+    #[serde(default)]
+    may_offer: Vec<String>,
+    /// How long a client waits for the inside relay to claim its session (504 past it).
+    #[serde(default = "default_session_timeout")]
+    session_timeout: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +192,18 @@ fn default_name() -> String {
 fn default_drain_timeout() -> String {
     "30s".into()
 }
+fn default_idle_ping() -> String {
+    "30s".into()
+}
+fn default_gap_probe() -> String {
+    "1s".into()
+}
+fn default_ping_timeout() -> String {
+    "3s".into()
+}
+fn default_session_timeout() -> String {
+    "10s".into()
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9090".into()
 }
@@ -216,6 +276,49 @@ pub struct Config {
     pub limits: Limits,
     /// Access-log file; `None`: access lines go through `tracing`.
     pub access_log: Option<PathBuf>,
+    /// This relay dials out to an outside relay.
+    pub uplink: Option<UplinkSettings>,
+    /// Inside relays that may uplink to this one, by id.
+    pub accept_uplinks: Vec<AcceptUplink>,
+}
+
+/// `[uplink]`, validated.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    /// `host:port` of the outside relay.
+    pub to: String,
+    pub id: String,
+    pub secret: Secret,
+    pub offer: Vec<String>,
+    pub proxy: Option<String>,
+    pub keepalive: Keepalive,
+}
+
+/// Adaptive keepalive timers (JP5535757B2: timers 1, 2 and 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle_ping: Duration,
+    pub gap_probe: Duration,
+    pub ping_timeout: Duration,
+}
+
+/// `[[accept_uplink]]`, validated.
+#[derive(Debug, Clone)]
+pub struct AcceptUplink {
+    pub id: String,
+    /// PHC string of the secret's argon2 hash.
+    pub secret_hash: String,
+    pub may_offer: Vec<String>,
+    pub session_timeout: Duration,
+}
+
+impl AcceptUplink {
+    /// Whether this uplink may offer `name` (exact, or under a `*.suffix` pattern).
+    pub fn may_offer(&self, name: &str) -> bool {
+        self.may_offer
+            .iter()
+            .any(|p| crate::routes::pattern_matches(p, name))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -504,11 +607,102 @@ impl RawConfig {
                 problems: c.problems,
             });
         }
+        let uplink = self.uplink.map(|u| {
+            let key = |f: &str| format!("uplink.{f}");
+            if crate::routes::parse_authority(&u.to, 0).is_none_or(|(_, p)| p == 0) {
+                c.push(key("to"), format!("`{}` is not host:port", u.to));
+            }
+            if u.id.is_empty() || u.id.contains([':', ' ']) {
+                c.push(key("id"), format!("`{}` is not an uplink id", u.id));
+            }
+            let secret = match std::fs::read_to_string(&u.secret_file) {
+                Ok(text) => match text.lines().next().map(str::trim) {
+                    Some(s) if !s.is_empty() => Secret::new(s),
+                    _ => {
+                        c.push(key("secret_file"), format!("{} is empty", u.secret_file));
+                        Secret::new("")
+                    }
+                },
+                Err(e) => {
+                    c.push(
+                        key("secret_file"),
+                        format!("cannot read {}: {e}", u.secret_file),
+                    );
+                    Secret::new("")
+                }
+            };
+            let offer: Vec<String> = u
+                .offer
+                .iter()
+                .map(|o| o.trim().to_ascii_lowercase())
+                .collect();
+            for (i, name) in offer.iter().enumerate() {
+                if !routes
+                    .iter()
+                    .any(|r: &Route| crate::routes::pattern_matches(&r.host, name))
+                {
+                    c.push(
+                        format!("uplink.offer[{i}]"),
+                        format!("`{name}` is not one of this relay's routes"),
+                    );
+                }
+            }
+            if let Some(p) = &u.proxy {
+                if crate::routes::parse_authority(p, 0).is_none_or(|(_, port)| port == 0) {
+                    c.push(key("proxy"), format!("`{p}` is not host:port"));
+                }
+            }
+            UplinkSettings {
+                to: u.to.trim().to_string(),
+                id: u.id,
+                secret,
+                offer,
+                proxy: u.proxy,
+                keepalive: Keepalive {
+                    idle_ping: c.duration(&key("idle_ping"), &u.idle_ping),
+                    gap_probe: c.duration(&key("gap_probe"), &u.gap_probe),
+                    ping_timeout: c.duration(&key("ping_timeout"), &u.ping_timeout),
+                },
+            }
+        });
+        let mut accept_uplinks = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, a) in self.accept_uplink.into_iter().enumerate() {
+            let key = |f: &str| format!("accept_uplink[{i}].{f}");
+            if !ids.insert(a.id.clone()) {
+                c.push(key("id"), format!("`{}` is listed twice", a.id));
+            }
+            let secret_hash = crate::secret::parse_hash(a.secret_hash.trim()).unwrap_or_else(|e| {
+                c.push(key("secret_hash"), e);
+                String::new()
+            });
+            let may_offer: Vec<String> = a
+                .may_offer
+                .iter()
+                .map(|p| p.trim().to_ascii_lowercase())
+                .collect();
+            for (j, p) in may_offer.iter().enumerate() {
+                if !valid_host_pattern(p) {
+                    c.push(
+                        format!("accept_uplink[{i}].may_offer[{j}]"),
+                        format!("`{p}` is not a host or *.suffix pattern"),
+                    );
+                }
+            }
+            accept_uplinks.push(AcceptUplink {
+                session_timeout: c.duration(&key("session_timeout"), &a.session_timeout),
+                id: a.id,
+                secret_hash,
+                may_offer,
+            });
+        }
         let access_log = match self.log.access.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(path) => Some(PathBuf::from(path)),
         };
         Ok(Config {
+            uplink,
+            accept_uplinks,
             access_log,
             source,
             relay,

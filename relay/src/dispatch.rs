@@ -73,6 +73,10 @@ pub enum RequestKind {
     Own {
         path: String,
     },
+    /// An inside relay's uplink connection: control, or data for a session.
+    Uplink {
+        data: bool,
+    },
     Relay(RelayTarget),
 }
 
@@ -125,7 +129,7 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
             p => p.to_string(),
         };
         if me.is_own(&host, port) {
-            return Ok(RequestKind::Own { path });
+            return Ok(own(head, &path));
         }
         return Ok(RequestKind::Relay(RelayTarget {
             host,
@@ -138,6 +142,11 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
         return Err("https:// request targets are not relayed; use CONNECT");
     }
 
+    // An uplink upgrade is for this relay whatever its Host says: an inside
+    // relay may reach it through a proxy or a name the relay does not know.
+    if let RequestKind::Uplink { data } = own(head, target) {
+        return Ok(RequestKind::Uplink { data });
+    }
     if target.starts_with('/') || target == "*" {
         let mut hosts = head.fields.get_all("host");
         let host_value = hosts.next().ok_or("missing Host header")?;
@@ -147,9 +156,7 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
         let host_text = std::str::from_utf8(host_value).map_err(|_| "invalid Host header")?;
         let (host, port) = parse_authority(host_text.trim(), 80).ok_or("invalid Host header")?;
         if me.is_own(&host, port) {
-            return Ok(RequestKind::Own {
-                path: target.to_string(),
-            });
+            return Ok(own(head, target));
         }
         return Ok(RequestKind::Relay(RelayTarget {
             host,
@@ -159,6 +166,23 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
         }));
     }
     Err("invalid request target")
+}
+
+/// A request for the relay itself: an uplink upgrade, or an endpoint.
+fn own(head: &RequestHead, path: &str) -> RequestKind {
+    let upgrading = head.fields.has_token("connection", "upgrade");
+    let protocol = |p: &str| upgrading && head.fields.has_token("upgrade", p);
+    match path {
+        crate::uplink::CONTROL_PATH if protocol(crate::uplink::CONTROL_PROTOCOL) => {
+            RequestKind::Uplink { data: false }
+        }
+        crate::uplink::DATA_PATH if protocol(crate::uplink::DATA_PROTOCOL) => {
+            RequestKind::Uplink { data: true }
+        }
+        _ => RequestKind::Own {
+            path: path.to_string(),
+        },
+    }
 }
 
 fn strip_scheme<'a>(target: &'a str, scheme: &str) -> Option<&'a str> {
@@ -269,6 +293,9 @@ mod tests {
                 relay("127.0.0.1", 8081, Some("127.0.0.1:8081"), "/"),
             ),
             ("GET x HTTP/1.1\r\n\r\n", Err("invalid request target")),
+            ("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink/1\r\n\r\n", Ok(RequestKind::Uplink { data: false })),
+            ("GET /.porthole/uplink/data HTTP/1.1\r\nHost: elsewhere:1\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\n\r\n", Ok(RequestKind::Uplink { data: true })),
+            ("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\n\r\n", own("/.porthole/uplink")),
         ];
         for (text, want) in cases {
             assert_eq!(classify(text), want, "{text:?}");

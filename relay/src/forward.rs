@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::access_log::Access;
 use crate::codec::{
@@ -21,7 +20,7 @@ use crate::dispatch::RelayTarget;
 use crate::error::{ErrorKind, Fault, RelayError};
 use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
 use crate::routes::{Decision, Refusal};
-use crate::upstream::{self, display_addr};
+use crate::upstream::{self, display_addr, Upstream};
 use crate::ConnCtx;
 
 /// How long to wait for an upstream's `100 Continue` before sending the body anyway.
@@ -36,7 +35,7 @@ pub enum After {
     KeepAlive,
     Close,
     /// `101`: tunnel the client connection to this upstream connection.
-    Upgrade(Conn<TcpStream>),
+    Upgrade(Conn<Upstream>),
 }
 
 /// Turns a route refusal into the error the client sees.
@@ -97,10 +96,7 @@ pub async fn relay<S: Io>(
 ) -> Result<After, RelayError> {
     let config = ctx.shared.config();
     let name = config.relay.name.as_str();
-    let decision: Decision = config
-        .routes
-        .decide(&req.target.host, req.target.port)
-        .map_err(|r| refusal_error(r, &req.target.host))?;
+    let decision = choose(ctx, &config, &req.target.host, req.target.port)?;
     let route = decision.route.clone();
     access.route = Some(route.host.clone());
 
@@ -140,7 +136,20 @@ pub async fn relay<S: Io>(
     // Send the head: on a pooled connection first, retrying once on a fresh
     // one if the pooled connection turns out closed before any response.
     let has_body = req.framing != Framing::Empty;
-    let (mut server, mut reused) = match ctx.shared.pool.take(uh, up) {
+    let pooled = match &decision.uplink {
+        Some(_) => None,
+        None => ctx.shared.pool.take(uh, up),
+    };
+    let (mut server, mut reused) = match pooled {
+        _ if decision.uplink.is_some() => {
+            let mut session = open_upstream(ctx, &decision).await?;
+            session
+                .io
+                .write_all(&head_out)
+                .await
+                .map_err(|e| bad_response(format!("sending the request: {e}")))?;
+            (session, false)
+        }
         Some(mut pooled) => match pooled.io.write_all(&head_out).await {
             Ok(()) => (pooled, true),
             Err(_) => (
@@ -342,7 +351,7 @@ pub async fn relay<S: Io>(
         && request_done
         && !(resp.fields.get("transfer-encoding").is_some()
             && resp.fields.get("content-length").is_some());
-    if server_keeps {
+    if server_keeps && decision.uplink.is_none() {
         ctx.shared.pool.put(uh, up, server);
     }
     Ok(if keep_alive {
@@ -352,6 +361,71 @@ pub async fn relay<S: Io>(
     })
 }
 
+/// Decides where a request for `host:port` goes: a route of this relay, or a
+/// name an uplinked relay offers (routes win).
+pub fn choose(
+    ctx: &ConnCtx,
+    config: &crate::Config,
+    host: &str,
+    port: u16,
+) -> Result<Decision, RelayError> {
+    match config.routes.decide(host, port) {
+        Ok(d) => Ok(d),
+        Err(Refusal::NoRoute) => {
+            let Some(id) = ctx.shared.uplinks.offered_by(host) else {
+                return Err(refusal_error(Refusal::NoRoute, host));
+            };
+            let accept = config.accept_uplinks.iter().find(|a| a.id == id);
+            let session_timeout = accept.map_or(Duration::from_secs(10), |a| a.session_timeout);
+            // The inside relay applies its own route (ports, timeouts); this one only carries.
+            let route = crate::config::Route {
+                host: host.to_string(),
+                to: crate::routes::Target {
+                    host: format!("uplink {id}"),
+                    port: None,
+                },
+                ports: vec![port],
+                connect_timeout: session_timeout,
+                response_timeout: Duration::from_secs(300),
+                transparent: false,
+                decompress: false,
+            };
+            Ok(Decision {
+                route: std::sync::Arc::new(route),
+                upstream_host: host.to_string(),
+                upstream_port: port,
+                uplink: Some(id),
+            })
+        }
+        Err(refusal) => Err(refusal_error(refusal, host)),
+    }
+}
+
+/// A new connection towards the decision's server: dialled, or an uplink session.
+pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>, RelayError> {
+    match &d.uplink {
+        Some(id) => {
+            ctx.shared
+                .uplinks
+                .open_session(
+                    id,
+                    &d.upstream_host,
+                    d.upstream_port,
+                    d.route.connect_timeout,
+                )
+                .await
+        }
+        None => upstream::connect(
+            &d.upstream_host,
+            d.upstream_port,
+            d.route.connect_timeout,
+            &d.route.host,
+        )
+        .await
+        .map(|s| Conn::new(Upstream::Tcp(s))),
+    }
+}
+
 /// Dials a new upstream connection and sends the request head on it.
 async fn send_fresh(
     host: &str,
@@ -359,8 +433,9 @@ async fn send_fresh(
     route: &crate::config::Route,
     head: &[u8],
     upstream_name: &str,
-) -> Result<Conn<TcpStream>, RelayError> {
-    let mut stream = upstream::connect(host, port, route.connect_timeout, &route.host).await?;
+) -> Result<Conn<Upstream>, RelayError> {
+    let mut stream =
+        Upstream::Tcp(upstream::connect(host, port, route.connect_timeout, &route.host).await?);
     stream.write_all(head).await.map_err(|cause| {
         RelayError::on_route(
             ErrorKind::Connect {

@@ -12,7 +12,7 @@ use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, Reques
 use crate::dispatch::{classify_request, Identity, RequestKind};
 use crate::error::{reason_phrase, ErrorKind, RelayError};
 use crate::forward::{self, After};
-use crate::{local, tunnel, ConnCtx};
+use crate::{local, tunnel, uplink, ConnCtx};
 
 /// Serves HTTP/1 requests on a client connection until it closes.
 pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
@@ -63,8 +63,17 @@ pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
                 return answer_error(conn, &ctx, err, &mut access).await;
             }
         };
-        if let RequestKind::Connect { host, port } = kind {
-            return tunnel::connect(conn, host, port, &ctx, access).await;
+        match kind {
+            RequestKind::Connect { host, port } => {
+                return tunnel::connect(conn, host, port, &ctx, access).await
+            }
+            RequestKind::Uplink { data: false } => {
+                return uplink::outside::serve_control(conn, head, ctx).await
+            }
+            RequestKind::Uplink { data: true } => {
+                return uplink::outside::claim_data(conn, head, ctx).await
+            }
+            _ => {}
         }
         let framing = match codec::request_framing(&head) {
             Ok(f) => f,
@@ -76,7 +85,7 @@ pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
         let keep_alive = wants_keep_alive(&head);
 
         let after = match kind {
-            RequestKind::Connect { .. } => return,
+            RequestKind::Connect { .. } | RequestKind::Uplink { .. } => return,
             RequestKind::Own { path } => {
                 local::serve(
                     &mut conn,

@@ -13,11 +13,14 @@
 //! - [`admin`]: the admin listener (health, metrics, reload; publishing);
 //! - [`status`]: the HTML status page on the admin listener;
 //! - [`upstream`]: dialling internal servers and the keep-alive pool;
+//! - [`uplink`]: offering services from behind a firewall (control protocol, both sides);
+//! - [`keepalive`]: the adaptive keepalive decision for long-lived links;
 //! - [`routes`]: the route table and its matching rules;
 //! - [`rewrite`]: head rewriting (hop-by-hop fields, `Host`, `Via`);
 //! - [`codec`]: HTTP/1 heads and bodies on the wire;
 //! - [`config`]: raw, validated and typed configuration;
 //! - [`error`]: what failed, whose fault, which status;
+//! - [`secret`]: argon2 secret hashes and masked secrets;
 //! - [`access_log`]: one line per request or tunnel;
 //! - [`metrics`]: Prometheus metrics for the admin listener.
 #![forbid(unsafe_code)]
@@ -30,13 +33,16 @@ pub mod dispatch;
 pub mod error;
 pub mod forward;
 pub mod http1;
+pub mod keepalive;
 pub mod listener;
 pub mod local;
 pub mod metrics;
 pub mod rewrite;
 pub mod routes;
+pub mod secret;
 pub mod status;
 pub mod tunnel;
+pub mod uplink;
 pub mod upstream;
 
 use std::future::Future;
@@ -65,6 +71,8 @@ pub struct Shared {
     pub bound: std::sync::Mutex<Vec<(&'static str, SocketAddr)>>,
     /// The access-log file, when `[log] access` names one.
     pub access_file: Option<access_log::FileSink>,
+    /// Uplinked relays and the names they offer (outside role).
+    pub uplinks: uplink::outside::Registry,
 }
 
 impl Shared {
@@ -77,6 +85,7 @@ impl Shared {
             None => None,
         };
         Ok(Shared {
+            uplinks: uplink::outside::Registry::default(),
             access_file,
             config: RwLock::new(Arc::new(config)),
             last_reload: std::sync::Mutex::new(None),
@@ -213,6 +222,11 @@ pub async fn run(
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
     let reloader = tokio::spawn(reload_on_sighup(shared.clone()));
+    let uplink = shared
+        .config()
+        .uplink
+        .is_some()
+        .then(|| tokio::spawn(uplink::inside::run(shared.clone())));
     let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
@@ -233,6 +247,9 @@ pub async fn run(
         admin.abort();
     }
     reloader.abort();
+    if let Some(uplink) = uplink {
+        uplink.abort();
+    }
     reopener.abort();
     Ok(())
 }

@@ -45,6 +45,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
             }
         };
         let _ = stream.set_nodelay(true);
+        shared.metrics.accepted.inc();
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         let Ok(permit) = total.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "max_connections reached");

@@ -5,7 +5,7 @@ use crate::access_log::Access;
 use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::forward::After;
-use crate::http1::write_error;
+use crate::http1::{write_error, write_simple};
 use crate::ConnCtx;
 
 /// Most request body the relay reads and discards to keep a connection usable.
@@ -14,18 +14,37 @@ const MAX_DISCARD: u64 = 64 * 1024;
 /// Serves one request for the relay itself.
 pub async fn serve<S: Io>(
     conn: &mut Conn<S>,
-    _head: &RequestHead,
-    _path: &str,
+    head: &RequestHead,
+    path: &str,
     framing: Framing,
     keep_alive: bool,
-    _ctx: &ConnCtx,
+    ctx: &ConnCtx,
     access: &mut Access,
 ) -> After {
     let body_read = discard_body(conn, framing).await;
     let keep_alive = keep_alive && body_read;
-    let err = RelayError::new(ErrorKind::NotFound);
-    access.status = err.status();
-    match write_error(&mut conn.io, &err, !keep_alive).await {
+    let path_only = path.split('?').next().unwrap_or(path);
+    let written = match (head.method(), path_only) {
+        ("GET", "/services") => {
+            access.status = 200;
+            let body = services_json(ctx);
+            write_simple(
+                &mut conn.io,
+                200,
+                "application/json",
+                body.as_bytes(),
+                !keep_alive,
+                &[],
+            )
+            .await
+        }
+        _ => {
+            let err = RelayError::new(ErrorKind::NotFound);
+            access.status = err.status();
+            write_error(&mut conn.io, &err, !keep_alive).await
+        }
+    };
+    match written {
         Ok(n) => access.bytes_out += n,
         Err(_) => return After::Close,
     }
@@ -53,4 +72,23 @@ async fn discard_body<S: Io>(conn: &mut Conn<S>, framing: Framing) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// `GET /services`: every name this relay can reach: its own routes, and each
+/// uplinked relay's offers with the uplink's state and open sessions. Internal
+/// addresses are not shown.
+fn services_json(ctx: &ConnCtx) -> String {
+    let config = ctx.shared.config();
+    let mut services: Vec<serde_json::Value> = config
+        .routes
+        .routes()
+        .iter()
+        .map(|r| serde_json::json!({"name": r.host, "kind": "route", "ports": r.ports}))
+        .collect();
+    for o in ctx.shared.uplinks.offered() {
+        services.push(serde_json::json!({
+            "name": o.name, "kind": "uplink", "uplink": o.uplink, "state": o.state, "sessions": o.sessions,
+        }));
+    }
+    serde_json::json!({"relay": config.relay.name, "services": services}).to_string()
 }

@@ -33,6 +33,12 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print each problem with its key.
     Check,
+    /// Read a secret on standard input and print the `NAME:hash` line for
+    /// `[[accept_uplink]] secret_hash` (argon2id, salted).
+    Passwd {
+        /// The user or uplink id.
+        name: String,
+    },
     /// Ask a running relay's admin listener for `/healthz` (exit 0 when it answers 200);
     /// for container health checks, where no curl is installed.
     Health {
@@ -57,6 +63,9 @@ fn load(path: Option<&str>) -> Result<Config, ConfigError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd { name }) = &cli.command {
+        return passwd(name);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
@@ -96,7 +105,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        None => {}
+        Some(Command::Passwd { .. }) | None => {}
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -176,6 +185,31 @@ fn health(addr: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `porthole-relay passwd NAME`: the secret comes from standard input (first
+/// line), never from the command line where `ps` would show it.
+fn passwd(name: &str) -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("cannot read the secret from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let secret = line.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        eprintln!("empty secret on standard input");
+        return ExitCode::FAILURE;
+    }
+    match porthole_relay::secret::passwd_line(name, secret) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -75,6 +75,7 @@ pub struct Metrics {
     pub bytes_in: Family<RouteLabels, Counter>,
     pub bytes_out: Family<RouteLabels, Counter>,
     pub open_connections: Gauge,
+    pub accepted: Counter,
     pub open_tunnels: Family<RouteLabels, Gauge>,
     pub open_long_polls: Gauge,
     pub upstream_failures: Family<FailureLabels, Counter>,
@@ -100,6 +101,7 @@ impl Metrics {
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             open_connections: Gauge::default(),
+            accepted: Counter::default(),
             open_tunnels: Family::default(),
             open_long_polls: Gauge::default(),
             upstream_failures: Family::default(),
@@ -138,6 +140,11 @@ impl Metrics {
             "open_connections",
             "Open client connections on the aggregate port",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted on the aggregate port",
+            m.accepted.clone(),
         );
         registry.register(
             "open_tunnels",

@@ -80,6 +80,14 @@ pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u1
     Some((host.to_ascii_lowercase(), port))
 }
 
+/// Whether a route `host` pattern (`name` or `*.suffix`) covers `name`.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+        None => pattern == name,
+    }
+}
+
 /// Why a request was not given a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -93,6 +101,8 @@ pub struct Decision {
     pub route: Arc<Route>,
     pub upstream_host: String,
     pub upstream_port: u16,
+    /// Reached through this uplinked relay's session rather than dialled.
+    pub uplink: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -136,7 +146,7 @@ impl RouteTable {
         }
         self.patterns
             .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find(|(_, r)| pattern_matches(&r.host, host))
             .map(|(_, r)| r)
     }
 
@@ -153,6 +163,7 @@ impl RouteTable {
             route: route.clone(),
             upstream_host: route.to.host.clone(),
             upstream_port: route.to.port.unwrap_or(port),
+            uplink: None,
         })
     }
 }

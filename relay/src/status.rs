@@ -106,7 +106,33 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
     }
     html.push_str("</table>\n");
 
-    html.push_str("<h2>Uplinks</h2><p class=\"muted\">No uplinked relays.</p>\n");
+    let offered = shared.uplinks.offered();
+    if offered.is_empty() {
+        html.push_str("<h2>Uplinks</h2><p class=\"muted\">No uplinked relays.</p>\n");
+    } else {
+        html.push_str("<h2>Uplinks</h2><table id=\"uplinks\"><tr><th>name</th><th>uplink</th><th>state</th><th>open sessions</th></tr>\n");
+        for o in offered {
+            let class = if o.state == "connected" { "ok" } else { "bad" };
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td><td class=\"n\">{}</td></tr>",
+                escape(&o.name),
+                escape(&o.uplink),
+                o.state,
+                o.sessions
+            );
+        }
+        html.push_str("</table>\n");
+    }
+    if let Some(u) = &config.uplink {
+        let _ = writeln!(
+            html,
+            "<p>This relay uplinks to <code>{}</code> as <code>{}</code>, offering {}.</p>",
+            escape(&u.to),
+            escape(&u.id),
+            escape(&u.offer.join(", "))
+        );
+    }
 
     html.push_str("<h2>Configuration</h2><p>");
     let _ = write!(

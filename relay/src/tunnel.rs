@@ -11,9 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::access_log::Access;
 use crate::codec::{Conn, Io};
+use crate::error::{ErrorKind, RelayError};
 use crate::http1::write_error;
 use crate::metrics::{GaugeGuard, Name, RouteLabels};
-use crate::upstream;
 use crate::ConnCtx;
 
 /// Copy buffer per direction, allocated only while the tunnel is in use.
@@ -37,10 +37,9 @@ pub async fn connect<S: Io>(
     mut access: Access,
 ) {
     let config = ctx.shared.config();
-    let decision = match config.routes.decide(&host, port) {
+    let decision = match crate::forward::choose(ctx, &config, &host, port) {
         Ok(d) => d,
-        Err(refusal) => {
-            let err = crate::forward::refusal_error(refusal, &host);
+        Err(err) => {
             access.status = err.status();
             let _ = write_error(&mut client.io, &err, true).await;
             access.finish(ctx);
@@ -49,14 +48,7 @@ pub async fn connect<S: Io>(
     };
     let route = &decision.route;
     access.route = Some(route.host.clone());
-    let dialled = upstream::connect(
-        &decision.upstream_host,
-        decision.upstream_port,
-        route.connect_timeout,
-        &route.host,
-    )
-    .await;
-    let server = match dialled {
+    let server = match crate::forward::open_upstream(ctx, &decision).await {
         Ok(s) => s,
         Err(err) => {
             crate::forward::log_error(ctx, &err);
@@ -66,24 +58,81 @@ pub async fn connect<S: Io>(
             return;
         }
     };
-    if client
-        .io
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await
-        .is_err()
-    {
-        access.status = 200;
+    let mut server = server;
+    // Through an uplink the inside relay dials the internal server and answers
+    // the CONNECT itself; its answer (200 or an error) is passed on as is.
+    let answer = match decision.uplink {
+        None => {
+            access.status = 200;
+            bytes::Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        }
+        Some(_) => match forward_connect(&mut server, &host, port, route.response_timeout).await {
+            Ok((status, head)) => {
+                access.status = status;
+                head
+            }
+            Err(err) => {
+                crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
+                access.status = 502;
+                let err = RelayError::on_route(
+                    ErrorKind::BadResponse {
+                        upstream: route.to.host.clone(),
+                        cause: "no answer to CONNECT".into(),
+                    },
+                    &route.host,
+                );
+                let _ = write_error(&mut client.io, &err, true).await;
+                access.finish(ctx);
+                return;
+            }
+        },
+    };
+    if client.io.write_all(&answer).await.is_err() {
         access.finish(ctx);
         return;
     }
-    access.status = 200;
+    access.bytes_out += answer.len() as u64;
     access.tunnel = true;
     let open = open_tunnel(ctx, &route.host);
-    let moved = relay_bytes(client, Conn::new(server), config.limits.idle_timeout).await;
+    let moved = relay_bytes(client, server, config.limits.idle_timeout).await;
     drop(open);
     access.bytes_in += moved.up;
     access.bytes_out += moved.down;
     access.finish(ctx);
+}
+
+/// Sends `CONNECT host:port` over an uplink session and reads the inside
+/// relay's answer: its status and raw head.
+async fn forward_connect(
+    server: &mut Conn<crate::upstream::Upstream>,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<(u16, bytes::Bytes), ErrorKind> {
+    let authority = crate::upstream::display_addr(host, port);
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let upstream = format!("uplink session for {authority}");
+    server
+        .io
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|cause| ErrorKind::Connect {
+            upstream: upstream.clone(),
+            cause,
+        })?;
+    match tokio::time::timeout(
+        timeout,
+        crate::codec::read_response_head(&mut *server, 64 * 1024, 100),
+    )
+    .await
+    {
+        Ok(Ok(head)) => Ok((head.status, head.raw().clone())),
+        Ok(Err(e)) => Err(ErrorKind::BadResponse {
+            upstream,
+            cause: format!("{e:?}"),
+        }),
+        Err(_) => Err(ErrorKind::ResponseTimeout { upstream }),
+    }
 }
 
 /// Counts an open tunnel for `route` while the guard lives.

@@ -4,9 +4,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::codec::Conn;
+use crate::codec::{BoxIo, Conn};
 use crate::error::{ErrorKind, RelayError};
 
 /// Idle upstream connections kept per `host:port`.
@@ -73,8 +77,53 @@ pub fn display_addr(host: &str, port: u16) -> String {
     }
 }
 
+/// A connection towards an internal server: dialled directly, or a data
+/// connection an uplinked relay opened for one session.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Uplink(BoxIo),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Uplink(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Uplink(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Uplink(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Uplink(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 type Key = (String, u16);
-type Idle = Vec<(Conn<TcpStream>, Instant)>;
+type Idle = Vec<(Conn<Upstream>, Instant)>;
 
 /// Idle keep-alive connections, newest last. A plain mutex: every section is a
 /// few pointer moves and never awaits.
@@ -85,7 +134,7 @@ pub struct Pool {
 
 impl Pool {
     /// An idle connection to `host:port` that is still open, if any.
-    pub fn take(&self, host: &str, port: u16) -> Option<Conn<TcpStream>> {
+    pub fn take(&self, host: &str, port: u16) -> Option<Conn<Upstream>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&(host.to_string(), port))?;
         while let Some((conn, since)) = list.pop() {
@@ -97,7 +146,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last response was read completely.
-    pub fn put(&self, host: &str, port: u16, conn: Conn<TcpStream>) {
+    pub fn put(&self, host: &str, port: u16, conn: Conn<Upstream>) {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
@@ -118,7 +167,11 @@ impl Pool {
 }
 
 /// An idle connection is usable if reading would block: no EOF, no stray bytes.
-fn still_open(conn: &Conn<TcpStream>) -> bool {
+/// Uplink data connections belong to one session and are never reused.
+fn still_open(conn: &Conn<Upstream>) -> bool {
+    let Upstream::Tcp(stream) = &conn.io else {
+        return false;
+    };
     let mut probe = [0u8; 1];
-    matches!(conn.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

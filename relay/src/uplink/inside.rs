@@ -1,0 +1,231 @@
+//! The inside relay's side of uplinks: an actor that keeps the control
+//! connection to the outside relay (dialled out, through an outbound HTTP
+//! proxy when configured), registers the offered names, keeps the link alive
+//! adaptively, reconnects with backoff, and opens a new outbound data
+//! connection for every session, served like any client connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::{receive, send, Message, CONTROL_PATH, CONTROL_PROTOCOL, DATA_PATH, DATA_PROTOCOL};
+use crate::codec::{read_response_head, Conn};
+use crate::config::UplinkSettings;
+use crate::keepalive::{Action, Tracker};
+use crate::{ConnCtx, Shared};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that stayed up this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the uplink until the relay shuts down.
+pub async fn run(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let Some(settings) = shared.config().uplink.clone() else {
+            return;
+        };
+        let started = Instant::now();
+        let ended = tokio::select! {
+            ended = session(&shared, &settings) => ended,
+            () = shared.shutdown.cancelled() => return,
+        };
+        if started.elapsed() >= HEALTHY_AFTER {
+            backoff = BACKOFF_START;
+        }
+        tracing::warn!(uplink = %settings.id, to = %settings.to, reason = %ended, retry_in = ?backoff, "uplink down; reconnecting");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Dials the outside relay, directly or through `proxy` with CONNECT.
+async fn dial(u: &UplinkSettings) -> Result<Conn<TcpStream>, String> {
+    let target = u.proxy.as_deref().unwrap_or(&u.to);
+    let stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| format!("dialling {target} timed out"))?
+        .map_err(|e| format!("dialling {target}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::new(stream);
+    if let Some(proxy) = &u.proxy {
+        let req = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", u.to);
+        conn.io
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("proxy {proxy}: {e}"))?;
+        let head = read_response_head(&mut conn, 64 * 1024, 100)
+            .await
+            .map_err(|e| format!("proxy {proxy}: {e:?}"))?;
+        if head.status != 200 {
+            return Err(format!(
+                "proxy {proxy} answered {} to CONNECT {}",
+                head.status, u.to
+            ));
+        }
+    }
+    Ok(conn)
+}
+
+/// Sends an upgrade request and expects `101`.
+/// `extra` carries further header lines; the control connection sends the
+/// credentials, a data connection its session id (a one-time capability).
+async fn upgrade(
+    conn: &mut Conn<TcpStream>,
+    u: &UplinkSettings,
+    path: &str,
+    protocol: &str,
+    extra: &str,
+) -> Result<(), String> {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\nPorthole-Uplink: {id}\r\n{extra}\r\n",
+        to = u.to,
+        id = u.id
+    );
+    conn.io
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("sending the upgrade: {e}"))?;
+    let head = tokio::time::timeout(DIAL_TIMEOUT, read_response_head(conn, 64 * 1024, 100))
+        .await
+        .map_err(|_| "no answer to the upgrade".to_string())?
+        .map_err(|e| format!("answer to the upgrade: {e:?}"))?;
+    if head.status == 101 {
+        return Ok(());
+    }
+    // The refusal's body says why (it names no secret).
+    let mut why = String::from_utf8_lossy(&conn.buf).trim().to_string();
+    if why.is_empty() {
+        why = format!("status {}", head.status);
+    }
+    Err(format!("refused by {}: {why}", u.to))
+}
+
+/// One control connection, from dial to its end; returns why it ended.
+async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
+    let mut conn = match dial(u).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let outside: SocketAddr = conn
+        .io
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local: SocketAddr = conn.io.local_addr().unwrap_or(outside);
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", u.id, u.secret.expose()));
+    let auth = format!("Authorization: Basic {credentials}\r\n");
+    if let Err(e) = upgrade(&mut conn, u, CONTROL_PATH, CONTROL_PROTOCOL, &auth).await {
+        tracing::error!(uplink = %u.id, error = %e, "uplink authentication refused");
+        return e;
+    }
+    if let Err(e) = send(
+        &mut conn.io,
+        &Message::Register {
+            offers: u.offer.clone(),
+        },
+    )
+    .await
+    {
+        return format!("registering: {e}");
+    }
+    match tokio::time::timeout(DIAL_TIMEOUT, receive(&mut conn)).await {
+        Ok(Ok(Some(Message::Registered { accepted, refused }))) => {
+            for r in &refused {
+                tracing::error!(uplink = %u.id, name = %r.name, reason = %r.reason, "offer refused by the outside relay");
+            }
+            tracing::info!(uplink = %u.id, to = %u.to, accepted = ?accepted, "uplink registered");
+        }
+        other => return format!("no registration confirmation: {other:?}"),
+    }
+
+    let (report, mut reports) = mpsc::channel::<Message>(64);
+    let mut keepalive = Tracker::new(u.keepalive, Instant::now());
+    let mut seq = 0u64;
+    loop {
+        let wake = match keepalive.next(Instant::now()) {
+            Action::Dead => {
+                return format!("keepalive: no answer within {:?}", u.keepalive.ping_timeout)
+            }
+            Action::Ping => {
+                seq += 1;
+                if let Err(e) = send(&mut conn.io, &Message::Ping { seq }).await {
+                    return format!("sending a ping: {e}");
+                }
+                keepalive.ping_sent(Instant::now());
+                continue;
+            }
+            Action::WaitUntil(at) => at,
+        };
+        tokio::select! {
+            incoming = receive(&mut conn) => match incoming {
+                Ok(Some(Message::Open { session, host, port })) => {
+                    keepalive.received(Instant::now(), true);
+                    let ctx = ConnCtx { shared: shared.clone(), peer: outside, local };
+                    tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
+                }
+                Ok(Some(Message::Pong { .. })) => keepalive.received(Instant::now(), false),
+                Ok(Some(Message::Ping { seq })) => {
+                    keepalive.received(Instant::now(), false);
+                    if send(&mut conn.io, &Message::Pong { seq }).await.is_err() {
+                        return "write failed".into();
+                    }
+                }
+                Ok(Some(other)) => {
+                    keepalive.received(Instant::now(), false);
+                    tracing::debug!(?other, "unexpected control message");
+                }
+                Ok(None) => return "closed by the outside relay".into(),
+                Err(e) => return e,
+            },
+            Some(msg) = reports.recv() => {
+                if let Err(e) = send(&mut conn.io, &msg).await {
+                    return format!("write failed: {e}");
+                }
+            }
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Opens the data connection for one session (S9-S10) and serves it as a
+/// client connection of this relay (S11-S12).
+async fn open_data(
+    ctx: ConnCtx,
+    u: UplinkSettings,
+    session: String,
+    host: String,
+    port: u16,
+    report: mpsc::Sender<Message>,
+) {
+    if ctx.shared.config().routes.lookup(&host).is_none() {
+        let reason = format!("no route for {host} on the inside relay");
+        let _ = report.send(Message::Failed { session, reason }).await;
+        return;
+    }
+    let mut conn = match dial(&u).await {
+        Ok(c) => c,
+        Err(reason) => {
+            let _ = report.send(Message::Failed { session, reason }).await;
+            return;
+        }
+    };
+    let extra = format!("Porthole-Session: {session}\r\n");
+    if let Err(reason) = upgrade(&mut conn, &u, DATA_PATH, DATA_PROTOCOL, &extra).await {
+        tracing::warn!(uplink = %u.id, %session, %host, port, error = %reason, "data connection refused");
+        let _ = report.send(Message::Failed { session, reason }).await;
+        return;
+    }
+    tracing::debug!(uplink = %u.id, %session, %host, port, "session data connection open");
+    crate::http1::serve(conn, ctx).await;
+}

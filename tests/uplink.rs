@@ -1,0 +1,541 @@
+//! Uplinks: an inside relay (I) that accepts no connection offers services
+//! through an outside relay (O). Both relays run in process; curl talks to O;
+//! the internal servers sit behind I.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use porthole_suite::{
+    config_with, eventually, raw_exchange, route, Curl, CutProxy, EchoServer, Origin, Relay,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn secret_file(tag: &str, secret: &str) -> PathBuf {
+    // One file per call: tests run in parallel with the same ids and other secrets.
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir =
+        std::env::temp_dir().join(format!("porthole-uplink-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("secret");
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    path
+}
+
+fn accept(id: &str, secret: &str, may_offer: &[&str], extra: &str) -> String {
+    let line = porthole_relay::secret::passwd_line(id, secret).unwrap();
+    let offers: Vec<String> = may_offer.iter().map(|o| format!("\"{o}\"")).collect();
+    format!(
+        "[[accept_uplink]]\nid = \"{id}\"\nsecret_hash = \"{line}\"\nmay_offer = [{}]\n{extra}\n",
+        offers.join(", ")
+    )
+}
+
+/// An inside relay config: its own routes plus `[uplink]` to `to`.
+fn inside(to: &str, id: &str, secret: &str, offers: &[&str], routes: &str) -> String {
+    let offers: Vec<String> = offers.iter().map(|o| format!("\"{o}\"")).collect();
+    let uplink = format!(
+        "[uplink]\nto = \"{to}\"\nid = \"{id}\"\nsecret_file = \"{}\"\noffer = [{}]\nidle_ping = \"1s\"\ngap_probe = \"200ms\"\nping_timeout = \"1s\"\n",
+        secret_file(id, secret).display(),
+        offers.join(", ")
+    );
+    format!("[relay]\nlisten = \"127.0.0.1:0\"\nname = \"inside-{id}.test\"\n{routes}\n{uplink}")
+}
+
+async fn services(o: &Relay) -> serde_json::Value {
+    let out = Curl::new("http://relay.test/services")
+        .proxy(&o.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    serde_json::from_slice(&out.body).unwrap()
+}
+
+fn state_of(s: &serde_json::Value, name: &str) -> Option<String> {
+    s["services"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name && e["kind"] == "uplink")
+        .map(|e| e["state"].as_str().unwrap_or("").to_string())
+}
+
+async fn wait_state(o: &Relay, name: &str, want: &str) {
+    let ok = eventually(Duration::from_secs(15), || async {
+        state_of(&services(o).await, name).as_deref() == Some(want)
+    })
+    .await;
+    assert!(ok, "{name} never became {want}: {}", services(o).await);
+}
+
+async fn metric(relay: &Relay, series: &str) -> f64 {
+    let text = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let o = Relay::start(&config_with(
+        "",
+        &accept("plant-3", "s3cret", &["*.plant3"], ""),
+    ))
+    .await;
+    let routes = [
+        route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        route("db.plant3", "127.0.0.1", &[echo.port()], ""),
+    ]
+    .concat();
+    let i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s3cret",
+        &["erp.plant3", "db.plant3"],
+        &routes,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+
+    let url = format!("http://erp.plant3:{}/x", origin.port());
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /x");
+    let got = origin.single();
+    assert_eq!(
+        got.header("host"),
+        Some(format!("erp.plant3:{}", origin.port()).as_str())
+    );
+    let via = got.all("via").join(", ");
+    assert!(
+        via.contains("relay.test (porthole)") && via.contains("inside-plant-3.test (porthole)"),
+        "{via}"
+    );
+
+    let out = Curl::new(&url).proxy(&o.url()).arg("-p").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(origin.received().len(), 2);
+
+    // CONNECT to a TCP service behind I: bytes both ways, half-close passed on.
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    s.write_all(format!("CONNECT db.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    s.write_all(b"through two relays").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"through two relaysbye\n");
+    assert_eq!(echo.half_closes(), 1);
+
+    // I accepted no connection at all: every socket it has to O, it dialled.
+    assert_eq!(metric(&i, "porthole_connections_accepted_total").await, 0.0);
+    assert!(metric(&o, "porthole_uplinks_connected").await >= 1.0);
+}
+
+#[tokio::test]
+async fn registration_refuses_wrong_secrets_foreign_names_and_taken_names() {
+    let origin = Origin::ok().await;
+    let accepts = [
+        accept("plant-3", "right", &["*.plant3"], ""),
+        accept("plant-4", "four", &["*.plant3", "*.plant4"], ""),
+    ]
+    .concat();
+    let o = Relay::start(&config_with("", &accepts)).await;
+    let r = |h: &str| route(h, "127.0.0.1", &[origin.port()], "");
+
+    // Wrong secret: nothing registered, the name is unknown to O (403).
+    let _bad = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "wrong",
+        &["erp.plant3"],
+        &r("erp.plant3"),
+    ))
+    .await;
+    // A correct uplink offering a name outside its may_offer, and one it may offer.
+    let _good = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "right",
+        &["mes.plant3", "evil.corp"],
+        &[r("mes.plant3"), r("evil.corp")].concat(),
+    ))
+    .await;
+    wait_state(&o, "mes.plant3", "connected").await;
+    let s = services(&o).await;
+    assert!(
+        state_of(&s, "evil.corp").is_none(),
+        "a name outside may_offer was registered: {s}"
+    );
+    assert!(
+        state_of(&s, "erp.plant3").is_none(),
+        "the wrong secret registered: {s}"
+    );
+    let out = Curl::new(&format!("http://erp.plant3:{}/", origin.port()))
+        .proxy(&o.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 403);
+
+    // plant-4 may offer *.plant3 too, but mes.plant3 is taken: refused, not taken over.
+    let _rival = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-4",
+        "four",
+        &["mes.plant3", "x.plant4"],
+        &[r("mes.plant3"), r("x.plant4")].concat(),
+    ))
+    .await;
+    wait_state(&o, "x.plant4", "connected").await;
+    let s = services(&o).await;
+    let owner = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "mes.plant3")
+        .unwrap()["uplink"]
+        .clone();
+    assert_eq!(owner, "plant-3", "{s}");
+}
+
+/// Speaks the control protocol by hand: authenticates and registers, then
+/// never opens a data connection.
+async fn mute_uplink(o: &Relay, id: &str, secret: &str, name: &str) -> TcpStream {
+    use base64::Engine as _;
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+    let req = format!("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink/1\r\nAuthorization: Basic {creds}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(format!("{{\"type\":\"register\",\"offers\":[\"{name}\"]}}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("registered") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
+    s
+}
+
+#[tokio::test]
+async fn unclaimed_sessions_get_504_and_stray_data_connections_are_closed() {
+    let o = Relay::start(&config_with(
+        "",
+        &accept("mute", "m", &["*.mute"], "session_timeout = \"400ms\""),
+    ))
+    .await;
+    let _control = mute_uplink(&o, "mute", "m", "app.mute").await;
+    let started = std::time::Instant::now();
+    let out = Curl::new("http://app.mute/").proxy(&o.url()).run().await;
+    assert_eq!(out.status, 504, "{out:?}");
+    assert!(out.text().contains("uplink mute"), "{}", out.text());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let stray = "GET /.porthole/uplink/data HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\nPorthole-Session: 0123456789abcdef\r\n\r\n";
+    let answer = raw_exchange(o.addr, stray.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("Connection: close"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_cut_control_connection_withdraws_offers_and_they_come_back() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CutProxy::start(o.addr).await;
+    let _i = Relay::start(&inside(
+        &proxy.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+
+    proxy.cut();
+    // O notices at once (the proxy closed the socket) and answers 502 naming the uplink...
+    let mut seen_502 = false;
+    for _ in 0..200 {
+        let out = Curl::new(&url).proxy(&o.url()).run().await;
+        if out.status == 502 {
+            assert!(out.text().contains("uplink plant-3"), "{}", out.text());
+            seen_502 = true;
+            break;
+        }
+        if out.status == 200 && proxy.accepted() > 3 {
+            break; // already back
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...and I reconnects with backoff and registers again by itself.
+    wait_state(&o, "erp.plant3", "connected").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            Curl::new(&url).proxy(&o.url()).run().await.status == 200
+        })
+        .await,
+        "requests did not work again after the reconnect"
+    );
+    assert!(
+        proxy.accepted() >= 2,
+        "I did not dial a new control connection"
+    );
+    let _ = seen_502; // the window can be shorter than one curl; the reconnect is what must hold
+}
+
+#[tokio::test]
+async fn withdrawn_offers_answer_502_while_the_uplink_is_gone() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    i.shutdown().await; // the inside relay is gone for good
+    wait_state(&o, "erp.plant3", "disconnected").await;
+    let out = Curl::new(&format!("http://erp.plant3:{}/", origin.port()))
+        .proxy(&o.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(
+        out.text().contains("uplink plant-3") && out.text().contains("not connected"),
+        "{}",
+        out.text()
+    );
+}
+
+#[tokio::test]
+async fn closing_either_end_closes_the_whole_path() {
+    // A server that greets, then closes its side after reading one line.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"hello\n").await;
+                let mut line = [0u8; 5];
+                let _ = s.read_exact(&mut line).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let echo = EchoServer::start().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let routes = [
+        route("greeter.plant3", "127.0.0.1", &[port], ""),
+        route("echo.plant3", "127.0.0.1", &[echo.port()], ""),
+    ]
+    .concat();
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["greeter.plant3", "echo.plant3"],
+        &routes,
+    ))
+    .await;
+    wait_state(&o, "greeter.plant3", "connected").await;
+
+    // Server side closes: the client sees the end of the stream.
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    s.write_all(format!("CONNECT greeter.plant3:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    s.write_all(b"quit\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all))
+        .await
+        .expect("server-side close reached the client")
+        .unwrap();
+    drop(s); // the client closes its side in turn: the session ends
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            services(&o).await["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["sessions"].as_u64() == Some(0))
+        })
+        .await,
+        "the greeter session did not end"
+    );
+    assert!(
+        String::from_utf8_lossy(&all).ends_with("hello\n"),
+        "{}",
+        String::from_utf8_lossy(&all)
+    );
+
+    // Client side closes: the internal server sees the end, and the session count returns to 0.
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    s.write_all(format!("CONNECT echo.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    let during = services(&o).await;
+    let sessions = during["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "echo.plant3")
+        .unwrap()["sessions"]
+        .as_u64();
+    assert_eq!(sessions, Some(1), "{during}");
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            echo.half_closes() == 1
+        })
+        .await,
+        "the internal server never saw the close"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            services(&o).await["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["sessions"].as_u64().unwrap_or(0) == 0)
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_mute_uplink_does_not_hold_up_the_others() {
+    let origin = Origin::ok().await;
+    let accepts = [
+        accept("mute", "m", &["*.mute"], "session_timeout = \"3s\""),
+        accept("plant-3", "s", &["*.plant3"], ""),
+    ]
+    .concat();
+    let o = Relay::start(&config_with(
+        &route("local.test", "127.0.0.1", &[origin.port()], ""),
+        &accepts,
+    ))
+    .await;
+    let _control = mute_uplink(&o, "mute", "m", "app.mute").await;
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+
+    let proxy = o.url();
+    let stuck: Vec<_> = (0..4)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                Curl::new("http://app.mute/")
+                    .proxy(&proxy)
+                    .run()
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    // While four requests wait on the mute uplink, the others are served at once.
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(
+            Curl::new(&format!("http://erp.plant3:{}/", origin.port()))
+                .proxy(&proxy)
+                .run()
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            Curl::new(&format!("http://local.test:{}/", origin.port()))
+                .proxy(&proxy)
+                .run()
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "served slowly: {:?}",
+        started.elapsed()
+    );
+    for s in stuck {
+        assert_eq!(s.await.unwrap(), 504);
+    }
+}
+
+#[tokio::test]
+async fn services_lists_routes_and_uplink_offers() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with(
+        &route("wiki.corp", "10.9.9.9", &[80], ""),
+        &accept("plant-3", "s", &["*.plant3"], ""),
+    ))
+    .await;
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let s = services(&o).await;
+    assert_eq!(s["relay"], "relay.test");
+    let list = s["services"].as_array().unwrap();
+    assert!(
+        list.iter()
+            .any(|e| e["name"] == "wiki.corp" && e["kind"] == "route"),
+        "{s}"
+    );
+    assert!(
+        !s.to_string().contains("10.9.9.9"),
+        "internal addresses leak: {s}"
+    );
+    let erp = list.iter().find(|e| e["name"] == "erp.plant3").unwrap();
+    assert_eq!(
+        (
+            erp["uplink"].as_str(),
+            erp["state"].as_str(),
+            erp["sessions"].as_u64()
+        ),
+        (Some("plant-3"), Some("connected"), Some(0))
+    );
+    // The status page shows the same.
+    let page = Curl::new(&format!("{}/status", o.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        page.contains("<td>erp.plant3</td><td>plant-3</td><td class=\"ok\">connected</td>"),
+        "{page}"
+    );
+}
