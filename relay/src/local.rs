@@ -5,7 +5,8 @@ use crate::access_log::Access;
 use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::forward::After;
-use crate::http1::write_error;
+use crate::http1::{write_error, write_simple};
+use crate::pac::CONTENT_TYPE as PAC_TYPE;
 use crate::ConnCtx;
 
 /// Most request body the relay reads and discards to keep a connection usable.
@@ -14,15 +15,26 @@ const MAX_DISCARD: u64 = 64 * 1024;
 /// Serves one request for the relay itself.
 pub async fn serve<S: Io>(
     conn: &mut Conn<S>,
-    _head: &RequestHead,
-    _path: &str,
+    head: &RequestHead,
+    path: &str,
     framing: Framing,
     keep_alive: bool,
-    _ctx: &ConnCtx,
+    ctx: &ConnCtx,
     access: &mut Access,
 ) -> After {
     let body_read = discard_body(conn, framing).await;
     let keep_alive = keep_alive && body_read;
+    if let Some(pac) = crate::pac::for_request(head, path, ctx) {
+        access.status = 200;
+        let body = pac.as_bytes();
+        return match write_simple(&mut conn.io, 200, PAC_TYPE, body, !keep_alive, &[]).await {
+            Ok(n) if keep_alive => {
+                access.bytes_out += n;
+                After::KeepAlive
+            }
+            _ => After::Close,
+        };
+    }
     let err = RelayError::new(ErrorKind::NotFound);
     access.status = err.status();
     match write_error(&mut conn.io, &err, !keep_alive).await {
