@@ -8,7 +8,8 @@
 //! - [`EchoServer`]: a TCP server for tunnels: echoes, and reports half-closes;
 //! - [`Relay`]: the relay started through `porthole_relay::run`;
 //! - [`RelayProcess`]: the `porthole-relay` binary with a config file;
-//! - [`Curl`]: one run of the real `curl` binary.
+//! - [`Curl`]: one run of the real `curl` binary;
+//! - [`LinkProxy`]: a TCP proxy that counts connections and can blackhole them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -750,4 +751,73 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     let mut out = Vec::new();
     let _ = tokio::time::timeout(limit, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------- link proxy
+
+/// A TCP proxy to put between the shim and the relay: counts the connections
+/// it accepted, and can blackhole them (stop moving bytes but keep the
+/// sockets open, as a dead NAT or a pulled cable does) while new connections
+/// still go through. Stops when dropped.
+pub struct LinkProxy {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    cut: Arc<tokio::sync::Notify>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl LinkProxy {
+    pub async fn start(to: SocketAddr) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind link proxy");
+        let addr = listener.local_addr().expect("link proxy addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        // Blackholed sockets are kept here, open, until the proxy is dropped.
+        let held: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (count, cut2) = (accepted.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = &mut stopped => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut down, _)) = accepted else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (cut, held) = (cut2.clone(), held.clone());
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let blackholed = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
+                        () = cut.notified() => true,
+                    };
+                    if blackholed {
+                        held.lock().expect("held lock").push((down, up));
+                    }
+                });
+            }
+        });
+        LinkProxy {
+            addr,
+            accepted,
+            cut,
+            _stop: stop,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Blackholes every connection open now.
+    pub fn blackhole(&self) {
+        self.cut.notify_waiters();
+    }
 }
