@@ -235,6 +235,33 @@ async fn relay_unreachable_is_a_502_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_new_connection_waits_for_the_link_instead_of_failing() {
+    let origin = Origin::ok().await;
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // The shim starts first, while nothing listens at the relay's address.
+    let shim = start_shim(shim_config(relay_addr, "link_wait = \"10s\"\n")).await;
+    let url = format!("http://app-a.test:{}/late", origin.port());
+    let early = tokio::spawn(Curl::new(&url).proxy(&format!("http://{}", shim.addr)).run());
+    // Let the request arrive and the first dials fail (the point of this test).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!shim.link.is_up());
+
+    let text = config_with(&route("app-a.test", "127.0.0.1", &[origin.port()], ""), "");
+    let config = porthole_relay::Config::from_toml(&text).unwrap();
+    let listeners = porthole_relay::Listeners {
+        aggregate: TcpListener::bind(relay_addr).await.unwrap(),
+        admin: None,
+    };
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(porthole_relay::run(listeners, config, async {
+        let _ = stopped.await;
+    }));
+    let out = early.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(origin.single().target, "/late");
+}
+
+#[tokio::test]
 async fn forwarded_ports_are_added_used_listed_and_removed() {
     let echo = EchoServer::start().await;
     let relay = Relay::start(&config_with(

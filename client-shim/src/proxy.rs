@@ -97,7 +97,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Ctx) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, peer, local, ctx).await) }
     });
+    // With a timer, hyper bounds the wait for a request head (30 s by default).
     let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = served.await {
