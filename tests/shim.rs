@@ -241,7 +241,11 @@ async fn a_new_connection_waits_for_the_link_instead_of_failing() {
     // The shim starts first, while nothing listens at the relay's address.
     let shim = start_shim(shim_config(relay_addr, "link_wait = \"10s\"\n")).await;
     let url = format!("http://app-a.test:{}/late", origin.port());
-    let early = tokio::spawn(Curl::new(&url).proxy(&format!("http://{}", shim.addr)).run());
+    let early = tokio::spawn(
+        Curl::new(&url)
+            .proxy(&format!("http://{}", shim.addr))
+            .run(),
+    );
     // Let the request arrive and the first dials fail (the point of this test).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!shim.link.is_up());
