@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use porthole_shim::{control, LinkState, RawConfig, Shim, ShimConfig};
 use porthole_suite::{
-    binary, config_with, free_port, route, wait_for_port, workspace_root, Curl, EchoServer,
-    LinkProxy, Origin, Relay,
+    binary, config_with, free_port, response, route, wait_for_port, workspace_root, Curl,
+    EchoServer, LinkProxy, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -180,6 +180,53 @@ async fn proxy_form_and_origin_form_reach_the_server_as_the_application_wrote_th
     assert!(out.text().contains("app-b.test"), "{}", out.text());
     // One link for all of it: every request was a stream on the same connection.
     assert_eq!(origin.received().len(), 2);
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_through_the_shim() {
+    let origin = Origin::start(|r| {
+        if r.target == "/big" {
+            return Reply::Generated { len: 8 << 20 };
+        }
+        let body = format!("got {} bytes", r.body.len());
+        Reply::Raw(response(200, &[], body.as_bytes()))
+    })
+    .await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let proxy = format!("http://{}", shim.addr);
+    let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
+
+    // Content-Length upload, then a chunked one of unknown length.
+    let upload = vec![b'u'; 300_000];
+    let out = Curl::new(&url("/up"))
+        .proxy(&proxy)
+        .args(&["--data-binary", "@-"])
+        .stdin(upload.clone())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "got 300000 bytes");
+    let out = Curl::new(&url("/chunked"))
+        .proxy(&proxy)
+        .args(&["--data-binary", "@-", "-H", "Transfer-Encoding: chunked"])
+        .stdin(upload.clone())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "got 300000 bytes");
+    let received = origin.received();
+    assert_eq!(received[0].body, upload);
+    assert_eq!(received[1].body, upload);
+
+    // An 8 MiB download, more than the stream window.
+    let out = Curl::new(&url("/big")).proxy(&proxy).run().await;
+    assert_eq!(out.status, 200, "{}", out.stderr);
+    assert_eq!(out.body.len(), 8 << 20);
 }
 
 #[tokio::test]

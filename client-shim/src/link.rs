@@ -167,9 +167,35 @@ pub fn empty() -> Body {
         .boxed()
 }
 
+/// The wait before the next connection attempt: doubles per failure up to
+/// [`BACKOFF_MAX`], and starts again from [`BACKOFF_MIN`] after a session
+/// that stayed up for [`HEALTHY`] (a pure decision, tested by table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// A session that lasted `lasted` just ended: how long to wait now.
+    pub fn after(&mut self, lasted: Duration) -> Duration {
+        if lasted >= HEALTHY {
+            self.next = BACKOFF_MIN;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
 /// The actor: sessions one after the other, with backoff between them.
 async fn run(session: Session, tx: watch::Sender<LinkState>, stop: CancellationToken) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     let mut id = 0u64;
     loop {
         id += 1;
@@ -178,18 +204,15 @@ async fn run(session: Session, tx: watch::Sender<LinkState>, stop: CancellationT
             () = stop.cancelled() => return,
             reason = run_session(&session, &tx, id) => reason,
         };
-        if started.elapsed() >= HEALTHY {
-            backoff = BACKOFF_MIN;
-        }
-        tracing::warn!(relay = %session.relay, %reason, retry_in = ?backoff, "link down");
+        let wait = backoff.after(started.elapsed());
+        tracing::warn!(relay = %session.relay, %reason, retry_in = ?wait, "link down");
         tx.send_replace(LinkState::Connecting {
             last_error: Some(reason),
         });
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -285,4 +308,31 @@ async fn probe(mut sender: SendRequest<Body>, relay_name: &str) -> Result<Status
     sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(resp.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets_after_a_healthy_session() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::default();
+        // (how long the session lasted, wait expected)
+        let steps = [
+            (ms(0), ms(100)),
+            (ms(10), ms(200)),
+            (ms(10), ms(400)),
+            (ms(4_999), ms(800)),
+            (ms(5_000), ms(100)),
+            (ms(0), ms(200)),
+        ];
+        for (i, (lasted, want)) in steps.into_iter().enumerate() {
+            assert_eq!(b.after(lasted), want, "step {i}");
+        }
+        for _ in 0..20 {
+            b.after(ms(0));
+        }
+        assert_eq!(b.after(ms(0)), BACKOFF_MAX);
+    }
 }
