@@ -8,7 +8,8 @@
 //! - [`EchoServer`]: a TCP server for tunnels: echoes, and reports half-closes;
 //! - [`Relay`]: the relay started through `porthole_relay::run`;
 //! - [`RelayProcess`]: the `porthole-relay` binary with a config file;
-//! - [`Curl`]: one run of the real `curl` binary.
+//! - [`Curl`]: one run of the real `curl` binary;
+//! - [`LinkProxy`]: a TCP proxy that counts connections and can blackhole them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -752,72 +753,85 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     String::from_utf8_lossy(&out).into_owned()
 }
 
-// ---------------------------------------------------------------- cuttable proxy
+// ---------------------------------------------------------------- link proxy
 
-/// A TCP forwarder between two test parties that the test can cut: every
-/// connection through it is closed at once by [`CutProxy::cut`]. Counts the
-/// connections it accepted.
-pub struct CutProxy {
+/// A TCP proxy to put between two test parties (shim and relay, inside and
+/// outside relay): counts the connections it accepted, and can end the ones
+/// open now in two ways while new connections still go through:
+/// [`LinkProxy::cut`] closes them (both peers see the close), and
+/// [`LinkProxy::blackhole`] stops moving bytes but keeps the sockets open, as
+/// a dead NAT or a pulled cable does. Stops when dropped.
+pub struct LinkProxy {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     cut: Arc<tokio::sync::Notify>,
-    generation: Arc<AtomicUsize>,
+    /// What the next cut does: hold the sockets open (true) or close them.
+    hold: Arc<std::sync::atomic::AtomicBool>,
     _stop: oneshot::Sender<()>,
 }
 
-impl CutProxy {
-    pub async fn start(target: SocketAddr) -> CutProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
+impl LinkProxy {
+    pub async fn start(to: SocketAddr) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind link proxy");
+        let addr = listener.local_addr().expect("link proxy addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let cut = Arc::new(tokio::sync::Notify::new());
-        let generation = Arc::new(AtomicUsize::new(0));
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Blackholed sockets are kept here, open, until the proxy is dropped.
+        let held: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
         let (stop, mut stopped) = oneshot::channel::<()>();
-        let (count, cut2, gen2) = (accepted.clone(), cut.clone(), generation.clone());
+        let (count, cut2, hold2) = (accepted.clone(), cut.clone(), hold.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     _ = &mut stopped => return,
                     a = listener.accept() => a,
                 };
-                let Ok((mut client, _)) = accepted else {
+                let Ok((mut down, _)) = accepted else {
                     continue;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                let cut = cut2.clone();
-                let born = gen2.load(Ordering::SeqCst);
-                let gen = gen2.clone();
+                let (cut, held, hold) = (cut2.clone(), held.clone(), hold2.clone());
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
+                    let Ok(mut up) = TcpStream::connect(to).await else {
                         return;
                     };
-                    if gen.load(Ordering::SeqCst) != born {
-                        return;
-                    }
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.notified() => {}
+                    let ended = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => false,
+                        () = cut.notified() => true,
+                    };
+                    if ended && hold.load(Ordering::SeqCst) {
+                        held.lock().expect("held lock").push((down, up));
                     }
                 });
             }
         });
-        CutProxy {
+        LinkProxy {
             addr,
             accepted,
             cut,
-            generation,
+            hold,
             _stop: stop,
         }
     }
 
-    /// Closes every connection currently through the proxy (new ones still pass).
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection open now.
     pub fn cut(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.hold.store(false, Ordering::SeqCst);
         self.cut.notify_waiters();
     }
 
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+    /// Blackholes every connection open now.
+    pub fn blackhole(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+        self.cut.notify_waiters();
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, eventually, raw_exchange, route, Curl, CutProxy, EchoServer, Origin, Relay,
+    config_with, eventually, raw_exchange, route, Curl, EchoServer, LinkProxy, Origin, Relay,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -256,7 +256,7 @@ async fn unclaimed_sessions_get_504_and_stray_data_connections_are_closed() {
 async fn a_cut_control_connection_withdraws_offers_and_they_come_back() {
     let origin = Origin::ok().await;
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CutProxy::start(o.addr).await;
+    let proxy = LinkProxy::start(o.addr).await;
     let _i = Relay::start(&inside(
         &proxy.addr.to_string(),
         "plant-3",

@@ -295,12 +295,7 @@ pub struct UplinkSettings {
 }
 
 /// Adaptive keepalive timers (JP5535757B2: timers 1, 2 and 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keepalive {
-    pub idle_ping: Duration,
-    pub gap_probe: Duration,
-    pub ping_timeout: Duration,
-}
+pub type Keepalive = crate::keepalive::Settings;
 
 /// `[[accept_uplink]]`, validated.
 #[derive(Debug, Clone)]

@@ -90,7 +90,8 @@ pub struct Identity<'a> {
 }
 
 impl Identity<'_> {
-    fn is_own(&self, host: &str, port: u16) -> bool {
+    /// Whether `host:port` names this relay (the shim asks the same of itself).
+    pub fn is_own(&self, host: &str, port: u16) -> bool {
         if host == self.name {
             return true;
         }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::codec::Conn;
 use crate::dispatch::{classify_bytes, Protocol};
 use crate::error::{ErrorKind, RelayError};
+use crate::h2;
 use crate::http1::{self, write_simple};
 use crate::metrics::GaugeGuard;
 use crate::{ConnCtx, Shared};
@@ -102,9 +103,7 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
     match protocol {
         Protocol::Http1 => http1::serve(conn, ctx).await,
         Protocol::Tls => tracing::debug!("TLS ClientHello on a port without [tls]; closing"),
-        Protocol::H2PriorKnowledge => {
-            tracing::debug!("HTTP/2 prior knowledge is not served; closing");
-        }
+        Protocol::H2PriorKnowledge => h2::serve(conn, ctx).await,
         Protocol::NeedMore | Protocol::Unknown => {
             let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));
             let _ = http1::write_error(&mut conn.io, &err, true).await;

@@ -6,6 +6,7 @@ use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::forward::After;
 use crate::http1::{write_error, write_simple};
+use crate::pac::CONTENT_TYPE as PAC_TYPE;
 use crate::ConnCtx;
 
 /// Most request body the relay reads and discards to keep a connection usable.
@@ -24,25 +25,33 @@ pub async fn serve<S: Io>(
     let body_read = discard_body(conn, framing).await;
     let keep_alive = keep_alive && body_read;
     let path_only = path.split('?').next().unwrap_or(path);
-    let written = match (head.method(), path_only) {
-        ("GET", "/services") => {
-            access.status = 200;
-            let body = services_json(ctx);
-            write_simple(
-                &mut conn.io,
-                200,
-                "application/json",
-                body.as_bytes(),
-                !keep_alive,
-                &[],
-            )
-            .await
-        }
-        _ => {
-            let err = RelayError::new(ErrorKind::NotFound);
-            access.status = err.status();
-            write_error(&mut conn.io, &err, !keep_alive).await
-        }
+    let written = if let Some(pac) = crate::pac::for_request(head, path, ctx) {
+        access.status = 200;
+        write_simple(
+            &mut conn.io,
+            200,
+            PAC_TYPE,
+            pac.as_bytes(),
+            !keep_alive,
+            &[],
+        )
+        .await
+    } else if (head.method(), path_only) == ("GET", "/services") {
+        access.status = 200;
+        let body = services_json(ctx);
+        write_simple(
+            &mut conn.io,
+            200,
+            "application/json",
+            body.as_bytes(),
+            !keep_alive,
+            &[],
+        )
+        .await
+    } else {
+        let err = RelayError::new(ErrorKind::NotFound);
+        access.status = err.status();
+        write_error(&mut conn.io, &err, !keep_alive).await
     };
     match written {
         Ok(n) => access.bytes_out += n,

@@ -25,6 +25,27 @@ fn is_hop_by_hop(name: &str, listed: &[String]) -> bool {
         || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
+/// Removes hop-by-hop fields (and every name `Connection` lists) from a
+/// header map: what an HTTP/2 hop may not carry. Used where heads cross
+/// between HTTP/1 and HTTP/2 (the relay's h2 streams, the shim's link).
+pub fn strip_hop_by_hop_map(headers: &mut http::HeaderMap) {
+    let listed: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(listed.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+}
+
 /// Whether `name` (our pseudonym) is already a `received-by` in `Via`: a loop.
 pub fn via_contains(fields: &Fields, name: &str) -> bool {
     fields

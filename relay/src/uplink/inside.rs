@@ -6,7 +6,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use base64::Engine;
 use tokio::io::AsyncWriteExt;
@@ -16,7 +18,7 @@ use tokio::sync::mpsc;
 use super::{receive, send, Message, CONTROL_PATH, CONTROL_PROTOCOL, DATA_PATH, DATA_PROTOCOL};
 use crate::codec::{read_response_head, Conn};
 use crate::config::UplinkSettings;
-use crate::keepalive::{Action, Tracker};
+use crate::keepalive::{Action, Activity, Keepalive};
 use crate::{ConnCtx, Shared};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -150,50 +152,55 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
     }
 
     let (report, mut reports) = mpsc::channel::<Message>(64);
-    let mut keepalive = Tracker::new(u.keepalive, Instant::now());
+    let now = Instant::now();
+    let mut keepalive = Keepalive::new(u.keepalive, now);
+    let mut seen = Activity {
+        last_rx: now,
+        last_tx: now,
+    };
     let mut seq = 0u64;
     loop {
-        let wake = match keepalive.next(Instant::now()) {
+        let wake = match keepalive.poll(Instant::now(), seen) {
             Action::Dead => {
                 return format!("keepalive: no answer within {:?}", u.keepalive.ping_timeout)
             }
-            Action::Ping => {
+            Action::Probe(why) => {
                 seq += 1;
+                tracing::debug!(uplink = %u.id, ?why, seq, "keepalive probe");
                 if let Err(e) = send(&mut conn.io, &Message::Ping { seq }).await {
                     return format!("sending a ping: {e}");
                 }
-                keepalive.ping_sent(Instant::now());
                 continue;
             }
-            Action::WaitUntil(at) => at,
+            Action::Wait(at) => at,
         };
         tokio::select! {
-            incoming = receive(&mut conn) => match incoming {
-                Ok(Some(Message::Open { session, host, port })) => {
-                    keepalive.received(Instant::now(), true);
-                    let ctx = ConnCtx { shared: shared.clone(), peer: outside, local };
-                    tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
-                }
-                Ok(Some(Message::Pong { .. })) => keepalive.received(Instant::now(), false),
-                Ok(Some(Message::Ping { seq })) => {
-                    keepalive.received(Instant::now(), false);
-                    if send(&mut conn.io, &Message::Pong { seq }).await.is_err() {
-                        return "write failed".into();
+            incoming = receive(&mut conn) => {
+                seen.last_rx = Instant::now();
+                match incoming {
+                    Ok(Some(Message::Open { session, host, port })) => {
+                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local };
+                        tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
                     }
+                    Ok(Some(Message::Pong { .. })) => {}
+                    Ok(Some(Message::Ping { seq })) => {
+                        if send(&mut conn.io, &Message::Pong { seq }).await.is_err() {
+                            return "write failed".into();
+                        }
+                        seen.last_tx = Instant::now();
+                    }
+                    Ok(Some(other)) => tracing::debug!(?other, "unexpected control message"),
+                    Ok(None) => return "closed by the outside relay".into(),
+                    Err(e) => return e,
                 }
-                Ok(Some(other)) => {
-                    keepalive.received(Instant::now(), false);
-                    tracing::debug!(?other, "unexpected control message");
-                }
-                Ok(None) => return "closed by the outside relay".into(),
-                Err(e) => return e,
-            },
+            }
             Some(msg) = reports.recv() => {
                 if let Err(e) = send(&mut conn.io, &msg).await {
                     return format!("write failed: {e}");
                 }
+                seen.last_tx = Instant::now();
             }
-            () = tokio::time::sleep_until(wake.into()) => {}
+            () = tokio::time::sleep_until(wake) => {}
         }
     }
 }

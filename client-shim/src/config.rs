@@ -1,0 +1,269 @@
+//! The shim's configuration: raw (TOML and command line), then validated
+//! into [`ShimConfig`]. Errors name the key at fault, in the relay's
+//! [`ConfigError`] form.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use porthole_relay::config::{parse_duration, ConfigError, Problem};
+use porthole_relay::routes::parse_authority;
+use serde::Deserialize;
+
+use crate::keepalive;
+
+/// The listen address when none is given: the usual system-proxy port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+
+/// `shim.toml` as written; every field is optional so the command line can
+/// fill in or override what the file leaves out.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The relay's aggregate port, `HOST:PORT`.
+    pub relay: Option<String>,
+    /// The relay's `name` (its pseudonym): the host of the shim's own requests
+    /// to the relay (PAC, probes). Default: the `relay` address.
+    pub relay_name: Option<String>,
+    /// The system-proxy listener (default `127.0.0.1:3128`).
+    pub listen: Option<String>,
+    /// Forwarded ports, `LISTEN=HOST:PORT`.
+    #[serde(default)]
+    pub forward: Vec<String>,
+    /// How long a new local connection waits for the link before `502` (default `10s`).
+    pub link_wait: Option<String>,
+    /// Dialling the relay, and its first answer on a new link (default `5s`).
+    pub connect_timeout: Option<String>,
+    /// Adaptive keepalive timers (JP5535757B2).
+    #[serde(default)]
+    pub keepalive: RawKeepalive,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    /// Probe after this much silence (Timer 1, default `30s`).
+    pub idle_ping: Option<String>,
+    /// Probe this long after data stopped arriving (Timer 2, default `1s`).
+    pub gap_probe: Option<String>,
+    /// No answer to a probe within this means the link is dead (Timer 3, default `3s`).
+    pub ping_timeout: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct ShimConfig {
+    /// `HOST:PORT` of the relay, dialled as given.
+    pub relay: String,
+    /// The authority of the shim's own requests to the relay.
+    pub relay_name: String,
+    pub listen: SocketAddr,
+    pub forwards: Vec<ForwardSpec>,
+    pub link_wait: Duration,
+    pub connect_timeout: Duration,
+    pub keepalive: keepalive::Settings,
+}
+
+/// A forwarded port: a local listener whose connections tunnel to `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ForwardSpec {
+    /// Parses `LISTEN=HOST:PORT`, where `LISTEN` is `ADDR:PORT` or a bare port (on 127.0.0.1).
+    pub fn parse(text: &str) -> Result<ForwardSpec, String> {
+        let (listen, target) = text
+            .split_once('=')
+            .ok_or_else(|| format!("`{text}` is not LISTEN=HOST:PORT"))?;
+        let listen = listen.trim();
+        let listen: SocketAddr = match listen.parse::<u16>() {
+            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+            Err(_) => listen
+                .parse()
+                .map_err(|_| format!("`{listen}` is not a local ADDR:PORT"))?,
+        };
+        let (host, port) = parse_authority(target.trim(), 0)
+            .filter(|(_, port)| *port != 0)
+            .ok_or_else(|| format!("`{}` is not HOST:PORT", target.trim()))?;
+        Ok(ForwardSpec { listen, host, port })
+    }
+
+    /// `HOST:PORT` for a `CONNECT` (IPv6 literals in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.listen, self.authority())
+    }
+}
+
+impl RawConfig {
+    /// Parses `shim.toml` text; unknown keys are errors that name the key.
+    pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "config".into() } else { path };
+            one(&key, e.inner().message().to_string())
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load_file(path: &str) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| one("--config", format!("cannot read {path}: {e}")))?;
+        RawConfig::from_toml(&text)
+    }
+
+    /// Checks every key and returns the runtime form, or every problem found.
+    pub fn validate(&self) -> Result<ShimConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.into(),
+                message,
+            })
+        };
+        let relay = match self.relay.as_deref().map(str::trim) {
+            None | Some("") => {
+                problem("relay", "required: the relay's HOST:PORT".into());
+                String::new()
+            }
+            Some(r) => {
+                if !matches!(parse_authority(r, 0), Some((_, port)) if port != 0) {
+                    problem("relay", format!("`{r}` is not HOST:PORT"));
+                }
+                r.to_string()
+            }
+        };
+        let relay_name = match self.relay_name.as_deref().map(str::trim) {
+            Some(n) if n.is_empty() || n.contains(['/', ' ', '@']) => {
+                problem("relay_name", format!("`{n}` is not a host name"));
+                String::new()
+            }
+            Some(n) => n.to_ascii_lowercase(),
+            None => relay.clone(),
+        };
+        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen_text.trim().parse().unwrap_or_else(|_| {
+            problem("listen", format!("`{listen_text}` is not ADDR:PORT"));
+            SocketAddr::from(([127, 0, 0, 1], 3128))
+        });
+        let mut forwards = Vec::new();
+        for (i, text) in self.forward.iter().enumerate() {
+            match ForwardSpec::parse(text) {
+                Ok(spec) => forwards.push(spec),
+                Err(e) => problem(&format!("forward[{i}]"), e),
+            }
+        }
+        let mut duration = |key: &str, value: &Option<String>, default: Duration| match value {
+            None => default,
+            Some(v) => match parse_duration(v) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problem(key, "must be more than zero".into());
+                    default
+                }
+                Err(e) => {
+                    problem(key, e);
+                    default
+                }
+            },
+        };
+        let defaults = keepalive::Settings::default();
+        let ka = &self.keepalive;
+        let keepalive = keepalive::Settings {
+            idle_ping: duration("keepalive.idle_ping", &ka.idle_ping, defaults.idle_ping),
+            gap_probe: duration("keepalive.gap_probe", &ka.gap_probe, defaults.gap_probe),
+            ping_timeout: duration(
+                "keepalive.ping_timeout",
+                &ka.ping_timeout,
+                defaults.ping_timeout,
+            ),
+        };
+        let link_wait = duration("link_wait", &self.link_wait, Duration::from_secs(10));
+        let connect_timeout = duration(
+            "connect_timeout",
+            &self.connect_timeout,
+            Duration::from_secs(5),
+        );
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(ShimConfig {
+            relay,
+            relay_name,
+            listen,
+            forwards,
+            link_wait,
+            connect_timeout,
+            keepalive,
+        })
+    }
+}
+
+fn one(key: &str, message: String) -> ConfigError {
+    ConfigError {
+        problems: vec![Problem {
+            key: key.into(),
+            message,
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<ShimConfig, String> {
+        RawConfig::from_toml(text)
+            .and_then(|r| r.validate())
+            .map_err(|e| e.problems[0].key.clone())
+    }
+
+    #[test]
+    fn valid_and_invalid_configs_by_table() {
+        let ok = check(
+            "relay = \"relay.corp:8080\"\nforward = [\"15432=db.corp:5432\"]\n[keepalive]\ngap_probe = \"250ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.listen.to_string(), "127.0.0.1:3128");
+        assert_eq!(ok.relay_name, "relay.corp:8080");
+        assert_eq!(ok.forwards[0].to_string(), "127.0.0.1:15432=db.corp:5432");
+        assert_eq!(ok.keepalive.gap_probe, Duration::from_millis(250));
+        assert_eq!(ok.keepalive.idle_ping, Duration::from_secs(30));
+
+        let bad: &[(&str, &str)] = &[
+            ("listen = \"127.0.0.1:1\"\n", "relay"),
+            ("relay = \"nohost\"\n", "relay"),
+            ("relay = \"r:1\"\nlisten = \"x\"\n", "listen"),
+            ("relay = \"r:1\"\nforward = [\"1=db\"]\n", "forward[0]"),
+            ("relay = \"r:1\"\nforward = [\"x=db:1\"]\n", "forward[0]"),
+            ("relay = \"r:1\"\nrelay_name = \"a b\"\n", "relay_name"),
+            ("relay = \"r:1\"\nlink_wait = \"soon\"\n", "link_wait"),
+            (
+                "relay = \"r:1\"\n[keepalive]\nping_timeout = \"0s\"\n",
+                "keepalive.ping_timeout",
+            ),
+            (
+                "relay = \"r:1\"\n[keepalive]\nidle = \"1s\"\n",
+                "keepalive.idle",
+            ),
+            ("relay = \"r:1\"\nlisten_on = \"x\"\n", "listen_on"),
+            ("relay = 5\n", "relay"),
+        ];
+        for (text, key) in bad {
+            assert_eq!(check(text).err().as_deref(), Some(*key), "{text}");
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Forwarded ports ("pseudo sockets"): a local listener per forward; every
+//! accepted connection becomes one `CONNECT` stream to the forward's target
+//! over the link. Forwards are added and removed while the shim runs;
+//! removing one closes its listener (connections already open carry on).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::StatusCode;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::config::ForwardSpec;
+use crate::link::{connect_request, LinkHandle};
+use crate::AbortOnDrop;
+
+/// The forwards in force; cheap to clone.
+#[derive(Clone)]
+pub struct Forwards {
+    // A plain mutex: sections are map updates and never await.
+    inner: Arc<Mutex<BTreeMap<SocketAddr, Entry>>>,
+    link: LinkHandle,
+}
+
+struct Entry {
+    spec: ForwardSpec,
+    /// Dropping it stops the accept loop, which closes the listener.
+    _accept: AbortOnDrop,
+}
+
+impl Forwards {
+    pub fn new(link: LinkHandle) -> Forwards {
+        Forwards {
+            inner: Arc::default(),
+            link,
+        }
+    }
+
+    /// Binds the listener and starts forwarding; returns the spec with the
+    /// bound address (a port 0 is replaced by the one chosen).
+    pub async fn add(&self, mut spec: ForwardSpec) -> Result<ForwardSpec, String> {
+        if self.lock().contains_key(&spec.listen) {
+            return Err(format!("{} is already forwarded", spec.listen));
+        }
+        let listener = TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", spec.listen))?;
+        spec.listen = listener.local_addr().map_err(|e| e.to_string())?;
+        let span = tracing::info_span!("forward", listen = %spec.listen, to = %spec.authority());
+        let task =
+            tokio::spawn(accept_loop(listener, spec.clone(), self.link.clone()).instrument(span));
+        let entry = Entry {
+            spec: spec.clone(),
+            _accept: AbortOnDrop(task.abort_handle()),
+        };
+        let mut map = self.lock();
+        if map.contains_key(&spec.listen) {
+            return Err(format!("{} is already forwarded", spec.listen));
+        }
+        map.insert(spec.listen, entry);
+        tracing::info!(forward = %spec, "forward added");
+        Ok(spec)
+    }
+
+    /// Stops a forward and closes its listener; `false` if there was none.
+    pub fn remove(&self, listen: SocketAddr) -> bool {
+        let removed = self.lock().remove(&listen);
+        if let Some(entry) = &removed {
+            tracing::info!(forward = %entry.spec, "forward removed");
+        }
+        removed.is_some()
+    }
+
+    /// Stops every forward.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub fn list(&self) -> Vec<ForwardSpec> {
+        self.lock().values().map(|e| e.spec.clone()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn accept_loop(listener: TcpListener, spec: ForwardSpec, link: LinkHandle) {
+    let target = spec.authority();
+    let mut backoff = std::time::Duration::from_millis(5);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => {
+                backoff = std::time::Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and try again, keep the port.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::info_span!("conn", client = %peer);
+        tokio::spawn(tunnel(stream, target.clone(), link.clone()).instrument(span));
+    }
+}
+
+/// One forwarded connection: a `CONNECT` stream, then bytes both ways. A
+/// failure closes the local connection (a raw TCP client has no status to read).
+async fn tunnel(mut local: TcpStream, target: String, link: LinkHandle) {
+    let req = match connect_request(&target) {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "bad forward target"),
+    };
+    let resp = match link.send(req).await {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "forwarded connection refused"),
+    };
+    if resp.status() != StatusCode::OK {
+        return tracing::warn!(status = %resp.status(), "the relay refused the tunnel");
+    }
+    let upgraded = match hyper::upgrade::on(resp).await {
+        Ok(u) => u,
+        Err(e) => return tracing::warn!(error = %e, "tunnel upgrade failed"),
+    };
+    let mut remote = TokioIo::new(upgraded);
+    match tokio::io::copy_bidirectional(&mut local, &mut remote).await {
+        Ok((up, down)) => tracing::debug!(up, down, "forwarded connection closed"),
+        Err(e) => tracing::debug!(error = %e, "forwarded connection ended by an error"),
+    }
+}

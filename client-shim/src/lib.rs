@@ -1,0 +1,143 @@
+//! Porthole shim: makes unmodified applications reach internal services
+//! through the relay, as their system proxy and as local forwarded ports,
+//! over ONE multiplexed HTTP/2 link that heals itself (the "communication
+//! processing program" of JP4570628B2, the client device of JP5535757B2).
+//!
+//! Layout, in the order traffic meets it:
+//!
+//! - [`proxy`]: the system-proxy listener: proxy form, origin form, `CONNECT`;
+//! - [`forward`]: forwarded ports, each connection a `CONNECT` stream;
+//! - [`control`]: the shim's own endpoints: PAC file, status, forward control;
+//! - [`link`]: the one HTTP/2 connection to the relay, an actor with a handle;
+//! - [`keepalive`]: the adaptive keepalive decision (pure, clock as a parameter);
+//! - [`meter`]: records when bytes last crossed the link;
+//! - [`config`]: raw, then validated configuration.
+//!
+//! Shared with the relay (crate `porthole_relay`): the HTTP/2 link settings
+//! and tunnel splice (`h2`), hop-by-hop rewriting (`rewrite`), authority
+//! parsing (`routes`), identity (`dispatch`), the PAC generator (`pac`) and
+//! configuration errors (`config`).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod forward;
+/// The adaptive keepalive decision, shared with the relay's uplinks.
+pub use porthole_relay::keepalive;
+pub mod link;
+pub mod meter;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use porthole_relay::h2::Body;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ForwardSpec, RawConfig, ShimConfig};
+pub use forward::Forwards;
+pub use link::{LinkHandle, LinkState};
+
+/// What every local connection shares.
+#[derive(Clone)]
+pub struct Ctx {
+    pub link: LinkHandle,
+    pub forwards: Forwards,
+    /// The system-proxy listener's address.
+    pub listen: SocketAddr,
+}
+
+/// A running shim. Dropping it stops the listeners and the link.
+pub struct Shim {
+    /// The system-proxy listener's address.
+    pub addr: SocketAddr,
+    pub link: LinkHandle,
+    pub forwards: Forwards,
+    stop: CancellationToken,
+}
+
+impl Shim {
+    /// Starts the link, the configured forwards and the system-proxy
+    /// listener on `listener`. Fails if a forward cannot listen.
+    pub async fn start(config: ShimConfig, listener: TcpListener) -> Result<Shim, String> {
+        let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
+        let link = LinkHandle::spawn(&config);
+        let forwards = Forwards::new(link.clone());
+        for spec in &config.forwards {
+            forwards
+                .add(spec.clone())
+                .await
+                .map_err(|e| format!("forward {spec}: {e}"))?;
+        }
+        let stop = CancellationToken::new();
+        let ctx = Ctx {
+            link: link.clone(),
+            forwards: forwards.clone(),
+            listen: addr,
+        };
+        tokio::spawn(proxy::serve(listener, ctx, stop.clone()));
+        Ok(Shim {
+            addr,
+            link,
+            forwards,
+            stop,
+        })
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.forwards.clear();
+    }
+}
+
+/// Runs the shim until `shutdown` completes.
+pub async fn run(
+    config: ShimConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let shim = Shim::start(config, listener).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    drop(shim);
+    Ok(())
+}
+
+/// The shell lines that make a terminal use the shim (`porthole-shim env`).
+pub fn env_lines(listen: SocketAddr) -> String {
+    let url = format!("http://{listen}");
+    format!(
+        "export http_proxy={url} https_proxy={url} HTTP_PROXY={url} HTTPS_PROXY={url}\n\
+         export no_proxy=localhost,127.0.0.1,::1 NO_PROXY=localhost,127.0.0.1,::1\n"
+    )
+}
+
+/// A short plain-text answer made by the shim itself.
+pub(crate) fn plain(status: StatusCode, why: &str) -> Response<Body> {
+    let text = format!("{} {why}\n", status.as_u16());
+    let body = Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Aborts a task when dropped: ties a background task to its owner.
+pub(crate) struct AbortOnDrop(pub tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,338 @@
+//! The ONE HTTP/2 connection to the relay, as an actor with a handle.
+//!
+//! The actor dials the relay, checks it answers, publishes the connection's
+//! [`SendRequest`] (every local request and tunnel is one stream on it), and
+//! watches it with the adaptive [`keepalive`]. When the session ends (closed,
+//! or no answer to a probe) it reconnects under exponential backoff, which
+//! resets after a healthy session. Local listeners never notice: a request
+//! that arrives meanwhile waits for the link up to `link_wait`, then gets `502`
+//! with the reason. Dropping the last [`LinkHandle`] stops the actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use porthole_relay::h2::{Body, CONNECTION_WINDOW, STREAM_WINDOW};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::config::ShimConfig;
+use crate::keepalive::{Action, Keepalive, Settings};
+use crate::meter::{Meter, Metered};
+use crate::AbortOnDrop;
+
+/// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long was healthy: the next reconnect starts
+/// from [`BACKOFF_MIN`] again.
+const HEALTHY: Duration = Duration::from_secs(5);
+
+/// What the link is doing, as the handle sees it.
+#[derive(Clone)]
+pub enum LinkState {
+    /// (Re)connecting; the reason the last attempt or session ended.
+    Connecting { last_error: Option<String> },
+    /// Up: requests go out on this connection.
+    Up {
+        sender: SendRequest<Body>,
+        session: u64,
+    },
+}
+
+impl LinkState {
+    pub fn is_up(&self) -> bool {
+        matches!(self, LinkState::Up { sender, .. } if !sender.is_closed())
+    }
+}
+
+/// Why a request could not use the link; the text goes into a `502`.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("relay {relay} unreachable: {reason}")]
+    Unavailable { relay: String, reason: String },
+    #[error("link to relay {relay} lost: {reason}")]
+    Lost { relay: String, reason: String },
+}
+
+/// The handle shared by every local connection; cheap to clone.
+#[derive(Clone)]
+pub struct LinkHandle {
+    state: watch::Receiver<LinkState>,
+    relay: Arc<str>,
+    relay_name: Arc<str>,
+    wait: Duration,
+    _stop: Arc<DropGuard>,
+}
+
+/// What the actor needs from the configuration.
+#[derive(Clone)]
+struct Session {
+    relay: String,
+    relay_name: String,
+    connect_timeout: Duration,
+    keepalive: Settings,
+}
+
+impl LinkHandle {
+    /// Starts the actor; the link comes up in the background.
+    pub fn spawn(config: &ShimConfig) -> LinkHandle {
+        let (tx, rx) = watch::channel(LinkState::Connecting { last_error: None });
+        let stop = CancellationToken::new();
+        let session = Session {
+            relay: config.relay.clone(),
+            relay_name: config.relay_name.clone(),
+            connect_timeout: config.connect_timeout,
+            keepalive: config.keepalive,
+        };
+        tokio::spawn(run(session, tx, stop.clone()));
+        LinkHandle {
+            state: rx,
+            relay: config.relay.as_str().into(),
+            relay_name: config.relay_name.as_str().into(),
+            wait: config.link_wait,
+            _stop: Arc::new(stop.drop_guard()),
+        }
+    }
+
+    /// Follows the link's state (tests and the status endpoint).
+    pub fn watch(&self) -> watch::Receiver<LinkState> {
+        self.state.clone()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().is_up()
+    }
+
+    /// The relay's name: the authority of the shim's own requests to it.
+    pub fn relay_name(&self) -> &str {
+        &self.relay_name
+    }
+
+    /// The connection to send on, waiting up to `link_wait` for it.
+    async fn sender(&self) -> Result<SendRequest<Body>, LinkError> {
+        let mut state = self.state.clone();
+        let waited = tokio::time::timeout(self.wait, async {
+            match &*state.wait_for(LinkState::is_up).await.ok()? {
+                LinkState::Up { sender, .. } => Some(sender.clone()),
+                LinkState::Connecting { .. } => None,
+            }
+        })
+        .await;
+        if let Ok(Some(sender)) = waited {
+            return Ok(sender);
+        }
+        let reason = match &*state.borrow() {
+            LinkState::Connecting {
+                last_error: Some(e),
+            } => format!("{e} (waited {:?} for the link)", self.wait),
+            _ => format!("no link after {:?}", self.wait),
+        };
+        Err(LinkError::Unavailable {
+            relay: self.relay.to_string(),
+            reason,
+        })
+    }
+
+    /// Sends one request (one stream) over the link.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
+        let mut sender = self.sender().await?;
+        let lost = |e: hyper::Error| LinkError::Lost {
+            relay: self.relay.to_string(),
+            reason: e.to_string(),
+        };
+        sender.ready().await.map_err(lost)?;
+        sender.send_request(req).await.map_err(lost)
+    }
+}
+
+/// A `CONNECT host:port` stream request.
+pub fn connect_request(authority: &str) -> Result<Request<Body>, http::Error> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(empty())
+}
+
+pub fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The wait before the next connection attempt: doubles per failure up to
+/// [`BACKOFF_MAX`], and starts again from [`BACKOFF_MIN`] after a session
+/// that stayed up for [`HEALTHY`] (a pure decision, tested by table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// A session that lasted `lasted` just ended: how long to wait now.
+    pub fn after(&mut self, lasted: Duration) -> Duration {
+        if lasted >= HEALTHY {
+            self.next = BACKOFF_MIN;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+/// The actor: sessions one after the other, with backoff between them.
+async fn run(session: Session, tx: watch::Sender<LinkState>, stop: CancellationToken) {
+    let mut backoff = Backoff::default();
+    let mut id = 0u64;
+    loop {
+        id += 1;
+        let started = Instant::now();
+        let reason = tokio::select! {
+            () = stop.cancelled() => return,
+            reason = run_session(&session, &tx, id) => reason,
+        };
+        let wait = backoff.after(started.elapsed());
+        tracing::warn!(relay = %session.relay, %reason, retry_in = ?wait, "link down");
+        tx.send_replace(LinkState::Connecting {
+            last_error: Some(reason),
+        });
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One connection to the relay, from dialling to its end; returns why it ended.
+async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> String {
+    let dialled = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&s.relay)).await;
+    let tcp = match dialled {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return format!("cannot connect: {e}"),
+        Err(_) => return format!("no connection within {:?}", s.connect_timeout),
+    };
+    let _ = tcp.set_nodelay(true);
+    let meter = Meter::new();
+    let io = TokioIo::new(Metered::new(tcp, meter.clone()));
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let (sender, conn) = match builder.handshake::<_, Body>(io).await {
+        Ok(pair) => pair,
+        Err(e) => return format!("HTTP/2 handshake failed: {e}"),
+    };
+    let conn = tokio::spawn(conn);
+    // When the session ends, however it ends: fail the socket's IO (hyper's
+    // own connection task then ends and every open stream gets an error)
+    // and stop the request dispatcher.
+    let _kill = KillOnDrop(meter.clone());
+    let _close = AbortOnDrop(conn.abort_handle());
+    tokio::pin!(conn);
+
+    // The link is up only once the relay has answered over it.
+    let first = tokio::time::timeout(s.connect_timeout, probe(sender.clone(), &s.relay_name));
+    match first.await {
+        Ok(Ok(status)) => tracing::info!(relay = %s.relay, session = id, %status, "link up"),
+        Ok(Err(e)) => return format!("no HTTP/2 answer: {e}"),
+        Err(_) => return format!("no HTTP/2 answer within {:?}", s.connect_timeout),
+    }
+    tx.send_replace(LinkState::Up {
+        sender: sender.clone(),
+        session: id,
+    });
+
+    let mut keepalive = Keepalive::new(s.keepalive, Instant::now());
+    loop {
+        let until = match keepalive.poll(Instant::now(), meter.activity()) {
+            Action::Wait(until) => until,
+            Action::Dead => {
+                return format!(
+                    "no answer to a keepalive probe within {:?}",
+                    s.keepalive.ping_timeout
+                )
+            }
+            Action::Probe(why) => {
+                tracing::debug!(?why, "keepalive probe");
+                // Any bytes back answer it; the result itself does not matter.
+                let (sender, name) = (sender.clone(), s.relay_name.clone());
+                tokio::spawn(async move { probe(sender, &name).await });
+                continue;
+            }
+        };
+        tokio::select! {
+            ended = &mut conn => {
+                return match ended {
+                    Ok(Ok(())) => "the relay closed the link".to_string(),
+                    Ok(Err(e)) => format!("link failed: {e}"),
+                    Err(e) => format!("link task failed: {e}"),
+                };
+            }
+            () = tokio::time::sleep_until(until) => {}
+            () = meter.sent_unanswered() => {}
+        }
+    }
+}
+
+struct KillOnDrop(Arc<Meter>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
+/// A tiny request to the relay itself (`HEAD http://<relay name>/`): hyper
+/// does not let its user send HTTP/2 PING frames, so this stands in for one.
+/// Its answer is one HEADERS frame; any status proves the relay alive.
+async fn probe(mut sender: SendRequest<Body>, relay_name: &str) -> Result<StatusCode, String> {
+    let req = Request::builder()
+        .method(Method::HEAD)
+        .uri(format!("http://{relay_name}/"))
+        .body(empty())
+        .map_err(|e| format!("bad relay_name: {e}"))?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets_after_a_healthy_session() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::default();
+        // (how long the session lasted, wait expected)
+        let steps = [
+            (ms(0), ms(100)),
+            (ms(10), ms(200)),
+            (ms(10), ms(400)),
+            (ms(4_999), ms(800)),
+            (ms(5_000), ms(100)),
+            (ms(0), ms(200)),
+        ];
+        for (i, (lasted, want)) in steps.into_iter().enumerate() {
+            assert_eq!(b.after(lasted), want, "step {i}");
+        }
+        for _ in 0..20 {
+            b.after(ms(0));
+        }
+        assert_eq!(b.after(ms(0)), BACKOFF_MAX);
+    }
+}

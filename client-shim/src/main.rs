@@ -1,0 +1,219 @@
+//! `porthole-shim`: parses arguments, sets up logging, loads and validates the
+//! configuration (exit 64 before binding anything if it is bad), binds the
+//! system-proxy port and runs the shim until SIGTERM or SIGINT. Subcommands
+//! print the shell setup (`env`) and change forwards of a running shim.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use http::Method;
+use porthole_relay::config::ConfigError;
+use porthole_shim::config::{RawConfig, DEFAULT_LISTEN};
+use porthole_shim::control;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a bad configuration, before anything is bound.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "porthole-shim",
+    version,
+    about = "Local system proxy and forwarded ports over one link to a Porthole relay"
+)]
+struct Cli {
+    /// Configuration file (keys relay, listen, forward, ...).
+    #[arg(long, short, global = true)]
+    config: Option<String>,
+    /// The relay's aggregate port, HOST:PORT.
+    #[arg(long, global = true)]
+    relay: Option<String>,
+    /// The system-proxy listener (default 127.0.0.1:3128).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// A forwarded port, LISTEN=HOST:PORT (repeatable).
+    #[arg(long = "forward", global = true)]
+    forwards: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the shell lines that make a terminal use the shim.
+    Env,
+    /// Validate the configuration and print each problem with its key.
+    Check,
+    /// Change the forwarded ports of the running shim.
+    Forward {
+        #[command(subcommand)]
+        action: ForwardAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForwardAction {
+    /// Open LISTEN and forward its connections to HOST:PORT.
+    Add { spec: String },
+    /// Close the forward listening on LISTEN (ADDR:PORT or a port on 127.0.0.1).
+    Remove {
+        #[arg(value_name = "LISTEN")]
+        addr: String,
+    },
+    /// Print the forwards, one LISTEN=HOST:PORT per line.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut raw = match cli.config.as_deref().map(RawConfig::load_file).transpose() {
+        Ok(raw) => raw.unwrap_or_default(),
+        Err(e) => return bad_config(&cli, &e),
+    };
+    // The command line wins over the file; forwards add up.
+    if cli.relay.is_some() {
+        raw.relay = cli.relay.clone();
+    }
+    if cli.listen.is_some() {
+        raw.listen = cli.listen.clone();
+    }
+    raw.forward.extend(cli.forwards.iter().cloned());
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match &cli.command {
+        Some(Command::Env) => match listen_of(&raw) {
+            Ok(listen) => {
+                print!("{}", porthole_shim::env_lines(listen));
+                ExitCode::SUCCESS
+            }
+            Err(e) => bad_config(&cli, &e),
+        },
+        Some(Command::Forward { action }) => match listen_of(&raw) {
+            Ok(shim) => runtime.block_on(forward_command(shim, action)),
+            Err(e) => bad_config(&cli, &e),
+        },
+        Some(Command::Check) => match raw.validate() {
+            Ok(c) => {
+                println!(
+                    "ok: relay {}, listen {}, {} forwards",
+                    c.relay,
+                    c.listen,
+                    c.forwards.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => bad_config(&cli, &e),
+        },
+        None => {
+            let config = match raw.validate() {
+                Ok(c) => c,
+                Err(e) => return bad_config(&cli, &e),
+            };
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(config.listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(listen = %config.listen, error = %e, "cannot bind");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tracing::info!(listen = %config.listen, relay = %config.relay, forwards = config.forwards.len(), "listening");
+                match porthole_shim::run(config, listener, shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "shim failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// The system-proxy address from the config, without requiring the rest.
+fn listen_of(raw: &RawConfig) -> Result<SocketAddr, ConfigError> {
+    let text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    text.trim().parse().map_err(|_| ConfigError {
+        problems: vec![porthole_relay::config::Problem {
+            key: "listen".into(),
+            message: format!("`{text}` is not ADDR:PORT"),
+        }],
+    })
+}
+
+fn bad_config(cli: &Cli, e: &ConfigError) -> ExitCode {
+    let source = cli.config.as_deref().unwrap_or("command line");
+    for p in &e.problems {
+        eprintln!("{source}: {p}");
+    }
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+async fn forward_command(shim: SocketAddr, action: &ForwardAction) -> ExitCode {
+    let path = format!("{}forwards", control::PREFIX);
+    let called = match action {
+        ForwardAction::Add { spec } => control::call(shim, Method::POST, &path, spec.clone()).await,
+        ForwardAction::List => control::call(shim, Method::GET, &path, String::new()).await,
+        ForwardAction::Remove { addr } => {
+            // A bare port means 127.0.0.1, as in LISTEN=HOST:PORT.
+            let listen = match addr.parse::<u16>() {
+                Ok(port) => format!("127.0.0.1:{port}"),
+                Err(_) => addr.clone(),
+            };
+            control::call(
+                shim,
+                Method::DELETE,
+                &format!("{path}/{listen}"),
+                String::new(),
+            )
+            .await
+        }
+    };
+    match called {
+        Ok((status, body)) if status.is_success() => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((_, body)) => {
+            eprint!("{body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,281 @@
+//! The local system-proxy listener. An application's request, in proxy form
+//! (`GET http://app/x`) or in origin form with `Host: app` (an application
+//! pointed at the shim as if it were the server), goes to the relay as one
+//! HTTP/2 stream in absolute form: `:authority` is the application's target,
+//! which the relay restores as `Host` (JP4570628B2 figures 6-7). `CONNECT` is
+//! passed on as an HTTP/2 `CONNECT` stream. Requests for the shim itself go
+//! to [`control`](crate::control).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use porthole_relay::dispatch::Identity;
+use porthole_relay::h2::Body;
+use porthole_relay::rewrite::strip_hop_by_hop_map;
+use porthole_relay::routes::parse_authority;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::link::{connect_request, LinkHandle};
+use crate::{control, plain, Ctx};
+
+/// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
+/// hides it from the internal server.
+const VIA: &str = "1.1 porthole-shim (porthole)";
+
+/// A host name that always means the shim itself (besides its listen address).
+pub const SHIM_NAME: &str = "porthole-shim";
+
+/// What a local request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A tunnel to `host:port`.
+    Connect(String),
+    /// A request for the relay to relay: `http://authority/path`.
+    Relay { authority: String, path: String },
+    /// The shim's own endpoints, with the path.
+    Local(String),
+}
+
+/// Decides what a request is for (pure). `Err` is the reason for a `400`.
+pub fn classify(
+    method: &Method,
+    uri: &Uri,
+    host: Option<&str>,
+    me: Identity<'_>,
+) -> Result<Kind, &'static str> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    if method == Method::CONNECT {
+        let authority = uri.authority().ok_or("CONNECT target must be host:port")?;
+        return match parse_authority(authority.as_str(), 0) {
+            Some((_, port)) if port != 0 => Ok(Kind::Connect(authority.to_string())),
+            _ => Err("CONNECT target must be host:port"),
+        };
+    }
+    let authority = match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(a)) => a.as_str().to_string(),
+        (Some(_), _) => return Err("only http:// is relayed in proxy form; use CONNECT"),
+        (None, _) => host.ok_or("missing Host header")?.trim().to_string(),
+    };
+    let (name, port) = parse_authority(&authority, 80).ok_or("invalid Host")?;
+    if me.is_own(&name, port) {
+        return Ok(Kind::Local(path));
+    }
+    Ok(Kind::Relay { authority, path })
+}
+
+/// Accepts local connections until `stop`; each is served as HTTP/1.
+pub async fn serve(listener: TcpListener, ctx: Ctx, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::info_span!("local", client = %peer);
+        tokio::spawn(connection(stream, peer, ctx.clone()).instrument(span));
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Ctx) {
+    let local = stream.local_addr().unwrap_or(ctx.listen);
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, local, ctx).await) }
+    });
+    // With a timer, hyper bounds the wait for a request head (30 s by default).
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = served.await {
+        tracing::debug!(error = %e, "local connection ended");
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Ctx,
+) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let me = Identity {
+        name: SHIM_NAME,
+        local,
+    };
+    match classify(req.method(), req.uri(), host.as_deref(), me) {
+        Err(why) => plain(StatusCode::BAD_REQUEST, why),
+        Ok(Kind::Local(path)) => control::serve(req, &path, peer, local, &ctx).await,
+        Ok(Kind::Connect(authority)) => connect(req, &authority, &ctx.link).await,
+        Ok(Kind::Relay { authority, path }) => relay(req, &authority, &path, &ctx.link).await,
+    }
+}
+
+/// Sends the request over the link and returns the relay's answer as it is
+/// (`403` and the relay's other errors unchanged).
+async fn relay(
+    req: Request<Incoming>,
+    authority: &str,
+    path: &str,
+    link: &LinkHandle,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let uri = match format!("http://{authority}{path}").parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target"),
+    };
+    strip_hop_by_hop_map(&mut parts.headers);
+    // The target travels as :authority; the relay writes Host back from it.
+    parts.headers.remove(header::HOST);
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static(VIA));
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_2;
+    let out = Request::from_parts(parts, body.boxed());
+    match link.send(out).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "request not relayed");
+            plain(StatusCode::BAD_GATEWAY, &e.to_string())
+        }
+    }
+}
+
+/// Opens a `CONNECT` stream; on `200`, answers the application `200` and
+/// splices the two upgraded streams.
+async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> Response<Body> {
+    let out = match connect_request(authority) {
+        Ok(r) => r,
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "CONNECT target must be host:port"),
+    };
+    let resp = match link.send(out).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "tunnel not opened");
+            return plain(StatusCode::BAD_GATEWAY, &e.to_string());
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.boxed());
+    }
+    let local = hyper::upgrade::on(req);
+    let remote = hyper::upgrade::on(resp);
+    tokio::spawn(porthole_relay::h2::splice(local, remote).in_current_span());
+    Response::new(crate::link::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_forms_by_table() {
+        let me = Identity {
+            name: SHIM_NAME,
+            local: "127.0.0.1:3128".parse().unwrap(),
+        };
+        let relay = |a: &str, p: &str| {
+            Ok(Kind::Relay {
+                authority: a.into(),
+                path: p.into(),
+            })
+        };
+        type Case = (
+            Method,
+            &'static str,
+            Option<&'static str>,
+            Result<Kind, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                Method::GET,
+                "http://app-a.test:81/x?q",
+                Some("app-a.test:81"),
+                relay("app-a.test:81", "/x?q"),
+            ),
+            (
+                Method::GET,
+                "/x",
+                Some("app-a.test:81"),
+                relay("app-a.test:81", "/x"),
+            ),
+            (
+                Method::POST,
+                "/",
+                Some("wiki.corp"),
+                relay("wiki.corp", "/"),
+            ),
+            (
+                Method::CONNECT,
+                "db.test:5432",
+                None,
+                Ok(Kind::Connect("db.test:5432".into())),
+            ),
+            (
+                Method::GET,
+                "/proxy.pac",
+                Some("127.0.0.1:3128"),
+                Ok(Kind::Local("/proxy.pac".into())),
+            ),
+            (
+                Method::GET,
+                "/proxy.pac",
+                Some("localhost:3128"),
+                Ok(Kind::Local("/proxy.pac".into())),
+            ),
+            (
+                Method::GET,
+                "http://127.0.0.1:3128/x",
+                None,
+                Ok(Kind::Local("/x".into())),
+            ),
+            (
+                Method::GET,
+                "/",
+                Some("porthole-shim"),
+                Ok(Kind::Local("/".into())),
+            ),
+            (
+                Method::GET,
+                "/",
+                Some("localhost:8000"),
+                relay("localhost:8000", "/"),
+            ),
+            (Method::GET, "/x", None, Err("missing Host header")),
+            (
+                Method::GET,
+                "https://a.test/",
+                None,
+                Err("only http:// is relayed in proxy form; use CONNECT"),
+            ),
+        ];
+        for (method, uri, host, want) in cases {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(classify(&method, &uri, host, me), want, "{method} {uri}");
+        }
+    }
+}

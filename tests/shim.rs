@@ -1,0 +1,577 @@
+//! The shim, driven by the real curl: both request forms through the system
+//! proxy, CONNECT, forwarded ports, many tunnels over one relay connection,
+//! a link failure healed without restarting anything, h2c on the relay
+//! itself, and the real `porthole-shim` binary with `conf/shim.toml`.
+//! Every test starts its own relay, shim and internal servers on free ports.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use porthole_shim::{control, LinkState, RawConfig, Shim, ShimConfig};
+use porthole_suite::{
+    binary, config_with, free_port, response, route, wait_for_port, workspace_root, Curl,
+    EchoServer, LinkProxy, Origin, Relay, Reply,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn shim_config(relay: SocketAddr, extra: &str) -> ShimConfig {
+    let text = format!(
+        "relay = \"{relay}\"\nrelay_name = \"relay.test\"\nlisten = \"127.0.0.1:0\"\n{extra}"
+    );
+    RawConfig::from_toml(&text).unwrap().validate().unwrap()
+}
+
+async fn start_shim(config: ShimConfig) -> Shim {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Shim::start(config, listener).await.unwrap()
+}
+
+/// `CONNECT target` through a proxy; returns the stream after `200`.
+async fn connect_via(proxy: SocketAddr, target: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// Writes `msg`, half-closes, and reads everything back.
+async fn echo_round(mut s: TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back))
+        .await
+        .expect("echo answered in time")
+        .unwrap();
+    back
+}
+
+async fn wait_state(shim: &Shim, up: bool, limit: Duration) {
+    let mut watch = shim.link.watch();
+    tokio::time::timeout(limit, watch.wait_for(|s| s.is_up() == up))
+        .await
+        .unwrap_or_else(|_| panic!("link up={up} not reached within {limit:?}"))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn relay_serves_h2c_prior_knowledge_and_its_pac_file() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let host = format!("app-a.test:{}", origin.port());
+    let out = Curl::new(&format!("{}/h2?x=1", relay.url()))
+        .args(&["--http2-prior-knowledge", "-H", &format!("Host: {host}")])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.head.starts_with("HTTP/2 200"), "{}", out.head);
+    assert_eq!(out.text(), "ok /h2?x=1");
+    assert_eq!(out.header("via"), vec!["1.1 relay.test (porthole)"]);
+    let got = origin.single();
+    assert_eq!(got.target, "/h2?x=1");
+    assert_eq!(got.header("host"), Some(host.as_str()));
+
+    // Refusals are the HTTP/1 path's, unchanged.
+    let out = Curl::new(&format!("{}/", relay.url()))
+        .args(&["--http2-prior-knowledge", "-H", "Host: nowhere.test"])
+        .run()
+        .await;
+    assert_eq!(out.status, 403, "{out:?}");
+
+    // The PAC file, over HTTP/1 and HTTP/2: routes through the relay, the rest DIRECT.
+    for h2 in [false, true] {
+        let mut curl = Curl::new(&format!("{}/proxy.pac", relay.url()));
+        if h2 {
+            curl = curl.arg("--http2-prior-knowledge");
+        }
+        let out = curl.run().await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(
+            out.header("content-type"),
+            vec!["application/x-ns-proxy-autoconfig"]
+        );
+        let pac = out.text();
+        assert!(pac.contains(&format!("\"PROXY {}\"", relay.addr)), "{pac}");
+        assert!(
+            pac.contains("if (host == \"app-a.test\") return proxy;"),
+            "{pac}"
+        );
+        assert!(pac.contains("return \"DIRECT\";"), "{pac}");
+    }
+}
+
+#[tokio::test]
+async fn proxy_form_and_origin_form_reach_the_server_as_the_application_wrote_them() {
+    let origin = Origin::ok().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route(
+            "app-b.test",
+            "127.0.0.1",
+            &[origin.port()],
+            "transparent = true",
+        );
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let shim_url = format!("http://{}", shim.addr);
+
+    // Proxy form (HTTP_PROXY): the route adds Via; the shim's entry is there too.
+    let a = format!("app-a.test:{}", origin.port());
+    let out = Curl::new(&format!("http://{a}/x?q=1"))
+        .proxy(&shim_url)
+        .header("X-App: Kept  as is")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /x?q=1");
+    let got = &origin.received()[0];
+    assert_eq!(got.target, "/x?q=1");
+    assert_eq!(got.header("host"), Some(a.as_str()));
+    assert_eq!(got.header("x-app"), Some("Kept  as is"));
+    assert_eq!(
+        got.all("via"),
+        vec!["1.1 porthole-shim (porthole)", "1.1 relay.test (porthole)"],
+        "{}",
+        got.raw_head
+    );
+
+    // Origin form with Host: target (an application pointed at the shim as if
+    // it were the server), on a transparent route: the head arrives as written.
+    let b = format!("app-b.test:{}", origin.port());
+    let out = Curl::new(&format!("{shim_url}/y"))
+        .header(&format!("Host: {b}"))
+        .header("Via: 1.1 app-gw")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let got = &origin.received()[1];
+    assert_eq!(got.target, "/y");
+    assert_eq!(got.header("host"), Some(b.as_str()));
+    assert_eq!(got.all("via"), vec!["1.1 app-gw"], "{}", got.raw_head);
+
+    // The relay's refusal is passed on unchanged.
+    let out = Curl::new("http://nowhere.test/")
+        .proxy(&shim_url)
+        .run()
+        .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert!(out.text().contains("nowhere.test"), "{}", out.text());
+
+    // The PAC file from the shim points at the shim.
+    let out = Curl::new(&format!("{shim_url}/proxy.pac")).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        out.text().contains(&format!("\"PROXY {}\"", shim.addr)),
+        "{}",
+        out.text()
+    );
+    assert!(out.text().contains("app-b.test"), "{}", out.text());
+    // One link for all of it: every request was a stream on the same connection.
+    assert_eq!(origin.received().len(), 2);
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_through_the_shim() {
+    let origin = Origin::start(|r| {
+        if r.target == "/big" {
+            return Reply::Generated { len: 8 << 20 };
+        }
+        let body = format!("got {} bytes", r.body.len());
+        Reply::Raw(response(200, &[], body.as_bytes()))
+    })
+    .await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let proxy = format!("http://{}", shim.addr);
+    let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
+
+    // Content-Length upload, then a chunked one of unknown length.
+    let upload = vec![b'u'; 300_000];
+    let out = Curl::new(&url("/up"))
+        .proxy(&proxy)
+        .args(&["--data-binary", "@-"])
+        .stdin(upload.clone())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "got 300000 bytes");
+    let out = Curl::new(&url("/chunked"))
+        .proxy(&proxy)
+        .args(&["--data-binary", "@-", "-H", "Transfer-Encoding: chunked"])
+        .stdin(upload.clone())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "got 300000 bytes");
+    let received = origin.received();
+    assert_eq!(received[0].body, upload);
+    assert_eq!(received[1].body, upload);
+
+    // An 8 MiB download, more than the stream window.
+    let out = Curl::new(&url("/big")).proxy(&proxy).run().await;
+    assert_eq!(out.status, 200, "{}", out.stderr);
+    assert_eq!(out.body.len(), 8 << 20);
+}
+
+#[tokio::test]
+async fn connect_through_the_shim_with_half_close() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("echo.test", "127.0.0.1", &[echo.port()], "");
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+
+    // curl -p: HTTP inside a CONNECT tunnel through shim and relay.
+    let out = Curl::new(&format!("http://app-a.test:{}/tunnelled", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .arg("-p")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tunnelled");
+    assert_eq!(origin.single().target, "/tunnelled");
+
+    // Raw bytes both ways; the client's half-close reaches the server.
+    let s = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    assert_eq!(echo_round(s, b"ping").await, b"pingbye\n");
+    assert_eq!(echo.half_closes(), 1);
+
+    // A refused CONNECT is the relay's 403.
+    let out = Curl::new("http://nowhere.test:443/")
+        .proxy(&format!("http://{}", shim.addr))
+        .arg("-p")
+        .run()
+        .await;
+    assert!(out.head.contains(" 403"), "{out:?}");
+}
+
+#[tokio::test]
+async fn relay_unreachable_is_a_502_with_the_reason() {
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let shim = start_shim(shim_config(closed, "link_wait = \"300ms\"\n")).await;
+    let started = Instant::now();
+    let out = Curl::new("http://app-a.test/")
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let text = out.text();
+    assert!(
+        text.contains(&format!("relay {closed} unreachable")),
+        "{text}"
+    );
+    assert!(text.contains("cannot connect"), "{text}");
+}
+
+#[tokio::test]
+async fn a_new_connection_waits_for_the_link_instead_of_failing() {
+    let origin = Origin::ok().await;
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // The shim starts first, while nothing listens at the relay's address.
+    let shim = start_shim(shim_config(relay_addr, "link_wait = \"10s\"\n")).await;
+    let url = format!("http://app-a.test:{}/late", origin.port());
+    let early = tokio::spawn(
+        Curl::new(&url)
+            .proxy(&format!("http://{}", shim.addr))
+            .run(),
+    );
+    // Let the request arrive and the first dials fail (the point of this test).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!shim.link.is_up());
+
+    let text = config_with(&route("app-a.test", "127.0.0.1", &[origin.port()], ""), "");
+    let config = porthole_relay::Config::from_toml(&text).unwrap();
+    let listeners = porthole_relay::Listeners {
+        aggregate: TcpListener::bind(relay_addr).await.unwrap(),
+        admin: None,
+    };
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(porthole_relay::run(listeners, config, async {
+        let _ = stopped.await;
+    }));
+    let out = early.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(origin.single().target, "/late");
+}
+
+#[tokio::test]
+async fn forwarded_ports_are_added_used_listed_and_removed() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("db.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let first = free_port();
+    let extra = format!("forward = [\"{first}=db.test:{}\"]\n", echo.port());
+    let shim = start_shim(shim_config(relay.addr, &extra)).await;
+    let first: SocketAddr = format!("127.0.0.1:{first}").parse().unwrap();
+
+    let s = TcpStream::connect(first).await.unwrap();
+    assert_eq!(echo_round(s, b"from config").await, b"from configbye\n");
+
+    // Added while running, through the control endpoint.
+    let second = free_port();
+    let spec = format!("127.0.0.1:{second}=db.test:{}", echo.port());
+    let path = format!("{}forwards", control::PREFIX);
+    let (status, body) = control::call(shim.addr, http::Method::POST, &path, spec.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let second: SocketAddr = format!("127.0.0.1:{second}").parse().unwrap();
+    let s = TcpStream::connect(second).await.unwrap();
+    assert_eq!(echo_round(s, b"added").await, b"addedbye\n");
+
+    let (status, list) = control::call(shim.addr, http::Method::GET, &path, String::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let mut got: Vec<&str> = list.lines().collect();
+    got.sort();
+    let first_spec = format!("{first}=db.test:{}", echo.port());
+    let mut want = vec![first_spec.as_str(), spec.as_str()];
+    want.sort();
+    assert_eq!(got, want);
+
+    // Removed: its listener is closed.
+    let (status, _) = control::call(
+        shim.addr,
+        http::Method::DELETE,
+        &format!("{path}/{second}"),
+        String::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_refused(second).await;
+    assert_eq!(shim.forwards.list().len(), 1);
+}
+
+/// The listener closes promptly once its task is aborted.
+async fn assert_refused(addr: SocketAddr) {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            _ if start.elapsed() > Duration::from_secs(3) => panic!("{addr} still accepts"),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_tunnels_share_one_relay_connection() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("echo.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let counter = LinkProxy::start(relay.addr).await;
+    let shim = start_shim(shim_config(counter.addr, "")).await;
+    let target = format!("echo.test:{}", echo.port());
+
+    // Open all 200 first, so they are concurrent, then use them.
+    let mut open = Vec::new();
+    for _ in 0..200 {
+        let (addr, target) = (shim.addr, target.clone());
+        open.push(tokio::spawn(
+            async move { connect_via(addr, &target).await },
+        ));
+    }
+    let mut streams = Vec::new();
+    for t in open {
+        streams.push(t.await.unwrap());
+    }
+    let mut rounds = Vec::new();
+    for (i, s) in streams.into_iter().enumerate() {
+        rounds.push(tokio::spawn(async move {
+            let msg = format!("tunnel {i}");
+            let back = echo_round(s, msg.as_bytes()).await;
+            assert_eq!(back, format!("{msg}bye\n").into_bytes());
+        }));
+    }
+    for r in rounds {
+        r.await.unwrap();
+    }
+    assert_eq!(echo.half_closes(), 200);
+    assert_eq!(counter.accepted(), 1, "the shim opened more than one link");
+}
+
+#[tokio::test]
+async fn a_dead_link_is_detected_and_healed_without_restarting_anything() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("db.test", "127.0.0.1", &[echo.port()], "");
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let cable = LinkProxy::start(relay.addr).await;
+    let forward = free_port();
+    let (gap, answer) = (Duration::from_millis(300), Duration::from_millis(700));
+    let extra = format!(
+        "forward = [\"{forward}=db.test:{}\"]\n[keepalive]\nidle_ping = \"30s\"\ngap_probe = \"300ms\"\nping_timeout = \"700ms\"\n",
+        echo.port()
+    );
+    let shim = start_shim(shim_config(cable.addr, &extra)).await;
+    let forward: SocketAddr = format!("127.0.0.1:{forward}").parse().unwrap();
+    let proxy = format!("http://{}", shim.addr);
+    let url = format!("http://app-a.test:{}/x", origin.port());
+
+    let use_both = || async {
+        let out = Curl::new(&url).proxy(&proxy).run().await;
+        assert_eq!(out.status, 200, "{out:?}");
+        let s = TcpStream::connect(forward).await.unwrap();
+        assert_eq!(echo_round(s, b"hi").await, b"hibye\n");
+    };
+    use_both().await;
+    assert_eq!(cable.accepted(), 1);
+    wait_state(&shim, true, Duration::from_secs(1)).await;
+
+    // The cable goes dead silently: no FIN, no RST, bytes just stop. An
+    // application sends a request into it.
+    cable.blackhole();
+    let cut = Instant::now();
+    let stuck = tokio::spawn(Curl::new(&url).proxy(&proxy).max_time(15).run());
+    wait_state(&shim, false, Duration::from_secs(5)).await;
+    let detected = cut.elapsed();
+    assert!(
+        detected <= gap + answer + Duration::from_millis(700),
+        "detected after {detected:?}, allowed gap_probe + ping_timeout = {:?}",
+        gap + answer
+    );
+    if let LinkState::Connecting { last_error } = &*shim.link.watch().borrow() {
+        let why = last_error.clone().unwrap_or_default();
+        assert!(why.contains("keepalive"), "{why}");
+    }
+    // The request caught on the dead link gets a 502 that says so.
+    let out = stuck.await.unwrap();
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("link to relay"), "{}", out.text());
+
+    // It reconnects by itself; the same listeners work again.
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    use_both().await;
+    assert_eq!(cable.accepted(), 2);
+}
+
+#[tokio::test]
+async fn the_real_binary_runs_conf_shim_toml() {
+    // conf/shim.toml is a valid example.
+    let conf = workspace_root().join("conf/shim.toml");
+    let config = RawConfig::load_file(conf.to_str().unwrap())
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(config.listen.to_string(), "127.0.0.1:3128");
+    assert_eq!(config.relay_name, "relay.corp.example");
+
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("localhost", "127.0.0.1", &[echo.port()], "");
+    let text = config_with(&routes, "").replace("relay.test", "relay.corp.example");
+    let relay = Relay::start(&text).await;
+
+    // The example's ports are fixed: the same file with its forward moved to
+    // a free port, and the relay and listen addresses from the command line.
+    let fixed_forward = free_port();
+    let dir = std::env::temp_dir().join(format!(
+        "porthole-shim-{}-{fixed_forward}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(&conf).unwrap();
+    let copy = dir.join("shim.toml");
+    std::fs::write(
+        &copy,
+        example.replace(":15432=", &format!(":{fixed_forward}=")),
+    )
+    .unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let shim_bin = binary("porthole-shim");
+    let log = std::fs::File::create(dir.join("shim.log")).unwrap();
+    let _child = tokio::process::Command::new(&shim_bin)
+        .arg("--config")
+        .arg(&copy)
+        .args([
+            "--relay",
+            &relay.addr.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(listen, Duration::from_secs(10)).await;
+
+    let out = Curl::new(&format!("http://app-a.test:{}/bin", origin.port()))
+        .proxy(&format!("http://{listen}"))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = Curl::new(&format!("http://{listen}/proxy.pac")).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        out.text().contains(&format!("\"PROXY {listen}\"")),
+        "{}",
+        out.text()
+    );
+
+    // forward add | list | remove, as a user types them.
+    let cli = |args: Vec<String>| {
+        let bin = shim_bin.clone();
+        async move {
+            let out = tokio::process::Command::new(bin)
+                .args(["--listen", &listen.to_string()])
+                .args(&args)
+                .output()
+                .await
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.success(), format!("{stdout}{stderr}"))
+        }
+    };
+    let port = free_port();
+    let spec = format!("127.0.0.1:{port}=localhost:{}", echo.port());
+    let (ok, out) = cli(vec!["forward".into(), "add".into(), spec.clone()]).await;
+    assert!(ok, "{out}");
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert_eq!(echo_round(s, b"bin").await, b"binbye\n");
+    let (ok, list) = cli(vec!["forward".into(), "list".into()]).await;
+    assert!(ok);
+    assert!(list.contains(&spec), "{list}");
+    let from_file = format!("127.0.0.1:{fixed_forward}=localhost:8000");
+    assert!(list.contains(&from_file), "{list}");
+    let (ok, out) = cli(vec!["forward".into(), "remove".into(), port.to_string()]).await;
+    assert!(ok, "{out}");
+    assert_refused(format!("127.0.0.1:{port}").parse().unwrap()).await;
+
+    // env prints the four proxy variables pointing at the shim.
+    let (ok, env) = cli(vec!["env".into()]).await;
+    assert!(ok);
+    let url = format!("http://{listen}");
+    for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+        assert!(env.contains(&format!("{var}={url}")), "{env}");
+    }
+}
