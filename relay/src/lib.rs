@@ -10,6 +10,7 @@
 //! - [`h2`]: HTTP/2 connections, each stream served through [`http1`];
 //! - [`forward`]: the HTTP relay of one request to its route's internal server;
 //! - [`tunnel`]: `CONNECT` and upgraded connections, bytes both ways;
+//! - [`splice`]: the zero-copy data path of TCP-to-TCP tunnels (Linux `splice(2)`);
 //! - [`local`]: the relay's own endpoints on the aggregate port;
 //! - [`pac`]: the proxy auto-config file generated from the routes;
 //! - [`admin`]: the admin listener (health, metrics, reload; publishing);
@@ -44,6 +45,7 @@ pub mod pac;
 pub mod rewrite;
 pub mod routes;
 pub mod secret;
+pub mod splice;
 pub mod status;
 pub mod tunnel;
 pub mod uplink;

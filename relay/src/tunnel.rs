@@ -9,11 +9,15 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
 use crate::access_log::Access;
 use crate::codec::{Conn, Io};
 use crate::error::{ErrorKind, RelayError};
 use crate::http1::write_error;
 use crate::metrics::{GaugeGuard, Name, RouteLabels};
+use crate::upstream::Upstream;
 use crate::ConnCtx;
 
 /// Copy buffer per direction, allocated only while the tunnel is in use.
@@ -150,11 +154,12 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
     let down = AtomicU64::new(0);
     let start = Instant::now();
     let last = AtomicU64::new(0);
-
-    let (ar, aw) = tokio::io::split(a.io);
-    let (br, bw) = tokio::io::split(b.io);
-    let a_to_b = pump(ar, bw, a.buf.freeze(), &up, &last, start);
-    let b_to_a = pump(br, aw, b.buf.freeze(), &down, &last, start);
+    // Buffers read ahead are replayed, then dropped: an idle tunnel keeps none.
+    let (a_first, b_first) = (
+        Bytes::copy_from_slice(&a.buf),
+        Bytes::copy_from_slice(&b.buf),
+    );
+    let (a, b) = (a.io, b.io);
     let watchdog = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -165,13 +170,29 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
             tokio::time::sleep(idle - idle_for).await;
         }
     };
-    tokio::select! {
-        result = async { tokio::try_join!(a_to_b, b_to_a) } => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "tunnel ended by an error");
+    let result = match (into_tcp(a), into_tcp(b)) {
+        // Both plain TCP: splice(2), no copy through user space.
+        (Ok(a), Ok(b)) => {
+            let a_to_b = crate::splice::direction(&a, &b, a_first, &up, &last, start);
+            let b_to_a = crate::splice::direction(&b, &a, b_first, &down, &last, start);
+            tokio::select! {
+                result = async { tokio::try_join!(a_to_b, b_to_a) } => result.map(|_| ()),
+                () = watchdog => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
             }
         }
-        () = watchdog => tracing::debug!(?idle, "tunnel idle timeout"),
+        (a, b) => {
+            let (ar, aw) = tokio::io::split(a.map_or_else(Either::Other, Either::Tcp));
+            let (br, bw) = tokio::io::split(b.map_or_else(Either::Other, Either::Tcp));
+            let a_to_b = pump(ar, bw, a_first, &up, &last, start);
+            let b_to_a = pump(br, aw, b_first, &down, &last, start);
+            tokio::select! {
+                result = async { tokio::try_join!(a_to_b, b_to_a) } => result.map(|_| ()),
+                () = watchdog => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, ?idle, "tunnel ended");
     }
     Moved {
         up: up.load(Ordering::Relaxed),
@@ -179,11 +200,85 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
     }
 }
 
+/// The plain TCP socket under a connection, if that is what it is (a client
+/// connection, or a dialled upstream); otherwise the connection back.
+fn into_tcp<T: Io>(io: T) -> Result<TcpStream, T> {
+    let mut slot = Some(io);
+    let any = &mut slot as &mut dyn std::any::Any;
+    if let Some(tcp) = any
+        .downcast_mut::<Option<TcpStream>>()
+        .and_then(Option::take)
+    {
+        return Ok(tcp);
+    }
+    if let Some(up) = any.downcast_mut::<Option<Upstream>>() {
+        match up.take() {
+            Some(Upstream::Tcp(tcp)) => return Ok(tcp),
+            other => *up = other,
+        }
+    }
+    // The slot is emptied only on the returns above.
+    slot.ok_or(())
+        .map_or_else(|()| unreachable!("slot emptied without a return"), Err)
+}
+
+/// A connection that turned out plain TCP on one side only.
+enum Either<T> {
+    Tcp(TcpStream),
+    Other(T),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Either<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Either::Other(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Either<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Either::Other(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Either::Other(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Either::Other(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One direction: replay `first`, then copy until EOF, then pass the half-close on.
+/// The copy buffer lives only while bytes flow: a reader that has nothing
+/// waits without one.
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut r: R,
     mut w: W,
-    first: bytes::Bytes,
+    first: Bytes,
     count: &AtomicU64,
     last: &AtomicU64,
     start: Instant,
@@ -192,15 +287,32 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         w.write_all(&first).await?;
         count.fetch_add(first.len() as u64, Ordering::Relaxed);
     }
-    let mut buf = vec![0u8; COPY_BUF];
+    drop(first);
+    let mut one = [0u8; 1];
     loop {
-        let n = r.read(&mut buf).await?;
+        // Wait for the first byte with a one-byte buffer, then move the burst.
+        let n = r.read(&mut one).await?;
         if n == 0 {
             w.shutdown().await?;
             return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        w.write_all(&one).await?;
+        count.fetch_add(1, Ordering::Relaxed);
+        let mut buf = vec![0u8; COPY_BUF];
+        loop {
+            let n = tokio::select! {
+                biased;
+                n = r.read(&mut buf) => n?,
+                // Nothing more right now: give the buffer back while idle.
+                () = tokio::task::yield_now() => break,
+            };
+            if n == 0 {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            w.write_all(&buf[..n]).await?;
+            count.fetch_add(n as u64, Ordering::Relaxed);
+            last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
     }
 }
