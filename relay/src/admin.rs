@@ -57,10 +57,7 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             Method::POST => publish(req, topic, shared).await,
             Method::GET => json(
                 StatusCode::OK,
-                format!(
-                    "{{\"pollers\":{}}}\n",
-                    shared.events.pollers(topic)
-                ),
+                format!("{{\"pollers\":{}}}\n", shared.events.pollers(topic)),
             ),
             _ => refusal(&RelayError::new(ErrorKind::MethodNotAllowed {
                 allow: "GET, POST",
@@ -146,7 +143,10 @@ fn refusal(err: &RelayError) -> AdminResponse {
     let mut resp = text(status, err.body());
     let headers = resp.headers_mut();
     if let Some(secs) = err.retry_after() {
-        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from_static(secs));
+        headers.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static(secs),
+        );
     }
     if let ErrorKind::MethodNotAllowed { allow } = err.kind {
         headers.insert(http::header::ALLOW, http::HeaderValue::from_static(allow));

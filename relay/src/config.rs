@@ -989,12 +989,18 @@ mod tests {
             ),
             ("store = \"file\"", Err("events.path")),
             ("store = \"redis\"", Err("events.redis_url")),
-            ("store = \"redis\"\nredis_url = \"http://x\"", Err("events.redis_url")),
+            (
+                "store = \"redis\"\nredis_url = \"http://x\"",
+                Err("events.redis_url"),
+            ),
             ("store = \"sqlite\"", Err("events.store")),
             ("retain = 0", Err("events.retain")),
             ("retain_for = \"forever\"", Err("events.retain_for")),
             ("max_event_bytes = 0", Err("events.max_event_bytes")),
-            ("max_pollers_per_topic = 0", Err("events.max_pollers_per_topic")),
+            (
+                "max_pollers_per_topic = 0",
+                Err("events.max_pollers_per_topic"),
+            ),
             ("max_pollers = 0", Err("events.max_pollers")),
             ("max_wait = \"0s\"", Err("events.max_wait")),
             ("retian = 3", Err("events.retian")),
@@ -1022,7 +1028,12 @@ mod tests {
             ("PORTHOLE__EVENTS__RETAIN".to_string(), "5".to_string()),
         ]);
         let e = Config::from_toml_with_env("", Some(env)).unwrap().events;
-        assert_eq!(e.store, StoreKind::File { path: "/tmp/ev".into() });
+        assert_eq!(
+            e.store,
+            StoreKind::File {
+                path: "/tmp/ev".into()
+            }
+        );
         assert_eq!(e.retain, 5);
     }
 

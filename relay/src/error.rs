@@ -179,7 +179,9 @@ impl fmt::Display for RelayError {
             BadTopic => write!(f, "topic names are 1 to 128 of A-Z a-z 0-9 . _ -"),
             BadPoll(why) => write!(f, "bad poll: {why}"),
             NotJson(why) => write!(f, "the body is not one JSON value: {why}"),
-            EventTooLarge { limit } => write!(f, "event over {limit} bytes (events.max_event_bytes)"),
+            EventTooLarge { limit } => {
+                write!(f, "event over {limit} bytes (events.max_event_bytes)")
+            }
             PollersFull { topic, limit } => write!(f, "too many pollers ({limit}), topic {topic}"),
             EventStore(e) => write!(f, "{e}"),
         }

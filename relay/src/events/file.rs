@@ -174,7 +174,12 @@ fn event_line(e: &Event) -> String {
 }
 
 /// Appends one event durably; runs in a blocking thread.
-fn append_blocking(log: &TopicLog, time: SystemTime, data: &str, retention: Retention) -> io::Result<u64> {
+fn append_blocking(
+    log: &TopicLog,
+    time: SystemTime,
+    data: &str,
+    retention: Retention,
+) -> io::Result<u64> {
     let mut w = lock(&log.writer);
     let created = w.file.is_none();
     if created {
@@ -189,8 +194,13 @@ fn append_blocking(log: &TopicLog, time: SystemTime, data: &str, retention: Rete
     };
     let line = event_line(&event);
     let (len, path) = (w.len, w.path.clone());
-    let file = w.file.as_mut().ok_or_else(|| io::Error::other("log not open"))?;
-    let written = file.write_all(line.as_bytes()).and_then(|()| file.sync_data());
+    let file = w
+        .file
+        .as_mut()
+        .ok_or_else(|| io::Error::other("log not open"))?;
+    let written = file
+        .write_all(line.as_bytes())
+        .and_then(|()| file.sync_data());
     if let Err(e) = written {
         // Nothing partial stays behind: the next append starts on a line boundary.
         let _ = file.set_len(len);
@@ -307,13 +317,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path(), KEEP).unwrap();
         for i in 1..=5 {
-            let id = store.append("t", SystemTime::now(), &format!("{{\"k\":{i}}}")).await.unwrap();
+            let id = store
+                .append("t", SystemTime::now(), &format!("{{\"k\":{i}}}"))
+                .await
+                .unwrap();
             assert_eq!(id, i);
         }
         drop(store);
         let store = FileStore::open(dir.path(), KEEP).unwrap();
         let b = store.read("t", 0, 10).await.unwrap();
-        assert_eq!(b.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            b.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         assert_eq!((b.first_id, b.last_id, b.missed(0)), (3, 5, 2));
         assert_eq!(store.append("t", SystemTime::now(), "1").await.unwrap(), 6);
     }
@@ -322,7 +338,10 @@ mod tests {
     async fn a_torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path(), KEEP).unwrap();
-        store.append("t", SystemTime::now(), "{\"a\":1}").await.unwrap();
+        store
+            .append("t", SystemTime::now(), "{\"a\":1}")
+            .await
+            .unwrap();
         drop(store);
         let path = dir.path().join("t.log");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -332,7 +351,10 @@ mod tests {
         assert_eq!(store.read("t", 0, 10).await.unwrap().last_id, 1);
         assert_eq!(store.append("t", SystemTime::now(), "2").await.unwrap(), 2);
         let text = fs::read_to_string(&path).unwrap();
-        assert!(text.ends_with("2\n") && text.lines().count() == 2, "{text:?}");
+        assert!(
+            text.ends_with("2\n") && text.lines().count() == 2,
+            "{text:?}"
+        );
     }
 
     #[tokio::test]
@@ -343,12 +365,18 @@ mod tests {
         for _ in 0..100 {
             store.append("t", old, "0").await.unwrap();
         }
-        let lines = fs::read_to_string(dir.path().join("t.log")).unwrap().lines().count();
+        let lines = fs::read_to_string(dir.path().join("t.log"))
+            .unwrap()
+            .lines()
+            .count();
         assert!(lines < 80, "log was not compacted: {lines} lines");
         drop(store);
         let store = FileStore::open(dir.path(), KEEP).unwrap();
         let b = store.read("t", 0, 10).await.unwrap();
         assert_eq!((b.events.len(), b.last_id, b.missed(0)), (0, 100, 100));
-        assert_eq!(store.append("t", SystemTime::now(), "0").await.unwrap(), 101);
+        assert_eq!(
+            store.append("t", SystemTime::now(), "0").await.unwrap(),
+            101
+        );
     }
 }

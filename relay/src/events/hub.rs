@@ -60,11 +60,7 @@ impl PollAnswer {
     /// `{"events":[...],"next":M}`, with `"missed":K` when K > 0.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(
-            64 + self
-                .events
-                .iter()
-                .map(|e| e.data.len() + 64)
-                .sum::<usize>(),
+            64 + self.events.iter().map(|e| e.data.len() + 64).sum::<usize>(),
         );
         out.push_str("{\"events\":[");
         for (i, e) in self.events.iter().enumerate() {
@@ -168,7 +164,9 @@ impl Hub {
             Some(e) => e.id,
             // A poller ahead of the store (a memory store that restarted) is
             // brought back to the store's position instead of waiting forever.
-            None => after.max(batch.first_id.saturating_sub(1)).min(batch.last_id),
+            None => after
+                .max(batch.first_id.saturating_sub(1))
+                .min(batch.last_id),
         };
         Ok(PollAnswer {
             events,

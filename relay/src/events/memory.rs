@@ -51,8 +51,8 @@ impl Window {
     pub fn read(&self, after: u64, limit: usize) -> Batch {
         let first_id = self.events.front().map_or(self.last_id + 1, |e| e.id);
         // Ids in the window are contiguous: index arithmetic finds `after`.
-        let skip = usize::try_from(after.saturating_add(1).saturating_sub(first_id))
-            .unwrap_or(usize::MAX);
+        let skip =
+            usize::try_from(after.saturating_add(1).saturating_sub(first_id)).unwrap_or(usize::MAX);
         Batch {
             events: self.events.iter().skip(skip).take(limit).cloned().collect(),
             first_id,

@@ -38,8 +38,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores one event (`data` is compact JSON text) and returns its id.
     /// When it returns, the event is as durable as the store makes it.
-    fn append<'a>(&'a self, topic: &'a str, time: SystemTime, data: &'a str)
-        -> StoreFuture<'a, u64>;
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        time: SystemTime,
+        data: &'a str,
+    ) -> StoreFuture<'a, u64>;
 
     /// The retained events with id > `after`, oldest first, at most `limit`,
     /// with the topic's retained range.
@@ -214,7 +218,10 @@ mod tests {
             ("{\"temp\": 71}", Some("{\"temp\":71}")),
             (" [1, 2,\n 3] \n", Some("[1,2,3]")),
             ("\"a b \\\" c\"", Some("\"a b \\\" c\"")),
-            ("{\"s\": \"x\\\\\", \"n\": 1.50e3}", Some("{\"s\":\"x\\\\\",\"n\":1.50e3}")),
+            (
+                "{\"s\": \"x\\\\\", \"n\": 1.50e3}",
+                Some("{\"s\":\"x\\\\\",\"n\":1.50e3}"),
+            ),
             ("12345678901234567890123", Some("12345678901234567890123")),
             ("null", Some("null")),
             ("", None),

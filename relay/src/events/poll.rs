@@ -57,7 +57,9 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
     }
     if let Some(v) = head.fields.get("last-event-id") {
         let text = std::str::from_utf8(crate::codec::trim(v)).unwrap_or("");
-        req.after = text.parse().map_err(|_| "Last-Event-ID must be an event id")?;
+        req.after = text
+            .parse()
+            .map_err(|_| "Last-Event-ID must be an event id")?;
     }
     Ok(req)
 }
@@ -324,7 +326,11 @@ mod tests {
             ("wait=soon", "", Err("wait must be seconds")),
             ("wait=-1", "", Err("wait must be seconds")),
             ("wait=inf", "", Err("wait must be seconds")),
-            ("", "Last-Event-ID: x\r\n", Err("Last-Event-ID must be an event id")),
+            (
+                "",
+                "Last-Event-ID: x\r\n",
+                Err("Last-Event-ID must be an event id"),
+            ),
         ];
         for (query, headers, want) in cases {
             assert_eq!(&parse(query, headers), want, "{query:?} {headers:?}");

@@ -90,7 +90,11 @@ fn counter_key(topic: &str) -> String {
 
 impl RedisStore {
     /// Checks the URL and starts the notification listener (needs a runtime).
-    pub fn open(url: &str, retention: Retention, waiters: Waiters) -> Result<RedisStore, StoreError> {
+    pub fn open(
+        url: &str,
+        retention: Retention,
+        waiters: Waiters,
+    ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url).map_err(|e| StoreError::new(KIND, "-", e))?;
         let stop = CancellationToken::new();
         tokio::spawn(listen(client.clone(), waiters, stop.clone()));
@@ -130,7 +134,9 @@ impl Store for RedisStore {
     ) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let mut conn = self.conn(topic).await?;
-            let ttl = u64::try_from(self.retention.age.as_millis()).unwrap_or(u64::MAX).max(1);
+            let ttl = u64::try_from(self.retention.age.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
             self.append
                 .key(stream_key(topic))
                 .key(counter_key(topic))

@@ -48,10 +48,13 @@ impl Waiters {
         if map.total >= total {
             return Err(Full::Total);
         }
-        let entry = map.topics.entry(topic.to_string()).or_insert_with(|| Topic {
-            pollers: 0,
-            wake: watch::channel(0).0,
-        });
+        let entry = map
+            .topics
+            .entry(topic.to_string())
+            .or_insert_with(|| Topic {
+                pollers: 0,
+                wake: watch::channel(0).0,
+            });
         if entry.pollers >= per_topic {
             return Err(Full::Topic);
         }
