@@ -49,7 +49,12 @@ async fn run() {
 
     // Warm up (one publish, one poll) so the baseline includes the hub itself.
     publish(relay.admin, "warm").await;
-    let _ = raw_exchange(relay.addr, request("warm", 0).as_bytes(), Duration::from_secs(5)).await;
+    let _ = raw_exchange(
+        relay.addr,
+        request("warm", 0).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
     let rss_before = relay.rss_kib();
 
     println!("connecting {pollers} long-pollers to {} ...", relay.addr);
@@ -87,7 +92,10 @@ async fn run() {
             .unwrap_or_default()
     };
     let per_poller = (rss_waiting.saturating_sub(rss_before) * 1024) as f64 / pollers as f64;
-    println!("answered: {} of {pollers} ({failed} failed)", latencies.len());
+    println!(
+        "answered: {} of {pollers} ({failed} failed)",
+        latencies.len()
+    );
     println!(
         "publish -> all answered: p50 {:?}  p99 {:?}  max {:?}",
         pct(0.50),
@@ -109,7 +117,10 @@ fn request(topic: &str, wait: u64) -> String {
 /// instant it completed, or `None` if it failed.
 async fn one_poller(addr: SocketAddr, sent: tokio::sync::oneshot::Sender<()>) -> Option<Instant> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream.write_all(request("bench", 100).as_bytes()).await.ok()?;
+    stream
+        .write_all(request("bench", 100).as_bytes())
+        .await
+        .ok()?;
     let _ = sent.send(());
     let mut buf = Vec::with_capacity(512);
     // `Connection: close`: the answer ends when the relay closes.
@@ -124,7 +135,10 @@ async fn publish(admin: SocketAddr, topic: &str) {
         "POST /events/{topic} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 11\r\nConnection: close\r\n\r\n{{\"temp\":71}}"
     );
     let answer = raw_exchange(admin, req.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 201"), "publish failed: {answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "publish failed: {answer}"
+    );
 }
 
 async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
