@@ -8,6 +8,7 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # headless Chromium loads the status page in tests/operations.rs
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

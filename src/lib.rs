@@ -10,6 +10,7 @@
 //! - [`RelayProcess`]: the `porthole-relay` binary with a config file;
 //! - [`Curl`]: one run of the real `curl` binary;
 //! - [`LinkProxy`]: a TCP proxy that counts connections and can blackhole them.
+//! - [`RedisServer`]: a private `redis-server` on a free port.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -575,6 +576,40 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- redis
+
+/// A `redis-server` of the test's own on a free 127.0.0.1 port, with no
+/// persistence; killed on drop.
+pub struct RedisServer {
+    pub addr: SocketAddr,
+    _child: tokio::process::Child,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = free_port();
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        wait_for_port(addr, Duration::from_secs(10)).await;
+        RedisServer {
+            addr,
+            _child: child,
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
 }
 
 // ---------------------------------------------------------------- curl

@@ -1,19 +1,22 @@
 //! The admin listener (`relay.admin_listen`, loopback by default, never the
-//! aggregate port): health and readiness now; metrics, the status page and
-//! event publishing hang off the same router. Low traffic, so it is served
-//! with hyper rather than the relay's own HTTP/1 path.
+//! aggregate port): health and readiness, event publishing (`POST
+//! /events/{topic}`) and a topic's poller count (`GET /events/{topic}`);
+//! metrics and the status page hang off the same router. Low traffic, so it
+//! is served with hyper rather than the relay's own HTTP/1 path.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::error::{ErrorKind, RelayError};
+use crate::events::PublishError;
 use crate::{status, Shared};
 
 /// The response type of every admin endpoint.
@@ -48,7 +51,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Dispatches one admin request.
 async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
-    match (req.method(), req.uri().path()) {
+    let path = req.uri().path().to_string();
+    if let Some(topic) = path.strip_prefix("/events/") {
+        return match *req.method() {
+            Method::POST => publish(req, topic, shared).await,
+            Method::GET => json(
+                StatusCode::OK,
+                format!("{{\"pollers\":{}}}\n", shared.events.pollers(topic)),
+            ),
+            _ => refusal(&RelayError::new(ErrorKind::MethodNotAllowed {
+                allow: "GET, POST",
+            })),
+        };
+    }
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => health(shared),
         (&Method::GET, "/metrics") => {
             let mut resp = text(StatusCode::OK, shared.metrics.encode());
@@ -80,6 +96,72 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             "404 Not Found: no such admin endpoint\n",
         ),
     }
+}
+
+/// `POST /events/{topic}`: one JSON value, at most `max_event_bytes`, stored
+/// whole or not at all: `201 {"id":N}`.
+async fn publish(req: Request<Incoming>, topic: &str, shared: &Shared) -> AdminResponse {
+    let limit = shared.events.settings().max_event_bytes;
+    let too_large = || RelayError::new(ErrorKind::EventTooLarge { limit });
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return refusal(&too_large());
+    }
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return refusal(&too_large()),
+        Err(e) => {
+            tracing::debug!(topic, error = %e, "publish body unreadable");
+            return refusal(&RelayError::new(ErrorKind::BadRequest("unreadable body")));
+        }
+    };
+    match shared.events.publish(topic, &body).await {
+        Ok(id) => json(StatusCode::CREATED, format!("{{\"id\":{id}}}\n")),
+        Err(e) => {
+            let kind = match e {
+                PublishError::BadTopic => ErrorKind::BadTopic,
+                PublishError::NotJson(why) => ErrorKind::NotJson(why),
+                PublishError::TooLarge { limit } => ErrorKind::EventTooLarge { limit },
+                PublishError::Store(e) => ErrorKind::EventStore(e),
+            };
+            let err = RelayError::new(kind);
+            if let ErrorKind::EventStore(e) = &err.kind {
+                tracing::error!(error = %e, "publish failed");
+            }
+            refusal(&err)
+        }
+    }
+}
+
+/// An error as plain text, with its status (and `Retry-After`, `Allow`).
+fn refusal(err: &RelayError) -> AdminResponse {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = text(status, err.body());
+    let headers = resp.headers_mut();
+    if let Some(secs) = err.retry_after() {
+        headers.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static(secs),
+        );
+    }
+    if let ErrorKind::MethodNotAllowed { allow } = err.kind {
+        headers.insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    }
+    resp
+}
+
+/// A JSON response.
+fn json(status: StatusCode, body: String) -> AdminResponse {
+    let mut resp = text(status, body);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// `200 ok` while serving; `503 draining` once shutdown has begun.

@@ -42,6 +42,9 @@ struct RawConfig {
     /// `[[accept_uplink]]`: inside relays allowed to uplink to this one.
     #[serde(default)]
     accept_uplink: Vec<RawAcceptUplink>,
+    /// `[events]`: event notifications (store, retention, limits).
+    #[serde(default)]
+    events: RawEvents,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +186,76 @@ impl Default for RawLimits {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    /// Where events are kept: `memory`, `file` or `redis`.
+    #[serde(default = "default_store")]
+    store: String,
+    /// Directory of the `file` store (one log per topic); required for it.
+    #[serde(default)]
+    path: String,
+    /// Server of the `redis` store, `redis://host:port/db`; required for it.
+    #[serde(default)]
+    redis_url: String,
+    /// Most events kept per topic.
+    #[serde(default = "default_retain")]
+    retain: usize,
+    /// Events older than this are dropped.
+    #[serde(default = "default_retain_for")]
+    retain_for: String,
+    /// Largest published body, bytes; 413 past it.
+    #[serde(default = "default_max_event_bytes")]
+    max_event_bytes: usize,
+    /// Most pollers (long polls and event streams) on one topic; 503 past it.
+    #[serde(default = "default_max_pollers_per_topic")]
+    max_pollers_per_topic: usize,
+    /// Most pollers on the relay in total; 503 past it.
+    #[serde(default = "default_max_pollers")]
+    max_pollers: usize,
+    /// The longest a long poll is held, whatever its `wait` asks.
+    #[serde(default = "default_max_wait")]
+    max_wait: String,
+}
+
+impl Default for RawEvents {
+    fn default() -> Self {
+        RawEvents {
+            store: default_store(),
+            path: String::new(),
+            redis_url: String::new(),
+            retain: default_retain(),
+            retain_for: default_retain_for(),
+            max_event_bytes: default_max_event_bytes(),
+            max_pollers_per_topic: default_max_pollers_per_topic(),
+            max_pollers: default_max_pollers(),
+            max_wait: default_max_wait(),
+        }
+    }
+}
+
+fn default_store() -> String {
+    "memory".into()
+}
+fn default_retain() -> usize {
+    1000
+}
+fn default_retain_for() -> String {
+    "24h".into()
+}
+fn default_max_event_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_pollers_per_topic() -> usize {
+    10_000
+}
+fn default_max_pollers() -> usize {
+    20_000
+}
+fn default_max_wait() -> String {
+    "60s".into()
+}
+
 fn default_listen() -> String {
     "0.0.0.0:8080".into()
 }
@@ -280,6 +353,7 @@ pub struct Config {
     pub uplink: Option<UplinkSettings>,
     /// Inside relays that may uplink to this one, by id.
     pub accept_uplinks: Vec<AcceptUplink>,
+    pub events: EventSettings,
 }
 
 /// `[uplink]`, validated.
@@ -347,6 +421,59 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
         }
+    }
+}
+
+/// `[events]` as the relay uses it.
+#[derive(Debug, Clone)]
+pub struct EventSettings {
+    pub store: StoreKind,
+    pub retain: usize,
+    pub retain_for: Duration,
+    pub max_event_bytes: usize,
+    pub max_pollers_per_topic: usize,
+    pub max_pollers: usize,
+    pub max_wait: Duration,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        // The defaults always validate; this mirrors RawEvents::default().
+        EventSettings {
+            store: StoreKind::Memory,
+            retain: default_retain(),
+            retain_for: Duration::from_secs(24 * 3600),
+            max_event_bytes: default_max_event_bytes(),
+            max_pollers_per_topic: default_max_pollers_per_topic(),
+            max_pollers: default_max_pollers(),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Which event store, with what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    File { path: std::path::PathBuf },
+    Redis { url: RedisUrl },
+}
+
+/// A Redis URL; may hold a password, so `Debug` masks everything after the scheme.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL itself, for the client only: never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self.0.split("://").next().unwrap_or("redis");
+        write!(f, "{scheme}://***")
     }
 }
 
@@ -560,6 +687,8 @@ impl RawConfig {
             ),
         };
 
+        let events = self.events.validate(&mut c);
+
         let mut routes = Vec::new();
         let mut seen = HashSet::new();
         for (i, r) in self.route.into_iter().enumerate() {
@@ -703,7 +832,56 @@ impl RawConfig {
             relay,
             routes: RouteTable::new(routes),
             limits,
+            events,
         })
+    }
+}
+
+impl RawEvents {
+    fn validate(self, c: &mut Collector) -> EventSettings {
+        let store = match self.store.trim() {
+            "memory" => StoreKind::Memory,
+            "file" if self.path.trim().is_empty() => {
+                c.push("events.path", "the file store needs a directory");
+                StoreKind::Memory
+            }
+            "file" => StoreKind::File {
+                path: self.path.trim().into(),
+            },
+            "redis" => {
+                let url = self.redis_url.trim();
+                let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|s| url.starts_with(s) && url.len() > s.len());
+                if !scheme_ok {
+                    c.push(
+                        "events.redis_url",
+                        "the redis store needs a URL like redis://127.0.0.1:6379/0",
+                    );
+                }
+                StoreKind::Redis {
+                    url: RedisUrl(url.to_string()),
+                }
+            }
+            other => {
+                c.push(
+                    "events.store",
+                    format!("`{other}` is not one of memory, file, redis"),
+                );
+                StoreKind::Memory
+            }
+        };
+        let max_event_bytes = c.positive("events.max_event_bytes", self.max_event_bytes);
+        EventSettings {
+            store,
+            retain: c.positive("events.retain", self.retain),
+            retain_for: c.duration("events.retain_for", &self.retain_for),
+            max_event_bytes,
+            max_pollers_per_topic: c
+                .positive("events.max_pollers_per_topic", self.max_pollers_per_topic),
+            max_pollers: c.positive("events.max_pollers", self.max_pollers),
+            max_wait: c.duration("events.max_wait", &self.max_wait),
+        }
     }
 }
 
@@ -776,6 +954,82 @@ mod tests {
     fn duplicate_route_is_refused() {
         let text = "[[route]]\nhost=\"a.corp\"\nto=\"x\"\n[[route]]\nhost=\"A.corp\"\nto=\"y\"\n";
         assert_eq!(problem_keys(text), vec!["route[1].host"]);
+    }
+
+    #[test]
+    fn events_defaults() {
+        let e = Config::from_toml("").unwrap().events;
+        assert_eq!(e.store, StoreKind::Memory);
+        assert_eq!(e.retain, 1000);
+        assert_eq!(e.retain_for, Duration::from_secs(24 * 3600));
+        assert_eq!(e.max_event_bytes, 65536);
+        assert_eq!(e.max_wait, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn events_stores_by_table() {
+        let cases: &[(&str, Result<StoreKind, &str>)] = &[
+            ("store = \"memory\"", Ok(StoreKind::Memory)),
+            (
+                "store = \"file\"\npath = \"/var/lib/porthole\"",
+                Ok(StoreKind::File {
+                    path: "/var/lib/porthole".into(),
+                }),
+            ),
+            (
+                "store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379/0\"",
+                Ok(StoreKind::Redis {
+                    url: RedisUrl("redis://127.0.0.1:6379/0".into()),
+                }),
+            ),
+            ("store = \"file\"", Err("events.path")),
+            ("store = \"redis\"", Err("events.redis_url")),
+            (
+                "store = \"redis\"\nredis_url = \"http://x\"",
+                Err("events.redis_url"),
+            ),
+            ("store = \"sqlite\"", Err("events.store")),
+            ("retain = 0", Err("events.retain")),
+            ("retain_for = \"forever\"", Err("events.retain_for")),
+            ("max_event_bytes = 0", Err("events.max_event_bytes")),
+            (
+                "max_pollers_per_topic = 0",
+                Err("events.max_pollers_per_topic"),
+            ),
+            ("max_pollers = 0", Err("events.max_pollers")),
+            ("max_wait = \"0s\"", Err("events.max_wait")),
+            ("retian = 3", Err("events.retian")),
+        ];
+        for (body, want) in cases {
+            let text = format!("[events]\n{body}\n");
+            match want {
+                Ok(kind) => assert_eq!(&Config::from_toml(&text).unwrap().events.store, kind),
+                Err(key) => assert_eq!(problem_keys(&text), vec![key.to_string()], "{body}"),
+            }
+        }
+    }
+
+    #[test]
+    fn redis_url_is_masked_in_debug() {
+        let url = RedisUrl("redis://:hunter2@10.0.0.1:6379".into());
+        assert_eq!(format!("{url:?}"), "redis://***");
+    }
+
+    #[test]
+    fn events_from_environment() {
+        let env = HashMap::from([
+            ("PORTHOLE__EVENTS__STORE".to_string(), "file".to_string()),
+            ("PORTHOLE__EVENTS__PATH".to_string(), "/tmp/ev".to_string()),
+            ("PORTHOLE__EVENTS__RETAIN".to_string(), "5".to_string()),
+        ]);
+        let e = Config::from_toml_with_env("", Some(env)).unwrap().events;
+        assert_eq!(
+            e.store,
+            StoreKind::File {
+                path: "/tmp/ev".into()
+            }
+        );
+        assert_eq!(e.retain, 5);
     }
 
     #[test]

@@ -38,6 +38,20 @@ pub enum ErrorKind {
     ResponseTimeout { upstream: String },
     /// The upstream sent something that is not a valid HTTP/1 response, or closed early.
     BadResponse { upstream: String, cause: String },
+    /// The relay's own endpoint exists but not for this method.
+    MethodNotAllowed { allow: &'static str },
+    /// A topic name outside `[A-Za-z0-9._-]{1,128}`.
+    BadTopic,
+    /// A bad poll parameter (`after`, `wait`, `Last-Event-ID`).
+    BadPoll(&'static str),
+    /// A published body that is not one JSON value; the parser's reason.
+    NotJson(String),
+    /// A published body over `events.max_event_bytes`.
+    EventTooLarge { limit: usize },
+    /// `events.max_pollers_per_topic` or `events.max_pollers` reached.
+    PollersFull { topic: String, limit: &'static str },
+    /// The event store failed (its error names the store and the topic).
+    EventStore(crate::events::StoreError),
 }
 
 /// A failed request: the kind, and the route it was for when one was chosen.
@@ -71,6 +85,18 @@ impl RelayError {
             NotFound => 404,
             Resolve { .. } | Connect { .. } | ConnectTimeout { .. } | BadResponse { .. } => 502,
             ResponseTimeout { .. } => 504,
+            MethodNotAllowed { .. } => 405,
+            BadTopic | BadPoll(_) | NotJson(_) => 400,
+            EventTooLarge { .. } => 413,
+            PollersFull { .. } | EventStore(_) => 503,
+        }
+    }
+
+    /// `Retry-After` for refusals that pass: the client may try again shortly.
+    pub fn retry_after(&self) -> Option<&'static str> {
+        match self.kind {
+            ErrorKind::PollersFull { .. } | ErrorKind::EventStore(_) => Some("1"),
+            _ => None,
         }
     }
 
@@ -83,7 +109,14 @@ impl RelayError {
             | HeadTooLarge
             | HeadTimeout
             | BadRequest(_)
-            | NotFound => Fault::Client,
+            | NotFound
+            | MethodNotAllowed { .. }
+            | BadTopic
+            | BadPoll(_)
+            | NotJson(_)
+            | EventTooLarge { .. }
+            | PollersFull { .. } => Fault::Client,
+            EventStore(_) => Fault::Internal,
             Resolve { .. }
             | Connect { .. }
             | ConnectTimeout { .. }
@@ -142,6 +175,15 @@ impl fmt::Display for RelayError {
             ConnectTimeout { upstream } => write!(f, "connect to {upstream} timed out"),
             ResponseTimeout { upstream } => write!(f, "no response from {upstream} in time"),
             BadResponse { upstream, cause } => write!(f, "bad response from {upstream}: {cause}"),
+            MethodNotAllowed { allow } => write!(f, "method not allowed here (allowed: {allow})"),
+            BadTopic => write!(f, "topic names are 1 to 128 of A-Z a-z 0-9 . _ -"),
+            BadPoll(why) => write!(f, "bad poll: {why}"),
+            NotJson(why) => write!(f, "the body is not one JSON value: {why}"),
+            EventTooLarge { limit } => {
+                write!(f, "event over {limit} bytes (events.max_event_bytes)")
+            }
+            PollersFull { topic, limit } => write!(f, "too many pollers ({limit}), topic {topic}"),
+            EventStore(e) => write!(f, "{e}"),
         }
     }
 }
@@ -199,6 +241,17 @@ mod tests {
             ),
             (ErrorKind::ConnectTimeout { upstream: up() }, 502),
             (ErrorKind::ResponseTimeout { upstream: up() }, 504),
+            (ErrorKind::BadTopic, 400),
+            (ErrorKind::NotJson("x".into()), 400),
+            (ErrorKind::EventTooLarge { limit: 1 }, 413),
+            (
+                ErrorKind::PollersFull {
+                    topic: "t".into(),
+                    limit: "events.max_pollers",
+                },
+                503,
+            ),
+            (ErrorKind::MethodNotAllowed { allow: "GET" }, 405),
         ];
         for (kind, status) in cases {
             assert_eq!(RelayError::new(kind).status(), status);

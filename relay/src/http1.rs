@@ -181,13 +181,20 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     err: &RelayError,
     close: bool,
 ) -> std::io::Result<u64> {
+    let mut extra = Vec::new();
+    if let Some(secs) = err.retry_after() {
+        extra.push(("Retry-After", secs));
+    }
+    if let crate::error::ErrorKind::MethodNotAllowed { allow } = err.kind {
+        extra.push(("Allow", allow));
+    }
     write_simple(
         w,
         err.status(),
         "text/plain; charset=utf-8",
         err.body().as_bytes(),
         close,
-        &[],
+        &extra,
     )
     .await
 }

@@ -13,6 +13,7 @@
 //! - [`splice`]: the zero-copy data path of TCP-to-TCP tunnels (Linux `splice(2)`);
 //! - [`local`]: the relay's own endpoints on the aggregate port;
 //! - [`pac`]: the proxy auto-config file generated from the routes;
+//! - [`events`]: the event hub: publish, long poll and event streams, stores;
 //! - [`admin`]: the admin listener (health, metrics, reload; publishing);
 //! - [`status`]: the HTML status page on the admin listener;
 //! - [`upstream`]: dialling internal servers and the keep-alive pool;
@@ -34,6 +35,7 @@ pub mod codec;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod events;
 pub mod forward;
 pub mod h2;
 pub mod http1;
@@ -79,6 +81,8 @@ pub struct Shared {
     pub access_file: Option<access_log::FileSink>,
     /// Uplinked relays and the names they offer (outside role).
     pub uplinks: uplink::outside::Registry,
+    /// Event notifications: publish, poll, the store.
+    pub events: events::Hub,
 }
 
 impl Shared {
@@ -90,7 +94,11 @@ impl Shared {
             })?),
             None => None,
         };
+        // The redis store starts a task: this runs inside the runtime.
+        let events = events::Hub::open(&config.events)
+            .map_err(|e| std::io::Error::other(format!("cannot open the event store: {e}")))?;
         Ok(Shared {
+            events,
             uplinks: uplink::outside::Registry::default(),
             access_file,
             config: RwLock::new(Arc::new(config)),

@@ -1,9 +1,12 @@
 //! The relay's own endpoints on the aggregate port: requests whose host is the
-//! relay's `name` or the address the client connected to.
+//! relay's `name` or the address the client connected to. `GET
+//! /events/{topic}` polls events, `GET /services` lists services; every
+//! other path is `404`.
 
 use crate::access_log::Access;
 use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
+use crate::events;
 use crate::forward::After;
 use crate::http1::{write_error, write_simple};
 use crate::pac::CONTENT_TYPE as PAC_TYPE;
@@ -24,7 +27,12 @@ pub async fn serve<S: Io>(
 ) -> After {
     let body_read = discard_body(conn, framing).await;
     let keep_alive = keep_alive && body_read;
-    let path_only = path.split('?').next().unwrap_or(path);
+    let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
+    if let Some(topic) = path_only.strip_prefix("/events/") {
+        if head.method() == "GET" {
+            return events::poll::serve(conn, head, topic, query, keep_alive, ctx, access).await;
+        }
+    }
     let written = if let Some(pac) = crate::pac::for_request(head, path, ctx) {
         access.status = 200;
         write_simple(
@@ -49,7 +57,11 @@ pub async fn serve<S: Io>(
         )
         .await
     } else {
-        let err = RelayError::new(ErrorKind::NotFound);
+        let err = if path_only.starts_with("/events/") {
+            RelayError::new(ErrorKind::MethodNotAllowed { allow: "GET" })
+        } else {
+            RelayError::new(ErrorKind::NotFound)
+        };
         access.status = err.status();
         write_error(&mut conn.io, &err, !keep_alive).await
     };

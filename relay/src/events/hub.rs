@@ -1,0 +1,182 @@
+//! The event hub: validates and stores publications, reads poll answers, and
+//! wakes waiting pollers. Shared by every connection through a cheap clone.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::file::FileStore;
+use super::memory::MemoryStore;
+use super::redis::RedisStore;
+use super::waiters::{Full, Slot, Waiters};
+use super::{compact_json, valid_topic, Event, Retention, Store, StoreError};
+use crate::config::{EventSettings, StoreKind};
+
+/// Most events in one poll answer; the client asks again from `next`.
+const MAX_BATCH: usize = 500;
+/// Byte budget of one poll answer's event data (at least one event is sent).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// The event hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Box<dyn Store>,
+    waiters: Waiters,
+    settings: EventSettings,
+}
+
+/// Why a publication was refused.
+#[derive(Debug)]
+pub enum PublishError {
+    BadTopic,
+    /// Not one JSON value; the parser's reason.
+    NotJson(String),
+    TooLarge {
+        limit: usize,
+    },
+    Store(StoreError),
+}
+
+/// One poll answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollAnswer {
+    pub events: Vec<Event>,
+    /// The `after` to use next.
+    pub next: u64,
+    /// Events after the poller's `after` that it will never see.
+    pub missed: u64,
+}
+
+impl PollAnswer {
+    /// "No event": nothing to tell a poller that asked for ids after `after`
+    /// (a poller ahead of the store is told at once, through `next`).
+    pub fn nothing_new(&self, after: u64) -> bool {
+        self.events.is_empty() && self.missed == 0 && self.next == after
+    }
+
+    /// `{"events":[...],"next":M}`, with `"missed":K` when K > 0.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(
+            64 + self.events.iter().map(|e| e.data.len() + 64).sum::<usize>(),
+        );
+        out.push_str("{\"events\":[");
+        for (i, e) in self.events.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            e.write_json(&mut out);
+        }
+        out.push_str("],\"next\":");
+        out.push_str(&self.next.to_string());
+        if self.missed > 0 {
+            out.push_str(",\"missed\":");
+            out.push_str(&self.missed.to_string());
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+impl Hub {
+    /// Opens the configured store. The `redis` store starts its notification
+    /// listener, so this runs inside the tokio runtime.
+    pub fn open(settings: &EventSettings) -> Result<Hub, StoreError> {
+        let retention = Retention {
+            count: settings.retain,
+            age: settings.retain_for,
+        };
+        let waiters = Waiters::default();
+        let store: Box<dyn Store> = match &settings.store {
+            StoreKind::Memory => Box::new(MemoryStore::new(retention)),
+            StoreKind::File { path } => Box::new(FileStore::open(path, retention)?),
+            StoreKind::Redis { url } => {
+                Box::new(RedisStore::open(url.expose(), retention, waiters.clone())?)
+            }
+        };
+        tracing::info!(store = store.kind(), retain = settings.retain, retain_for = ?settings.retain_for, "event store ready");
+        Ok(Hub {
+            inner: Arc::new(Inner {
+                store,
+                waiters,
+                settings: settings.clone(),
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &EventSettings {
+        &self.inner.settings
+    }
+
+    pub fn store_kind(&self) -> &'static str {
+        self.inner.store.kind()
+    }
+
+    /// Validates and stores one publication; wakes the topic's pollers.
+    pub async fn publish(&self, topic: &str, body: &[u8]) -> Result<u64, PublishError> {
+        if !valid_topic(topic) {
+            return Err(PublishError::BadTopic);
+        }
+        let limit = self.inner.settings.max_event_bytes;
+        if body.len() > limit {
+            return Err(PublishError::TooLarge { limit });
+        }
+        let data = compact_json(body).map_err(PublishError::NotJson)?;
+        let id = self
+            .inner
+            .store
+            .append(topic, SystemTime::now(), &data)
+            .await
+            .map_err(PublishError::Store)?;
+        tracing::debug!(topic, id, bytes = data.len(), "event published");
+        self.inner.waiters.wake(topic, id);
+        Ok(id)
+    }
+
+    /// Takes a poller slot on `topic`, within `max_pollers_per_topic` and `max_pollers`.
+    pub fn join(&self, topic: &str) -> Result<Slot, Full> {
+        let s = &self.inner.settings;
+        self.inner
+            .waiters
+            .join(topic, s.max_pollers_per_topic, s.max_pollers)
+    }
+
+    /// Pollers waiting on `topic` now.
+    pub fn pollers(&self, topic: &str) -> usize {
+        self.inner.waiters.pollers(topic)
+    }
+
+    /// The answer for a poller that has seen everything up to `after`.
+    pub async fn read(&self, topic: &str, after: u64) -> Result<PollAnswer, StoreError> {
+        let batch = self.inner.store.read(topic, after, MAX_BATCH).await?;
+        let missed = batch.missed(after);
+        let mut events = batch.events;
+        let mut bytes = 0;
+        if let Some(keep) = events.iter().position(|e| {
+            bytes += e.data.len();
+            bytes > MAX_BATCH_BYTES
+        }) {
+            events.truncate(keep.max(1));
+        }
+        let next = match events.last() {
+            Some(e) => e.id,
+            // A poller ahead of the store (a memory store that restarted) is
+            // brought back to the store's position instead of waiting forever.
+            None => after
+                .max(batch.first_id.saturating_sub(1))
+                .min(batch.last_id),
+        };
+        Ok(PollAnswer {
+            events,
+            next,
+            missed,
+        })
+    }
+
+    /// `wait` capped by `max_wait`.
+    pub fn cap_wait(&self, wait: Duration) -> Duration {
+        wait.min(self.inner.settings.max_wait)
+    }
+}

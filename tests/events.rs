@@ -1,0 +1,405 @@
+//! Event notifications, driven by the real curl: publish on the admin
+//! listener, poll through the aggregate port (long poll and server-sent
+//! events), retention and `missed`, bad input and limits, the `file` store
+//! across `kill -9` of the real binary, and the `redis` store shared by two
+//! relays. Every test starts its own relay (and redis-server) on free ports.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use porthole_relay::events::conformance;
+use porthole_relay::events::redis::RedisStore;
+use porthole_relay::events::waiters::Waiters;
+use porthole_suite::{
+    config_with, raw_exchange, Curl, CurlOutput, RedisServer, Relay, RelayProcess,
+};
+use serde_json::Value;
+
+async fn relay_with(events: &str) -> Relay {
+    Relay::start(&config_with("", &format!("[events]\n{events}"))).await
+}
+
+async fn publish(admin_url: &str, topic: &str, body: &str) -> CurlOutput {
+    Curl::new(&format!("{admin_url}/events/{topic}"))
+        .args(&["-X", "POST", "--data-binary", "@-"])
+        .header("Content-Type: application/json")
+        .stdin(body.as_bytes().to_vec())
+        .run()
+        .await
+}
+
+/// Publishes and returns the id.
+async fn publish_ok(admin_url: &str, topic: &str, body: &str) -> u64 {
+    let out = publish(admin_url, topic, body).await;
+    assert_eq!(out.status, 201, "{out:?}");
+    json(&out)["id"].as_u64().expect("id")
+}
+
+/// `GET http://relay.test/events/{topic}?{query}` through the relay as a proxy.
+fn poll(relay_url: &str, topic: &str, query: &str) -> Curl {
+    Curl::new(&format!("http://relay.test/events/{topic}?{query}")).proxy(relay_url)
+}
+
+fn json(out: &CurlOutput) -> Value {
+    serde_json::from_slice(&out.body).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+}
+
+fn ids(answer: &Value) -> Vec<u64> {
+    answer["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_u64().expect("id"))
+        .collect()
+}
+
+/// Waits until `n` pollers wait on `topic` (the admin listener counts them).
+async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
+    let request = format!("GET /events/{topic} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let want = format!("{{\"pollers\":{n}}}");
+    let start = Instant::now();
+    while !raw_exchange(admin, request.as_bytes(), Duration::from_secs(2))
+        .await
+        .contains(&want)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{n} pollers never waited on {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn publish_then_poll_ids_increase_by_one() {
+    let relay = relay_with("").await;
+    let admin = relay.admin_url();
+    let out = publish(&admin, "plant-3", "{\"temp\": 71}").await;
+    assert_eq!(
+        (out.status, out.text().trim()),
+        (201, "{\"id\":1}"),
+        "{out:?}"
+    );
+    assert_eq!(publish_ok(&admin, "plant-3", "[1, 2]").await, 2);
+    assert_eq!(publish_ok(&admin, "plant-3", "\"three\"").await, 3);
+    assert_eq!(publish_ok(&admin, "other", "0").await, 1);
+
+    let out = poll(&relay.url(), "plant-3", "after=0&wait=25").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.header("content-type"), vec!["application/json"]);
+    let answer = json(&out);
+    assert_eq!(ids(&answer), vec![1, 2, 3]);
+    assert_eq!(answer["next"], 3);
+    assert_eq!(answer["events"][0]["data"], serde_json::json!({"temp": 71}));
+    assert_eq!(answer["events"][2]["data"], "three");
+    let time = answer["events"][0]["time"].as_str().expect("time");
+    assert!(
+        time.len() >= 20 && time.contains('T') && time.ends_with('Z'),
+        "{time}"
+    );
+    assert!(answer.get("missed").is_none(), "{answer}");
+
+    // By the relay's address (origin form), as well as by its name.
+    let direct = Curl::new(&format!("{}/events/plant-3?after=2", relay.url()))
+        .run()
+        .await;
+    assert_eq!(ids(&json(&direct)), vec![3], "{direct:?}");
+    // Unknown paths of the relay itself stay 404.
+    let other = Curl::new(&format!("{}/nothing", relay.url())).run().await;
+    assert_eq!(other.status, 404);
+}
+
+#[tokio::test]
+async fn long_poll_is_woken_by_a_publish() {
+    let relay = relay_with("").await;
+    let url = relay.url();
+    let started = Instant::now();
+    let waiting = tokio::spawn(async move { poll(&url, "t", "after=0&wait=20").run().await });
+    wait_pollers(relay.admin, "t", 1).await;
+    publish_ok(&relay.admin_url(), "t", "{\"n\":1}").await;
+    let out = waiting.await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(ids(&json(&out)), vec![1]);
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "answered after {elapsed:?} of a 20 s wait"
+    );
+}
+
+#[tokio::test]
+async fn no_event_within_the_wait_and_a_plain_poll() {
+    let relay = relay_with("").await;
+    publish_ok(&relay.admin_url(), "t", "1").await;
+
+    let started = Instant::now();
+    let out = poll(&relay.url(), "t", "after=1&wait=1").run().await;
+    let elapsed = started.elapsed();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(json(&out), serde_json::json!({"events": [], "next": 1}));
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "returned after {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "returned after {elapsed:?}"
+    );
+
+    let started = Instant::now();
+    let out = poll(&relay.url(), "t", "after=1&wait=0").run().await;
+    assert_eq!(json(&out), serde_json::json!({"events": [], "next": 1}));
+    assert!(started.elapsed() < Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn server_sent_events_resume_after_last_event_id() {
+    let relay = relay_with("").await;
+    let admin = relay.admin_url();
+    for i in 1..=3 {
+        publish_ok(&admin, "t", &format!("{{\"n\":{i}}}")).await;
+    }
+    let sse = |extra: &'static str, secs| {
+        let curl = poll(&relay.url(), "t", "")
+            .header("Accept: text/event-stream")
+            .max_time(secs);
+        if extra.is_empty() {
+            curl
+        } else {
+            curl.header(extra)
+        }
+    };
+    // The stream never ends by itself: curl stops it at --max-time.
+    let out = sse("", 1).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.header("content-type"), vec!["text/event-stream"]);
+    let text = out.text();
+    for i in 1..=3 {
+        assert!(
+            text.contains(&format!("id: {i}\ndata: {{\"id\":{i},")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("\"data\":{\"n\":2}}\n\n"), "{text}");
+
+    let out = sse("Last-Event-ID: 2", 1).run().await;
+    let text = out.text();
+    assert!(
+        text.contains("id: 3\n") && !text.contains("id: 2\n"),
+        "{text}"
+    );
+
+    // Live: a stream resumed after 3 receives 4 as it is published.
+    let curl = sse("Last-Event-ID: 3", 3);
+    let live = tokio::spawn(curl.run());
+    wait_pollers(relay.admin, "t", 1).await;
+    publish_ok(&admin, "t", "{\"n\":4}").await;
+    let text = live.await.unwrap().text();
+    assert!(
+        text.contains("id: 4\ndata: ") && !text.contains("id: 3\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_poller_behind_the_retention_learns_the_exact_missed_count() {
+    let relay = relay_with("retain = 3").await;
+    for _ in 0..10 {
+        publish_ok(&relay.admin_url(), "t", "{}").await;
+    }
+    let answer = json(&poll(&relay.url(), "t", "after=0").run().await);
+    assert_eq!(ids(&answer), vec![8, 9, 10]);
+    assert_eq!(
+        (answer["missed"].as_u64(), answer["next"].as_u64()),
+        (Some(7), Some(10))
+    );
+    let answer = json(&poll(&relay.url(), "t", "after=8").run().await);
+    assert_eq!(ids(&answer), vec![9, 10]);
+    assert!(answer.get("missed").is_none());
+    // The stream reports it as an event of its own.
+    let out = poll(&relay.url(), "t", "after=5")
+        .header("Accept: text/event-stream")
+        .max_time(1)
+        .run()
+        .await;
+    assert!(
+        out.text()
+            .contains("event: missed\ndata: {\"missed\":2}\n\n"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_and_names_are_refused_and_nothing_is_stored() {
+    let relay = relay_with("max_event_bytes = 100").await;
+    let admin = relay.admin_url();
+    let out = publish(&admin, "t", "{\"temp\": 71").await;
+    assert_eq!(out.status, 400, "{out:?}");
+    assert!(out.text().contains("not one JSON value"), "{}", out.text());
+    assert_eq!(publish(&admin, "t", "{} {}").await.status, 400);
+    assert_eq!(publish(&admin, "t", "").await.status, 400);
+
+    let big = format!("\"{}\"", "x".repeat(200));
+    let out = publish(&admin, "t", &big).await;
+    assert_eq!(out.status, 413, "{out:?}");
+    assert!(out.text().contains("max_event_bytes"), "{}", out.text());
+    // Chunked, so the size is only known while reading.
+    let out = Curl::new(&format!("{admin}/events/t"))
+        .args(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            "@-",
+            "-H",
+            "Transfer-Encoding: chunked",
+        ])
+        .stdin(big.into_bytes())
+        .run()
+        .await;
+    assert_eq!(out.status, 413, "{out:?}");
+
+    let long = "a".repeat(129);
+    for topic in ["a:b", "a%20b", long.as_str()] {
+        assert_eq!(
+            publish(&admin, topic, "1").await.status,
+            400,
+            "publish {topic}"
+        );
+        assert_eq!(
+            poll(&relay.url(), topic, "").run().await.status,
+            400,
+            "poll {topic}"
+        );
+    }
+    assert_eq!(poll(&relay.url(), "t", "after=x").run().await.status, 400);
+    let post = poll(&relay.url(), "t", "")
+        .args(&["-X", "POST", "-d", "1"])
+        .run()
+        .await;
+    assert_eq!(post.status, 405, "publishing is not on the aggregate port");
+
+    let answer = json(&poll(&relay.url(), "t", "after=0").run().await);
+    assert_eq!(answer, serde_json::json!({"events": [], "next": 0}));
+}
+
+#[tokio::test]
+async fn poller_limits_answer_503_with_retry_after() {
+    let relay = relay_with("max_pollers_per_topic = 1\nmax_pollers = 2").await;
+    let url = relay.url();
+    let first = tokio::spawn(poll(&url, "a", "wait=20").run());
+    wait_pollers(relay.admin, "a", 1).await;
+    let out = poll(&url, "a", "wait=20").run().await;
+    assert_eq!(out.status, 503, "{out:?}");
+    assert_eq!(out.header("retry-after"), vec!["1"]);
+    assert!(
+        out.text().contains("max_pollers_per_topic"),
+        "{}",
+        out.text()
+    );
+
+    let second = tokio::spawn(poll(&url, "b", "wait=20").run());
+    wait_pollers(relay.admin, "b", 1).await;
+    let out = poll(&url, "c", "wait=0").run().await;
+    assert_eq!(out.status, 503, "{out:?}");
+    assert!(out.text().contains("events.max_pollers"), "{}", out.text());
+
+    publish_ok(&relay.admin_url(), "a", "1").await;
+    publish_ok(&relay.admin_url(), "b", "1").await;
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(
+        poll(&url, "c", "wait=0").run().await.status,
+        200,
+        "slots are given back"
+    );
+}
+
+#[tokio::test]
+async fn a_draining_relay_answers_waiting_polls_at_once() {
+    let relay = relay_with("").await;
+    let url = relay.url();
+    let waiting = tokio::spawn(poll(&url, "t", "wait=30").run());
+    wait_pollers(relay.admin, "t", 1).await;
+    let started = Instant::now();
+    relay.shutdown().await;
+    let out = waiting.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(json(&out)["events"], serde_json::json!([]));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "drain took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn file_store_keeps_events_across_kill_9_and_ids_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("relay.toml");
+    let text = format!(
+        "[relay]\nname = \"relay.test\"\n[events]\nstore = \"file\"\npath = \"{}\"\n",
+        dir.path().join("events").display()
+    );
+    std::fs::write(&conf, text).unwrap();
+
+    let mut relay = RelayProcess::spawn(&conf, &[]).await;
+    for i in 1..=3 {
+        assert_eq!(
+            publish_ok(&relay.admin_url(), "plant-3", &format!("{{\"n\":{i}}}")).await,
+            i
+        );
+    }
+    relay.child.start_kill().unwrap(); // SIGKILL: no chance to flush anything
+    relay.child.wait().await.unwrap();
+
+    let relay = RelayProcess::spawn(&conf, &[]).await;
+    let answer = json(&poll(&relay.url(), "plant-3", "after=0").run().await);
+    assert_eq!(ids(&answer), vec![1, 2, 3], "{}", relay.log_text());
+    assert_eq!(answer["events"][2]["data"], serde_json::json!({"n": 3}));
+    assert_eq!(publish_ok(&relay.admin_url(), "plant-3", "4").await, 4);
+}
+
+fn redis_events(url: &str) -> String {
+    format!("store = \"redis\"\nredis_url = \"{url}\"")
+}
+
+#[tokio::test]
+async fn redis_store_is_shared_by_two_relays() {
+    let redis = RedisServer::start().await;
+    let one = relay_with(&redis_events(&redis.url())).await;
+    let two = relay_with(&redis_events(&redis.url())).await;
+
+    let url = two.url();
+    let started = Instant::now();
+    let waiting = tokio::spawn(poll(&url, "plant-3", "after=0&wait=20").run());
+    wait_pollers(two.admin, "plant-3", 1).await;
+    assert_eq!(
+        publish_ok(&one.admin_url(), "plant-3", "{\"temp\":71}").await,
+        1
+    );
+    let out = waiting.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken after {:?}",
+        started.elapsed()
+    );
+    let answer = json(&out);
+    assert_eq!(ids(&answer), vec![1], "{out:?}");
+    assert_eq!(answer["events"][0]["data"], serde_json::json!({"temp": 71}));
+
+    assert_eq!(publish_ok(&two.admin_url(), "plant-3", "2").await, 2);
+    assert_eq!(publish_ok(&one.admin_url(), "plant-3", "3").await, 3);
+    let from_one = json(&poll(&one.url(), "plant-3", "after=0").run().await);
+    let from_two = json(&poll(&two.url(), "plant-3", "after=0").run().await);
+    assert_eq!(ids(&from_one), vec![1, 2, 3]);
+    assert_eq!(from_one, from_two);
+}
+
+#[tokio::test]
+async fn redis_store_conformance() {
+    let redis = RedisServer::start().await;
+    for case in conformance::CASES {
+        let store = RedisStore::open(&redis.url(), case.retention(), Waiters::default()).unwrap();
+        conformance::run_case(&store, case).await;
+    }
+}
