@@ -380,3 +380,61 @@ fn dockerfile_and_systemd_unit_agree_with_conf_and_readme() {
         assert!(readme.contains(needle), "README does not mention {needle}");
     }
 }
+
+#[tokio::test]
+async fn event_metrics_and_topics_follow_publishing_and_polling() {
+    let relay = Relay::start(&config_with("", "")).await;
+    let publish = |n: u32| {
+        Curl::new(&format!("{}/events/plant-3", relay.admin_url())).args(&[
+            "-X",
+            "POST",
+            "--data",
+            &format!("{{\"n\":{n}}}"),
+        ])
+    };
+    assert_eq!(publish(1).run().await.status, 201);
+    assert_eq!(publish(2).run().await.status, 201);
+    let out = Curl::new("http://relay.test/events/plant-3?after=0&wait=0")
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+
+    // A long poll that waits shows in the gauge.
+    let proxy = relay.url();
+    let waiting = tokio::spawn(async move {
+        Curl::new("http://relay.test/events/plant-3?after=2&wait=20")
+            .proxy(&proxy)
+            .run()
+            .await
+    });
+    let polls = r#"porthole_open_long_polls"#;
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(10), || async {
+            value(&scrape(&relay).await, polls) == 1.0
+        })
+        .await,
+        "the waiting poll is not counted"
+    );
+    assert_eq!(publish(3).run().await.status, 201);
+    assert_eq!(waiting.await.unwrap().status, 200);
+
+    let m = scrape(&relay).await;
+    assert_eq!(
+        value(&m, r#"porthole_events_published_total{topic="plant-3"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(&m, r#"porthole_events_delivered_total{topic="plant-3"}"#),
+        3.0
+    );
+    assert_eq!(value(&m, polls), 0.0);
+    let page = Curl::new(&format!("{}/status", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        page.contains("<tr><td>plant-3</td><td class=\"n\">3</td><td class=\"n\">0</td></tr>"),
+        "{page}"
+    );
+}

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::error::{ErrorKind, RelayError};
 use crate::events::PublishError;
+use crate::metrics::{Name, TopicLabels};
 use crate::{status, Shared};
 
 /// The response type of every admin endpoint.
@@ -120,7 +121,13 @@ async fn publish(req: Request<Incoming>, topic: &str, shared: &Shared) -> AdminR
         }
     };
     match shared.events.publish(topic, &body).await {
-        Ok(id) => json(StatusCode::CREATED, format!("{{\"id\":{id}}}\n")),
+        Ok(id) => {
+            let labels = TopicLabels {
+                topic: Name::from(topic),
+            };
+            shared.metrics.events_published.get_or_create(&labels).inc();
+            json(StatusCode::CREATED, format!("{{\"id\":{id}}}\n"))
+        }
         Err(e) => {
             let kind = match e {
                 PublishError::BadTopic => ErrorKind::BadTopic,

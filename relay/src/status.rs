@@ -134,6 +134,24 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
         );
     }
 
+    let topics = shared.events.topics();
+    if topics.is_empty() {
+        html.push_str(
+            "<h2>Event topics</h2><p class=\"muted\">No topic published or polled yet.</p>\n",
+        );
+    } else {
+        html.push_str("<h2>Event topics</h2><table id=\"topics\"><tr><th>topic</th><th>last id</th><th>pollers waiting</th></tr>\n");
+        for (topic, last, pollers) in topics {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td class=\"n\">{last}</td><td class=\"n\">{pollers}</td></tr>",
+                escape(&topic)
+            );
+        }
+        html.push_str("</table>\n");
+    }
+    let _ = writeln!(html, "<p>event store: {}</p>", shared.events.store_kind());
+
     html.push_str("<h2>Configuration</h2><p>");
     let _ = write!(
         html,

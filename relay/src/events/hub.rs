@@ -26,6 +26,9 @@ struct Inner {
     store: Box<dyn Store>,
     waiters: Waiters,
     settings: EventSettings,
+    /// Topics this relay has served, with the last id it knows of (for the
+    /// status page). A plain mutex: one map update, never held across an await.
+    seen: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Why a publication was refused.
@@ -102,6 +105,7 @@ impl Hub {
                 store,
                 waiters,
                 settings: settings.clone(),
+                seen: Default::default(),
             }),
         })
     }
@@ -132,6 +136,7 @@ impl Hub {
             .map_err(PublishError::Store)?;
         tracing::debug!(topic, id, bytes = data.len(), "event published");
         self.inner.waiters.wake(topic, id);
+        self.note(topic, id);
         Ok(id)
     }
 
@@ -168,11 +173,37 @@ impl Hub {
                 .max(batch.first_id.saturating_sub(1))
                 .min(batch.last_id),
         };
+        self.note(topic, batch.last_id);
         Ok(PollAnswer {
             events,
             next,
             missed,
         })
+    }
+
+    fn note(&self, topic: &str, id: u64) {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a relay with more topics than this shows the first ones.
+        if seen.len() < 1000 || seen.contains_key(topic) {
+            let last = seen.entry(topic.to_string()).or_insert(0);
+            *last = (*last).max(id);
+        }
+    }
+
+    /// Topics served so far with their last known id and waiting pollers.
+    pub fn topics(&self) -> Vec<(String, u64, usize)> {
+        let seen = self
+            .inner
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        seen.into_iter()
+            .map(|(t, id)| {
+                let pollers = self.pollers(&t);
+                (t, id, pollers)
+            })
+            .collect()
     }
 
     /// `wait` capped by `max_wait`.

@@ -17,6 +17,7 @@ use crate::codec::{write_data, write_end, Conn, Io, OutFraming, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::forward::{log_error, After};
 use crate::http1::{write_error, write_simple};
+use crate::metrics::{GaugeGuard, Name, TopicLabels};
 use crate::ConnCtx;
 
 /// A comment line on an idle event stream, so proxies and clients see it alive.
@@ -148,8 +149,17 @@ async fn next_answer<S: Io>(
         };
         let expired = deadline.is_some_and(|d| Instant::now() >= d);
         if !answer.nothing_new(after) || expired || ctx.shared.shutdown.is_cancelled() {
+            if !answer.events.is_empty() {
+                let labels = TopicLabels {
+                    topic: Name::from(topic),
+                };
+                let delivered = ctx.shared.metrics.events_delivered.get_or_create(&labels);
+                delivered.inc_by(answer.events.len() as u64);
+            }
             return Some(Ok(answer));
         }
+        // Counted as a waiting long-poll only while it actually waits.
+        let _waiting = GaugeGuard::new(ctx.shared.metrics.open_long_polls.clone());
         let keepalive = Instant::now() + KEEPALIVE;
         tokio::select! {
             () = slot.woken() => {}
