@@ -499,6 +499,15 @@ impl RelayProcess {
     /// admin ports are chosen free and passed as `PORTHOLE__RELAY__LISTEN` and
     /// `PORTHOLE__RELAY__ADMIN_LISTEN`.
     pub async fn spawn(config: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        RelayProcess::spawn_with_args(config, env, &[]).await
+    }
+
+    /// As [`RelayProcess::spawn`], with extra command-line arguments.
+    pub async fn spawn_with_args(
+        config: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> RelayProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let log = std::env::temp_dir().join(format!(
@@ -510,6 +519,7 @@ impl RelayProcess {
         let mut cmd = tokio::process::Command::new(binary("porthole-relay"));
         cmd.arg("--config")
             .arg(config)
+            .args(args)
             .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
             .env("PORTHOLE__RELAY__ADMIN_LISTEN", admin.to_string())
             .env("RUST_LOG", "info")

@@ -361,3 +361,41 @@ async fn reload_replaces_routes_keeps_tunnels_and_refuses_bad_files() {
         relay.log_text()
     );
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_access_fields() {
+    let origin = Origin::ok().await;
+    let path = write_config(
+        "json",
+        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
+    );
+    let relay = RelayProcess::spawn_with_args(&path, &[], &["--log-format", "json"]).await;
+    let url = format!("http://app.test:{}/j", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
+    let mut access = None;
+    for _ in 0..100 {
+        access = relay
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "porthole::access");
+        if access.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = access.expect("a JSON access line");
+    let fields = &line["fields"];
+    assert_eq!(fields["status"], 200, "{line}");
+    assert_eq!(fields["method"], "GET");
+    assert_eq!(fields["route"], "app.test");
+    assert!(fields["bytes_out"].as_u64().unwrap_or(0) > 0, "{line}");
+    assert!(line["timestamp"].is_string(), "{line}");
+    // Every line is JSON.
+    for l in relay.log_text().lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(l).is_ok(),
+            "not JSON: {l}"
+        );
+    }
+}
