@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
-use crate::metrics::Name;
 use crate::ConnCtx;
 
 /// What the access log records about one request or tunnel.
@@ -45,8 +44,8 @@ impl Access {
     /// Writes the line and counts the request in the metrics.
     pub fn finish(&self, ctx: &ConnCtx) {
         let seconds = self.started.elapsed().as_secs_f64();
-        let route = Name::from(self.route.as_deref().unwrap_or("-"));
-        ctx.shared.metrics.record(&route, self, seconds);
+        let route = self.route.as_deref().unwrap_or("-");
+        ctx.shared.metrics.record(route, self, seconds);
         if let Some(file) = &ctx.shared.access_file {
             file.write_line(&format!(
                 "{} client={} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
@@ -54,7 +53,7 @@ impl Access {
                 ctx.peer,
                 self.method,
                 self.target,
-                route.0,
+                route,
                 self.status,
                 self.bytes_in,
                 self.bytes_out,

@@ -331,11 +331,35 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(
     parse_request_head(raw, max_headers)
 }
 
+/// Header slots on the stack; heads with more fields (up to `max_headers`)
+/// are parsed again with a slot array of that size.
+const STACK_FIELDS: usize = 64;
+
 /// Parses a complete request head.
 pub fn parse_request_head(raw: Bytes, max_headers: usize) -> Result<RequestHead, HeadError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&raw).map_err(parse_error)? {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_FIELDS];
+    if max_headers <= STACK_FIELDS {
+        return parse_request_into(&raw, &mut slots[..max_headers]);
+    }
+    match parse_request_into(&raw, &mut slots) {
+        Err(HeadError::TooLarge) => {
+            let mut many = vec![std::mem::MaybeUninit::uninit(); max_headers];
+            parse_request_into(&raw, &mut many)
+        }
+        other => other,
+    }
+}
+
+fn parse_request_into<'b>(
+    raw: &'b Bytes,
+    slots: &mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+) -> Result<RequestHead, HeadError> {
+    let mut req = httparse::Request::new(&mut []);
+    match req
+        .parse_with_uninit_headers(raw, slots)
+        .map_err(parse_error)?
+    {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
     }
@@ -343,11 +367,11 @@ pub fn parse_request_head(raw: Bytes, max_headers: usize) -> Result<RequestHead,
         return Err(HeadError::Malformed("incomplete request line"));
     };
     Ok(RequestHead {
-        method: offset(&raw, method.as_bytes()),
-        target: offset(&raw, target.as_bytes()),
+        method: offset(raw, method.as_bytes()),
+        target: offset(raw, target.as_bytes()),
         minor,
         fields: Fields {
-            pos: field_positions(&raw, req.headers),
+            pos: field_positions(raw, req.headers),
             raw: raw.clone(),
         },
     })
@@ -360,22 +384,39 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
     max_headers: usize,
 ) -> Result<ResponseHead, HeadError> {
     let raw = read_raw_head(conn, max_bytes).await?;
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(&raw).map_err(parse_error)? {
+    // httparse has no uninitialised-slot parser for responses: a stack array.
+    let mut slots = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    if max_headers <= STACK_FIELDS {
+        return parse_response_into(&raw, &mut slots[..max_headers]);
+    }
+    match parse_response_into(&raw, &mut slots) {
+        Err(HeadError::TooLarge) => {
+            let mut many = vec![httparse::EMPTY_HEADER; max_headers];
+            parse_response_into(&raw, &mut many)
+        }
+        other => other,
+    }
+}
+
+fn parse_response_into<'b>(
+    raw: &'b Bytes,
+    slots: &mut [httparse::Header<'b>],
+) -> Result<ResponseHead, HeadError> {
+    let mut resp = httparse::Response::new(slots);
+    match resp.parse(raw).map_err(parse_error)? {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
     }
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(HeadError::Malformed("incomplete status line"));
     };
-    let reason = offset(&raw, resp.reason.unwrap_or("").as_bytes());
+    let reason = offset(raw, resp.reason.unwrap_or("").as_bytes());
     Ok(ResponseHead {
         status,
         reason: if reason.start == 0 { 0..0 } else { reason },
         minor,
         fields: Fields {
-            pos: field_positions(&raw, resp.headers),
+            pos: field_positions(raw, resp.headers),
             raw: raw.clone(),
         },
     })

@@ -83,6 +83,21 @@ pub struct Metrics {
     pub events_delivered: Family<TopicLabels, Counter>,
     pub uplinks_connected: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
+    /// Per-route handles into the families above, so counting a request is a
+    /// few atomic adds rather than four labelled look-ups.
+    by_route: std::sync::RwLock<std::collections::HashMap<Arc<str>, Arc<RouteHandles>>>,
+}
+
+/// One route's series, taken from the families once.
+struct RouteHandles {
+    name: Name,
+    /// `[method class][status class]`, created on first use so the
+    /// exposition lists only series that happened.
+    requests: [[std::sync::OnceLock<Counter>; 5]; 9],
+    request_duration: Histogram,
+    tunnel_duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +124,7 @@ impl Metrics {
             events_delivered: Family::default(),
             uplinks_connected: Gauge::default(),
             reloads: Family::default(),
+            by_route: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,25 +211,58 @@ impl Metrics {
     }
 
     /// Counts a finished request or tunnel.
-    pub fn record(&self, route: &Name, a: &Access, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                method: method_class(&a.method),
-                status: status_class(a.status),
+    pub fn record(&self, route: &str, a: &Access, seconds: f64) {
+        let h = self.handles(route);
+        let m = METHODS
+            .iter()
+            .position(|m| *m == method_class(&a.method))
+            .unwrap_or(8);
+        let s = STATUS_CLASSES
+            .iter()
+            .position(|c| *c == status_class(a.status))
+            .unwrap_or(4);
+        let counter = h.requests[m][s].get_or_init(|| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                route: h.name.clone(),
+                method: METHODS[m],
+                status: STATUS_CLASSES[s],
             })
-            .inc();
-        let labels = RouteLabels {
-            route: route.clone(),
-        };
+        });
+        counter.inc();
         let durations = if a.tunnel {
-            &self.tunnel_duration
+            &h.tunnel_duration
         } else {
-            &self.request_duration
+            &h.request_duration
         };
-        durations.get_or_create(&labels).observe(seconds);
-        self.bytes_in.get_or_create(&labels).inc_by(a.bytes_in);
-        self.bytes_out.get_or_create(&labels).inc_by(a.bytes_out);
+        durations.observe(seconds);
+        h.bytes_in.inc_by(a.bytes_in);
+        h.bytes_out.inc_by(a.bytes_out);
+    }
+
+    fn handles(&self, route: &str) -> Arc<RouteHandles> {
+        if let Some(h) = self
+            .by_route
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+        {
+            return h.clone();
+        }
+        let name = Name::from(route);
+        let labels = RouteLabels {
+            route: name.clone(),
+        };
+        let h = Arc::new(RouteHandles {
+            name: name.clone(),
+            requests: Default::default(),
+            request_duration: self.request_duration.get_or_create_owned(&labels),
+            tunnel_duration: self.tunnel_duration.get_or_create_owned(&labels),
+            bytes_in: self.bytes_in.get_or_create_owned(&labels),
+            bytes_out: self.bytes_out.get_or_create_owned(&labels),
+        });
+        let mut map = self.by_route.write().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the routes configured over the relay's life (plus "-").
+        map.entry(name.0).or_insert(h).clone()
     }
 
     /// Requests seen for a route in a status class (for the status page).
@@ -310,12 +359,12 @@ mod tests {
         let mut get = Access::new("GET", "/", 10);
         get.status = 200;
         get.bytes_out = 20;
-        m.record(&route, &get, 0.01);
+        m.record(&route.0, &get, 0.01);
         let mut connect = Access::new("CONNECT", "a:1", 5);
         connect.status = 200;
         connect.bytes_out = 6;
         connect.tunnel = true;
-        m.record(&route, &connect, 1.0);
+        m.record(&route.0, &connect, 1.0);
         let text = m.encode();
         assert!(
             text.contains(

@@ -122,21 +122,21 @@ impl AsyncWrite for Upstream {
     }
 }
 
-type Key = (String, u16);
 type Idle = Vec<(Conn<Upstream>, Instant)>;
 
 /// Idle keep-alive connections, newest last. A plain mutex: every section is a
 /// few pointer moves and never awaits.
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Idle>>,
+    /// port -> host -> idle connections: looked up by `&str`, no key allocation.
+    idle: Mutex<HashMap<u16, HashMap<String, Idle>>>,
 }
 
 impl Pool {
     /// An idle connection to `host:port` that is still open, if any.
     pub fn take(&self, host: &str, port: u16) -> Option<Conn<Upstream>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&(host.to_string(), port))?;
+        let list = idle.get_mut(&port)?.get_mut(host)?;
         while let Some((conn, since)) = list.pop() {
             if since.elapsed() < IDLE_FOR && still_open(&conn) {
                 return Some(conn);
@@ -151,8 +151,17 @@ impl Pool {
             return; // the server sent more than the response: not reusable
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry((host.to_string(), port)).or_default();
-        list.retain(|(_, since)| since.elapsed() < IDLE_FOR);
+        let hosts = idle.entry(port).or_default();
+        let list = match hosts.get_mut(host) {
+            Some(list) => list,
+            None => hosts.entry(host.to_string()).or_default(),
+        };
+        while list
+            .first()
+            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
+        {
+            list.remove(0);
+        }
         if list.len() >= MAX_IDLE_PER_KEY {
             list.remove(0);
         }
@@ -162,7 +171,7 @@ impl Pool {
     /// Number of idle connections (for tests and the status page).
     pub fn idle_count(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
+        idle.values().flat_map(HashMap::values).map(Vec::len).sum()
     }
 }
 
