@@ -1,7 +1,8 @@
-//! One access-log line per request and per tunnel: client, method, target,
-//! route, status, bytes each way and duration. By default through `tracing`
+//! One access-log line per request and per tunnel: client, user, method,
+//! target, route, status, bytes each way and duration. By default through `tracing`
 //! under the target `porthole::access`; with `[log] access = "FILE"` into
 //! that file, which `SIGUSR1` reopens (for logrotate).
+//! Credentials never appear: only the user name they proved.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -18,6 +19,8 @@ pub struct Access {
     pub method: String,
     pub target: String,
     pub route: Option<String>,
+    /// The authenticated user (password or client certificate), if any.
+    pub user: Option<String>,
     pub status: u16,
     /// Bytes from the client (head and body).
     pub bytes_in: u64,
@@ -34,6 +37,7 @@ impl Access {
             method: method.to_string(),
             target: target.to_string(),
             route: None,
+            user: None,
             status: 0,
             bytes_in: head_len as u64,
             bytes_out: 0,
@@ -65,6 +69,7 @@ impl Access {
         tracing::info!(
             target: "porthole::access",
             client = %ctx.peer,
+            user = self.user.as_deref().unwrap_or("-"),
             method = %self.method,
             target = %self.target,
             route = self.route.as_deref().unwrap_or("-"),
