@@ -66,6 +66,13 @@ pub struct Auth {
     cache: Arc<Cache>,
 }
 
+impl Auth {
+    /// Whether a users file is configured.
+    pub fn has_users(&self) -> bool {
+        self.users.is_some()
+    }
+}
+
 impl Default for Auth {
     fn default() -> Self {
         Auth {

@@ -786,6 +786,15 @@ impl RawConfig {
         let tls = self.tls.validate(&mut c);
         let auth = self.auth.validate(&mut c);
         let rules = rules::validate(self.rule, &self.auth.groups, &mut c);
+        let certificates = tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);
+        if auth.required && !auth.has_users() && !certificates {
+            c.push(
+                "auth.required",
+                "nobody could authenticate: set auth.users_file or tls.client_ca",
+            );
+        }
 
         if !c.problems.is_empty() {
             return Err(ConfigError {

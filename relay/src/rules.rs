@@ -101,8 +101,8 @@ impl Rules {
             about_routes
                 && r.routes
                     .as_ref()
-                    .map_or(true, |pats| pats.iter().any(|p| host_matches(p, host)))
-                && r.ports.as_ref().map_or(true, |ports| ports.contains(&port))
+                    .is_none_or(|pats| pats.iter().any(|p| host_matches(p, host)))
+                && r.ports.as_ref().is_none_or(|ports| ports.contains(&port))
         })
     }
 
@@ -125,14 +125,14 @@ impl Rules {
         }
         let addr = addr.to_canonical();
         for (i, r) in self.rules.iter().enumerate() {
-            let who = r.users.as_ref().map_or(true, |u| match user {
+            let who = r.users.as_ref().is_none_or(|u| match user {
                 Some(name) => u.any_user || u.names.contains(name),
                 None => false,
             });
             let whence = r
                 .from
                 .as_ref()
-                .map_or(true, |nets| nets.iter().any(|n| n.contains(addr)));
+                .is_none_or(|nets| nets.iter().any(|n| n.contains(addr)));
             if who && whence && what(r) {
                 return if r.allow {
                     Decision::Allow
