@@ -1,5 +1,5 @@
 //! Security on the aggregate port, driven by the real curl: TLS and plain on
-//! one port, `require`, ALPN, client certificates, upstream TLS, users and
+//! one port, `require`, ALPN `h2`, client certificates, upstream TLS, users and
 //! the 407 flow, access rules by user, group, network and port, reload of
 //! rules under an open tunnel, and the per-client request rate.
 //! Certificates are generated for each test (rcgen); none are committed.
@@ -8,7 +8,9 @@ mod security_support;
 
 use std::time::Duration;
 
-use porthole_suite::{config_with, route, Curl, EchoServer, Origin, Relay, RelayProcess};
+use porthole_suite::{
+    config_with, raw_exchange, route, Curl, EchoServer, Origin, Relay, RelayProcess,
+};
 use security_support::{tls_client, Ca, Dir, Leaf, TlsFront};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -96,6 +98,10 @@ async fn require_refuses_plain_http_with_400() {
     assert_eq!(plain.status, 400);
     assert!(plain.text().contains("requires TLS"), "{}", plain.text());
     assert!(origin.received().is_empty());
+    // Cleartext HTTP/2 is refused too (closed, nothing served).
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let answer = raw_exchange(relay.addr, preface, Duration::from_secs(5)).await;
+    assert_eq!(answer, "");
 
     let over_tls = Curl::new(&url)
         .args(&["--proxy", &https_proxy(&relay), "--proxy-cacert", &ca_pem])
@@ -104,25 +110,77 @@ async fn require_refuses_plain_http_with_400() {
     assert_eq!(over_tls.status, 200, "{over_tls:?}");
 }
 
+/// One HTTP/2 request on a TLS stream that negotiated `h2`.
+async fn h2_get(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    url: &str,
+    authorization: Option<&str>,
+) -> (u16, Vec<String>, String) {
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::get(url);
+    if let Some(value) = authorization {
+        req = req.header("proxy-authorization", value);
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get_all("proxy-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        challenge,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 #[tokio::test]
-async fn alpn_offers_http1_only_while_http2_is_not_served() {
+async fn alpn_h2_is_served_through_the_same_gate() {
     let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
     let origin = Origin::ok().await;
+    let users = users_file(&dir, &[("alice", "secret")]);
     let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
     let tls = tls_section(&dir, &relay_leaf(&ca), "");
-    let relay = Relay::start(&config_with(&routes, &tls)).await;
-    let (mut tls, chosen) = tls_client(relay.addr, &ca.pem(), &[b"h2", b"http/1.1"]).await;
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
+    let relay = Relay::start(&config_with(&routes, &format!("{tls}{auth}"))).await;
+    let url = format!("http://app-a.test:{}/alpn", origin.port());
+
+    let (tls, chosen) = tls_client(relay.addr, &ca.pem(), &[b"h2", b"http/1.1"]).await;
+    assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+    let (status, challenge, _) = h2_get(tls, &url, None).await;
+    assert_eq!(status, 407);
+    assert_eq!(challenge, ["Basic realm=\"corp\""]);
+
+    let (tls, _) = tls_client(relay.addr, &ca.pem(), &[b"h2", b"http/1.1"]).await;
+    let basic = "Basic YWxpY2U6c2VjcmV0"; // alice:secret
+    let (status, _, body) = h2_get(tls, &url, Some(basic)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "ok /alpn");
+    assert!(origin.single().header("proxy-authorization").is_none());
+
+    // A client that offers only HTTP/1.1 gets HTTP/1.1.
+    let (mut tls, chosen) = tls_client(relay.addr, &ca.pem(), &[b"http/1.1"]).await;
     assert_eq!(chosen.as_deref(), Some(&b"http/1.1"[..]));
     let req = format!(
-        "GET http://app-a.test:{}/alpn HTTP/1.1\r\nHost: app-a.test\r\nConnection: close\r\n\r\n",
-        origin.port()
+        "GET {url} HTTP/1.1\r\nHost: app-a.test\r\nProxy-Authorization: {basic}\r\nConnection: close\r\n\r\n"
     );
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.ends_with("ok /alpn"), "{out}");
 }
 
 #[tokio::test]

@@ -53,9 +53,10 @@ impl Access {
         ctx.shared.metrics.record(&route, self, seconds);
         if let Some(file) = &ctx.shared.access_file {
             file.write_line(&format!(
-                "{} client={} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
+                "{} client={} user={:?} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
                 humantime::format_rfc3339_millis(SystemTime::now()),
                 ctx.peer,
+                self.user.as_deref().unwrap_or("-"),
                 self.method,
                 self.target,
                 route.0,

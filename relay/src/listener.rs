@@ -112,6 +112,11 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
         (Protocol::Tls, None) => {
             tracing::debug!("TLS ClientHello on a port without [tls]; closing");
         }
+        // Cleartext HTTP/2 is plain text too: `require` refuses it, without
+        // an HTTP/2 error frame (a closed connection says enough).
+        (Protocol::H2PriorKnowledge, Some(tls)) if tls.require => {
+            tracing::debug!("HTTP/2 prior knowledge on a port that requires TLS; closing");
+        }
         (Protocol::H2PriorKnowledge, _) => h2::serve(conn, ctx).await,
         (Protocol::NeedMore | Protocol::Unknown, _) => {
             let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));

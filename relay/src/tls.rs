@@ -1,8 +1,9 @@
 //! TLS on both sides, with rustls (TLS 1.2 and 1.3 only):
 //!
 //! - the aggregate port (`[tls]`): a connection whose first byte is a TLS
-//!   record is decrypted here and served as HTTP/1.1; a verified client
-//!   certificate's subject common name becomes the connection's user;
+//!   record is decrypted here and served as HTTP/2 when ALPN chose `h2`,
+//!   otherwise as HTTP/1.1; a verified client certificate's subject common
+//!   name becomes the connection's user;
 //! - internal servers (route `tls = true` or `to = "https://..."`): verified
 //!   against the route's `ca` or the system roots, SNI from the upstream host.
 //!
@@ -23,7 +24,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::codec::{Conn, Rewind};
 use crate::config::Collector;
-use crate::{http1, ConnCtx};
+use crate::{h2, http1, ConnCtx};
 
 /// `[tls]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -70,9 +71,8 @@ impl fmt::Debug for Tls {
     }
 }
 
-/// The protocols offered in ALPN. HTTP/2 is not served on the aggregate port
-/// yet, so only HTTP/1.1 is offered.
-const ALPN: &[&[u8]] = &[b"http/1.1"];
+/// The protocols offered in ALPN, preferred first.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 impl RawTls {
     pub(crate) fn validate(&self, c: &mut Collector) -> Option<Tls> {
@@ -208,7 +208,8 @@ fn read_roots(path: &str) -> Result<RootCertStore, String> {
 }
 
 /// Serves a connection that starts with a TLS ClientHello: the handshake
-/// (bounded by `head_timeout`), then HTTP/1.1 over the decrypted stream.
+/// (bounded by `head_timeout`), then HTTP/2 or HTTP/1.1 over the decrypted
+/// stream, as ALPN decided. Both serve every request through the same gate.
 pub async fn serve(conn: Conn<TcpStream>, mut ctx: ConnCtx, tls: &Tls) {
     let head_timeout = ctx.shared.config().limits.head_timeout;
     let handshake = tls.acceptor.accept(Rewind::from(conn));
@@ -225,7 +226,12 @@ pub async fn serve(conn: Conn<TcpStream>, mut ctx: ConnCtx, tls: &Tls) {
     if let Some(user) = &ctx.cert_user {
         tracing::debug!(user, "client certificate verified");
     }
-    http1::serve(Conn::new(stream), ctx).await;
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    if h2 {
+        h2::serve(Conn::new(stream), ctx).await;
+    } else {
+        http1::serve(Conn::new(stream), ctx).await;
+    }
 }
 
 /// The subject common name of a (verified) certificate, if it is a usable name.
