@@ -502,6 +502,33 @@ async fn answer_to(addr: std::net::SocketAddr, request: &str) -> String {
 }
 
 #[tokio::test]
+async fn rules_by_topic_on_the_event_endpoints() {
+    let dir = Dir::new();
+    let users = users_file(&dir, &[("alice", "a-pw"), ("bob", "b-pw")]);
+    let extra = format!(
+        "[auth]\nusers_file = \"{users}\"\n\
+         [[rule]]\nusers = [\"alice\"]\ntopics = [\"plant-*\"]\nallow = true\n"
+    );
+    let relay = Relay::start(&config_with("", &extra)).await;
+    let poll = |topic: &str, user: &str| {
+        Curl::new(&format!("http://relay.test/events/{topic}?wait=0"))
+            .proxy(&relay.url())
+            .args(&["-U", user])
+    };
+    let alice = poll("plant-7", "alice:a-pw").run().await;
+    assert_eq!(alice.status, 200, "{alice:?}");
+    let elsewhere = poll("office", "alice:a-pw").run().await;
+    assert_eq!(elsewhere.status, 403);
+    assert!(
+        elsewhere.text().contains("no rule allows it"),
+        "{}",
+        elsewhere.text()
+    );
+    let bob = poll("plant-7", "bob:b-pw").run().await;
+    assert_eq!(bob.status, 403, "{bob:?}");
+}
+
+#[tokio::test]
 async fn sighup_changes_a_decision_and_keeps_the_open_tunnel() {
     let dir = Dir::new();
     let echo = EchoServer::start().await;

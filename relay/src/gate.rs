@@ -3,6 +3,8 @@
 //! ([`auth`](crate::auth)), and whether the access rules
 //! ([`rules`](crate::rules)) let that client reach the target. Cheapest
 //! check first: a flood is turned away before any password is hashed.
+//! Event topics are checked by the event endpoint with [`admit_topic`], once
+//! it knows the topic.
 
 use std::time::Instant;
 
@@ -37,4 +39,21 @@ pub async fn admit(
         }
     }
     Ok(user)
+}
+
+/// May the client who was admitted as `user` poll `topic`? `Err` is a `403`
+/// naming the rule that refused.
+pub fn admit_topic(
+    ctx: &ConnCtx,
+    config: &Config,
+    user: Option<&str>,
+    topic: &str,
+) -> Result<(), RelayError> {
+    match config.rules.allows_topic(user, ctx.peer.ip(), topic) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(denial) => {
+            tracing::info!(client = %ctx.peer, user = user.unwrap_or("-"), topic, %denial, "topic refused");
+            Err(RelayError::new(ErrorKind::Forbidden(denial)))
+        }
+    }
 }
