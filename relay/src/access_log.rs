@@ -1,7 +1,8 @@
-//! One access-log line per request and per tunnel: client, method, target,
-//! route, status, bytes each way and duration. By default through `tracing`
+//! One access-log line per request and per tunnel: client, user, method,
+//! target, route, status, bytes each way and duration. By default through `tracing`
 //! under the target `porthole::access`; with `[log] access = "FILE"` into
 //! that file, which `SIGUSR1` reopens (for logrotate).
+//! Credentials never appear: only the user name they proved.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -17,6 +18,8 @@ pub struct Access {
     pub method: String,
     pub target: String,
     pub route: Option<String>,
+    /// The authenticated user (password or client certificate), if any.
+    pub user: Option<String>,
     pub status: u16,
     /// Bytes from the client (head and body).
     pub bytes_in: u64,
@@ -33,6 +36,7 @@ impl Access {
             method: method.to_string(),
             target: target.to_string(),
             route: None,
+            user: None,
             status: 0,
             bytes_in: head_len as u64,
             bytes_out: 0,
@@ -48,9 +52,10 @@ impl Access {
         ctx.shared.metrics.record(route, self, seconds);
         if let Some(file) = &ctx.shared.access_file {
             file.write_line(&format!(
-                "{} client={} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
+                "{} client={} user={:?} method={} target={:?} route={:?} status={} bytes_in={} bytes_out={} duration_ms={:.3}\n",
                 humantime::format_rfc3339_millis(SystemTime::now()),
                 ctx.peer,
+                self.user.as_deref().unwrap_or("-"),
                 self.method,
                 self.target,
                 route,
@@ -64,6 +69,7 @@ impl Access {
         tracing::info!(
             target: "porthole::access",
             client = %ctx.peer,
+            user = self.user.as_deref().unwrap_or("-"),
             method = %self.method,
             target = %self.target,
             route = self.route.as_deref().unwrap_or("-"),

@@ -736,8 +736,9 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
     if data.is_empty() {
         return Ok(());
     }
+    // A TLS stream may hold written records until flushed; on TCP a flush is free.
     match framing {
-        OutFraming::Plain => w.write_all(data).await,
+        OutFraming::Plain => w.write_all(data).await?,
         OutFraming::Chunked => {
             let prefix = format!("{:x}\r\n", data.len());
             if data.len() <= 16 * 1024 {
@@ -745,14 +746,15 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
                 out.extend_from_slice(prefix.as_bytes());
                 out.extend_from_slice(data);
                 out.extend_from_slice(b"\r\n");
-                w.write_all(&out).await
+                w.write_all(&out).await?
             } else {
                 w.write_all(prefix.as_bytes()).await?;
                 w.write_all(data).await?;
-                w.write_all(b"\r\n").await
+                w.write_all(b"\r\n").await?
             }
         }
     }
+    w.flush().await
 }
 
 /// Ends a body: the last chunk and trailers when chunked.

@@ -12,8 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{Auth, RawAuth};
 use crate::routes::{RouteTable, Target};
+use crate::rules::{self, RawRule, Rules};
 use crate::secret::Secret;
+use crate::tls::{RawTls, Tls, UpstreamTls};
 
 /// The example configuration shipped in `conf/relay.toml`; used when no
 /// `--config` is given.
@@ -33,6 +36,15 @@ struct RawConfig {
     /// `[limits]`: protective limits for every client connection.
     #[serde(default)]
     limits: RawLimits,
+    /// `[tls]`: TLS on the aggregate port.
+    #[serde(default)]
+    tls: RawTls,
+    /// `[auth]`: users and groups.
+    #[serde(default)]
+    auth: RawAuth,
+    /// `[[rule]]`: access rules, first match wins.
+    #[serde(default)]
+    rule: Vec<RawRule>,
     /// `[log]`: where the access log goes.
     #[serde(default)]
     log: RawLog,
@@ -148,6 +160,11 @@ struct RawRoute {
     /// Decode gzip responses for clients that did not offer gzip.
     #[serde(default)]
     decompress: bool,
+    /// Speak TLS to the internal server (also implied by `to = "https://..."`).
+    #[serde(default)]
+    tls: bool,
+    /// PEM CA certificates for the internal server's certificate; default: system roots.
+    ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +188,8 @@ struct RawLimits {
     /// Open client connections from one client address.
     #[serde(default = "default_max_connections_per_client")]
     max_connections_per_client: usize,
+    /// Requests per second from one client address (429 past it); omitted: no limit.
+    max_requests_per_second_per_client: Option<u32>,
 }
 
 impl Default for RawLimits {
@@ -182,6 +201,7 @@ impl Default for RawLimits {
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
+            max_requests_per_second_per_client: None,
         }
     }
 }
@@ -347,6 +367,10 @@ pub struct Config {
     pub relay: RelaySettings,
     pub routes: RouteTable,
     pub limits: Limits,
+    /// TLS on the aggregate port; `None` without `[tls] cert`.
+    pub tls: Option<Tls>,
+    pub auth: Auth,
+    pub rules: Rules,
     /// Access-log file; `None`: access lines go through `tracing`.
     pub access_log: Option<PathBuf>,
     /// This relay dials out to an outside relay.
@@ -408,6 +432,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
+    /// `None`: no request-rate limit.
+    pub max_requests_per_second_per_client: Option<u32>,
 }
 
 impl Default for Limits {
@@ -420,6 +446,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
+            max_requests_per_second_per_client: None,
         }
     }
 }
@@ -488,6 +515,8 @@ pub struct Route {
     pub response_timeout: Duration,
     pub transparent: bool,
     pub decompress: bool,
+    /// TLS to the internal server; `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
 }
 
 // ---------------------------------------------------------------- errors
@@ -589,12 +618,12 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{value}` is not a duration like \"10s\" ({e})"))
 }
 
-struct Collector {
+pub(crate) struct Collector {
     problems: Vec<Problem>,
 }
 
 impl Collector {
-    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             key: key.into(),
             message: message.into(),
@@ -685,6 +714,9 @@ impl RawConfig {
                 "limits.max_connections_per_client",
                 l.max_connections_per_client,
             ),
+            max_requests_per_second_per_client: l.max_requests_per_second_per_client.map(|n| {
+                c.positive("limits.max_requests_per_second_per_client", n as usize) as u32
+            }),
         };
 
         let events = self.events.validate(&mut c);
@@ -702,12 +734,36 @@ impl RawConfig {
             } else if !seen.insert(host.clone()) {
                 c.push(key("host"), format!("`{host}` is routed twice"));
             }
-            let to = match Target::parse(&r.to) {
+            // `https://host` speaks TLS, to port 443 unless it names one.
+            let https =
+                r.to.trim()
+                    .get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+            let to_text = if https { &r.to.trim()[8..] } else { &r.to };
+            let to = match Target::parse(to_text) {
+                Ok(t) if https => Target {
+                    port: t.port.or(Some(443)),
+                    ..t
+                },
                 Ok(t) => t,
                 Err(e) => {
                     c.push(key("to"), e);
                     Target::placeholder()
                 }
+            };
+            let tls = if https || r.tls {
+                match UpstreamTls::new(r.ca.as_deref()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        c.push(key(if r.ca.is_some() { "ca" } else { "tls" }), e);
+                        None
+                    }
+                }
+            } else {
+                if r.ca.is_some() {
+                    c.push(key("ca"), "needs tls = true or an https:// target");
+                }
+                None
             };
             if r.ports.is_empty() {
                 c.push(key("ports"), "must name at least one port");
@@ -723,7 +779,21 @@ impl RawConfig {
                 ports: r.ports,
                 transparent: r.transparent,
                 decompress: r.decompress,
+                tls,
             });
+        }
+
+        let tls = self.tls.validate(&mut c);
+        let auth = self.auth.validate(&mut c);
+        let rules = rules::validate(self.rule, &self.auth.groups, &mut c);
+        let certificates = tls
+            .as_ref()
+            .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);
+        if auth.required && !auth.has_users() && !certificates {
+            c.push(
+                "auth.required",
+                "nobody could authenticate: set auth.users_file or tls.client_ca",
+            );
         }
 
         if !c.problems.is_empty() {
@@ -833,6 +903,9 @@ impl RawConfig {
             routes: RouteTable::new(routes),
             limits,
             events,
+            tls,
+            auth,
+            rules,
         })
     }
 }
@@ -889,7 +962,7 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'
 }
 
-fn valid_host_pattern(host: &str) -> bool {
+pub(crate) fn valid_host_pattern(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
     !name.is_empty() && !name.contains('*') && name.bytes().all(is_name_byte)
 }

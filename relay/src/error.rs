@@ -4,6 +4,8 @@
 use std::fmt;
 use std::io;
 
+use crate::rules::Denial;
+
 /// Who caused a failure; decides the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -52,6 +54,16 @@ pub enum ErrorKind {
     PollersFull { topic: String, limit: &'static str },
     /// The event store failed (its error names the store and the topic).
     EventStore(crate::events::StoreError),
+    /// The TLS handshake with the upstream failed (verification, protocol).
+    UpstreamTls { upstream: String, cause: String },
+    /// No valid `Proxy-Authorization` where one is needed.
+    ProxyAuthRequired { realm: String, why: &'static str },
+    /// An access rule refused the request.
+    Forbidden(Denial),
+    /// Over `max_requests_per_second_per_client`; retry after this many seconds.
+    TooManyRequests { retry_after: u64 },
+    /// Plain HTTP on a port with `[tls] require = true`.
+    TlsRequired,
 }
 
 /// A failed request: the kind, and the route it was for when one was chosen.
@@ -77,13 +89,19 @@ impl RelayError {
     pub fn status(&self) -> u16 {
         use ErrorKind::*;
         match self.kind {
-            NoRoute { .. } | PortNotAllowed { .. } => 403,
+            NoRoute { .. } | PortNotAllowed { .. } | Forbidden(_) => 403,
             Loop => 508,
             HeadTooLarge => 431,
             HeadTimeout => 408,
-            BadRequest(_) => 400,
+            BadRequest(_) | TlsRequired => 400,
             NotFound => 404,
-            Resolve { .. } | Connect { .. } | ConnectTimeout { .. } | BadResponse { .. } => 502,
+            ProxyAuthRequired { .. } => 407,
+            TooManyRequests { .. } => 429,
+            Resolve { .. }
+            | Connect { .. }
+            | ConnectTimeout { .. }
+            | BadResponse { .. }
+            | UpstreamTls { .. } => 502,
             ResponseTimeout { .. } => 504,
             MethodNotAllowed { .. } => 405,
             BadTopic | BadPoll(_) | NotJson(_) => 400,
@@ -97,6 +115,24 @@ impl RelayError {
         match self.kind {
             ErrorKind::PollersFull { .. } | ErrorKind::EventStore(_) => Some("1"),
             _ => None,
+        }
+    }
+
+    /// Header fields the status needs (`Proxy-Authenticate` with `407`,
+    /// `Retry-After` with `429`); chosen here, beside the status.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match &self.kind {
+            ErrorKind::ProxyAuthRequired { realm, .. } => {
+                vec![("Proxy-Authenticate", format!("Basic realm=\"{realm}\""))]
+            }
+            ErrorKind::TooManyRequests { retry_after } => {
+                vec![("Retry-After", retry_after.to_string())]
+            }
+            ErrorKind::MethodNotAllowed { allow } => vec![("Allow", allow.to_string())],
+            _ => match self.retry_after() {
+                Some(secs) => vec![("Retry-After", secs.to_string())],
+                None => Vec::new(),
+            },
         }
     }
 
@@ -117,11 +153,15 @@ impl RelayError {
             | EventTooLarge { .. }
             | PollersFull { .. } => Fault::Client,
             EventStore(_) => Fault::Internal,
+            ProxyAuthRequired { .. } | Forbidden(_) | TooManyRequests { .. } | TlsRequired => {
+                Fault::Client
+            }
             Resolve { .. }
             | Connect { .. }
             | ConnectTimeout { .. }
             | ResponseTimeout { .. }
-            | BadResponse { .. } => Fault::Upstream,
+            | BadResponse { .. }
+            | UpstreamTls { .. } => Fault::Upstream,
         }
     }
 
@@ -184,6 +224,14 @@ impl fmt::Display for RelayError {
             }
             PollersFull { topic, limit } => write!(f, "too many pollers ({limit}), topic {topic}"),
             EventStore(e) => write!(f, "{e}"),
+            UpstreamTls { upstream, cause } => write!(f, "TLS with {upstream} failed: {cause}"),
+            ProxyAuthRequired { why, .. } => write!(f, "proxy authentication required: {why}"),
+            Forbidden(denial) => write!(f, "access {denial}"),
+            TooManyRequests { retry_after } => write!(
+                f,
+                "too many requests from your address; retry in {retry_after} s"
+            ),
+            TlsRequired => write!(f, "this port requires TLS: use https:// for the proxy"),
         }
     }
 }
@@ -252,10 +300,44 @@ mod tests {
                 503,
             ),
             (ErrorKind::MethodNotAllowed { allow: "GET" }, 405),
+            (
+                ErrorKind::UpstreamTls {
+                    upstream: up(),
+                    cause: "x".into(),
+                },
+                502,
+            ),
+            (
+                ErrorKind::ProxyAuthRequired {
+                    realm: "r".into(),
+                    why: "x",
+                },
+                407,
+            ),
+            (ErrorKind::Forbidden(Denial::NoRule), 403),
+            (ErrorKind::TooManyRequests { retry_after: 1 }, 429),
+            (ErrorKind::TlsRequired, 400),
         ];
         for (kind, status) in cases {
             assert_eq!(RelayError::new(kind).status(), status);
         }
+    }
+
+    #[test]
+    fn headers_go_with_their_statuses() {
+        let auth = RelayError::new(ErrorKind::ProxyAuthRequired {
+            realm: "corp".into(),
+            why: "credentials required",
+        });
+        assert_eq!(
+            auth.headers(),
+            vec![("Proxy-Authenticate", "Basic realm=\"corp\"".to_string())]
+        );
+        let slow = RelayError::new(ErrorKind::TooManyRequests { retry_after: 2 });
+        assert_eq!(slow.headers(), vec![("Retry-After", "2".to_string())]);
+        let rule = RelayError::new(ErrorKind::Forbidden(Denial::Rule(2)));
+        assert_eq!(rule.body(), "403 Forbidden: access refused by rule[2]\n");
+        assert!(rule.headers().is_empty());
     }
 
     #[test]

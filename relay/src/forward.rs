@@ -138,19 +138,17 @@ pub async fn relay<S: Io>(
     let has_body = req.framing != Framing::Empty;
     let pooled = match &decision.uplink {
         Some(_) => None,
-        None => ctx.shared.pool.take(uh, up),
+        None => ctx.shared.pool.take(uh, up, &route),
     };
     let (mut server, mut reused) = match pooled {
         _ if decision.uplink.is_some() => {
             let mut session = open_upstream(ctx, &decision).await?;
-            session
-                .io
-                .write_all(&head_out)
+            write_flush(&mut session.io, &head_out)
                 .await
                 .map_err(|e| bad_response(format!("sending the request: {e}")))?;
             (session, false)
         }
-        Some(mut pooled) => match pooled.io.write_all(&head_out).await {
+        Some(mut pooled) => match write_flush(&mut pooled.io, &head_out).await {
             Ok(()) => (pooled, true),
             Err(_) => (
                 send_fresh(uh, up, &route, &head_out, &upstream_name).await?,
@@ -177,9 +175,7 @@ pub async fn relay<S: Io>(
             let head = result.map_err(|e| bad_response(head_error_text(&e)))?;
             if head.status == 100 {
                 if req.head.minor == 1 {
-                    client
-                        .io
-                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    write_flush(&mut client.io, b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await
                         .map_err(|_| bad_response("client went away".into()))?;
                 }
@@ -265,7 +261,7 @@ pub async fn relay<S: Io>(
                             client_minor: 1,
                         },
                     );
-                    let _ = client.io.write_all(&interim).await;
+                    let _ = write_flush(&mut client.io, &interim).await;
                 }
             }
             101 => return Err(bad_response("101 without an upgrade request".into())),
@@ -286,9 +282,7 @@ pub async fn relay<S: Io>(
                 client_minor: req.head.minor,
             },
         );
-        client
-            .io
-            .write_all(&head_back)
+        write_flush(&mut client.io, &head_back)
             .await
             .map_err(|_| bad_response("client went away".into()))?;
         access.bytes_out += head_back.len() as u64;
@@ -363,7 +357,7 @@ pub async fn relay<S: Io>(
         && !(resp.fields.get("transfer-encoding").is_some()
             && resp.fields.get("content-length").is_some());
     if server_keeps && decision.uplink.is_none() {
-        ctx.shared.pool.put(uh, up, server);
+        ctx.shared.pool.put(uh, up, &route, server);
     }
     Ok(if keep_alive {
         After::KeepAlive
@@ -400,6 +394,7 @@ pub fn choose(
                 response_timeout: Duration::from_secs(300),
                 transparent: false,
                 decompress: false,
+                tls: None,
             };
             Ok(Decision {
                 route: std::sync::Arc::new(route),
@@ -445,9 +440,8 @@ async fn send_fresh(
     head: &[u8],
     upstream_name: &str,
 ) -> Result<Conn<Upstream>, RelayError> {
-    let mut stream =
-        Upstream::Tcp(upstream::connect(host, port, route.connect_timeout, &route.host).await?);
-    stream.write_all(head).await.map_err(|cause| {
+    let mut stream = upstream::open(host, port, route).await?;
+    write_flush(&mut stream, head).await.map_err(|cause| {
         RelayError::on_route(
             ErrorKind::Connect {
                 upstream: upstream_name.to_string(),
@@ -457,6 +451,13 @@ async fn send_fresh(
         )
     })?;
     Ok(Conn::new(stream))
+}
+
+/// Writes and flushes: a TLS stream may otherwise hold the bytes while the
+/// relay waits for an answer to them.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 fn head_error_text(e: &HeadError) -> String {

@@ -12,7 +12,7 @@ use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, Reques
 use crate::dispatch::{classify_request, Identity, RequestKind};
 use crate::error::{reason_phrase, ErrorKind, RelayError};
 use crate::forward::{self, After};
-use crate::{local, tunnel, uplink, ConnCtx};
+use crate::{gate, local, tunnel, uplink, ConnCtx};
 
 /// Serves HTTP/1 requests on a client connection until it closes.
 pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
@@ -63,6 +63,20 @@ pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
                 return answer_error(conn, &ctx, err, &mut access).await;
             }
         };
+        let target = match &kind {
+            RequestKind::Connect { host, port } => Some((host.as_str(), *port)),
+            RequestKind::Relay(t) => Some((t.host.as_str(), t.port)),
+            RequestKind::Own { .. } | RequestKind::Uplink { .. } => None,
+        };
+        // Uplink control and data connections authenticate with their own
+        // secrets, not as users.
+        if !matches!(kind, RequestKind::Uplink { .. }) {
+            let authorization = head.fields.get("proxy-authorization");
+            match gate::admit(&ctx, &config, authorization, target).await {
+                Ok(user) => access.user = user,
+                Err(err) => return answer_error(conn, &ctx, err, &mut access).await,
+            }
+        }
         match kind {
             RequestKind::Connect { host, port } => {
                 return tunnel::connect(conn, host, port, &ctx, access).await
@@ -181,13 +195,8 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     err: &RelayError,
     close: bool,
 ) -> std::io::Result<u64> {
-    let mut extra = Vec::new();
-    if let Some(secs) = err.retry_after() {
-        extra.push(("Retry-After", secs));
-    }
-    if let crate::error::ErrorKind::MethodNotAllowed { allow } = err.kind {
-        extra.push(("Allow", allow));
-    }
+    let headers = err.headers();
+    let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     write_simple(
         w,
         err.status(),

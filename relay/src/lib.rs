@@ -5,9 +5,14 @@
 //! Layout, in the order a connection meets them:
 //!
 //! - [`listener`]: accept loop, connection limits, first-bytes detection;
+//! - [`tls`]: TLS on the aggregate port (client certificates) and to internal servers;
 //! - [`dispatch`]: pure decisions: which protocol, and what a request head asks for;
 //! - [`http1`]: the HTTP/1 server side of a client connection (request loop);
 //! - [`h2`]: HTTP/2 connections, each stream served through [`http1`];
+//! - [`gate`]: per-client request rate, authentication and access rules;
+//! - [`auth`]: users (password file, client certificates) and `Proxy-Authorization`;
+//! - [`rules`]: the access rules (`[[rule]]`), pure decisions;
+//! - [`ratelimit`]: requests per second per client address;
 //! - [`forward`]: the HTTP relay of one request to its route's internal server;
 //! - [`tunnel`]: `CONNECT` and upgraded connections, bytes both ways;
 //! - [`splice`]: the zero-copy data path of TCP-to-TCP tunnels (Linux `splice(2)`);
@@ -31,12 +36,14 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod forward;
+pub mod gate;
 pub mod h2;
 pub mod http1;
 pub mod keepalive;
@@ -44,11 +51,14 @@ pub mod listener;
 pub mod local;
 pub mod metrics;
 pub mod pac;
+pub mod ratelimit;
 pub mod rewrite;
 pub mod routes;
+pub mod rules;
 pub mod secret;
 pub mod splice;
 pub mod status;
+pub mod tls;
 pub mod tunnel;
 pub mod uplink;
 pub mod upstream;
@@ -70,6 +80,8 @@ pub struct Shared {
     last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
     /// Idle keep-alive connections to internal servers.
     pub pool: upstream::Pool,
+    /// Request rate per client address (`limits.max_requests_per_second_per_client`).
+    pub rate: ratelimit::RateLimiter,
     /// Cancelled when the relay starts draining.
     pub shutdown: CancellationToken,
     pub metrics: metrics::Metrics,
@@ -104,6 +116,7 @@ impl Shared {
             config: RwLock::new(Arc::new(config)),
             last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::default(),
+            rate: ratelimit::RateLimiter::default(),
             shutdown: CancellationToken::new(),
             metrics: metrics::Metrics::new(),
             started: std::time::SystemTime::now(),
@@ -120,9 +133,11 @@ impl Shared {
     }
 
     /// Reads the configuration again from where it came from. A valid one
-    /// replaces routes, rules and limits for new requests (open connections,
-    /// tunnels and long-polls keep going); an invalid one is refused and the
-    /// old one stays. Listen addresses and connection limits need a restart.
+    /// replaces routes, rules, users, TLS certificates and limits for new
+    /// requests (open connections, tunnels and long-polls keep going); an
+    /// invalid one is refused and the old one stays. The password cache
+    /// belongs to the configuration, so it starts empty. Listen addresses and
+    /// connection limits need a restart.
     pub fn reload(&self) -> Result<(), config::ConfigError> {
         let current = self.config();
         let outcome = match current.source.load() {
@@ -181,6 +196,8 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// The relay address the client connected to.
     pub local: SocketAddr,
+    /// The subject common name of the client's verified TLS certificate.
+    pub cert_user: Option<String>,
 }
 
 /// The sockets a relay serves: the aggregate port and, optionally, the admin listener.

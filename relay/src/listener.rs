@@ -18,7 +18,7 @@ use crate::error::{ErrorKind, RelayError};
 use crate::h2;
 use crate::http1::{self, write_simple};
 use crate::metrics::GaugeGuard;
-use crate::{ConnCtx, Shared};
+use crate::{tls, ConnCtx, Shared};
 
 /// Accepts connections until shutdown; every connection task joins `tracker`.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
@@ -64,6 +64,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
             shared: shared.clone(),
             peer,
             local,
+            cert_user: None,
         };
         let span = tracing::info_span!("conn", client = %peer);
         let open = GaugeGuard::new(shared.metrics.open_connections.clone());
@@ -81,7 +82,8 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
 
 /// Reads the first bytes, decides the protocol, and serves it.
 async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
-    let head_timeout = ctx.shared.config().limits.head_timeout;
+    let config = ctx.shared.config();
+    let head_timeout = config.limits.head_timeout;
     let mut conn = Conn::new(stream);
     let detect = async {
         loop {
@@ -100,11 +102,23 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
         Err(_) if conn.buf.is_empty() => return,
         Err(_) => Protocol::Http1, // a slow request line: the HTTP reader answers 408
     };
-    match protocol {
-        Protocol::Http1 => http1::serve(conn, ctx).await,
-        Protocol::Tls => tracing::debug!("TLS ClientHello on a port without [tls]; closing"),
-        Protocol::H2PriorKnowledge => h2::serve(conn, ctx).await,
-        Protocol::NeedMore | Protocol::Unknown => {
+    match (protocol, &config.tls) {
+        (Protocol::Http1, Some(tls)) if tls.require => {
+            let err = RelayError::new(ErrorKind::TlsRequired);
+            let _ = http1::write_error(&mut conn.io, &err, true).await;
+        }
+        (Protocol::Http1, _) => http1::serve(conn, ctx).await,
+        (Protocol::Tls, Some(tls)) => tls::serve(conn, ctx, tls).await,
+        (Protocol::Tls, None) => {
+            tracing::debug!("TLS ClientHello on a port without [tls]; closing");
+        }
+        // Cleartext HTTP/2 is plain text too: `require` refuses it, without
+        // an HTTP/2 error frame (a closed connection says enough).
+        (Protocol::H2PriorKnowledge, Some(tls)) if tls.require => {
+            tracing::debug!("HTTP/2 prior knowledge on a port that requires TLS; closing");
+        }
+        (Protocol::H2PriorKnowledge, _) => h2::serve(conn, ctx).await,
+        (Protocol::NeedMore | Protocol::Unknown, _) => {
             let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));
             let _ = http1::write_error(&mut conn.io, &err, true).await;
         }

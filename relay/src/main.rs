@@ -34,7 +34,7 @@ enum Command {
     /// Validate the configuration and print each problem with its key.
     Check,
     /// Read a secret on standard input and print the `NAME:hash` line for
-    /// `[[accept_uplink]] secret_hash` (argon2id, salted).
+    /// `auth.users_file` or `[[accept_uplink]] secret_hash` (argon2id, salted).
     Passwd {
         /// The user or uplink id.
         name: String,

@@ -182,6 +182,7 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             transparent: false,
             decompress: false,
+            tls: None,
         }
     }
 

@@ -91,7 +91,7 @@ pub async fn connect<S: Io>(
             }
         },
     };
-    if client.io.write_all(&answer).await.is_err() {
+    if client.io.write_all(&answer).await.is_err() || client.io.flush().await.is_err() {
         access.finish(ctx);
         return;
     }
@@ -285,6 +285,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     if !first.is_empty() {
         w.write_all(&first).await?;
+        w.flush().await?;
         count.fetch_add(first.len() as u64, Ordering::Relaxed);
     }
     drop(first);
@@ -314,5 +315,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             count.fetch_add(n as u64, Ordering::Relaxed);
             last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
+        // The burst is over: a TLS stream holds records until flushed.
+        w.flush().await?;
     }
 }

@@ -1,16 +1,17 @@
-//! Dialling internal servers, and the pool of idle keep-alive connections to them.
+//! Dialling internal servers (in plain TCP or TLS), and the pool of idle
+//! keep-alive connections to them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::codec::{BoxIo, Conn};
+use crate::config::Route;
 use crate::error::{ErrorKind, RelayError};
 
 /// Idle upstream connections kept per `host:port`.
@@ -68,6 +69,28 @@ pub async fn connect(
     }
 }
 
+/// Dials `host:port` for `route`, with the TLS handshake when the route has `tls`.
+pub async fn open(host: &str, port: u16, route: &Route) -> Result<Upstream, RelayError> {
+    let tcp = connect(host, port, route.connect_timeout, &route.host).await?;
+    let Some(tls) = &route.tls else {
+        return Ok(Upstream::Tcp(tcp));
+    };
+    let failed = |cause: String| {
+        RelayError::on_route(
+            ErrorKind::UpstreamTls {
+                upstream: display_addr(host, port),
+                cause,
+            },
+            &route.host,
+        )
+    };
+    match tokio::time::timeout(route.connect_timeout, tls.handshake(tcp, host)).await {
+        Ok(Ok(stream)) => Ok(Upstream::Tls(Box::new(stream))),
+        Ok(Err(cause)) => Err(failed(cause)),
+        Err(_) => Err(failed("handshake timed out".into())),
+    }
+}
+
 /// `host:port`, with brackets around IPv6 literals.
 pub fn display_addr(host: &str, port: u16) -> String {
     if host.contains(':') {
@@ -77,10 +100,12 @@ pub fn display_addr(host: &str, port: u16) -> String {
     }
 }
 
-/// A connection towards an internal server: dialled directly, or a data
-/// connection an uplinked relay opened for one session.
+/// A connection towards an internal server: dialled directly (in plain TCP
+/// or TLS, as the route says), or a data connection an uplinked relay opened
+/// for one session.
 pub enum Upstream {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Uplink(BoxIo),
 }
 
@@ -92,6 +117,7 @@ impl AsyncRead for Upstream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Upstream::Uplink(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -105,40 +131,45 @@ impl AsyncWrite for Upstream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Upstream::Uplink(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Upstream::Uplink(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Upstream::Uplink(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
+/// `(host, port, tls)`: `tls` names the route whose TLS settings verified the
+/// connection, so a connection is never reused under another route's trust.
+type Key = (String, u16, Option<String>);
 type Idle = Vec<(Conn<Upstream>, Instant)>;
 
 /// Idle keep-alive connections, newest last. A plain mutex: every section is a
 /// few pointer moves and never awaits.
 #[derive(Default)]
 pub struct Pool {
-    /// port -> host -> idle connections: looked up by `&str`, no key allocation.
-    idle: Mutex<HashMap<u16, HashMap<String, Idle>>>,
+    idle: Mutex<HashMap<Key, Idle>>,
 }
 
 impl Pool {
-    /// An idle connection to `host:port` that is still open, if any.
-    pub fn take(&self, host: &str, port: u16) -> Option<Conn<Upstream>> {
+    /// An idle connection to `host:port` for `route` that is still open, if any.
+    pub fn take(&self, host: &str, port: u16, route: &Route) -> Option<Conn<Upstream>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&port)?.get_mut(host)?;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < IDLE_FOR && still_open(&conn) {
+        let list = idle.get_mut(&key(host, port, route))?;
+        while let Some((mut conn, since)) = list.pop() {
+            if since.elapsed() < IDLE_FOR && still_open(&mut conn.io) {
                 return Some(conn);
             }
         }
@@ -146,22 +177,13 @@ impl Pool {
     }
 
     /// Returns a connection whose last response was read completely.
-    pub fn put(&self, host: &str, port: u16, conn: Conn<Upstream>) {
+    pub fn put(&self, host: &str, port: u16, route: &Route, conn: Conn<Upstream>) {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let hosts = idle.entry(port).or_default();
-        let list = match hosts.get_mut(host) {
-            Some(list) => list,
-            None => hosts.entry(host.to_string()).or_default(),
-        };
-        while list
-            .first()
-            .is_some_and(|(_, since)| since.elapsed() >= IDLE_FOR)
-        {
-            list.remove(0);
-        }
+        let list = idle.entry(key(host, port, route)).or_default();
+        list.retain(|(_, since)| since.elapsed() < IDLE_FOR);
         if list.len() >= MAX_IDLE_PER_KEY {
             list.remove(0);
         }
@@ -171,16 +193,30 @@ impl Pool {
     /// Number of idle connections (for tests and the status page).
     pub fn idle_count(&self) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().flat_map(HashMap::values).map(Vec::len).sum()
+        idle.values().map(Vec::len).sum()
     }
 }
 
-/// An idle connection is usable if reading would block: no EOF, no stray bytes.
+fn key(host: &str, port: u16, route: &Route) -> Key {
+    let tls = route.tls.as_ref().map(|_| route.host.clone());
+    (host.to_string(), port, tls)
+}
+
+/// An idle connection is usable if reading would block: no EOF, no stray
+/// bytes. Polled once with a waker that does nothing, through TLS when there
+/// is TLS, so session tickets are consumed rather than taken for stray bytes.
 /// Uplink data connections belong to one session and are never reused.
-fn still_open(conn: &Conn<Upstream>) -> bool {
-    let Upstream::Tcp(stream) = &conn.io else {
+fn still_open(io: &mut Upstream) -> bool {
+    if matches!(io, Upstream::Uplink(_)) {
         return false;
-    };
+    }
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    let waker = Waker::from(Arc::new(Noop));
+    let mut cx = Context::from_waker(&waker);
     let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let mut buf = ReadBuf::new(&mut probe);
+    Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
 }

@@ -82,8 +82,11 @@ pub async fn serve<S: Io>(
     access: &mut Access,
 ) -> After {
     let hub = &ctx.shared.events;
+    let config = ctx.shared.config();
     let request = if valid_topic(topic) {
-        parse_request(query, head).map_err(|why| RelayError::new(ErrorKind::BadPoll(why)))
+        crate::gate::admit_topic(ctx, &config, access.user.as_deref(), topic).and_then(|()| {
+            parse_request(query, head).map_err(|why| RelayError::new(ErrorKind::BadPoll(why)))
+        })
     } else {
         Err(RelayError::new(ErrorKind::BadTopic))
     };

@@ -179,7 +179,7 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
                 seen.last_rx = Instant::now();
                 match incoming {
                     Ok(Some(Message::Open { session, host, port })) => {
-                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local };
+                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local, cert_user: None };
                         tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
                     }
                     Ok(Some(Message::Pong { .. })) => {}

@@ -1,0 +1,329 @@
+//! TLS on both sides, with rustls (TLS 1.2 and 1.3 only):
+//!
+//! - the aggregate port (`[tls]`): a connection whose first byte is a TLS
+//!   record is decrypted here and served as HTTP/2 when ALPN chose `h2`,
+//!   otherwise as HTTP/1.1; a verified client certificate's subject common
+//!   name becomes the connection's user;
+//! - internal servers (route `tls = true` or `to = "https://..."`): verified
+//!   against the route's `ca` or the system roots, SNI from the upstream host.
+//!
+//! Certificates and keys are read when the configuration is validated, so a
+//! reload (SIGHUP) picks up renewed files for new connections.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::codec::{Conn, Rewind};
+use crate::config::Collector;
+use crate::{h2, http1, ConnCtx};
+
+/// `[tls]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain for the aggregate port, leaf first.
+    cert: Option<String>,
+    /// PEM private key for `cert`.
+    key: Option<String>,
+    /// Refuse plain HTTP on the aggregate port with `400`.
+    #[serde(default)]
+    require: bool,
+    /// PEM CA certificates that client certificates must chain to.
+    client_ca: Option<String>,
+    /// `"none"`, `"optional"` or `"required"`; with `client_ca`, default `"optional"`.
+    client_auth: Option<String>,
+}
+
+/// Whether clients present certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+/// The validated `[tls]` settings of the aggregate port.
+#[derive(Clone)]
+pub struct Tls {
+    pub require: bool,
+    pub client_auth: ClientAuth,
+    cert: PathBuf,
+    acceptor: TlsAcceptor,
+}
+
+impl fmt::Debug for Tls {
+    // Paths only: the server config holds the private key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("require", &self.require)
+            .field("client_auth", &self.client_auth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The protocols offered in ALPN, preferred first.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+impl RawTls {
+    pub(crate) fn validate(&self, c: &mut Collector) -> Option<Tls> {
+        let client_auth = match (self.client_auth.as_deref(), &self.client_ca) {
+            (None, None) | (Some("none"), _) => ClientAuth::None,
+            (None, Some(_)) | (Some("optional"), Some(_)) => ClientAuth::Optional,
+            (Some("required"), Some(_)) => ClientAuth::Required,
+            (Some("optional" | "required"), None) => {
+                c.push("tls.client_auth", "needs tls.client_ca");
+                ClientAuth::None
+            }
+            (Some(other), _) => {
+                c.push(
+                    "tls.client_auth",
+                    format!("`{other}` is not \"none\", \"optional\" or \"required\""),
+                );
+                ClientAuth::None
+            }
+        };
+        let (cert, key) = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) => {
+                if self.require || self.client_ca.is_some() {
+                    c.push(
+                        "tls.cert",
+                        "tls.require and tls.client_ca need tls.cert and tls.key",
+                    );
+                }
+                return None;
+            }
+            (Some(_), None) => {
+                c.push("tls.key", "tls.cert needs tls.key");
+                return None;
+            }
+            (None, Some(_)) => {
+                c.push("tls.cert", "tls.key needs tls.cert");
+                return None;
+            }
+        };
+        let chain = match read_certs(cert) {
+            Ok(chain) => chain,
+            Err(e) => {
+                c.push("tls.cert", e);
+                return None;
+            }
+        };
+        // The key file's content never goes into an error: only its path.
+        let key_der = match PrivateKeyDer::from_pem_file(key) {
+            Ok(k) => k,
+            Err(e) => {
+                c.push(
+                    "tls.key",
+                    format!("cannot read a PEM private key from {key}: {e}"),
+                );
+                return None;
+            }
+        };
+        let builder = match ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        {
+            Ok(b) => b,
+            Err(e) => {
+                c.push("tls", e.to_string());
+                return None;
+            }
+        };
+        let builder = match (&self.client_ca, client_auth) {
+            (Some(ca), ClientAuth::Optional | ClientAuth::Required) => {
+                let roots = match read_roots(ca) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        c.push("tls.client_ca", e);
+                        return None;
+                    }
+                };
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+                let verifier = if client_auth == ClientAuth::Optional {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                match verifier.build() {
+                    Ok(v) => builder.with_client_cert_verifier(v),
+                    Err(e) => {
+                        c.push("tls.client_ca", format!("{ca}: {e}"));
+                        return None;
+                    }
+                }
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = match builder.with_single_cert(chain, key_der) {
+            Ok(config) => config,
+            Err(e) => {
+                c.push("tls.key", format!("{key} does not fit {cert}: {e}"));
+                return None;
+            }
+        };
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Some(Tls {
+            require: self.require,
+            client_auth,
+            cert: PathBuf::from(cert),
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {path}: {e}"))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{path}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path} holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+fn read_roots(path: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{path}: not a CA certificate: {e}"))?;
+    }
+    Ok(roots)
+}
+
+/// Serves a connection that starts with a TLS ClientHello: the handshake
+/// (bounded by `head_timeout`), then HTTP/2 or HTTP/1.1 over the decrypted
+/// stream, as ALPN decided. Both serve every request through the same gate.
+pub async fn serve(conn: Conn<TcpStream>, mut ctx: ConnCtx, tls: &Tls) {
+    let head_timeout = ctx.shared.config().limits.head_timeout;
+    let handshake = tls.acceptor.accept(Rewind::from(conn));
+    let stream = match tokio::time::timeout(head_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(?head_timeout, "TLS handshake timed out"),
+    };
+    let (_, session) = stream.get_ref();
+    ctx.cert_user = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| common_name(leaf));
+    if let Some(user) = &ctx.cert_user {
+        tracing::debug!(user, "client certificate verified");
+    }
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    if h2 {
+        h2::serve(Conn::new(stream), ctx).await;
+    } else {
+        http1::serve(Conn::new(stream), ctx).await;
+    }
+}
+
+/// The subject common name of a (verified) certificate, if it is a usable name.
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .trim();
+    let usable = !cn.is_empty() && cn.len() <= 256 && !cn.chars().any(char::is_control);
+    usable.then(|| cn.to_string())
+}
+
+// ---------------------------------------------------------------- upstream
+
+/// How a route speaks TLS to its internal server.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// The route's `ca`, or `None` for the system roots.
+    pub ca: Option<PathBuf>,
+    connector: TlsConnector,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls").field("ca", &self.ca).finish()
+    }
+}
+
+impl UpstreamTls {
+    /// Client settings verifying against `ca` (a PEM file) or the system roots.
+    pub fn new(ca: Option<&str>) -> Result<UpstreamTls, String> {
+        let roots = match ca {
+            Some(path) => Arc::new(read_roots(path)?),
+            None => system_roots()?,
+        };
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(UpstreamTls {
+            ca: ca.map(PathBuf::from),
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// The TLS handshake on a dialled connection; `Err` explains the failure
+    /// (`certificate verify failed: UnknownIssuer`).
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| format!("`{host}` is not a name TLS can verify"))?;
+        self.connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| failure_text(&e))
+    }
+}
+
+/// The system's root certificates, read once.
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err("no system root certificates found; set the route's ca".into());
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+}
+
+/// Why a handshake failed, as a person reads it.
+fn failure_text(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!("certificate verify failed: {why:?}")
+        }
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,595 @@
+//! Security on the aggregate port, driven by the real curl: TLS and plain on
+//! one port, `require`, ALPN `h2`, client certificates, upstream TLS, users and
+//! the 407 flow, access rules by user, group, network and port, reload of
+//! rules under an open tunnel, and the per-client request rate.
+//! Certificates are generated for each test (rcgen); none are committed.
+
+mod security_support;
+
+use std::time::Duration;
+
+use porthole_suite::{
+    config_with, raw_exchange, route, Curl, EchoServer, Origin, Relay, RelayProcess,
+};
+use security_support::{tls_client, Ca, Dir, Leaf, TlsFront};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `[tls]` for a relay certificate valid for 127.0.0.1, plus `extra` lines.
+fn tls_section(dir: &Dir, leaf: &Leaf, extra: &str) -> String {
+    let cert = dir.write("relay.pem", &leaf.cert);
+    let key = dir.write("relay.key", &leaf.key);
+    format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{extra}\n")
+}
+
+fn relay_leaf(ca: &Ca) -> Leaf {
+    ca.server(&["127.0.0.1", "localhost"])
+}
+
+/// A users file with `name:password` pairs.
+fn users_file(dir: &Dir, users: &[(&str, &str)]) -> String {
+    let lines: Vec<String> = users
+        .iter()
+        .map(|(n, p)| porthole_relay::secret::passwd_line(n, p).unwrap())
+        .collect();
+    dir.write("users", &(lines.join("\n") + "\n"))
+}
+
+fn https_proxy(relay: &Relay) -> String {
+    format!("https://{}", relay.addr)
+}
+
+#[tokio::test]
+async fn tls_and_plain_on_one_port() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("db.test", "127.0.0.1", &[echo.port()], "");
+    let tls = tls_section(&dir, &relay_leaf(&ca), "");
+    let relay = Relay::start(&config_with(&routes, &tls)).await;
+    let url = format!("http://app-a.test:{}/x", origin.port());
+
+    let over_tls = Curl::new(&url)
+        .args(&["--proxy", &https_proxy(&relay), "--proxy-cacert", &ca_pem])
+        .run()
+        .await;
+    assert_eq!(over_tls.status, 200, "{over_tls:?}");
+    assert_eq!(over_tls.text(), "ok /x");
+
+    let plain = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(plain.status, 200, "{plain:?}");
+
+    // A CONNECT tunnel inside the TLS connection to the relay.
+    let tunnelled = Curl::new(&url)
+        .args(&[
+            "-p",
+            "--proxy",
+            &https_proxy(&relay),
+            "--proxy-cacert",
+            &ca_pem,
+        ])
+        .run()
+        .await;
+    assert_eq!(tunnelled.status, 200, "{tunnelled:?}");
+    let (mut tls, _) = tls_client(relay.addr, &ca.pem(), &[]).await;
+    let req = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\nping", echo.port());
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut back = vec![0u8; 43];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        "HTTP/1.1 200 Connection established\r\n\r\nping"
+    );
+}
+
+#[tokio::test]
+async fn require_refuses_plain_http_with_400() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
+    let tls = tls_section(&dir, &relay_leaf(&ca), "require = true");
+    let relay = Relay::start(&config_with(&routes, &tls)).await;
+    let url = format!("http://app-a.test:{}/", origin.port());
+
+    let plain = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(plain.status, 400);
+    assert!(plain.text().contains("requires TLS"), "{}", plain.text());
+    assert!(origin.received().is_empty());
+    // Cleartext HTTP/2 is refused too (closed, nothing served).
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let answer = raw_exchange(relay.addr, preface, Duration::from_secs(5)).await;
+    assert_eq!(answer, "");
+
+    let over_tls = Curl::new(&url)
+        .args(&["--proxy", &https_proxy(&relay), "--proxy-cacert", &ca_pem])
+        .run()
+        .await;
+    assert_eq!(over_tls.status, 200, "{over_tls:?}");
+}
+
+/// One HTTP/2 request on a TLS stream that negotiated `h2`.
+async fn h2_get(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    url: &str,
+    authorization: Option<&str>,
+) -> (u16, Vec<String>, String) {
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::get(url);
+    if let Some(value) = authorization {
+        req = req.header("proxy-authorization", value);
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get_all("proxy-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        challenge,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn alpn_h2_is_served_through_the_same_gate() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let origin = Origin::ok().await;
+    let users = users_file(&dir, &[("alice", "secret")]);
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
+    let tls = tls_section(&dir, &relay_leaf(&ca), "");
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
+    let relay = Relay::start(&config_with(&routes, &format!("{tls}{auth}"))).await;
+    let url = format!("http://app-a.test:{}/alpn", origin.port());
+
+    let (tls, chosen) = tls_client(relay.addr, &ca.pem(), &[b"h2", b"http/1.1"]).await;
+    assert_eq!(chosen.as_deref(), Some(&b"h2"[..]));
+    let (status, challenge, _) = h2_get(tls, &url, None).await;
+    assert_eq!(status, 407);
+    assert_eq!(challenge, ["Basic realm=\"corp\""]);
+
+    let (tls, _) = tls_client(relay.addr, &ca.pem(), &[b"h2", b"http/1.1"]).await;
+    let basic = "Basic YWxpY2U6c2VjcmV0"; // alice:secret
+    let (status, _, body) = h2_get(tls, &url, Some(basic)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "ok /alpn");
+    assert!(origin.single().header("proxy-authorization").is_none());
+
+    // A client that offers only HTTP/1.1 gets HTTP/1.1.
+    let (mut tls, chosen) = tls_client(relay.addr, &ca.pem(), &[b"http/1.1"]).await;
+    assert_eq!(chosen.as_deref(), Some(&b"http/1.1"[..]));
+    let req = format!(
+        "GET {url} HTTP/1.1\r\nHost: app-a.test\r\nProxy-Authorization: {basic}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_after_head_timeout() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let tls = tls_section(&dir, &relay_leaf(&ca), "[limits]\nhead_timeout = \"300ms\"");
+    let relay = Relay::start(&config_with("", &tls)).await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(read.is_ok(), "the relay kept a stalled handshake open");
+}
+
+async fn client_cert_relay(
+    dir: &Dir,
+    ca: &Ca,
+    client_ca: &Ca,
+    mode: &str,
+    origin: &Origin,
+) -> Relay {
+    let client_ca_pem = dir.write("client-ca.pem", &client_ca.pem());
+    let extra = format!("client_ca = \"{client_ca_pem}\"\nclient_auth = \"{mode}\"\n");
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("app-b.test", "127.0.0.1", &[origin.port()], "");
+    // The certificate user carol may reach app-a.test only; anonymous users nothing.
+    let rules = "[[rule]]\nusers = [\"carol\"]\nroutes = [\"app-a.test\"]\nallow = true\n";
+    let tls = tls_section(dir, &relay_leaf(ca), &extra);
+    Relay::start(&config_with(&routes, &format!("{tls}{rules}"))).await
+}
+
+fn with_client_cert(curl: Curl, dir: &Dir, leaf: &Leaf, name: &str) -> Curl {
+    let cert = dir.write(&format!("{name}.pem"), &leaf.cert);
+    let key = dir.write(&format!("{name}.key"), &leaf.key);
+    curl.args(&["--proxy-cert", &cert, "--proxy-key", &key])
+}
+
+#[tokio::test]
+async fn optional_client_certificate_names_the_user_for_rules() {
+    let (dir, ca, clients) = (Dir::new(), Ca::new("relay ca"), Ca::new("client ca"));
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let relay = client_cert_relay(&dir, &ca, &clients, "optional", &origin).await;
+    let carol = clients.client("carol");
+    let via_tls = |url: &str| {
+        Curl::new(url).args(&["--proxy", &https_proxy(&relay), "--proxy-cacert", &ca_pem])
+    };
+    let a = format!("http://app-a.test:{}/", origin.port());
+    let b = format!("http://app-b.test:{}/", origin.port());
+
+    let as_carol = with_client_cert(via_tls(&a), &dir, &carol, "carol")
+        .run()
+        .await;
+    assert_eq!(as_carol.status, 200, "{as_carol:?}");
+    let carol_elsewhere = with_client_cert(via_tls(&b), &dir, &carol, "carol")
+        .run()
+        .await;
+    assert_eq!(carol_elsewhere.status, 403);
+    assert!(carol_elsewhere.text().contains("no rule allows it"));
+
+    // Optional: no certificate is still a TLS connection, of an anonymous user.
+    let anonymous = via_tls(&a).run().await;
+    assert_eq!(anonymous.status, 403, "{anonymous:?}");
+    assert!(
+        anonymous.text().contains("no rule allows it"),
+        "{}",
+        anonymous.text()
+    );
+}
+
+#[tokio::test]
+async fn required_client_certificate_refuses_handshakes_without_one() {
+    let (dir, ca, clients) = (Dir::new(), Ca::new("relay ca"), Ca::new("client ca"));
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let relay = client_cert_relay(&dir, &ca, &clients, "required", &origin).await;
+    let a = format!("http://app-a.test:{}/", origin.port());
+    let via_tls =
+        || Curl::new(&a).args(&["--proxy", &https_proxy(&relay), "--proxy-cacert", &ca_pem]);
+
+    let without = via_tls().run().await;
+    assert_ne!(without.exit, 0, "{without:?}");
+    assert_eq!(without.status, 0);
+
+    let stranger = Ca::new("other ca").client("carol");
+    let forged = with_client_cert(via_tls(), &dir, &stranger, "forged")
+        .run()
+        .await;
+    assert_ne!(forged.exit, 0, "{forged:?}");
+
+    let carol = with_client_cert(via_tls(), &dir, &clients.client("carol"), "carol")
+        .run()
+        .await;
+    assert_eq!(carol.status, 200, "{carol:?}");
+    assert!(origin.received().len() == 1);
+}
+
+#[tokio::test]
+async fn upstream_tls_is_verified_pooled_and_explained() {
+    let (dir, good, bad) = (Dir::new(), Ca::new("internal ca"), Ca::new("unrelated ca"));
+    let good_pem = dir.write("good.pem", &good.pem());
+    let bad_pem = dir.write("bad.pem", &bad.pem());
+    let origin = Origin::ok().await;
+    let front = TlsFront::start(&good.server(&["localhost"]), origin.addr).await;
+    let routes = route(
+        "secure.test",
+        &format!("https://localhost:{}", front.port()),
+        &[80],
+        &format!("ca = \"{good_pem}\""),
+    ) + &route(
+        "bad.test",
+        "localhost",
+        &[front.port()],
+        &format!("tls = true\nca = \"{bad_pem}\""),
+    );
+    let relay = Relay::start(&config_with(&routes, "")).await;
+
+    // Two requests on one client connection: one upstream TLS connection.
+    let out = Curl::new("http://secure.test/one")
+        .arg("http://secure.test/two")
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /one"); // curl writes the second body elsewhere
+    let got = origin.received();
+    let targets: Vec<&str> = got.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/one", "/two"]);
+    assert_eq!(got[0].header("host"), Some("secure.test"));
+    assert_eq!(origin.connections(), 1, "the TLS connection was not pooled");
+
+    let refused = Curl::new(&format!("http://bad.test:{}/", front.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(refused.status, 502);
+    let text = refused.text();
+    assert!(text.contains("route bad.test"), "{text}");
+    assert!(
+        text.contains("certificate verify failed: UnknownIssuer"),
+        "{text}"
+    );
+    assert_eq!(origin.received().len(), 2);
+}
+
+#[tokio::test]
+async fn passwords_407_flow_never_forwarded_nor_logged() {
+    let dir = Dir::new();
+    let hashed = std::process::Command::new(porthole_suite::binary("porthole-relay"))
+        .args(["passwd", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"secret\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(hashed.status.success());
+    let line = String::from_utf8(hashed.stdout).unwrap();
+    assert!(line.starts_with("alice:$argon2id$"), "{line}");
+    let users = dir.write("users", &line);
+
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("db.test", "127.0.0.1", &[echo.port()], "");
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
+    let config = dir.write("relay.toml", &config_with(&routes, &auth));
+    let relay = RelayProcess::spawn(std::path::Path::new(&config), &[]).await;
+    let url = format!("http://app-a.test:{}/", origin.port());
+
+    let none = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(none.status, 407);
+    assert_eq!(
+        none.header("proxy-authenticate"),
+        vec!["Basic realm=\"corp\""]
+    );
+    let wrong = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&["-U", "alice:wrong"])
+        .run()
+        .await;
+    assert_eq!(wrong.status, 407);
+    let unknown = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&["-U", "mallory:secret"])
+        .run()
+        .await;
+    assert_eq!(unknown.status, 407);
+    assert!(origin.received().is_empty());
+
+    // Right: relayed, twice on one connection (the second from the cache).
+    let right = Curl::new(&url)
+        .arg(&url)
+        .proxy(&relay.url())
+        .args(&["-U", "alice:secret"])
+        .run()
+        .await;
+    assert_eq!(right.status, 200, "{right:?}");
+    for got in origin.received() {
+        assert!(
+            got.header("proxy-authorization").is_none(),
+            "{}",
+            got.raw_head
+        );
+    }
+
+    // CONNECT needs the same credentials.
+    let req = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port());
+    let answer = answer_to(relay.addr, &req).await;
+    assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+    let tunnelled = Curl::new(&url)
+        .proxy(&relay.url())
+        .args(&["-p", "-U", "alice:secret"])
+        .run()
+        .await;
+    assert_eq!(tunnelled.status, 200, "{tunnelled:?}");
+
+    let log = relay.log_text();
+    assert!(
+        log.contains("alice"),
+        "the access log names the user: {log}"
+    );
+    assert!(!log.contains("secret"), "{log}");
+    assert!(!log.contains("YWxpY2U6c2VjcmV0"), "{log}"); // base64 of alice:secret
+}
+
+#[tokio::test]
+async fn rules_by_user_group_network_and_port() {
+    let dir = Dir::new();
+    let users = users_file(
+        &dir,
+        &[("alice", "a-pw"), ("bob", "b-pw"), ("carol", "c-pw")],
+    );
+    let (a, b) = (Origin::ok().await, Origin::ok().await);
+    let routes = route("app-a.test", "127.0.0.1", &[a.port(), b.port()], "")
+        + &route("app-b.test", "127.0.0.1", &[b.port()], "");
+    let extra = format!(
+        r#"
+[auth]
+users_file = "{users}"
+[auth.groups]
+ops = ["alice", "bob"]
+
+[[rule]]
+from = ["127.0.0.2/32"]
+allow = false
+
+[[rule]]
+users = ["group:ops"]
+routes = ["*.test"]
+allow = true
+
+[[rule]]
+users = ["carol"]
+routes = ["app-a.test"]
+ports = [{}]
+allow = true
+"#,
+        a.port()
+    );
+    let relay = Relay::start(&config_with(&routes, &extra)).await;
+    let get = |user: &str, url: String, iface: &str| {
+        Curl::new(&url)
+            .proxy(&relay.url())
+            .args(&["-U", user, "--interface", iface])
+    };
+    let app_a = format!("http://app-a.test:{}/", a.port());
+    let app_a_other_port = format!("http://app-a.test:{}/", b.port());
+    let app_b = format!("http://app-b.test:{}/", b.port());
+    let local = "127.0.0.1";
+    let cases = [
+        ("alice:a-pw", app_b.clone(), local, 200, ""),
+        ("bob:b-pw", app_a_other_port.clone(), local, 200, ""),
+        ("carol:c-pw", app_a.clone(), local, 200, ""),
+        (
+            "carol:c-pw",
+            app_a_other_port,
+            local,
+            403,
+            "no rule allows it",
+        ),
+        ("carol:c-pw", app_b.clone(), local, 403, "no rule allows it"),
+        ("alice:a-pw", app_b, "127.0.0.2", 403, "refused by rule[0]"),
+    ];
+    for (user, url, iface, status, says) in cases {
+        let out = get(user, url.clone(), iface).run().await;
+        assert_eq!(out.status, status, "{user} {url} from {iface}: {out:?}");
+        assert!(out.text().contains(says), "{}", out.text());
+        assert!(!out.text().contains("rule[1]") && !out.text().contains("rule[2]"));
+    }
+    // Without credentials there is no user: only rules without `users` apply.
+    let anonymous = Curl::new(&app_a).proxy(&relay.url()).run().await;
+    assert_eq!(anonymous.status, 403);
+}
+
+/// Sends `request` and reads the answer: the head, and what follows it
+/// until the relay closes or 2 s pass (an allowed CONNECT stays open).
+async fn answer_to(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if out.windows(4).any(|w| w == b"\r\n\r\n") && out.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn rules_by_topic_on_the_event_endpoints() {
+    let dir = Dir::new();
+    let users = users_file(&dir, &[("alice", "a-pw"), ("bob", "b-pw")]);
+    let extra = format!(
+        "[auth]\nusers_file = \"{users}\"\n\
+         [[rule]]\nusers = [\"alice\"]\ntopics = [\"plant-*\"]\nallow = true\n"
+    );
+    let relay = Relay::start(&config_with("", &extra)).await;
+    let poll = |topic: &str, user: &str| {
+        Curl::new(&format!("http://relay.test/events/{topic}?wait=0"))
+            .proxy(&relay.url())
+            .args(&["-U", user])
+    };
+    let alice = poll("plant-7", "alice:a-pw").run().await;
+    assert_eq!(alice.status, 200, "{alice:?}");
+    let elsewhere = poll("office", "alice:a-pw").run().await;
+    assert_eq!(elsewhere.status, 403);
+    assert!(
+        elsewhere.text().contains("no rule allows it"),
+        "{}",
+        elsewhere.text()
+    );
+    let bob = poll("plant-7", "bob:b-pw").run().await;
+    assert_eq!(bob.status, 403, "{bob:?}");
+}
+
+#[tokio::test]
+async fn sighup_changes_a_decision_and_keeps_the_open_tunnel() {
+    let dir = Dir::new();
+    let echo = EchoServer::start().await;
+    let routes = route("db.test", "127.0.0.1", &[echo.port()], "");
+    let rule = |allow: bool| format!("[[rule]]\nroutes = [\"db.test\"]\nallow = {allow}\n");
+    let path = dir.write("relay.toml", &config_with(&routes, &rule(true)));
+    let relay = RelayProcess::spawn(std::path::Path::new(&path), &[]).await;
+    let connect = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port());
+
+    let mut tunnel = TcpStream::connect(relay.addr).await.unwrap();
+    tunnel.write_all(connect.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+
+    std::fs::write(&path, config_with(&routes, &rule(false))).unwrap();
+    relay.signal("HUP");
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = answer_to(relay.addr, &connect).await;
+        if answer.starts_with("HTTP/1.1 403") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("refused by rule[0]"), "{answer}");
+
+    tunnel.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+}
+
+#[tokio::test]
+async fn request_rate_per_client_gives_429_and_serves_others() {
+    let origin = Origin::ok().await;
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
+    let limits = "[limits]\nmax_requests_per_second_per_client = 1\n";
+    let relay = Relay::start(&config_with(&routes, limits)).await;
+    let url = format!("http://app-a.test:{}/", origin.port());
+    let from = |iface: &str| {
+        Curl::new(&url)
+            .proxy(&relay.url())
+            .args(&["--interface", iface])
+    };
+
+    let mut limited = None;
+    for _ in 0..10 {
+        let out = from("127.0.0.1").run().await;
+        if out.status == 429 {
+            limited = Some(out);
+            break;
+        }
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let limited = limited.expect("no 429 after 10 quick requests at 1 per second");
+    assert_eq!(limited.header("retry-after"), vec!["1"]);
+    let other = from("127.0.0.2").run().await;
+    assert_eq!(
+        other.status, 200,
+        "another client is still served: {other:?}"
+    );
+}
