@@ -520,7 +520,8 @@ mod tests {
     #[test]
     fn next_after_decision_by_table() {
         // (after, answer, lines' ids, next, missed, rewound)
-        let cases: &[(u64, &str, &[u64], u64, u64, bool)] = &[
+        type Case<'a> = (u64, &'a str, &'a [u64], u64, u64, bool);
+        let cases: &[Case] = &[
             // Events: print them, next is the last one.
             (
                 0,
