@@ -297,7 +297,7 @@ async fn the_watcher_keeps_trying_while_the_relay_is_down_and_resumes_when_it_re
     .await;
     assert!(tries, "{}", watcher.stderr());
 
-    let relay = RelayProcess::spawn_on(&relay_conf, addr, admin, &[]).await;
+    let relay = RelayProcess::spawn_on(&relay_conf, addr, admin, &[], &[]).await;
     publish_ok(&relay.admin_url(), "t", "2").await;
     publish_ok(&relay.admin_url(), "t", "3").await;
     assert_eq!(watcher.next_ids(2).await, vec![2, 3]);
