@@ -510,6 +510,18 @@ impl RelayProcess {
     ) -> RelayProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        RelayProcess::spawn_on(config, addr, admin, env, args).await
+    }
+
+    /// As [`RelayProcess::spawn_with_args`], on the given ports: a relay
+    /// started again where its clients expect it. The log file starts afresh.
+    pub async fn spawn_on(
+        config: &Path,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> RelayProcess {
         let log = std::env::temp_dir().join(format!(
             "porthole-relay-{}-{}.log",
             addr.port(),

@@ -11,7 +11,9 @@
 //! - [`link`]: the one HTTP/2 connection to the relay, an actor with a handle;
 //! - [`keepalive`]: the adaptive keepalive decision (pure, clock as a parameter);
 //! - [`meter`]: records when bytes last crossed the link;
-//! - [`config`]: raw, then validated configuration.
+//! - [`config`]: raw, then validated configuration;
+//! - [`watch`]: `porthole-shim events watch TOPIC`, a long-polling event
+//!   watcher with a state file (its own HTTP/1.1 connection, not the link).
 //!
 //! Shared with the relay (crate `porthole_relay`): the HTTP/2 link settings
 //! and tunnel splice (`h2`), hop-by-hop rewriting (`rewrite`), authority
@@ -27,6 +29,7 @@ pub use porthole_relay::keepalive;
 pub mod link;
 pub mod meter;
 pub mod proxy;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;

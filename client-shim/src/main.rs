@@ -1,16 +1,20 @@
 //! `porthole-shim`: parses arguments, sets up logging, loads and validates the
 //! configuration (exit 64 before binding anything if it is bad), binds the
 //! system-proxy port and runs the shim until SIGTERM or SIGINT. Subcommands
-//! print the shell setup (`env`) and change forwards of a running shim.
+//! print the shell setup (`env`), change forwards of a running shim, and
+//! watch an event topic (`events watch`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use http::Method;
 use porthole_relay::config::ConfigError;
 use porthole_shim::config::{RawConfig, DEFAULT_LISTEN};
 use porthole_shim::control;
+use porthole_shim::watch::{self, WatchConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for a bad configuration, before anything is bound.
@@ -49,6 +53,28 @@ enum Command {
     Forward {
         #[command(subcommand)]
         action: ForwardAction,
+    },
+    /// Event topics on the relay.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Long-poll TOPIC and print each event as one JSON line; resumes after
+    /// the last printed event, kept in a state file.
+    Watch {
+        topic: String,
+        /// The state file holding the last printed id (default
+        /// $XDG_STATE_HOME/porthole/TOPIC.last or ~/.local/state/porthole/TOPIC.last).
+        #[arg(long, value_name = "FILE")]
+        state: Option<PathBuf>,
+        /// Seconds each poll may wait for an event (the relay caps it with its max_wait).
+        #[arg(long, value_name = "SECS", default_value_t = watch::DEFAULT_WAIT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait: u64,
     },
 }
 
@@ -108,6 +134,54 @@ fn main() -> ExitCode {
             Ok(shim) => runtime.block_on(forward_command(shim, action)),
             Err(e) => bad_config(&cli, &e),
         },
+        Some(Command::Events {
+            action: EventsAction::Watch { topic, state, wait },
+        }) => {
+            // Refused before anything else, by the relay's own rule.
+            if !porthole_relay::events::valid_topic(topic) {
+                eprintln!("`{topic}` is not a topic name: [A-Za-z0-9._-]{{1,128}}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            let config = match raw.validate() {
+                Ok(c) => c,
+                Err(e) => return bad_config(&cli, &e),
+            };
+            let state = match state.clone().map(Ok).unwrap_or_else(|| {
+                watch::default_state_path(
+                    topic,
+                    std::env::var_os("XDG_STATE_HOME"),
+                    std::env::var_os("HOME"),
+                )
+            }) {
+                Ok(path) => path,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let after = match watch::load_state(&state) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let config = WatchConfig {
+                relay: config.relay,
+                relay_name: config.relay_name,
+                topic: topic.clone(),
+                state,
+                wait: Duration::from_secs(*wait),
+                connect_timeout: config.connect_timeout,
+            };
+            match runtime.block_on(watch::run(config, after, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Check) => match raw.validate() {
             Ok(c) => {
                 println!(
