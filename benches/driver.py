@@ -344,6 +344,7 @@ class Env:
         self.backend = None
         self.sink = None
         self.one_worker = None  # (args, env, how) for the one-worker Porthole
+        self.access_log_how = "not measured"
 
 
 def one_worker_mode(relay_bin):
@@ -370,11 +371,25 @@ def runtime_workers(pid):
     return sum(1 for n in names if n.startswith(("tokio-runtime-w", "tokio-rt-worker")))
 
 
-def start_porthole(env, name, variant, allowed_ports, log_level="warn"):
+def start_porthole(env, name, variant, allowed_ports, access_log=False):
     port = free_port()
-    conf = write(os.path.join(env.d, f"{name}-{port}.toml"), porthole_conf(port, allowed_ports))
+    path = os.path.join(env.d, f"{name}-{port}.toml")
+    text = porthole_conf(port, allowed_ports)
+    level = "warn"
+    if access_log:
+        # The access-log file of `[log] access` where the relay has it, else the
+        # `porthole::access` tracing lines at info level, written to a file.
+        with_file = text + f'\n[log]\naccess = "{env.d}/access-{port}.log"\n'
+        write(path, with_file)
+        if run([env.relay_bin, "check", "--config", path], 20).returncode == 0:
+            text = with_file
+            env.access_log_how = "`[log] access = FILE`"
+        else:
+            level = "info"
+            env.access_log_how = "RUST_LOG=info, standard error to a file"
+    conf = write(path, text)
     args, extra, _ = env.one_worker if variant == "1w" else ([], {}, "")
-    e = {"RUST_LOG": log_level, **extra}
+    e = {"RUST_LOG": level, **extra}
     p = start(f"{name}-{port}", [env.relay_bin, "--config", conf, *args], env.d, e)
     wait_port(port, p, name)
     return port, p
@@ -418,8 +433,7 @@ def start_peer(env, kind, http=True, tcp=True):
         return {"http": None, "tcp": port, "proc": p}
     if kind in ("porthole", "porthole-1w", "porthole-log"):
         variant = "1w" if kind == "porthole-1w" else "mt"
-        level = "info" if kind == "porthole-log" else "warn"
-        port, p = start_porthole(env, kind, variant, [backend, sink], level)
+        port, p = start_porthole(env, kind, variant, [backend, sink], kind == "porthole-log")
         return {"http": port, "tcp": port, "proc": p}
     raise ValueError(kind)
 
@@ -434,7 +448,7 @@ HTTP_ROWS = [
     ("tinyproxy", "tinyproxy forward, absolute-URI", "absolute"),
     ("porthole", "Porthole, absolute-URI (default runtime)", "absolute"),
     ("porthole-1w", "Porthole, absolute-URI (1 worker thread)", "absolute"),
-    ("porthole-log", "Porthole, default runtime, access log on (info to a file)", "absolute"),
+    ("porthole-log", "Porthole, default runtime, access log on (to a file)", "absolute"),
 ]
 TUNNEL_ROWS = [
     ("direct", "direct loopback (client to sink)"),
@@ -632,7 +646,8 @@ def write_report(path, args, info, vers, res, one_worker_how, started, notes):
               f"- HTTP: `wrk -t1 -c50 -d{args.duration}s --latency`; backend nginx (1 worker, keep-alive) serving "
               "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
               "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
-              f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row. "
+              f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
+              f"({getattr(args, 'access_log_how', '?')}). "
               f"One worker thread: {one_worker_how}.",
               f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
               f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
@@ -866,6 +881,7 @@ def main():
                     + (f"  ({flag})" if flag else ""))
 
     stop_all()
+    args.access_log_how = env.access_log_how
     write_report(args.out, args, info, vers, res, env.one_worker[2], started, notes)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"machine": info, "versions": vers, "results": res}, f, indent=1)
