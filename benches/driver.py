@@ -554,7 +554,9 @@ def summary(values):
 
 
 def table(title, unit, kind, rows, results, higher_better=True, note=""):
-    """rows: [(key, label)], results: {key: [values]}."""
+    """rows: [(key, label)], results: {key: [values]}. Empty for a figure not run (`--only`)."""
+    if not results:
+        return []
     heads = ["target", f"median {unit}", "min", "max", "n"]
     present = [p for p in PORTHOLES if summary(results.get(p, []))]
     heads += [f"{'Porthole' if p == 'porthole' else 'Porthole 1w'} ÷ this" for p in present]
