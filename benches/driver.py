@@ -1,0 +1,899 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of Porthole against nginx, HAProxy, Squid, tinyproxy
+and socat on this machine (issue 7, figures P1-P6). Run through benches/run.sh.
+
+Everything listens on 127.0.0.1 ports chosen free at run time; every process
+this script starts runs in its own session and is stopped on exit. Results are
+measured now: nothing is copied from an earlier run.
+"""
+
+import argparse
+import atexit
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T0 = time.monotonic()
+PROCS = []  # (name, Popen)
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------ processes
+
+
+def stop_all():
+    for name, p in reversed(PROCS):
+        stop(p)
+    PROCS.clear()
+
+
+def stop(p):
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)  # its own session: the process and its children
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=5)
+
+
+def on_signal(signum, _frame):
+    stop_all()
+    sys.exit(128 + signum)
+
+
+def start(name, cmd, logdir, env=None):
+    out = open(os.path.join(logdir, f"{name}.log"), "wb")
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env=full_env, start_new_session=True)
+    PROCS.append((name, p))
+    return p
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, name, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on {port} within {timeout}s")
+
+
+def run(cmd, timeout, env=None):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# ------------------------------------------------------------------ setup
+
+TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "squid": "squid", "tinyproxy": "tinyproxy",
+         "socat": "socat", "wrk": "wrk"}
+
+
+def which(cmd):
+    return shutil.which(cmd) or next((p for p in (f"/usr/sbin/{cmd}", f"/usr/bin/{cmd}")
+                                      if os.access(p, os.X_OK)), None)
+
+
+def install_missing():
+    missing = [pkg for cmd, pkg in TOOLS.items() if not which(cmd)]
+    if not missing:
+        return
+    log(f"installing from Debian's packages: {' '.join(missing)}")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    # The service scripts must not start system-wide copies: the harness runs its own.
+    env = {"DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True, timeout=600)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq"] + missing, check=True, timeout=900,
+                   env={**os.environ, **env})
+
+
+def build(target_dir):
+    log("building porthole-relay and the tunnel load tool (release)")
+    for args in (["-p", "porthole-relay", "--bin", "porthole-relay"],
+                 ["-p", "porthole-suite", "--example", "tunnel_load"]):
+        subprocess.run(["cargo", "build", "--release", "--locked", *args], cwd=ROOT, check=True,
+                       timeout=1800)
+    return (os.path.join(target_dir, "release", "porthole-relay"),
+            os.path.join(target_dir, "release", "examples", "tunnel_load"))
+
+
+def first_line(cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        text = (r.stdout + r.stderr).strip()
+        return text.splitlines()[0] if text else "?"
+    except Exception as e:  # noqa: BLE001 - a version string is informative only
+        return f"? ({e})"
+
+
+def versions(relay_bin):
+    commit = first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"], 10).stdout
+    return {
+        "porthole": f"{first_line([relay_bin, '--version'])} (commit {commit}{', modified' if dirty.strip() else ''}; {first_line(['rustc', '--version'])})",
+        "nginx": first_line(["nginx", "-v"]),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "squid": first_line(["squid", "-v"]),
+        "tinyproxy": first_line(["tinyproxy", "-v"]),
+        "socat": next((l for l in run(["socat", "-V"], 10).stdout.splitlines() if "socat version" in l), "?"),
+        "wrk": first_line(["wrk", "-v"]),
+    }
+
+
+def machine():
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = f.readline().split()[1]
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": os.uname().release,
+        "memory": f"{int(mem) // 1024 // 1024} GiB",
+        "load at start": open("/proc/loadavg").read().split()[0:3],
+    }
+
+
+# ------------------------------------------------------------------ configs
+
+
+def nginx_backend_conf(d, port):
+    www = os.path.join(d, "www")
+    os.makedirs(www, exist_ok=True)
+    with open(os.path.join(www, "1k"), "wb") as f:
+        f.write(b"x" * 1024)
+    with open(os.path.join(www, "1m"), "wb") as f:
+        f.write(b"y" * (1024 * 1024))
+    return f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {d}/backend.pid;
+error_log {d}/backend-error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/backend-body;
+    proxy_temp_path {d}/backend-proxy;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(d, port, backend):
+    return f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # No disk: relay through memory buffers only (nothing cached).
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(http_port, backend, tcp_port, sink):
+    http = f"""
+frontend fe_http
+    mode http
+    bind 127.0.0.1:{http_port}
+    default_backend be_http
+backend be_http
+    mode http
+    http-reuse always
+    server s1 127.0.0.1:{backend}
+""" if http_port else ""
+    return f"""
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout tunnel 300s
+    timeout http-keep-alive 300s
+{http}
+frontend fe_tcp
+    mode tcp
+    bind 127.0.0.1:{tcp_port}
+    default_backend be_tcp
+backend be_tcp
+    mode tcp
+    server s1 127.0.0.1:{sink}
+"""
+
+
+def squid_conf(d, port):
+    return f"""
+http_port 127.0.0.1:{port}
+acl bench src 127.0.0.1/32
+http_access allow bench
+http_access deny all
+# No caching: nothing stored in memory or on disk.
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log {d}/squid-{port}-cache.log
+pid_filename {d}/squid-{port}.pid
+coredump_dir {d}
+netdb_filename none
+max_filedescriptors 16384
+shutdown_lifetime 0 seconds
+client_persistent_connections on
+server_persistent_connections on
+"""
+
+
+def tinyproxy_conf(d, port):
+    return f"""
+Port {port}
+Listen 127.0.0.1
+Timeout 600
+MaxClients 8000
+Allow 127.0.0.1
+LogLevel Critical
+LogFile "{d}/tinyproxy-{port}.log"
+PidFile "{d}/tinyproxy-{port}.pid"
+"""
+
+
+def porthole_conf(port, allowed_ports):
+    ports = ", ".join(str(p) for p in allowed_ports)
+    return f"""
+[relay]
+listen = "127.0.0.1:{port}"
+name = "porthole-bench"
+admin_listen = ""
+
+[[route]]
+host = "127.0.0.1"
+to = "127.0.0.1"
+ports = [{ports}]
+
+[limits]
+max_connections = 20000
+max_connections_per_client = 20000
+"""
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+# ------------------------------------------------------------------ targets
+
+
+class Env:
+    """Where the run keeps its files, its binaries and the shared backend and sink."""
+
+    def __init__(self, d, relay_bin, load_bin):
+        self.d, self.relay_bin, self.load_bin = d, relay_bin, load_bin
+        self.backend = None
+        self.sink = None
+        self.one_worker = None  # (args, env, how) for the one-worker Porthole
+        self.access_log_how = "not measured"
+
+
+def one_worker_mode(relay_bin):
+    """How to pin Porthole to one worker thread: a flag if the binary has one,
+    else tokio's own TOKIO_WORKER_THREADS (honoured by the default runtime builder)."""
+    help_text = run([relay_bin, "--help"], 10).stdout
+    m = re.search(r"--(worker[-_]threads|workers|threads)\b", help_text)
+    if m:
+        return ([f"--{m.group(1)}", "1"], {}, f"`--{m.group(1)} 1`")
+    return ([], {"TOKIO_WORKER_THREADS": "1"},
+            "`TOKIO_WORKER_THREADS=1` (the binary has no worker-thread option; tokio's default "
+            "runtime builder reads this variable)")
+
+
+def runtime_workers(pid):
+    names = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+    except OSError:
+        return -1
+    # The name changed across tokio versions.
+    return sum(1 for n in names if n.startswith(("tokio-runtime-w", "tokio-rt-worker")))
+
+
+def start_porthole(env, name, variant, allowed_ports, access_log=False):
+    port = free_port()
+    path = os.path.join(env.d, f"{name}-{port}.toml")
+    text = porthole_conf(port, allowed_ports)
+    level = "warn"
+    if access_log:
+        # The access-log file of `[log] access` where the relay has it, else the
+        # `porthole::access` tracing lines at info level, written to a file.
+        with_file = text + f'\n[log]\naccess = "{env.d}/access-{port}.log"\n'
+        write(path, with_file)
+        if run([env.relay_bin, "check", "--config", path], 20).returncode == 0:
+            text = with_file
+            env.access_log_how = "`[log] access = FILE`"
+        else:
+            level = "info"
+            env.access_log_how = "RUST_LOG=info, standard error to a file"
+    conf = write(path, text)
+    args, extra, _ = env.one_worker if variant == "1w" else ([], {}, "")
+    e = {"RUST_LOG": level, **extra}
+    p = start(f"{name}-{port}", [env.relay_bin, "--config", conf, *args], env.d, e)
+    wait_port(port, p, name)
+    return port, p
+
+
+def start_peer(env, kind, http=True, tcp=True):
+    """Starts one peer; returns {'http': port or None, 'tcp': port or None, 'proc': Popen}."""
+    d, backend, sink = env.d, env.backend, env.sink
+    if kind == "nginx":
+        port = free_port()
+        conf = write(os.path.join(d, "nginx.conf"), nginx_proxy_conf(d, port, backend))
+        p = start("nginx", ["nginx", "-c", conf, "-p", d, "-e", f"{d}/nginx-error.log"], d)
+        wait_port(port, p, kind)
+        return {"http": port, "tcp": None, "proc": p}
+    if kind == "haproxy":
+        hp, tp = (free_port() if http else None), free_port()
+        conf = write(os.path.join(d, f"haproxy-{tp}.cfg"), haproxy_conf(hp, backend, tp, sink))
+        p = start(f"haproxy-{tp}", ["haproxy", "-db", "-f", conf], d)
+        wait_port(tp, p, kind)
+        if hp:
+            wait_port(hp, p, kind)
+        return {"http": hp, "tcp": tp, "proc": p}
+    if kind == "squid":
+        port = free_port()
+        conf = write(os.path.join(d, f"squid-{port}.conf"), squid_conf(d, port))
+        # -N: no daemon and no SMP kids: one process does everything.
+        p = start(f"squid-{port}", ["squid", "-N", "-f", conf], d)
+        wait_port(port, p, kind, timeout=30)
+        return {"http": port, "tcp": port, "proc": p}
+    if kind == "tinyproxy":
+        port = free_port()
+        conf = write(os.path.join(d, f"tinyproxy-{port}.conf"), tinyproxy_conf(d, port))
+        p = start(f"tinyproxy-{port}", ["tinyproxy", "-d", "-c", conf], d)
+        wait_port(port, p, kind)
+        return {"http": port, "tcp": port, "proc": p}
+    if kind == "socat":
+        port = free_port()
+        p = start("socat", ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                            f"TCP:127.0.0.1:{sink}"], d)
+        wait_port(port, p, kind)
+        return {"http": None, "tcp": port, "proc": p}
+    if kind in ("porthole", "porthole-1w", "porthole-log"):
+        variant = "1w" if kind == "porthole-1w" else "mt"
+        port, p = start_porthole(env, kind, variant, [backend, sink], kind == "porthole-log")
+        return {"http": port, "tcp": port, "proc": p}
+    raise ValueError(kind)
+
+
+# How each HTTP row sends its requests: reverse proxies get origin form, forward
+# proxies absolute form (the issue's setup: nginx/HAProxy are reverse proxies).
+HTTP_ROWS = [
+    ("direct", "direct to backend (nginx, 1 worker)", "origin"),
+    ("nginx", "nginx reverse proxy (1 worker, upstream keepalive)", "origin"),
+    ("haproxy", "HAProxy http mode (1 thread, http-reuse always)", "origin"),
+    ("squid", "Squid forward, absolute-URI (no cache)", "absolute"),
+    ("tinyproxy", "tinyproxy forward, absolute-URI", "absolute"),
+    ("porthole", "Porthole, absolute-URI (default runtime)", "absolute"),
+    ("porthole-1w", "Porthole, absolute-URI (1 worker thread)", "absolute"),
+    ("porthole-log", "Porthole, default runtime, access log on (to a file)", "absolute"),
+]
+TUNNEL_ROWS = [
+    ("direct", "direct loopback (client to sink)"),
+    ("socat", "socat (fork, default 8 KiB buffer)"),
+    ("haproxy", "HAProxy tcp mode (1 thread)"),
+    ("squid", "Squid CONNECT"),
+    ("tinyproxy", "tinyproxy CONNECT"),
+    ("porthole", "Porthole CONNECT (default runtime)"),
+    ("porthole-1w", "Porthole CONNECT (1 worker thread)"),
+]
+IDLE_ROWS = ["haproxy", "squid", "tinyproxy", "porthole", "porthole-1w"]
+SETUP_ROWS = [
+    ("plain", "client ceiling: plain TCP open + close to the sink"),
+    ("direct", "client ceiling: CONNECT answered by the sink itself"),
+    ("haproxy", "HAProxy tcp mode (CONNECT answered by the sink)"),
+    ("squid", "Squid CONNECT"),
+    ("tinyproxy", "tinyproxy CONNECT"),
+    ("porthole", "Porthole CONNECT (default runtime)"),
+    ("porthole-1w", "Porthole CONNECT (1 worker thread)"),
+]
+PORTHOLES = ["porthole", "porthole-1w"]
+LABELS = {k: v for k, v, *_ in HTTP_ROWS + TUNNEL_ROWS + SETUP_ROWS}
+
+
+# ------------------------------------------------------------------ measurements
+
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def wrk(env, port, form, path, secs, lua_dir):
+    url = f"http://127.0.0.1:{port}{path}"
+    cmd = ["wrk", "-t1", "-c50", f"-d{secs}s", "--latency"]
+    if form == "absolute":
+        backend = f"127.0.0.1:{env.backend}"
+        script = os.path.join(lua_dir, f"abs{path.replace('/', '-')}.lua")
+        write(script, f'wrk.path = "http://{backend}{path}"\nwrk.headers["Host"] = "{backend}"\n')
+        cmd += ["-s", script]
+    r = run(cmd + [url], secs + 30)
+    out = r.stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no rate: {out[-400:]} {r.stderr[-400:]}")
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    errors = ""
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if se:
+        errors = ", ".join(f"{n} {k}" for k, n in zip(("connect", "read", "write", "timeout"), se.groups())
+                           if n != "0")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    bad = int(non2xx.group(1)) if non2xx else 0
+    return {"rps": float(m.group(1)),
+            "p99_ms": float(p99.group(1)) * UNIT[p99.group(2)] if p99 else None,
+            "socket_errors": errors, "non_2xx": bad}
+
+
+def load_tool(env, args, timeout):
+    r = run([env.load_bin, *args], timeout)
+    line = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    if r.returncode != 0 or not line.startswith("{"):
+        raise RuntimeError(f"tunnel_load {' '.join(args)}: {r.stderr.strip()[-300:]}")
+    return json.loads(line)
+
+
+def check_http(port, form, backend):
+    """One request, to make sure a row relays a 200 with the full body before it is measured."""
+    path = "/1k"
+    target = f"http://127.0.0.1:{backend}{path}" if form == "absolute" else path
+    req = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(req.encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n")[0].decode(errors="replace")
+    if " 200 " not in status + " ":
+        raise RuntimeError(f"answered `{status}`")
+    if b"x" * 1024 not in body:
+        raise RuntimeError("the 1 KiB body did not come through")
+
+
+# ------------------------------------------------------------------ report
+
+
+def fmt(v, kind):
+    if v is None:
+        return "-"
+    if kind in ("rps", "mbps", "per_s"):
+        return f"{v:,.0f}"
+    if kind == "kib":
+        return f"{v:,.2f}"
+    return f"{v:.2f}"
+
+
+def summary(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
+
+
+def table(title, unit, kind, rows, results, higher_better=True, note=""):
+    """rows: [(key, label)], results: {key: [values]}. Empty for a figure not run (`--only`)."""
+    if not results:
+        return []
+    heads = ["target", f"median {unit}", "min", "max", "n"]
+    present = [p for p in PORTHOLES if summary(results.get(p, []))]
+    heads += [f"{'Porthole' if p == 'porthole' else 'Porthole 1w'} ÷ this" for p in present]
+    lines = [f"### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for key, label in rows:
+        s = summary(results.get(key, []))
+        failure = results.get(f"{key}:error")
+        if not s:
+            why = failure or "not measured"
+            lines.append(f"| {label} | {why} |" + " |" * (len(heads) - 2))
+            continue
+        cells = [label, fmt(s["median"], kind), fmt(s["min"], kind), fmt(s["max"], kind), str(s["n"])]
+        for p in present:
+            ps = summary(results[p])
+            cells.append(f"{ps['median'] / s['median']:.2f}x" if s["median"] else "-")
+        flag = results.get(f"{key}:flag")
+        if flag:
+            cells[0] += f" ⚠ {flag}"
+        lines.append("| " + " | ".join(cells) + " |")
+    direction = "higher is better" if higher_better else "lower is better"
+    lines += ["", f"Ratio columns: Porthole's median divided by the row's median ({direction}).", ""]
+    return lines
+
+
+def best_peer(results, keys, higher_better=True):
+    cands = [(summary(results.get(k, [])), k) for k in keys]
+    cands = [(s["median"], k) for s, k in cands if s]
+    if not cands:
+        return None, None
+    return (max if higher_better else min)(cands)
+
+
+def verdicts(res):
+    out = []
+
+    def med(figure, key):
+        s = summary(res.get(figure, {}).get(key, []))
+        return s["median"] if s else None
+
+    peers_http = ["nginx", "haproxy", "squid", "tinyproxy"]
+    for p in PORTHOLES:
+        name = "Porthole" if p == "porthole" else "Porthole 1w"
+        v = med("P1", p)
+        bv, bk = best_peer(res.get("P1", {}), peers_http)
+        sq = med("P1", "squid")
+        if v and bv:
+            ok = v >= bv and (sq is None or v >= 3 * sq)
+            out.append(f"- P1 {name}: {v:,.0f} req/s = {v / bv:.2f}x best peer ({bk}){f', {v / sq:.2f}x Squid' if sq else ''}: {'met' if ok else 'NOT met'}")
+        v = med("P2", p)
+        bv, bk = best_peer(res.get("P2", {}), peers_http, higher_better=False)
+        if v and bv:
+            out.append(f"- P2 {name}: p99 {v:.2f} ms vs best peer {bv:.2f} ms ({bk}): {'met' if v <= bv else 'NOT met'}")
+        v = med("P3", p)
+        bv, bk = best_peer(res.get("P3", {}), peers_http)
+        if v and bv:
+            out.append(f"- P3 {name}: {v:,.0f} MB/s = {v / bv:.2f}x best peer ({bk}): {'met' if v >= bv else 'NOT met'}")
+        for fig, label in (("P4-1", "one stream"), ("P4-8", "8 streams")):
+            v, d = med(fig, p), med(fig, "direct")
+            if v and d:
+                out.append(f"- P4 {label} {name}: {v:,.0f} MB/s = {v / d:.2f}x direct (target 0.8x): {'met' if v >= 0.8 * d else 'NOT met'}")
+        v = med("P5", p)
+        if v is not None:
+            out.append(f"- P5 {name}: {v:.2f} KiB per idle tunnel (target at most 2 KiB): {'met' if v <= 2 else 'NOT met'}")
+        v = med("P6", p)
+        bv, bk = best_peer(res.get("P6", {}), ["squid", "tinyproxy"])
+        ceiling = med("P6", "direct")
+        if v and bv:
+            out.append(f"- P6 {name}: {v:,.0f} setups/s = {v / bv:.2f}x best CONNECT peer ({bk}){f', {v / ceiling:.2f}x the client ceiling' if ceiling else ''}: {'met' if v >= bv else 'NOT met'}")
+    return out
+
+
+def write_report(path, args, info, vers, res, one_worker_how, started, notes):
+    lines = ["# Porthole side-by-side benchmark", "",
+             f"Command: `{' '.join(args.command_line)}`  ",
+             f"Started {started} UTC, took {time.monotonic() - T0:.0f} s. "
+             f"{args.reps} interleaved repetitions per figure; each cell is min/median/max over them.", "",
+             "All processes (load generator, proxy, backend, sink) share this machine's cores, "
+             "and other work may have been running on it: compare rows of the same run, not runs.", "",
+             "## Machine", ""]
+    for k, v in info.items():
+        lines.append(f"- {k}: {' '.join(v) if isinstance(v, list) else v}")
+    lines += [f"- load at end: {' '.join(open('/proc/loadavg').read().split()[0:3])}", "", "## Versions", ""]
+    for k, v in vers.items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "## Settings", "",
+              f"- HTTP: `wrk -t1 -c50 -d{args.duration}s --latency`; backend nginx (1 worker, keep-alive) serving "
+              "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
+              "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
+              f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
+              f"({getattr(args, 'access_log_how', '?')}). "
+              f"One worker thread: {one_worker_how}.",
+              f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
+              f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
+              f"(fresh proxy per repetition, RSS of the process tree before and after); setups at concurrency 20 "
+              f"for {args.setup_secs}s.",
+              "- Peers not configurable equivalently: socat is not a CONNECT proxy and forks a process per "
+              "connection, so it is a row of P4 only (its per-tunnel RSS would count a whole process); "
+              "tinyproxy has no upstream keep-alive (it closes the server connection after each request), which is "
+              "its design, not a setting.", ""]
+    lines += ["## Results", ""]
+    lines += table("P1: HTTP relay, 1 KiB responses, c=50", "req/s", "rps",
+                   [(k, l) for k, l, _ in HTTP_ROWS], res.get("P1", {}))
+    lines += table("P2: p99 latency at that load", "ms", "ms",
+                   [(k, l) for k, l, _ in HTTP_ROWS], res.get("P2", {}), higher_better=False,
+                   note="Ratio < 1 means Porthole's p99 is lower.")
+    lines += table("P3: HTTP relay, 1 MiB responses, c=50", "MB/s", "mbps",
+                   [(k, l) for k, l, _ in HTTP_ROWS if k != "porthole-log"], res.get("P3", {}),
+                   note="MB/s = responses per second × 1,048,576 body bytes / 10^6.")
+    lines += table("P4: CONNECT bulk throughput, one stream", "MB/s", "mbps", TUNNEL_ROWS, res.get("P4-1", {}))
+    lines += table("P4: CONNECT bulk throughput, 8 parallel streams", "MB/s", "mbps", TUNNEL_ROWS,
+                   res.get("P4-8", {}))
+    lines += table(f"P5: RSS growth per idle tunnel, {args.idle_n} open", "KiB", "kib",
+                   [(k, LABELS.get(k, k)) for k in IDLE_ROWS], res.get("P5", {}), higher_better=False,
+                   note="Ratio < 1 means Porthole holds less per tunnel.")
+    lines += table("P6: CONNECT setups per second, concurrency 20 (open, CONNECT, 200, close)", "setups/s",
+                   "per_s", SETUP_ROWS, res.get("P6", {}))
+    lines += ["## Targets of issue 7 (medians of this run)", ""] + verdicts(res) + [""]
+    if notes:
+        lines += ["## Notes from this run", ""] + [f"- {n}" for n in notes] + [""]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# ------------------------------------------------------------------ main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="1 repetition, short durations (a smoke run)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=8, help="wrk seconds per HTTP measurement")
+    ap.add_argument("--only", default="P1,P3,P4,P5,P6", help="comma list of P1,P3,P4,P5,P6 (P2 comes with P1)")
+    ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the configs and logs of the run")
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "report.md"))
+    args = ap.parse_args()
+    args.command_line = ["benches/run.sh"] + sys.argv[1:]
+    args.bulk_secs, args.setup_secs, args.idle_n = 3.0, 3.0, 2000
+    if args.quick:
+        args.reps, args.duration, args.bulk_secs, args.setup_secs, args.idle_n = 1, 2, 1.0, 1.0, 500
+    only = set(args.only.upper().split(","))
+
+    atexit.register(stop_all)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+    if not args.no_install:
+        install_missing()
+    target_dir = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    if args.no_build:
+        relay_bin = os.path.join(target_dir, "release", "porthole-relay")
+        load_bin = os.path.join(target_dir, "release", "examples", "tunnel_load")
+    else:
+        relay_bin, load_bin = build(target_dir)
+    info, vers = machine(), versions(relay_bin)
+    log(f"machine: {info['nproc']} cores, {info['cpu']}, kernel {info['kernel']}, load {' '.join(info['load at start'])}")
+
+    d = tempfile.mkdtemp(prefix="porthole-bench-")
+    os.chmod(d, 0o777)  # squid and tinyproxy drop privileges and write their logs here
+    log(f"configs and logs in {d}")
+    env = Env(d, relay_bin, load_bin)
+    env.one_worker = one_worker_mode(relay_bin)
+    notes = []
+
+    # The shared backend and sink.
+    env.backend = free_port()
+    conf = write(os.path.join(d, "backend.conf"), nginx_backend_conf(d, env.backend))
+    p = start("backend", ["nginx", "-c", conf, "-p", d, "-e", f"{d}/backend-error.log"], d)
+    wait_port(env.backend, p, "backend")
+    env.sink = free_port()
+    p = start("sink", [load_bin, "sink", "--listen", f"127.0.0.1:{env.sink}"], d)
+    wait_port(env.sink, p, "sink")
+    log(f"backend nginx on {env.backend}, sink on {env.sink}")
+
+    # Long-running peers for P1, P3, P4, P6.
+    peers = {"direct": {"http": env.backend, "tcp": env.sink, "proc": None}}
+    failed = {}
+    for kind in ["nginx", "haproxy", "squid", "tinyproxy", "socat", "porthole", "porthole-1w", "porthole-log"]:
+        try:
+            peers[kind] = start_peer(env, kind)
+            log(f"started {kind}: {({k: v for k, v in peers[kind].items() if k != 'proc'})}")
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            failed[kind] = f"could not start: {e}"
+            log(f"{kind} FAILED to start: {e}")
+    for p in PORTHOLES:
+        if p in peers:
+            n = runtime_workers(peers[p]["proc"].pid)
+            notes.append(f"{p}: {n} tokio runtime worker thread(s) counted in /proc at start")
+            log(f"{p}: {n} tokio runtime worker threads")
+
+    res = {}
+
+    def record(fig, key, value, flag=None):
+        res.setdefault(fig, {}).setdefault(key, []).append(value)
+        if flag:
+            res[fig][f"{key}:flag"] = flag
+
+    def fail(figs, key, why):
+        for fig in figs:
+            res.setdefault(fig, {})[f"{key}:error"] = why
+
+    # ---- P1/P2/P3
+    http_rows = [(k, form) for k, _, form in HTTP_ROWS]
+    for key, form in list(http_rows):
+        if key in failed:
+            fail(["P1", "P2", "P3"], key, failed[key])
+            http_rows.remove((key, form))
+            continue
+        try:
+            check_http(peers[key]["http"], form, env.backend)
+        except Exception as e:  # noqa: BLE001
+            fail(["P1", "P2", "P3"], key, f"check request failed: {e}")
+            log(f"{key}: check request failed: {e}")
+            http_rows.remove((key, form))
+    for fig, path in (("P1", "/1k"), ("P3", "/1m")):
+        if fig not in only:
+            continue
+        for rep in range(args.reps):
+            for key, form in http_rows:
+                if fig == "P3" and key == "porthole-log":
+                    continue
+                try:
+                    r = wrk(env, peers[key]["http"], form, path, args.duration, d)
+                except Exception as e:  # noqa: BLE001
+                    fail([fig], key, str(e)[:120])
+                    log(f"{fig} rep {rep + 1}/{args.reps} {key}: FAILED {e}")
+                    continue
+                flag = None
+                if r["non_2xx"] or r["socket_errors"]:
+                    # tinyproxy closes every client connection after its response: wrk
+                    # counts each close as a read error and reconnects.
+                    flag = ", ".join(x for x in (f"{r['non_2xx']} non-2xx" if r["non_2xx"] else "",
+                                                 f"socket errors: {r['socket_errors']}" if r["socket_errors"] else "")
+                                     if x)
+                if fig == "P1":
+                    record("P1", key, r["rps"], flag)
+                    record("P2", key, r["p99_ms"], flag)
+                    log(f"P1/P2 rep {rep + 1}/{args.reps} {key:13} {r['rps']:>10,.0f} req/s  p99 {r['p99_ms']:.2f} ms"
+                        + (f"  ({flag})" if flag else ""))
+                else:
+                    mbps = r["rps"] * 1048576 / 1e6
+                    record("P3", key, mbps, flag)
+                    log(f"P3 rep {rep + 1}/{args.reps} {key:13} {mbps:>10,.0f} MB/s ({r['rps']:,.0f} resp/s)"
+                        + (f"  ({flag})" if flag else ""))
+
+    # ---- P4
+    target = f"127.0.0.1:{env.sink}"
+    if "P4" in only:
+        for rep in range(args.reps):
+            for streams in (1, 8):
+                fig = f"P4-{streams}"
+                for key, _ in TUNNEL_ROWS:
+                    if key in failed:
+                        fail([fig], key, failed[key])
+                        continue
+                    try:
+                        r = load_tool(env, ["bulk", "--to", f"127.0.0.1:{peers[key]['tcp']}", "--target", target,
+                                            "--streams", str(streams), "--secs", str(args.bulk_secs)],
+                                      args.bulk_secs + 30)
+                    except Exception as e:  # noqa: BLE001
+                        fail([fig], key, str(e)[:120])
+                        log(f"P4 rep {rep + 1}/{args.reps} {streams} stream(s) {key}: FAILED {e}")
+                        continue
+                    flag = f"{r['stream_errors']} stream errors" if r["stream_errors"] else None
+                    record(fig, key, r["mb_per_s"], flag)
+                    log(f"P4 rep {rep + 1}/{args.reps} {streams} stream(s) {key:12} {r['mb_per_s']:>9,.0f} MB/s")
+
+    # ---- P6
+    if "P6" in only:
+        for rep in range(args.reps):
+            for key, _ in SETUP_ROWS:
+                peer = "direct" if key == "plain" else key
+                if peer in failed:
+                    fail(["P6"], key, failed[peer])
+                    continue
+                extra = ["--plain"] if key == "plain" else []
+                try:
+                    r = load_tool(env, ["setups", "--to", f"127.0.0.1:{peers[peer]['tcp']}", "--target", target,
+                                        "--concurrency", "20", "--secs", str(args.setup_secs), *extra],
+                                  args.setup_secs + 30)
+                except Exception as e:  # noqa: BLE001
+                    fail(["P6"], key, str(e)[:120])
+                    log(f"P6 rep {rep + 1}/{args.reps} {key}: FAILED {e}")
+                    continue
+                flag = f"{r['errors']} errors ({r['last_error'][:60]})" if r["errors"] else None
+                record("P6", key, r["per_s"], flag)
+                log(f"P6 rep {rep + 1}/{args.reps} {key:12} {r['per_s']:>9,.0f} setups/s"
+                    + (f"  ({flag})" if flag else ""))
+
+    # ---- P5: a fresh proxy per repetition, so earlier loads do not hide growth.
+    if "P5" in only:
+        for rep in range(args.reps):
+            for key in IDLE_ROWS:
+                if key in failed:
+                    fail(["P5"], key, failed[key])
+                    continue
+                inst = None
+                try:
+                    inst = start_peer(env, key, http=False)
+                    r = load_tool(env, ["idle", "--to", f"127.0.0.1:{inst['tcp']}", "--target", target,
+                                        "--n", str(args.idle_n), "--pids", str(inst["proc"].pid)], 120)
+                except Exception as e:  # noqa: BLE001
+                    fail(["P5"], key, str(e)[:120])
+                    log(f"P5 rep {rep + 1}/{args.reps} {key}: FAILED {e}")
+                    continue
+                finally:
+                    if inst:
+                        stop(inst["proc"])
+                if r["alive"] < args.idle_n:
+                    flag = f"only {r['alive']} of {args.idle_n} open ({r['last_error'][:60]})"
+                else:
+                    flag = None
+                record("P5", key, r["kib_per_tunnel"], flag)
+                log(f"P5 rep {rep + 1}/{args.reps} {key:12} {r['kib_per_tunnel']:>8.2f} KiB/tunnel "
+                    f"(RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB, {r['alive']} open)"
+                    + (f"  ({flag})" if flag else ""))
+
+    stop_all()
+    args.access_log_how = env.access_log_how
+    write_report(args.out, args, info, vers, res, env.one_worker[2], started, notes)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"machine": info, "versions": vers, "results": res}, f, indent=1)
+    if args.keep:
+        log(f"configs and logs kept in {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+    log(f"report: {args.out}")
+    print(open(args.out).read())
+
+
+if __name__ == "__main__":
+    main()
