@@ -57,6 +57,7 @@ fn route(host: &str, to: &str) -> Route {
         response_timeout: Duration::from_secs(60),
         transparent: false,
         decompress: false,
+        tls: None,
     }
 }
 

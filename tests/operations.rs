@@ -294,6 +294,16 @@ async fn access_log_file_is_reopened_on_sigusr1() {
             .status,
         200
     );
+    // The line is written as the request finishes, which can be just after curl has its answer.
+    let written = |path: PathBuf, needle: &'static str| async move {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains(needle)
+    };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(10), || written(log.clone(), "/first"))
+            .await
+    );
     let rotated = dir.join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     relay.signal("USR1");
@@ -311,6 +321,10 @@ async fn access_log_file_is_reopened_on_sigusr1() {
             .await
             .status,
         200
+    );
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(10), || written(log.clone(), "/second"))
+            .await
     );
     let old = std::fs::read_to_string(&rotated).unwrap();
     let new = std::fs::read_to_string(&log).unwrap();
