@@ -34,10 +34,6 @@ pub mod watch;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use porthole_relay::h2::Body;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -121,20 +117,7 @@ pub fn env_lines(listen: SocketAddr) -> String {
     )
 }
 
-/// A short plain-text answer made by the shim itself.
-pub(crate) fn plain(status: StatusCode, why: &str) -> Response<Body> {
-    let text = format!("{} {why}\n", status.as_u16());
-    let body = Full::new(Bytes::from(text))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
+pub(crate) use porthole_relay::h2::plain;
 
 /// Aborts a task when dropped: ties a background task to its owner.
 pub(crate) struct AbortOnDrop(pub tokio::task::AbortHandle);

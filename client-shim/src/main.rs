@@ -174,7 +174,7 @@ fn main() -> ExitCode {
                 wait: Duration::from_secs(*wait),
                 connect_timeout: config.connect_timeout,
             };
-            match runtime.block_on(watch::run(config, after, shutdown_signal())) {
+            match runtime.block_on(watch::run(config, after, porthole_relay::shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");
@@ -208,7 +208,7 @@ fn main() -> ExitCode {
                     }
                 };
                 tracing::info!(listen = %config.listen, relay = %config.relay, forwards = config.forwards.len(), "listening");
-                match porthole_shim::run(config, listener, shutdown_signal()).await {
+                match porthole_shim::run(config, listener, porthole_relay::shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = %e, "shim failed");
@@ -272,22 +272,5 @@ async fn forward_command(shim: SocketAddr, action: &ForwardAction) -> ExitCode {
             eprintln!("{e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -201,8 +201,8 @@ fn empty() -> Body {
         .boxed()
 }
 
-/// A short plain-text answer produced by this module itself.
-fn plain(status: StatusCode, why: &str) -> Response<Body> {
+/// A short plain-text answer made by the relay or the shim itself.
+pub fn plain(status: StatusCode, why: &str) -> Response<Body> {
     let text = format!("{} {why}\n", status.as_u16());
     let body = Full::new(Bytes::from(text))
         .map_err(|never| match never {})

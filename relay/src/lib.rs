@@ -317,3 +317,20 @@ async fn reopen_on_sigusr1(shared: Arc<Shared>) {
         file.reopen();
     }
 }
+
+/// Completes on SIGTERM or SIGINT (both programs' `main` stop on it).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
         let aggregate = addr(&listeners.aggregate);
         let admin = listeners.admin.as_ref().map(addr).unwrap_or_else(|| "off".into());
         tracing::info!(%aggregate, %admin, config = %source, routes = config.routes.routes().len(), "listening");
-        match porthole_relay::run(listeners, config, shutdown_signal()).await {
+        match porthole_relay::run(listeners, config, porthole_relay::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "relay failed");
@@ -138,23 +138,6 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// `GET /healthz` on the admin listener with a plain socket: prints the answer's
