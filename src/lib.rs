@@ -467,11 +467,22 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A port that was free a moment ago.
+/// Never the same port twice in one test process: tests run in parallel, and
+/// two of them handed the same just-freed port would start their servers on
+/// one address (the second bind fails and its test talks to the first).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().expect("free_port lock");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until `addr` accepts connections (or panics after `limit`).
