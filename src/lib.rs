@@ -920,3 +920,20 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until `n` pollers wait on `topic` (the admin listener counts them).
+pub async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
+    let request = format!("GET /events/{topic} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let want = format!("{{\"pollers\":{n}}}");
+    let start = Instant::now();
+    while !raw_exchange(admin, request.as_bytes(), Duration::from_secs(2))
+        .await
+        .contains(&want)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{n} pollers never waited on {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,14 +4,13 @@
 //! across `kill -9` of the real binary, and the `redis` store shared by two
 //! relays. Every test starts its own relay (and redis-server) on free ports.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use porthole_relay::events::conformance;
 use porthole_relay::events::redis::RedisStore;
 use porthole_relay::events::waiters::Waiters;
 use porthole_suite::{
-    config_with, raw_exchange, Curl, CurlOutput, RedisServer, Relay, RelayProcess,
+    config_with, wait_pollers, Curl, CurlOutput, RedisServer, Relay, RelayProcess,
 };
 use serde_json::Value;
 
@@ -51,23 +50,6 @@ fn ids(answer: &Value) -> Vec<u64> {
         .iter()
         .map(|e| e["id"].as_u64().expect("id"))
         .collect()
-}
-
-/// Waits until `n` pollers wait on `topic` (the admin listener counts them).
-async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
-    let request = format!("GET /events/{topic} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-    let want = format!("{{\"pollers\":{n}}}");
-    let start = Instant::now();
-    while !raw_exchange(admin, request.as_bytes(), Duration::from_secs(2))
-        .await
-        .contains(&want)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{n} pollers never waited on {topic}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

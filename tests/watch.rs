@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use porthole_suite::{
-    binary, config_with, eventually, raw_exchange, Curl, CurlOutput, Relay, RelayProcess,
+    binary, config_with, eventually, wait_pollers, Curl, CurlOutput, Relay, RelayProcess,
 };
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -306,23 +306,6 @@ async fn the_watcher_keeps_trying_while_the_relay_is_down_and_resumes_when_it_re
     assert!(status.success(), "{status:?}\n{stderr}");
     assert!(rest.is_empty(), "{rest:?}");
     assert!(stderr.contains("polling again"), "{stderr}");
-}
-
-/// Waits until `n` pollers wait on `topic` (the admin listener counts them).
-async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
-    let request = format!("GET /events/{topic} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-    let want = format!("{{\"pollers\":{n}}}");
-    let start = Instant::now();
-    while !raw_exchange(admin, request.as_bytes(), Duration::from_secs(2))
-        .await
-        .contains(&want)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{n} pollers never waited on {topic}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
