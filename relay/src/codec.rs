@@ -25,6 +25,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoObject for T {}
 
 /// Read buffer growth step: large enough to move bulk bodies efficiently.
 const READ_CHUNK: usize = 32 * 1024;
+/// A connection's first read buffer: a request head fits, and a connection
+/// that turns into a tunnel never touches (and leaves a hole of) 32 KiB.
+const FIRST_READ: usize = 4 * 1024;
 /// Longest chunk-size line accepted (size plus extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 /// Largest trailer section accepted.
@@ -48,7 +51,9 @@ impl<S: AsyncRead + Unpin> Conn<S> {
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
     /// Cancel-safe: bytes read stay in the buffer.
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(FIRST_READ);
+        } else if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
         self.io.read_buf(&mut self.buf).await
@@ -152,9 +157,12 @@ impl Fields {
 
     /// Every value of the field `name` (case-insensitive).
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        // Byte comparison: no UTF-8 check per field on this hot path.
+        let name = name.as_bytes();
+        self.pos
+            .iter()
+            .filter(move |(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name))
+            .map(move |(_, v)| &self.raw[v.clone()])
     }
 
     /// The first value of `name`.

@@ -3,8 +3,6 @@
 //! hands it to the tunnel, the relay's own endpoints or the HTTP relay; loops
 //! while the connection is kept alive.
 
-use std::time::Instant;
-
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::access_log::Access;
@@ -15,148 +13,164 @@ use crate::forward::{self, After};
 use crate::{gate, local, tunnel, uplink, ConnCtx};
 
 /// Serves HTTP/1 requests on a client connection until it closes.
+///
+/// Each request is handled by a boxed future that lives only as long as the
+/// request: the connection's own task holds just the connection and, once it
+/// turns into one, the tunnel, so an idle keep-alive connection or tunnel
+/// costs little memory.
 pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
     let mut first = true;
     loop {
-        let config = ctx.shared.config();
-        let limits = &config.limits;
-
-        // Between requests: wait for the first byte of the next one, up to the
-        // idle timeout; a draining relay closes idle connections at once.
-        if !first && conn.buf.is_empty() {
-            tokio::select! {
-                read = tokio::time::timeout(limits.idle_timeout, conn.fill()) => match read {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return,
-                },
-                () = ctx.shared.shutdown.cancelled() => return,
+        match Box::pin(next_request(&mut conn, &ctx, first)).await {
+            Next::KeepAlive => first = false,
+            Next::Close => return,
+            Next::Tunnel(t) => return tunnel::run(conn, t, &ctx).await,
+            Next::Uplink { head, data: false } => {
+                return Box::pin(uplink::outside::serve_control(conn, head, ctx)).await
+            }
+            Next::Uplink { head, data: true } => {
+                return Box::pin(uplink::outside::claim_data(conn, head, ctx)).await
             }
         }
-        let head = tokio::time::timeout(
-            limits.head_timeout,
-            read_request_head(&mut conn, limits.max_head_bytes, limits.max_headers),
-        )
-        .await;
-        let head = match head {
-            Ok(Ok(head)) => head,
-            Ok(Err(HeadError::Eof { .. } | HeadError::Io(_))) => return,
-            Err(_) if conn.buf.is_empty() && first => return, // connected, never spoke
-            Err(_) => return refuse(conn, &ctx, RelayError::new(ErrorKind::HeadTimeout)).await,
-            Ok(Err(HeadError::TooLarge)) => {
-                return refuse(conn, &ctx, RelayError::new(ErrorKind::HeadTooLarge)).await
-            }
-            Ok(Err(HeadError::Malformed(why))) => {
-                return refuse(conn, &ctx, RelayError::new(ErrorKind::BadRequest(why))).await
-            }
-        };
-        first = false;
+    }
+}
 
-        let mut access = Access::new(head.method(), head.target(), head.wire_len());
-        let me = Identity {
-            name: &config.relay.name,
-            local: ctx.local,
-        };
-        let kind = match classify_request(&head, me) {
-            Ok(kind) => kind,
-            Err(why) => {
-                let err = RelayError::new(ErrorKind::BadRequest(why));
-                return answer_error(conn, &ctx, err, &mut access).await;
-            }
-        };
-        let target = match &kind {
-            RequestKind::Connect { host, port } => Some((host.as_str(), *port)),
-            RequestKind::Relay(t) => Some((t.host.as_str(), t.port)),
-            RequestKind::Own { .. } | RequestKind::Uplink { .. } => None,
-        };
-        // Uplink control and data connections authenticate with their own
-        // secrets, not as users.
-        if !matches!(kind, RequestKind::Uplink { .. }) {
-            let authorization = head.fields.get("proxy-authorization");
-            match gate::admit(&ctx, &config, authorization, target).await {
-                Ok(user) => access.user = user,
-                Err(err) => return answer_error(conn, &ctx, err, &mut access).await,
-            }
-        }
-        match kind {
-            RequestKind::Connect { host, port } => {
-                return tunnel::connect(conn, host, port, &ctx, access).await
-            }
-            RequestKind::Uplink { data: false } => {
-                return uplink::outside::serve_control(conn, head, ctx).await
-            }
-            RequestKind::Uplink { data: true } => {
-                return uplink::outside::claim_data(conn, head, ctx).await
-            }
-            _ => {}
-        }
-        let framing = match codec::request_framing(&head) {
-            Ok(f) => f,
-            Err(why) => {
-                let err = RelayError::new(ErrorKind::BadRequest(why));
-                return answer_error(conn, &ctx, err, &mut access).await;
-            }
-        };
-        let keep_alive = wants_keep_alive(&head);
+/// What a connection does after one request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// A `CONNECT` or an upgrade that stands: bytes flow both ways from now.
+    Tunnel(tunnel::Standing),
+    /// An uplink's control or data connection (authenticated by the uplink code).
+    Uplink {
+        head: RequestHead,
+        data: bool,
+    },
+}
 
-        let after = match kind {
-            RequestKind::Connect { .. } | RequestKind::Uplink { .. } => return,
-            RequestKind::Own { path } => {
-                local::serve(
-                    &mut conn,
-                    &head,
-                    &path,
-                    framing,
-                    keep_alive,
-                    &ctx,
-                    &mut access,
-                )
-                .await
-            }
-            RequestKind::Relay(target) => {
-                let req = forward::Request {
-                    head: &head,
-                    target,
-                    framing,
-                    keep_alive,
-                };
-                match forward::relay(&mut conn, req, &ctx, &mut access).await {
-                    Ok(after) => after,
-                    Err(err) => {
-                        forward::log_error(&ctx, &err);
-                        // The body was not read: the connection cannot be reused.
-                        let close =
-                            err.closes_connection() || framing != Framing::Empty || !keep_alive;
-                        access.status = err.status();
-                        access.bytes_out +=
-                            write_error(&mut conn.io, &err, close).await.unwrap_or(0);
-                        access.finish(&ctx);
-                        if close {
-                            return;
-                        }
-                        continue;
-                    }
+/// Reads one request and answers it (or sets up its tunnel).
+async fn next_request<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, first: bool) -> Next {
+    let config = ctx.shared.config();
+    let limits = &config.limits;
+
+    // Between requests: wait for the first byte of the next one, up to the
+    // idle timeout; a draining relay closes idle connections at once.
+    if !first && conn.buf.is_empty() {
+        tokio::select! {
+            read = tokio::time::timeout(limits.idle_timeout, conn.fill()) => match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Next::Close,
+            },
+            () = ctx.shared.shutdown.cancelled() => return Next::Close,
+        }
+    }
+    let head = tokio::time::timeout(
+        limits.head_timeout,
+        read_request_head(conn, limits.max_head_bytes, limits.max_headers),
+    )
+    .await;
+    let head = match head {
+        Ok(Ok(head)) => head,
+        Ok(Err(HeadError::Eof { .. } | HeadError::Io(_))) => return Next::Close,
+        Err(_) if conn.buf.is_empty() && first => return Next::Close, // connected, never spoke
+        Err(_) => return refuse(conn, ctx, RelayError::new(ErrorKind::HeadTimeout)).await,
+        Ok(Err(HeadError::TooLarge)) => {
+            return refuse(conn, ctx, RelayError::new(ErrorKind::HeadTooLarge)).await
+        }
+        Ok(Err(HeadError::Malformed(why))) => {
+            return refuse(conn, ctx, RelayError::new(ErrorKind::BadRequest(why))).await
+        }
+    };
+
+    let mut access = Access::new(head.method(), head.target(), head.wire_len());
+    let me = Identity {
+        name: &config.relay.name,
+        local: ctx.local,
+    };
+    let kind = match classify_request(&head, me) {
+        Ok(kind) => kind,
+        Err(why) => {
+            let err = RelayError::new(ErrorKind::BadRequest(why));
+            return answer_error(conn, ctx, err, &mut access).await;
+        }
+    };
+    let target = match &kind {
+        RequestKind::Connect { host, port } => Some((host.as_str(), *port)),
+        RequestKind::Relay(t) => Some((t.host.as_str(), t.port)),
+        RequestKind::Own { .. } | RequestKind::Uplink { .. } => None,
+    };
+    // Uplink control and data connections authenticate with their own
+    // secrets, not as users.
+    if !matches!(kind, RequestKind::Uplink { .. }) {
+        let authorization = head.fields.get("proxy-authorization");
+        match gate::admit(ctx, &config, authorization, target).await {
+            Ok(user) => access.user = user,
+            Err(err) => return answer_error(conn, ctx, err, &mut access).await,
+        }
+    }
+    match kind {
+        RequestKind::Connect { host, port } => {
+            // The head shares the read buffer's allocation: both go before
+            // the tunnel, which may idle for long.
+            drop(head);
+            return match tunnel::establish(conn, host, port, ctx, access).await {
+                Some(standing) => Next::Tunnel(standing),
+                None => Next::Close,
+            };
+        }
+        RequestKind::Uplink { data } => return Next::Uplink { head, data },
+        _ => {}
+    }
+    let framing = match codec::request_framing(&head) {
+        Ok(f) => f,
+        Err(why) => {
+            let err = RelayError::new(ErrorKind::BadRequest(why));
+            return answer_error(conn, ctx, err, &mut access).await;
+        }
+    };
+    let keep_alive = wants_keep_alive(&head);
+
+    let after = match kind {
+        RequestKind::Connect { .. } | RequestKind::Uplink { .. } => return Next::Close,
+        RequestKind::Own { path } => {
+            local::serve(conn, &head, &path, framing, keep_alive, ctx, &mut access).await
+        }
+        RequestKind::Relay(target) => {
+            let req = forward::Request {
+                head: &head,
+                target,
+                framing,
+                keep_alive,
+            };
+            match forward::relay(conn, req, ctx, &mut access).await {
+                Ok(after) => after,
+                Err(err) => {
+                    forward::log_error(ctx, &err);
+                    // The body was not read: the connection cannot be reused.
+                    let close = err.closes_connection() || framing != Framing::Empty || !keep_alive;
+                    access.status = err.status();
+                    access.bytes_out += write_error(&mut conn.io, &err, close).await.unwrap_or(0);
+                    access.finish(ctx);
+                    return if close { Next::Close } else { Next::KeepAlive };
                 }
             }
-        };
-        match after {
-            After::KeepAlive => access.finish(&ctx),
-            After::Close => {
-                access.finish(&ctx);
-                return;
-            }
-            After::Upgrade(server) => {
-                let started = Instant::now();
-                access.tunnel = true;
-                let open = tunnel::open_tunnel(&ctx, access.route.as_deref().unwrap_or("-"));
-                let moved = tunnel::relay_bytes(conn, server, limits.idle_timeout).await;
-                drop(open);
-                access.bytes_in += moved.up;
-                access.bytes_out += moved.down;
-                tracing::debug!(elapsed = ?started.elapsed(), "upgraded connection closed");
-                access.finish(&ctx);
-                return;
-            }
         }
+    };
+    match after {
+        After::KeepAlive => {
+            access.finish(ctx);
+            Next::KeepAlive
+        }
+        After::Close => {
+            access.finish(ctx);
+            Next::Close
+        }
+        After::Upgrade(server) => Next::Tunnel(tunnel::Standing::new(
+            ctx,
+            server,
+            limits.idle_timeout,
+            access,
+        )),
     }
 }
 
@@ -171,22 +185,24 @@ fn wants_keep_alive(head: &RequestHead) -> bool {
 }
 
 /// Answers an unreadable request and closes (no access line: there was no request).
-async fn refuse<S: Io>(mut conn: Conn<S>, ctx: &ConnCtx, err: RelayError) {
+async fn refuse<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, err: RelayError) -> Next {
     forward::log_error(ctx, &err);
     let _ = write_error(&mut conn.io, &err, true).await;
+    Next::Close
 }
 
 /// Answers a request with an error and closes the connection.
 async fn answer_error<S: Io>(
-    mut conn: Conn<S>,
+    conn: &mut Conn<S>,
     ctx: &ConnCtx,
     err: RelayError,
     access: &mut Access,
-) {
+) -> Next {
     forward::log_error(ctx, &err);
     access.status = err.status();
     access.bytes_out += write_error(&mut conn.io, &err, true).await.unwrap_or(0);
     access.finish(ctx);
+    Next::Close
 }
 
 /// Writes an error response; returns the bytes written.

@@ -108,7 +108,9 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
             let _ = http1::write_error(&mut conn.io, &err, true).await;
         }
         (Protocol::Http1, _) => http1::serve(conn, ctx).await,
-        (Protocol::Tls, Some(tls)) => tls::serve(conn, ctx, tls).await,
+        // TLS and HTTP/2 state machines are large; boxed, they leave every plain
+        // HTTP/1 connection's task (and so each idle tunnel) small.
+        (Protocol::Tls, Some(tls)) => Box::pin(tls::serve(conn, ctx, tls)).await,
         (Protocol::Tls, None) => {
             tracing::debug!("TLS ClientHello on a port without [tls]; closing");
         }
@@ -117,7 +119,7 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
         (Protocol::H2PriorKnowledge, Some(tls)) if tls.require => {
             tracing::debug!("HTTP/2 prior knowledge on a port that requires TLS; closing");
         }
-        (Protocol::H2PriorKnowledge, _) => h2::serve(conn, ctx).await,
+        (Protocol::H2PriorKnowledge, _) => Box::pin(h2::serve(conn, ctx)).await,
         (Protocol::NeedMore | Protocol::Unknown, _) => {
             let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));
             let _ = http1::write_error(&mut conn.io, &err, true).await;

@@ -32,45 +32,100 @@ pub struct Moved {
     pub down: u64,
 }
 
-/// Handles `CONNECT host:port` on a client connection; consumes it.
-pub async fn connect<S: Io>(
-    mut client: Conn<S>,
+/// A tunnel that stands: the upstream end, and what is logged and counted
+/// while bytes flow. The client end stays with the caller.
+pub struct Standing {
+    server: Conn<Upstream>,
+    idle: Duration,
+    access: Access,
+    open: GaugeGuard,
+}
+
+impl Standing {
+    /// Counts the tunnel open on its route until [`run`] ends.
+    pub fn new(ctx: &ConnCtx, server: Conn<Upstream>, idle: Duration, mut access: Access) -> Self {
+        access.tunnel = true;
+        let open = open_tunnel(ctx, access.route.as_deref().unwrap_or("-"));
+        Standing {
+            server,
+            idle,
+            access,
+            open,
+        }
+    }
+}
+
+/// Moves bytes between the client and a standing tunnel until it ends, then
+/// writes the access line.
+pub async fn run<S: Io>(client: Conn<S>, tunnel: Standing, ctx: &ConnCtx) {
+    let Standing {
+        server,
+        idle,
+        mut access,
+        open,
+    } = tunnel;
+    let moved = relay_bytes(client, server, idle).await;
+    drop(open);
+    access.bytes_in += moved.up;
+    access.bytes_out += moved.down;
+    tracing::debug!(elapsed = ?access.started.elapsed(), "tunnel closed");
+    access.finish(ctx);
+}
+
+/// Handles `CONNECT host:port`: chooses the route, dials it and answers the
+/// client; the tunnel that stands, or `None` once the client has had its
+/// error (and the access line is written).
+pub async fn establish<S: Io>(
+    client: &mut Conn<S>,
     host: String,
     port: u16,
     ctx: &ConnCtx,
     mut access: Access,
-) {
+) -> Option<Standing> {
+    match dial(client, &host, port, ctx, &mut access).await {
+        Some((server, idle)) => Some(Standing::new(ctx, server, idle, access)),
+        None => {
+            access.finish(ctx);
+            None
+        }
+    }
+}
+
+async fn dial<S: Io>(
+    client: &mut Conn<S>,
+    host: &str,
+    port: u16,
+    ctx: &ConnCtx,
+    access: &mut Access,
+) -> Option<(Conn<Upstream>, Duration)> {
     let config = ctx.shared.config();
-    let decision = match crate::forward::choose(ctx, &config, &host, port) {
+    let decision = match crate::forward::choose(ctx, &config, host, port) {
         Ok(d) => d,
         Err(err) => {
             access.status = err.status();
             let _ = write_error(&mut client.io, &err, true).await;
-            access.finish(ctx);
-            return;
+            return None;
         }
     };
     let route = &decision.route;
     access.route = Some(route.host.clone());
-    let server = match crate::forward::open_upstream(ctx, &decision).await {
+    let mut server = match crate::forward::open_upstream(ctx, &decision).await {
         Ok(s) => s,
         Err(err) => {
             crate::forward::log_error(ctx, &err);
             access.status = err.status();
             let _ = write_error(&mut client.io, &err, true).await;
-            access.finish(ctx);
-            return;
+            return None;
         }
     };
-    let mut server = server;
     // Through an uplink the inside relay dials the internal server and answers
     // the CONNECT itself; its answer (200 or an error) is passed on as is.
     let answer = match decision.uplink {
         None => {
             access.status = 200;
-            bytes::Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n")
         }
-        Some(_) => match forward_connect(&mut server, &host, port, route.response_timeout).await {
+        Some(_) => match forward_connect(&mut server, host, port, route.response_timeout).await {
             Ok((status, head)) => {
                 access.status = status;
                 head
@@ -86,23 +141,15 @@ pub async fn connect<S: Io>(
                     &route.host,
                 );
                 let _ = write_error(&mut client.io, &err, true).await;
-                access.finish(ctx);
-                return;
+                return None;
             }
         },
     };
     if client.io.write_all(&answer).await.is_err() || client.io.flush().await.is_err() {
-        access.finish(ctx);
-        return;
+        return None;
     }
     access.bytes_out += answer.len() as u64;
-    access.tunnel = true;
-    let open = open_tunnel(ctx, &route.host);
-    let moved = relay_bytes(client, server, config.limits.idle_timeout).await;
-    drop(open);
-    access.bytes_in += moved.up;
-    access.bytes_out += moved.down;
-    access.finish(ctx);
+    Some((server, config.limits.idle_timeout))
 }
 
 /// Sends `CONNECT host:port` over an uplink session and reads the inside
@@ -154,12 +201,10 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
     let down = AtomicU64::new(0);
     let start = Instant::now();
     let last = AtomicU64::new(0);
-    // Buffers read ahead are replayed, then dropped: an idle tunnel keeps none.
-    let (a_first, b_first) = (
-        Bytes::copy_from_slice(&a.buf),
-        Bytes::copy_from_slice(&b.buf),
-    );
-    let (a, b) = (a.io, b.io);
+    // Bytes read ahead are copied out and the read buffers freed here: an
+    // idle tunnel keeps none.
+    let (Conn { io: a, buf: a_buf }, Conn { io: b, buf: b_buf }) = (a, b);
+    let (a_first, b_first) = (read_ahead(a_buf), read_ahead(b_buf));
     let watchdog = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -197,6 +242,16 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
     Moved {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
+    }
+}
+
+/// What a connection read ahead, in an allocation of its own size; the
+/// read buffer itself is freed.
+fn read_ahead(buf: bytes::BytesMut) -> Bytes {
+    if buf.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&buf)
     }
 }
 
