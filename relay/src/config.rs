@@ -890,6 +890,13 @@ impl RawConfig {
                 may_offer,
             });
         }
+        // Problems found in [uplink] and [[accept_uplink]] (checked after the
+        // routes, which offers refer to).
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                problems: c.problems,
+            });
+        }
         let access_log = match self.log.access.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(path) => Some(PathBuf::from(path)),
