@@ -637,3 +637,17 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
     };
     tracing::debug!(uplink = %id, reason = %ended, "parked data connection dropped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn pool_keys_compare_whole() {
+        assert!(same_secret("0a1b", "0a1b"));
+        assert!(!same_secret("0a1b", "0a1c"));
+        assert!(!same_secret("0a1b", "0a1"));
+        assert!(!same_secret("", "0a1b"));
+        assert!(same_secret("", ""));
+    }
+}
