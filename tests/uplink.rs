@@ -2,7 +2,10 @@
 //! through an outside relay (O). Both relays run in process; curl talks to O;
 //! the internal servers sit behind I.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_suite::{
@@ -538,4 +541,334 @@ async fn services_lists_routes_and_uplink_offers() {
         page.contains("<td>erp.plant3</td><td>plant-3</td><td class=\"ok\">connected</td>"),
         "{page}"
     );
+}
+
+// ---------------------------------------------------------------- pool
+
+/// `inside(...)` with `[uplink] pool = n`.
+fn inside_pooled(to: &str, offers: &[&str], routes: &str, pool: usize) -> String {
+    format!(
+        "{}pool = {pool}\n",
+        inside(to, "plant-3", "s", offers, routes)
+    )
+}
+
+/// A TCP proxy between I and O that knows every connection I dialled: how
+/// many it passed on, which are open now (the first one is the control
+/// connection), and can refuse new ones (accept and close at once) or close
+/// chosen open ones (both peers see the close).
+struct CountingProxy {
+    addr: std::net::SocketAddr,
+    passed: Arc<AtomicUsize>,
+    open: Arc<Mutex<HashMap<usize, tokio::task::AbortHandle>>>,
+    refuse: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Removes a connection from the open set when its task ends or is aborted.
+struct Opened(Arc<Mutex<HashMap<usize, tokio::task::AbortHandle>>>, usize);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
+}
+
+impl CountingProxy {
+    async fn start(to: std::net::SocketAddr) -> CountingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let passed = Arc::new(AtomicUsize::new(0));
+        let open: Arc<Mutex<HashMap<usize, tokio::task::AbortHandle>>> = Arc::default();
+        let refuse = Arc::new(AtomicBool::new(false));
+        let (p, o, r) = (passed.clone(), open.clone(), refuse.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if r.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let n = p.fetch_add(1, Ordering::SeqCst);
+                // Registered before the task runs, so a fast end cannot precede it.
+                let mut map = o.lock().unwrap();
+                let guard = Opened(o.clone(), n);
+                let handle = tokio::spawn(async move {
+                    let _guard = guard;
+                    if let Ok(mut up) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                if !handle.is_finished() {
+                    map.insert(n, handle.abort_handle());
+                }
+            }
+        });
+        CountingProxy {
+            addr,
+            passed,
+            open,
+            refuse,
+            task,
+        }
+    }
+
+    /// Connections passed on so far (refused ones not counted).
+    fn passed(&self) -> usize {
+        self.passed.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    fn open(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+
+    fn refuse_new(&self, refuse: bool) {
+        self.refuse.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Closes the open connections `which` picks by their number (0 is the
+    /// first connection I dialled: its first control connection).
+    fn cut(&self, which: impl Fn(usize) -> bool) {
+        for (n, handle) in self.open.lock().unwrap().iter() {
+            if which(*n) {
+                handle.abort();
+            }
+        }
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut(|_| true);
+    }
+}
+
+async fn wait_open(proxy: &CountingProxy, want: usize, what: &str) {
+    assert!(
+        eventually(Duration::from_secs(15), || async { proxy.open() == want }).await,
+        "{what}: {} connections open between I and O, not {want}",
+        proxy.open()
+    );
+}
+
+async fn connect_echo(o: &Relay, port: u16) -> Vec<u8> {
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    s.write_all(format!("CONNECT db.plant3:{port} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s.write_all(b"pooled").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    back
+}
+
+#[tokio::test]
+async fn a_pool_parks_data_connections_and_sessions_take_them_without_a_dial() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let routes = [
+        route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        route("db.plant3", "127.0.0.1", &[echo.port()], ""),
+    ]
+    .concat();
+    let _i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        &["erp.plant3", "db.plant3"],
+        &routes,
+        2,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    // Before any request: the control connection and two parked ones, which
+    // O counts as open connections like any other.
+    wait_open(&proxy, 3, "pool filled").await;
+    assert_eq!(proxy.passed(), 3);
+    assert!(metric(&o, "porthole_open_connections").await >= 3.0);
+
+    // I can dial nothing now: a request and a CONNECT still go through, on
+    // the parked connections.
+    proxy.refuse_new(true);
+    let url = format!("http://erp.plant3:{}/x", origin.port());
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /x");
+    let via = origin.single().all("via").join(", ");
+    assert!(via.contains("inside-plant-3.test (porthole)"), "{via}");
+    assert_eq!(
+        connect_echo(&o, echo.port()).await,
+        b"HTTP/1.1 200 Connection established\r\n\r\npooledbye\n"
+    );
+    assert_eq!(proxy.passed(), 3, "a session dialled a new connection");
+    // The pool is used up and cannot refill: the next session falls back to
+    // `open` on the control connection, whose dial is refused too.
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("uplink plant-3"), "{}", out.text());
+
+    // Dialling works again: the pool refills by itself and serves again.
+    proxy.refuse_new(false);
+    wait_open(&proxy, 3, "pool refilled").await;
+    let before = proxy.passed();
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    // One dial to replace the parked connection the session took, none for the session.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            proxy.open() == 3 && proxy.passed() == before + 1
+        })
+        .await,
+        "after a session: {} open, {} passed (before {before})",
+        proxy.open(),
+        proxy.passed()
+    );
+    // I still accepted no connection: it dialled every one.
+    assert_eq!(
+        metric(&_i, "porthole_connections_accepted_total").await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn dead_parked_connections_are_dropped_and_replaced() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let _i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        2,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    wait_open(&proxy, 3, "pool filled").await;
+    let url = format!("http://erp.plant3:{}/", origin.port());
+
+    // Kill the parked connections, keep the control connection: O must not
+    // hand the next client a dead one, and I parks new ones.
+    proxy.cut(|n| n != 0);
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    wait_open(&proxy, 3, "pool replaced").await;
+    for _ in 0..3 {
+        assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    }
+
+    // Kill only the control connection: both relays close that uplink's
+    // parked connections; I reconnects and parks two new ones.
+    let before = proxy.passed();
+    proxy.cut(|n| n == 0);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            proxy.passed() >= before + 3 && proxy.open() == 3
+        })
+        .await,
+        "after the control connection died: {} passed (before {before}), {} open",
+        proxy.passed(),
+        proxy.open()
+    );
+    wait_state(&o, "erp.plant3", "connected").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            Curl::new(&url).proxy(&o.url()).run().await.status == 200
+        })
+        .await
+    );
+
+    // Kill everything: the same again.
+    proxy.cut(|_| true);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            Curl::new(&url).proxy(&o.url()).run().await.status == 200
+        })
+        .await,
+        "requests did not work again after every connection was cut"
+    );
+    wait_open(&proxy, 3, "pool back after a full cut").await;
+}
+
+#[tokio::test]
+async fn without_a_pool_each_session_dials_its_own_data_connection() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let _i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        0,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    assert_eq!((proxy.passed(), proxy.open()), (1, 1));
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    for n in 1..=2 {
+        assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+        assert_eq!(proxy.passed(), 1 + n, "one new data connection per session");
+    }
+    wait_open(&proxy, 1, "sessions over").await;
+}
+
+#[tokio::test]
+async fn parking_needs_the_pool_key_of_a_connected_uplink() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let park = |id: &str, key: &str| {
+        format!("GET /.porthole/uplink/data HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\nPorthole-Uplink: {id}\r\nPorthole-Pool: {key}\r\n\r\n")
+    };
+    // No uplink connected yet: nothing can park.
+    let answer = raw_exchange(
+        o.addr,
+        park("plant-3", "").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let _i = Relay::start(&inside_pooled(
+        &o.addr.to_string(),
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        1,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    for (id, key) in [
+        ("plant-3", "0123456789abcdef0123456789abcdef"),
+        ("plant-3", ""),
+        ("plant-4", "0123456789abcdef0123456789abcdef"),
+    ] {
+        let answer = raw_exchange(o.addr, park(id, key).as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{id} {key}: {answer}");
+        assert!(answer.contains("Connection: close"), "{answer}");
+    }
+    // The real inside relay parks and serves.
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+}
+
+#[test]
+fn the_pool_size_is_validated() {
+    let config = |pool: usize| {
+        porthole_relay::Config::from_toml(&inside_pooled(
+            "relay.outside.test:8080",
+            &["erp.plant3"],
+            &route("erp.plant3", "127.0.0.1", &[80], ""),
+            pool,
+        ))
+    };
+    assert!(config(0).is_ok());
+    assert!(config(64).is_ok());
+    let Err(err) = config(65) else {
+        panic!("pool = 65 accepted");
+    };
+    let err = err.to_string();
+    assert!(err.contains("uplink.pool"), "{err}");
 }

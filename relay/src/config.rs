@@ -83,6 +83,10 @@ struct RawUplink {
     /// Keepalive: no answer within this means the control connection is dead.
     #[serde(default = "default_ping_timeout")]
     ping_timeout: String,
+    /// Idle data connections kept open to the outside relay for the next
+    /// sessions (0: dial one per session).
+    #[serde(default)]
+    pool: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,7 +394,13 @@ pub struct UplinkSettings {
     pub offer: Vec<String>,
     pub proxy: Option<String>,
     pub keepalive: Keepalive,
+    /// Idle pre-opened data connections to keep (0..=[`MAX_UPLINK_POOL`]).
+    pub pool: usize,
 }
+
+/// Most idle data connections an uplink may keep open; the outside relay
+/// parks no more than this per uplink either.
+pub const MAX_UPLINK_POOL: usize = 64;
 
 /// Adaptive keepalive timers (JP5535757B2: timers 1, 2 and 3).
 pub type Keepalive = crate::keepalive::Settings;
@@ -846,6 +856,12 @@ impl RawConfig {
                     c.push(key("proxy"), format!("`{p}` is not host:port"));
                 }
             }
+            if u.pool > MAX_UPLINK_POOL {
+                c.push(
+                    key("pool"),
+                    format!("{} is more than the most, {MAX_UPLINK_POOL}", u.pool),
+                );
+            }
             UplinkSettings {
                 to: u.to.trim().to_string(),
                 id: u.id,
@@ -857,6 +873,7 @@ impl RawConfig {
                     gap_probe: c.duration(&key("gap_probe"), &u.gap_probe),
                     ping_timeout: c.duration(&key("ping_timeout"), &u.ping_timeout),
                 },
+                pool: u.pool.min(MAX_UPLINK_POOL),
             }
         });
         let mut accept_uplinks = Vec::new();
@@ -888,6 +905,13 @@ impl RawConfig {
                 id: a.id,
                 secret_hash,
                 may_offer,
+            });
+        }
+        // Problems found in [uplink] and [[accept_uplink]] (checked after the
+        // routes, which offers refer to).
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                problems: c.problems,
             });
         }
         let access_log = match self.log.access.as_deref().map(str::trim) {

@@ -2,7 +2,9 @@
 //! connection to the outside relay (dialled out, through an outbound HTTP
 //! proxy when configured), registers the offered names, keeps the link alive
 //! adaptively, reconnects with backoff, and opens a new outbound data
-//! connection for every session, served like any client connection.
+//! connection for every session, served like any client connection. With
+//! `pool = N` it keeps N data connections parked at the outside relay ahead
+//! of the sessions (S4p) and replaces each one a session takes (S7p).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +16,11 @@ use base64::Engine;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::{receive, send, Message, CONTROL_PATH, CONTROL_PROTOCOL, DATA_PATH, DATA_PROTOCOL};
+use super::{
+    receive, send, Message, CONTROL_PATH, CONTROL_PROTOCOL, DATA_PATH, DATA_PROTOCOL, PARKED_PING,
+};
 use crate::codec::{read_response_head, Conn};
 use crate::config::UplinkSettings;
 use crate::keepalive::{Action, Activity, Keepalive};
@@ -26,6 +31,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that stayed up this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A parked connection silent this long (no ping from the outside relay,
+/// S4k) is taken for dead and replaced.
+const PARKED_SILENCE: Duration = Duration::from_secs(PARKED_PING.as_secs() * 4);
+/// A parked connection that lived less than this before it closed counts as
+/// a failure for the pool's backoff.
+const PARKED_SHORT: Duration = Duration::from_secs(1);
 
 /// Runs the uplink until the relay shuts down.
 pub async fn run(shared: Arc<Shared>) {
@@ -141,14 +152,31 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
     {
         return format!("registering: {e}");
     }
-    match tokio::time::timeout(DIAL_TIMEOUT, receive(&mut conn)).await {
-        Ok(Ok(Some(Message::Registered { accepted, refused }))) => {
+    let pool_key = match tokio::time::timeout(DIAL_TIMEOUT, receive(&mut conn)).await {
+        Ok(Ok(Some(Message::Registered {
+            accepted,
+            refused,
+            pool_key,
+        }))) => {
             for r in &refused {
                 tracing::error!(uplink = %u.id, name = %r.name, reason = %r.reason, "offer refused by the outside relay");
             }
             tracing::info!(uplink = %u.id, to = %u.to, accepted = ?accepted, "uplink registered");
+            pool_key
         }
         other => return format!("no registration confirmation: {other:?}"),
+    };
+    // The parked connections belong to this control connection: they close with it.
+    let pool_stop = CancellationToken::new();
+    let _pool_guard = pool_stop.clone().drop_guard();
+    match pool_key {
+        Some(key) if u.pool > 0 => {
+            tokio::spawn(keep_pool(shared.clone(), u.clone(), key, pool_stop.clone()));
+        }
+        None if u.pool > 0 => {
+            tracing::warn!(uplink = %u.id, to = %u.to, "the outside relay parks no data connections; pool off")
+        }
+        _ => {}
     }
 
     let (report, mut reports) = mpsc::channel::<Message>(64);
@@ -203,6 +231,158 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
             () = tokio::time::sleep_until(wake) => {}
         }
     }
+}
+
+/// How a parked data connection ended, for the pool keeper.
+enum Parked {
+    /// A session took it (S7p).
+    Claimed,
+    /// Dialling or parking failed.
+    Failed(String),
+    /// It was parked, then closed.
+    Dropped { lived: Duration, why: String },
+}
+
+/// Keeps `u.pool` data connections parked at the outside relay (S4p) until
+/// `stop`; replaces each one that a session takes or that dies, with backoff
+/// while dialling or parking fails.
+async fn keep_pool(shared: Arc<Shared>, u: UplinkSettings, key: String, stop: CancellationToken) {
+    let (report, mut ended) = mpsc::channel::<Parked>(u.pool.max(1));
+    let mut open = 0usize;
+    let mut backoff = BACKOFF_START;
+    tracing::debug!(uplink = %u.id, pool = u.pool, "keeping data connections parked");
+    loop {
+        while open < u.pool {
+            open += 1;
+            tokio::spawn(park(
+                shared.clone(),
+                u.clone(),
+                key.clone(),
+                stop.clone(),
+                report.clone(),
+            ));
+        }
+        let why = tokio::select! {
+            () = stop.cancelled() => return,
+            why = ended.recv() => why,
+        };
+        open = open.saturating_sub(1);
+        let failure = match why {
+            Some(Parked::Claimed) => None,
+            Some(Parked::Dropped { lived, why }) if lived >= PARKED_SHORT => {
+                tracing::debug!(uplink = %u.id, reason = %why, "parked data connection dropped; replacing it");
+                None
+            }
+            Some(Parked::Dropped { why, .. }) | Some(Parked::Failed(why)) => Some(why),
+            None => return,
+        };
+        let Some(why) = failure else {
+            backoff = BACKOFF_START;
+            continue;
+        };
+        tracing::warn!(uplink = %u.id, to = %u.to, reason = %why, retry_in = ?backoff, "parking a data connection failed");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One parked data connection: dials, parks it with the pool key (S4p),
+/// waits for `open` (S7p) while answering nothing to pings (S4k), then serves
+/// the session like [`open_data`]. Closes on `stop` while still parked.
+async fn park(
+    shared: Arc<Shared>,
+    u: UplinkSettings,
+    key: String,
+    stop: CancellationToken,
+    report: mpsc::Sender<Parked>,
+) {
+    let parked = async {
+        let mut conn = dial(&u).await?;
+        let extra = format!("Porthole-Pool: {key}\r\n");
+        upgrade(&mut conn, &u, DATA_PATH, DATA_PROTOCOL, &extra).await?;
+        Ok::<_, String>(conn)
+    };
+    let mut conn = tokio::select! {
+        () = stop.cancelled() => return,
+        parked = parked => match parked {
+            Ok(conn) => conn,
+            Err(why) => {
+                let _ = report.send(Parked::Failed(why)).await;
+                return;
+            }
+        },
+    };
+    let since = Instant::now();
+    let dropped = |why: String| Parked::Dropped {
+        lived: since.elapsed(),
+        why,
+    };
+    let (session, host, port) = loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = tokio::time::timeout(PARKED_SILENCE, receive(&mut conn)) => next,
+        };
+        match next {
+            Ok(Ok(Some(Message::Open {
+                session,
+                host,
+                port,
+            }))) => break (session, host, port),
+            Ok(Ok(Some(Message::Ping { .. }))) => {}
+            Ok(Ok(Some(other))) => {
+                let why = format!("unexpected message on a parked connection: {other:?}");
+                let _ = report.send(dropped(why)).await;
+                return;
+            }
+            Ok(Ok(None)) => {
+                let why = "closed by the outside relay".to_string();
+                let _ = report.send(dropped(why)).await;
+                return;
+            }
+            Ok(Err(why)) => {
+                let _ = report.send(dropped(why)).await;
+                return;
+            }
+            Err(_) => {
+                let why = format!("silent for {PARKED_SILENCE:?}");
+                let _ = report.send(dropped(why)).await;
+                return;
+            }
+        }
+    };
+    // Replace it at once; this session goes on without the pool.
+    let _ = report.send(Parked::Claimed).await;
+    let outside: SocketAddr = conn
+        .io
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local: SocketAddr = conn.io.local_addr().unwrap_or(outside);
+    if shared.config().routes.lookup(&host).is_none() {
+        // The held request follows on this connection: answer it here.
+        let reason = format!("uplink {}: no route for {host} on the inside relay\n", u.id);
+        tracing::warn!(uplink = %u.id, %session, %host, port, "session for a name without a route");
+        let _ = crate::http1::write_simple(
+            &mut conn.io,
+            502,
+            "text/plain; charset=utf-8",
+            reason.as_bytes(),
+            true,
+            &[],
+        )
+        .await;
+        return;
+    }
+    tracing::debug!(uplink = %u.id, %session, %host, port, "session on a parked data connection");
+    let ctx = ConnCtx {
+        shared,
+        peer: outside,
+        local,
+        cert_user: None,
+    };
+    crate::http1::serve(conn, ctx).await;
 }
 
 /// Opens the data connection for one session (S9-S10) and serves it as a

@@ -16,8 +16,11 @@
 //! | S1 | I → O | `GET /.porthole/uplink HTTP/1.1`, `Upgrade: porthole-uplink/1`, `Authorization: Basic base64(id:secret)` |
 //! | S2 | O → I | `101 Switching Protocols` (authenticated), or `403` with the reason, then close |
 //! | S3 | I → O | `register` `{offers: [names]}` |
-//! | S4 | O → I | `registered` `{accepted: [names], refused: [{name, reason}]}` |
+//! | S4 | O → I | `registered` `{accepted: [names], refused: [{name, reason}], pool_key}` (pool_key: 128 random bits, hex, valid while this control connection lives) |
+//! | S4p | I → O | only with `[uplink] pool = N`: N NEW connections, each `GET /.porthole/uplink/data`, `Upgrade: porthole-uplink-data/1`, `Porthole-Uplink: id`, `Porthole-Pool: pool_key`; O answers `101` and parks it (`403` for a wrong id or key, `503` past [`MAX_PARKED`] per uplink). I sends nothing more on a parked connection |
+//! | S4k | O → I | on each parked connection, every [`PARKED_PING`]: `ping` `{seq}`, never answered (keeps middleboxes' idle timers fresh; a write error drops it) |
 //! | S5-S6 | client → O | a request or `CONNECT` for an offered name; O holds it |
+//! | S7p | O → I | when a parked connection of the uplink is left: `open` `{session, host, port}` as one JSON line on that connection, directly followed by the held request (S11) without waiting for an answer; I replaces it with a new parked connection (S4p). No S7-S10 round trip. If writing fails O takes the next parked connection, and with none left falls back to S7 |
 //! | S7 | O → I | `open` `{session, host, port}` (session: 128 random bits, hex) |
 //! | S8 | I → O | `failed` `{session, reason}` only if I cannot take the session |
 //! | S9-S10 | I → O | a NEW connection: `GET /.porthole/uplink/data`, `Upgrade: porthole-uplink-data/1`, `Porthole-Uplink: id`, `Porthole-Session: session`; O answers `101` |
@@ -30,6 +33,14 @@
 //! closed. While I's control connection is down, O answers requests for its
 //! names with `502` naming the uplink; I reconnects with backoff and registers
 //! again.
+//!
+//! A parked connection that closes, or sends anything, is dropped on both sides;
+//! I dials a replacement (with backoff when dialling or parking fails). When the
+//! control connection ends, O closes that uplink's parked connections and I
+//! closes its own; the new control connection gets a new `pool_key`. A claimed
+//! parked connection whose session I has no route for is answered `502` by I on
+//! that connection. Parked connections hold a connection slot on O like any
+//! client connection (`max_connections`, `max_connections_per_client`).
 
 pub mod inside;
 pub mod outside;
@@ -45,6 +56,12 @@ pub const CONTROL_PATH: &str = "/.porthole/uplink";
 pub const DATA_PATH: &str = "/.porthole/uplink/data";
 pub const CONTROL_PROTOCOL: &str = "porthole-uplink/1";
 pub const DATA_PROTOCOL: &str = "porthole-uplink-data/1";
+/// Header naming the pool key on a data connection offered for parking (S4p).
+pub const POOL_HEADER: &str = "porthole-pool";
+/// Most parked data connections the outside relay keeps per uplink.
+pub const MAX_PARKED: usize = crate::config::MAX_UPLINK_POOL;
+/// How often the outside relay pings a parked connection (S4k).
+pub const PARKED_PING: std::time::Duration = std::time::Duration::from_secs(25);
 /// Longest control message accepted.
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -65,6 +82,10 @@ pub enum Message {
     Registered {
         accepted: Vec<String>,
         refused: Vec<Refused>,
+        /// Proof for parking data connections (S4p); absent from outside
+        /// relays without pools.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool_key: Option<String>,
     },
     Open {
         session: String,
@@ -123,6 +144,29 @@ mod tests {
             r#"{"type":"open","session":"ab","host":"erp.plant3","port":80}"#
         );
         assert_eq!(serde_json::from_str::<Message>(&text).unwrap(), m);
+    }
+
+    #[test]
+    fn the_pool_key_is_optional_in_registered() {
+        let old = r#"{"type":"registered","accepted":["a"],"refused":[]}"#;
+        assert_eq!(
+            serde_json::from_str::<Message>(old).unwrap(),
+            Message::Registered {
+                accepted: vec!["a".into()],
+                refused: vec![],
+                pool_key: None,
+            }
+        );
+        let m = Message::Registered {
+            accepted: vec![],
+            refused: vec![],
+            pool_key: Some("k".into()),
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"registered","accepted":[],"refused":[],"pool_key":"k"}"#
+        );
     }
 
     #[tokio::test]

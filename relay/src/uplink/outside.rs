@@ -11,7 +11,10 @@ use base64::Engine;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{receive, send, Message, Refused, CONTROL_PROTOCOL, DATA_PROTOCOL};
+use super::{
+    receive, send, Message, Refused, CONTROL_PROTOCOL, DATA_PROTOCOL, MAX_PARKED, PARKED_PING,
+    POOL_HEADER,
+};
 use crate::codec::{BoxIo, Conn, Io, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::http1::write_simple;
@@ -30,9 +33,21 @@ struct Link {
     sessions: Arc<AtomicUsize>,
     to_inside: mpsc::Sender<Message>,
     since: SystemTime,
+    /// Proof a data connection must show to be parked (S4p); new with every
+    /// control connection.
+    pool_key: String,
+    /// Parked data connections (S4p), by park number; the newest is taken first.
+    parked: Vec<(u64, oneshot::Sender<Claim>)>,
 }
 
 type Waiting = oneshot::Sender<Result<Conn<BoxIo>, String>>;
+
+/// A session handed to a parked data connection (S7p): the `open` line to
+/// send, and where the connection goes once it is sent.
+struct Claim {
+    open: Message,
+    reply: Waiting,
+}
 
 #[derive(Default)]
 struct State {
@@ -42,6 +57,7 @@ struct State {
     /// Session id -> (uplink id, the held request waiting for its data connection).
     pending: HashMap<String, (String, Waiting)>,
     next_generation: u64,
+    next_park: u64,
 }
 
 /// The registry of uplinks (in `Shared`). A plain mutex: every section is a
@@ -94,6 +110,11 @@ impl Registry {
         rows
     }
 
+    /// Parked data connections of uplink `id` (S4p).
+    pub fn parked(&self, id: &str) -> usize {
+        self.lock().links.get(id).map_or(0, |l| l.parked.len())
+    }
+
     /// Uplinks currently connected.
     pub fn connected(&self) -> usize {
         self.lock().links.values().filter(|l| l.connected).count()
@@ -111,6 +132,18 @@ impl Registry {
         let upstream = format!("uplink {id}");
         let route = format!("{host} (uplink {id})");
         let session = crate::secret::random_id();
+        let msg = Message::Open {
+            session: session.clone(),
+            host: host.to_string(),
+            port,
+        };
+        if let Some(conn) = self.take_parked(id, &msg).await {
+            tracing::debug!(uplink = %id, %session, %host, port, "session on a parked data connection");
+            return Ok(Conn {
+                io: Upstream::Uplink(conn.io),
+                buf: conn.buf,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         let sender = {
             let mut state = self.lock();
@@ -131,11 +164,6 @@ impl Registry {
             };
             state.pending.insert(session.clone(), (id.to_string(), tx));
             link
-        };
-        let msg = Message::Open {
-            session: session.clone(),
-            host: host.to_string(),
-            port,
         };
         let outcome = if sender.send(msg).await.is_err() {
             Err("the control connection closed".to_string())
@@ -169,6 +197,36 @@ impl Registry {
             })
     }
 
+    /// Sends `open` down a parked data connection of uplink `id` (S7p); tries
+    /// the next one while sending fails. `None` when none is left.
+    async fn take_parked(&self, id: &str, open: &Message) -> Option<Conn<BoxIo>> {
+        loop {
+            let parked = {
+                let mut state = self.lock();
+                let link = state.links.get_mut(id).filter(|l| l.connected)?;
+                link.parked.pop()
+            };
+            let (_, to_parked) = parked?;
+            let (reply, rx) = oneshot::channel();
+            let claim = Claim {
+                open: open.clone(),
+                reply,
+            };
+            if to_parked.send(claim).is_err() {
+                continue; // it died just now
+            }
+            match rx.await {
+                Ok(Ok(conn)) => return Some(conn),
+                Ok(Err(why)) => {
+                    tracing::debug!(uplink = %id, reason = %why, "parked data connection failed; trying the next");
+                }
+                Err(_) => {
+                    tracing::debug!(uplink = %id, "parked data connection gone; trying the next")
+                }
+            }
+        }
+    }
+
     /// Registers a control connection's offers (S3-S4); returns its generation.
     fn register(
         &self,
@@ -176,7 +234,8 @@ impl Registry {
         offers: &[String],
         accept: &crate::config::AcceptUplink,
         tx: mpsc::Sender<Message>,
-    ) -> (u64, Vec<String>, Vec<Refused>) {
+    ) -> (u64, String, Vec<String>, Vec<Refused>) {
+        let pool_key = crate::secret::random_id();
         let mut state = self.lock();
         state.next_generation += 1;
         let generation = state.next_generation;
@@ -220,9 +279,12 @@ impl Registry {
                 sessions,
                 to_inside: tx,
                 since: SystemTime::now(),
+                pool_key: pool_key.clone(),
+                // A former control connection's parked connections close.
+                parked: Vec::new(),
             },
         );
-        (generation, accepted, refused)
+        (generation, pool_key, accepted, refused)
     }
 
     /// Marks a control connection gone; its names answer 502 until it returns.
@@ -232,6 +294,8 @@ impl Registry {
             if link.generation == generation {
                 link.connected = false;
                 link.since = SystemTime::now();
+                // Dropping the senders closes the parked connections.
+                link.parked.clear();
             }
         }
         // Requests waiting on this uplink fail now rather than at their timeout.
@@ -361,15 +425,17 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
     };
     let (tx, mut rx) = mpsc::channel::<Message>(64);
     let registry = &ctx.shared.uplinks;
-    let (generation, accepted, refused) = registry.register(&id, &offers, &accept, tx);
+    let (generation, pool_key, accepted, refused) = registry.register(&id, &offers, &accept, tx);
     for r in &refused {
         tracing::warn!(uplink = %id, name = %r.name, reason = %r.reason, "offer refused");
     }
     tracing::info!(uplink = %id, client = %ctx.peer, accepted = ?accepted, "uplink registered");
-    if send(&mut conn.io, &Message::Registered { accepted, refused })
-        .await
-        .is_err()
-    {
+    let registered = Message::Registered {
+        accepted,
+        refused,
+        pool_key: Some(pool_key),
+    };
+    if send(&mut conn.io, &registered).await.is_err() {
         registry.disconnected(&id, generation);
         return;
     }
@@ -421,6 +487,9 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
 /// Claims a data connection for its session (S10-S11): answers `101` and hands
 /// the connection to the held request, or closes it if nobody waits for it.
 pub async fn claim_data<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
+    if head.fields.get(POOL_HEADER).is_some() {
+        return park(conn, head, ctx).await;
+    }
     let session = head
         .fields
         .get("porthole-session")
@@ -453,5 +522,132 @@ pub async fn claim_data<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCt
     });
     if tx.send(Ok(Conn { io, buf: conn.buf })).is_err() {
         tracing::debug!(uplink = %id, %session, "session claimed after its client gave up");
+    }
+}
+
+/// Compares two secrets without an early exit on the first difference.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn header<'a>(head: &'a RequestHead, name: &'static str) -> &'a str {
+    head.fields
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or("")
+        .trim()
+}
+
+/// Parks a data connection an inside relay opened ahead of its sessions
+/// (S4p), pings it (S4k), and hands it to the first session that takes it
+/// (S7p). Returns when it is claimed, dies, or its uplink goes away; while
+/// parked it holds this connection's slot like any client connection.
+async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
+    let id = header(&head, "porthole-uplink").to_string();
+    let key = header(&head, POOL_HEADER);
+    let registry = &ctx.shared.uplinks;
+    let (tx, mut claims) = oneshot::channel::<Claim>();
+    let admitted = {
+        let mut state = registry.lock();
+        state.next_park += 1;
+        let number = state.next_park;
+        match state.links.get_mut(&id) {
+            Some(link) if link.connected && same_secret(&link.pool_key, key) => {
+                if link.parked.len() >= MAX_PARKED {
+                    Err((
+                        503,
+                        format!("uplink {id} has {MAX_PARKED} parked data connections already"),
+                    ))
+                } else {
+                    link.parked.push((number, tx));
+                    Ok((number, link.sessions.clone(), link.parked.len()))
+                }
+            }
+            _ => Err((
+                403,
+                format!("uplink {id}: no connected uplink with this pool key"),
+            )),
+        }
+    };
+    let (number, sessions, parked) = match admitted {
+        Ok(a) => a,
+        Err((status, why)) => {
+            tracing::warn!(client = %ctx.peer, uplink = %id, status, reason = %why, "data connection not parked");
+            return refuse(&mut conn, status, &why).await;
+        }
+    };
+    let unpark = || {
+        if let Some(link) = registry.lock().links.get_mut(&id) {
+            link.parked.retain(|(n, _)| *n != number);
+        }
+    };
+    let switching = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: {DATA_PROTOCOL}\r\nConnection: upgrade\r\n\r\n");
+    if conn.io.write_all(switching.as_bytes()).await.is_err() {
+        unpark();
+        return;
+    }
+    tracing::debug!(uplink = %id, client = %ctx.peer, parked, "data connection parked");
+    let mut ping = tokio::time::interval(PARKED_PING);
+    ping.tick().await; // the first tick is immediate
+    let mut seq = 0u64;
+    let ended = loop {
+        tokio::select! {
+            // A connection already known dead is never handed to a session.
+            biased;
+            read = conn.fill() => {
+                unpark();
+                break match read {
+                    Ok(0) => "closed by the inside relay".to_string(),
+                    Ok(_) => "the inside relay sent data on a parked connection".to_string(),
+                    Err(e) => format!("read failed: {e}"),
+                };
+            }
+            claim = &mut claims => {
+                let Ok(Claim { open, reply }) = claim else {
+                    break "its uplink went away".to_string();
+                };
+                let sent = tokio::time::timeout(Duration::from_secs(5), send(&mut conn.io, &open)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    let _ = reply.send(Err("writing open on a parked data connection failed".into()));
+                    break "writing open failed".to_string();
+                }
+                sessions.fetch_add(1, Ordering::Relaxed);
+                let io: BoxIo = Box::new(Counted { inner: conn.io, sessions });
+                if reply.send(Ok(Conn { io, buf: conn.buf })).is_err() {
+                    tracing::debug!(uplink = %id, "parked data connection claimed after its client gave up");
+                }
+                return;
+            }
+            _ = ping.tick() => {
+                seq += 1;
+                if let Err(e) = send(&mut conn.io, &Message::Ping { seq }).await {
+                    unpark();
+                    break format!("ping failed: {e}");
+                }
+            }
+            () = ctx.shared.shutdown.cancelled() => {
+                unpark();
+                break "relay shutting down".to_string();
+            }
+        }
+    };
+    tracing::debug!(uplink = %id, reason = %ended, "parked data connection dropped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn pool_keys_compare_whole() {
+        assert!(same_secret("0a1b", "0a1b"));
+        assert!(!same_secret("0a1b", "0a1c"));
+        assert!(!same_secret("0a1b", "0a1"));
+        assert!(!same_secret("", "0a1b"));
+        assert!(same_secret("", ""));
     }
 }
