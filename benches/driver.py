@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of Porthole against nginx, HAProxy, Squid, tinyproxy
-and socat on this machine (issue 7, figures P1-P6). Run through benches/run.sh.
+and socat on this machine (issue 7, figures P1-P6, with rows through the shim),
+and of Porthole's uplink against rathole (issue 5, figures U1-U2, `--only U1,U2`).
+Run through benches/run.sh.
 
 Everything listens on 127.0.0.1 ports chosen free at run time; every process
 this script starts runs in its own session and is stopped on exit. Results are
@@ -960,26 +962,26 @@ def write_report(path, args, info, vers, res, one_worker_how, started, notes):
         lines.append(f"- {k}: {v}")
     p_figs = bool(res.keys() - {"U1", "U2", "U2p99"})
     settings = [f"- HTTP: `wrk -t1 -c50 -d{args.duration}s --latency`; backend nginx (1 worker, keep-alive) serving "
-              "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
-              "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
-              f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
-              f"({getattr(args, 'access_log_how', '?')}). "
-              f"One worker thread: {one_worker_how}.",
-              f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
-              f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
-              f"(fresh proxy per repetition, RSS of the process tree before and after); setups at concurrency 20 "
-              f"for {args.setup_secs}s.",
-              "- Peers not configurable equivalently: socat is not a CONNECT proxy and forks a process per "
-              "connection, so it is a row of P4 only (its per-tunnel RSS would count a whole process); "
-              "tinyproxy has no upstream keep-alive (it closes the server connection after each request), which is "
-              "its design, not a setting."]
+                "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
+                "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
+                f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
+                f"({getattr(args, 'access_log_how', '?')}). "
+                f"One worker thread: {one_worker_how}.",
+                f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
+                f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
+                f"(fresh proxy per repetition, RSS of the process tree before and after); setups at concurrency 20 "
+                f"for {args.setup_secs}s.",
+                "- Peers not configurable equivalently: socat is not a CONNECT proxy and forks a process per "
+                "connection, so it is a row of P4 only (its per-tunnel RSS would count a whole process); "
+                "tinyproxy has no upstream keep-alive (it closes the server connection after each request), which is "
+                "its design, not a setting."]
     shim_measured = any(res.get(f, {}).get("shim") for f in ("P1", "P4-1", "P4-8"))
     if shim_measured:
         settings += [
-              "- Through the shim (issue 7): `porthole-shim` (RUST_LOG=warn) listens as a local proxy and "
-              "carries every request and every CONNECT as one stream of its single HTTP/2 (h2c) link to the "
-              "default-runtime Porthole row's relay; wrk and tunnel_load talk to the shim exactly as to a "
-              "forward proxy (absolute-form requests, `CONNECT`). Rows of P1/P2 and P4 only."]
+                "- Through the shim (issue 7): `porthole-shim` (RUST_LOG=warn) listens as a local proxy and "
+                "carries every request and every CONNECT as one stream of its single HTTP/2 (h2c) link to the "
+                "default-runtime Porthole row's relay; wrk and tunnel_load talk to the shim exactly as to a "
+                "forward proxy (absolute-form requests, `CONNECT`). Rows of P1/P2 and P4 only."]
     if not p_figs:
         settings = [f"- `wrk -t1 -c50 -d{args.duration}s --latency` against a backend nginx (1 worker, keep-alive) "
                     f"serving a 1 KiB file; `tunnel_load bulk` (benches/tools/tunnel_load.rs) pushes one stream "
