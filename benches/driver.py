@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of Porthole against nginx, HAProxy, Squid, tinyproxy
-and socat on this machine (issue 7, figures P1-P6). Run through benches/run.sh.
+and socat on this machine (issue 7, figures P1-P6, with rows through the shim),
+and of Porthole's uplink against rathole (issue 5, figures U1-U2, `--only U1,U2`).
+Run through benches/run.sh.
 
 Everything listens on 127.0.0.1 ports chosen free at run time; every process
 this script starts runs in its own session and is stopped on exit. Results are
@@ -121,14 +123,45 @@ def install_missing():
                    env={**os.environ, **env})
 
 
+def binaries(target_dir):
+    """The release binaries the run uses: relay, tunnel load tool, shim."""
+    return (os.path.join(target_dir, "release", "porthole-relay"),
+            os.path.join(target_dir, "release", "examples", "tunnel_load"),
+            os.path.join(target_dir, "release", "porthole-shim"))
+
+
 def build(target_dir):
-    log("building porthole-relay and the tunnel load tool (release)")
+    log("building porthole-relay, porthole-shim and the tunnel load tool (release)")
     for args in (["-p", "porthole-relay", "--bin", "porthole-relay"],
+                 ["-p", "porthole-shim", "--bin", "porthole-shim"],
                  ["-p", "porthole-suite", "--example", "tunnel_load"]):
         subprocess.run(["cargo", "build", "--release", "--locked", *args], cwd=ROOT, check=True,
                        timeout=1800)
-    return (os.path.join(target_dir, "release", "porthole-relay"),
-            os.path.join(target_dir, "release", "examples", "tunnel_load"))
+    return binaries(target_dir)
+
+
+# rathole (the uplink figures' peer) is not in Debian. Its published lock file
+# pins time 0.3.29, which no longer compiles with rustc >= 1.80 (E0282 in
+# time's format_description), so `cargo install rathole --locked` fails; it is
+# installed unlocked, with only its server and client (no TLS, noise or
+# websocket transports: the bench uses plain TCP, as Porthole's uplink does here).
+RATHOLE_INSTALL = ["cargo", "install", "rathole", "--no-default-features", "--features", "server,client"]
+
+
+def find_rathole():
+    return shutil.which("rathole") or next(
+        (p for p in [os.path.expanduser("~/.cargo/bin/rathole")] if os.access(p, os.X_OK)), None)
+
+
+def install_rathole():
+    path = find_rathole()
+    if path:
+        return path
+    log(f"installing rathole: {' '.join(RATHOLE_INSTALL)} (several minutes)")
+    r = subprocess.run(RATHOLE_INSTALL, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{' '.join(RATHOLE_INSTALL)}` failed: {r.stderr.strip()[-400:]}")
+    return find_rathole()
 
 
 def first_line(cmd):
@@ -308,22 +341,26 @@ PidFile "{d}/tinyproxy-{port}.pid"
 """
 
 
-def porthole_conf(port, allowed_ports):
+def porthole_conf(port, allowed_ports, host="127.0.0.1", name="porthole-bench", admin="", extra=""):
+    """A relay on `port` with one route, `host` to 127.0.0.1 on `allowed_ports`
+    (none when empty), the admin listener on `admin` ("" = off), and `extra` TOML."""
     ports = ", ".join(str(p) for p in allowed_ports)
+    route = f"""
+[[route]]
+host = "{host}"
+to = "127.0.0.1"
+ports = [{ports}]
+""" if allowed_ports else ""
     return f"""
 [relay]
 listen = "127.0.0.1:{port}"
-name = "porthole-bench"
-admin_listen = ""
-
-[[route]]
-host = "127.0.0.1"
-to = "127.0.0.1"
-ports = [{ports}]
-
+name = "{name}"
+admin_listen = "{admin}"
+{route}
 [limits]
 max_connections = 20000
 max_connections_per_client = 20000
+{extra}
 """
 
 
@@ -339,8 +376,9 @@ def write(path, text):
 class Env:
     """Where the run keeps its files, its binaries and the shared backend and sink."""
 
-    def __init__(self, d, relay_bin, load_bin):
-        self.d, self.relay_bin, self.load_bin = d, relay_bin, load_bin
+    def __init__(self, d, relay_bin, load_bin, shim_bin=None):
+        self.d, self.relay_bin, self.load_bin, self.shim_bin = d, relay_bin, load_bin, shim_bin
+        self.relay_port = None  # the default-runtime Porthole the shim links to
         self.backend = None
         self.sink = None
         self.one_worker = None  # (args, env, how) for the one-worker Porthole
@@ -434,6 +472,20 @@ def start_peer(env, kind, http=True, tcp=True):
     if kind in ("porthole", "porthole-1w", "porthole-log"):
         variant = "1w" if kind == "porthole-1w" else "mt"
         port, p = start_porthole(env, kind, variant, [backend, sink], kind == "porthole-log")
+        if kind == "porthole":
+            env.relay_port = port
+        return {"http": port, "tcp": port, "proc": p}
+    if kind == "shim":
+        # The shim as a local system proxy: every request and every CONNECT
+        # becomes one stream of its single HTTP/2 link to the default Porthole.
+        if not env.relay_port:
+            raise RuntimeError("the default-runtime Porthole it links to did not start")
+        port = free_port()
+        conf = write(os.path.join(d, f"shim-{port}.toml"),
+                     f'relay = "127.0.0.1:{env.relay_port}"\nrelay_name = "porthole-bench"\n'
+                     f'listen = "127.0.0.1:{port}"\n')
+        p = start(f"shim-{port}", [env.shim_bin, "--config", conf], d, {"RUST_LOG": "warn"})
+        wait_port(port, p, kind)
         return {"http": port, "tcp": port, "proc": p}
     raise ValueError(kind)
 
@@ -449,7 +501,10 @@ HTTP_ROWS = [
     ("porthole", "Porthole, absolute-URI (default runtime)", "absolute"),
     ("porthole-1w", "Porthole, absolute-URI (1 worker thread)", "absolute"),
     ("porthole-log", "Porthole, default runtime, access log on (to a file)", "absolute"),
+    ("shim", "Porthole through the shim (one HTTP/2 link to the default-runtime relay)", "absolute"),
 ]
+# Rows of P3 (the shim is a row of P1/P2 and P4 only: issue 7's "through the shim").
+P3_SKIP = ("porthole-log", "shim")
 TUNNEL_ROWS = [
     ("direct", "direct loopback (client to sink)"),
     ("socat", "socat (fork, default 8 KiB buffer)"),
@@ -458,6 +513,7 @@ TUNNEL_ROWS = [
     ("tinyproxy", "tinyproxy CONNECT"),
     ("porthole", "Porthole CONNECT (default runtime)"),
     ("porthole-1w", "Porthole CONNECT (1 worker thread)"),
+    ("shim", "Porthole CONNECT through the shim (HTTP/2 CONNECT streams on one link)"),
 ]
 IDLE_ROWS = ["haproxy", "squid", "tinyproxy", "porthole", "porthole-1w"]
 SETUP_ROWS = [
@@ -478,12 +534,13 @@ LABELS = {k: v for k, v, *_ in HTTP_ROWS + TUNNEL_ROWS + SETUP_ROWS}
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
-def wrk(env, port, form, path, secs, lua_dir):
+def wrk(env, port, form, path, secs, lua_dir, host="127.0.0.1"):
+    """wrk against `port`; absolute form names `host`:backend (a route or an uplinked name)."""
     url = f"http://127.0.0.1:{port}{path}"
     cmd = ["wrk", "-t1", "-c50", f"-d{secs}s", "--latency"]
     if form == "absolute":
-        backend = f"127.0.0.1:{env.backend}"
-        script = os.path.join(lua_dir, f"abs{path.replace('/', '-')}.lua")
+        backend = f"{host}:{env.backend}"
+        script = os.path.join(lua_dir, f"abs-{host}{path.replace('/', '-')}.lua")
         write(script, f'wrk.path = "http://{backend}{path}"\nwrk.headers["Host"] = "{backend}"\n')
         cmd += ["-s", script]
     r = run(cmd + [url], secs + 30)
@@ -499,7 +556,8 @@ def wrk(env, port, form, path, secs, lua_dir):
                            if n != "0")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     bad = int(non2xx.group(1)) if non2xx else 0
-    return {"rps": float(m.group(1)),
+    total = re.search(r"(\d+) requests in", out)
+    return {"rps": float(m.group(1)), "requests": int(total.group(1)) if total else None,
             "p99_ms": float(p99.group(1)) * UNIT[p99.group(2)] if p99 else None,
             "socket_errors": errors, "non_2xx": bad}
 
@@ -512,11 +570,11 @@ def load_tool(env, args, timeout):
     return json.loads(line)
 
 
-def check_http(port, form, backend):
+def check_http(port, form, backend, host="127.0.0.1"):
     """One request, to make sure a row relays a 200 with the full body before it is measured."""
     path = "/1k"
-    target = f"http://127.0.0.1:{backend}{path}" if form == "absolute" else path
-    req = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\nConnection: close\r\n\r\n"
+    target = f"http://{host}:{backend}{path}" if form == "absolute" else path
+    req = f"GET {target} HTTP/1.1\r\nHost: {host}:{backend}\r\nConnection: close\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(req.encode())
         data = b""
@@ -531,6 +589,258 @@ def check_http(port, form, backend):
         raise RuntimeError(f"answered `{status}`")
     if b"x" * 1024 not in body:
         raise RuntimeError("the 1 KiB body did not come through")
+
+
+# ------------------------------------------------------------------ uplink figures (issue 5)
+
+UPLINK_NAME = "svc.bench"  # the name the inside relay offers through the outside one
+UPLINK_ID = "bench"
+U_ROWS = [
+    ("direct", "direct (no relay): client to sink / wrk to the backend"),
+    ("porthole", "Porthole, one relay, no uplink (for scale)"),
+    ("uplink", "Porthole uplink: client → outside relay O → data connection → inside relay I"),
+    ("rathole", "rathole: client → rathole server → rathole client (plain TCP forward)"),
+]
+U_REFS = [("uplink", "Porthole uplink")]
+
+
+def start_uplink(env):
+    """The outside relay O (`[[accept_uplink]]`) and the inside relay I (`[uplink]`
+    offering UPLINK_NAME, routed to 127.0.0.1 on the backend's and the sink's ports).
+    Returns (O's port, O's admin port); waits until O relays a request to the name."""
+    d = env.d
+    secret_file = write(os.path.join(d, "uplink.secret"), os.urandom(16).hex() + "\n")
+    with open(secret_file) as f:
+        r = subprocess.run([env.relay_bin, "passwd", UPLINK_ID], stdin=f, capture_output=True, text=True,
+                           timeout=60)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"porthole-relay passwd failed: {r.stderr.strip()[-200:]}")
+    o_port, o_admin = free_port(), free_port()
+    accept = f"""
+[[accept_uplink]]
+id = "{UPLINK_ID}"
+secret_hash = "{r.stdout.strip()}"
+may_offer = ["{UPLINK_NAME}"]
+session_timeout = "10s"
+"""
+    o_conf = write(os.path.join(d, "uplink-outside.toml"),
+                   porthole_conf(o_port, [], name="porthole-outside", admin=f"127.0.0.1:{o_admin}",
+                                 extra=accept))
+    p = start("uplink-outside", [env.relay_bin, "--config", o_conf], d, {"RUST_LOG": "warn"})
+    wait_port(o_port, p, "outside relay")
+    i_port = free_port()
+    uplink = f"""
+[uplink]
+to = "127.0.0.1:{o_port}"
+id = "{UPLINK_ID}"
+secret_file = "{secret_file}"
+offer = ["{UPLINK_NAME}"]
+"""
+    i_conf = write(os.path.join(d, "uplink-inside.toml"),
+                   porthole_conf(i_port, [env.backend, env.sink], host=UPLINK_NAME, name="porthole-inside",
+                                 extra=uplink))
+    p = start("uplink-inside", [env.relay_bin, "--config", i_conf], d, {"RUST_LOG": "warn"})
+    wait_port(i_port, p, "inside relay")
+    deadline, last = time.monotonic() + 20, None
+    while time.monotonic() < deadline:
+        try:
+            check_http(o_port, "absolute", env.backend, host=UPLINK_NAME)
+            return o_port, o_admin
+        except Exception as e:  # noqa: BLE001 - 502 until I has registered
+            last = e
+            time.sleep(0.2)
+    raise RuntimeError(f"the outside relay never relayed to {UPLINK_NAME}: {last}")
+
+
+def start_rathole(env, rathole):
+    """rathole server (outside) and client (inside), one service to the sink and one
+    to the backend. Returns {'tcp': server's sink port, 'http': server's backend port}."""
+    d = env.d
+    token = os.urandom(16).hex()
+    ctl, rs, rw = free_port(), free_port(), free_port()
+    server = write(os.path.join(d, "rathole-server.toml"), f"""
+[server]
+bind_addr = "127.0.0.1:{ctl}"
+default_token = "{token}"
+[server.services.sink]
+bind_addr = "127.0.0.1:{rs}"
+[server.services.web]
+bind_addr = "127.0.0.1:{rw}"
+""")
+    client = write(os.path.join(d, "rathole-client.toml"), f"""
+[client]
+remote_addr = "127.0.0.1:{ctl}"
+default_token = "{token}"
+[client.services.sink]
+local_addr = "127.0.0.1:{env.sink}"
+[client.services.web]
+local_addr = "127.0.0.1:{env.backend}"
+""")
+    ps = start("rathole-server", [rathole, "--server", server], d, {"RUST_LOG": "warn"})
+    wait_port(ctl, ps, "rathole server")
+    pc = start("rathole-client", [rathole, "--client", client], d, {"RUST_LOG": "warn"})
+    # The server opens a service's port once the client has registered it.
+    wait_port(rs, ps, "rathole server (sink service)")
+    wait_port(rw, ps, "rathole server (web service)")
+    if pc.poll() is not None:
+        raise RuntimeError(f"rathole client exited with {pc.returncode}")
+    return {"tcp": rs, "http": rw}
+
+
+def accepted(admin_port):
+    """The outside relay's connections-accepted counter (clients and data connections)."""
+    with socket.create_connection(("127.0.0.1", admin_port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("porthole_connections_accepted"):
+            return float(line.split()[-1])
+    raise RuntimeError("no porthole_connections_accepted in /metrics")
+
+
+def keepalive_probe(port, host, backend, n=5):
+    """n requests one after the other on ONE client connection to `port`; returns how
+    many were answered 200 on it before it closed."""
+    answered = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        buf = b""
+        for _ in range(n):
+            s.sendall(f"GET http://{host}:{backend}/1k HTTP/1.1\r\nHost: {host}:{backend}\r\n\r\n".encode())
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return answered
+                buf += chunk
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            length = int(m.group(1)) if m else 0
+            while len(buf) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return answered
+                buf += chunk
+            buf = buf[length:]
+            if b" 200 " not in head.split(b"\r\n")[0] + b" ":
+                return answered
+            answered += 1
+    return answered
+
+
+def uplink_suite(env, args, only, want, peers, rathole, record, fail, notes):
+    """U1: one CONNECT stream's MB/s; U2: 1 KiB req/s (and p99), wrk -c50 keep-alive;
+    through Porthole's uplink and through rathole, beside direct and one plain relay."""
+    rows = {k: None for k, _ in U_ROWS if want(k)}
+    if "direct" in rows:
+        rows["direct"] = {"tcp": env.sink, "http": env.backend, "form": "origin", "host": "127.0.0.1"}
+    if "porthole" in rows:
+        if "porthole" in peers:
+            rows["porthole"] = {**peers["porthole"], "form": "absolute", "host": "127.0.0.1"}
+        else:
+            fail(["U1", "U2", "U2p99"], "porthole", "could not start")
+            del rows["porthole"]
+    o_admin = None
+    if "uplink" in rows:
+        try:
+            o_port, o_admin = start_uplink(env)
+            rows["uplink"] = {"tcp": o_port, "http": o_port, "form": "absolute", "host": UPLINK_NAME}
+            log(f"uplink: outside relay on {o_port} relays {UPLINK_NAME} through the inside relay")
+            before = accepted(o_admin)
+            n = keepalive_probe(o_port, UPLINK_NAME, env.backend)
+            delta = accepted(o_admin) - before
+            notes.append(f"uplink keep-alive: 5 requests on one client connection to O: {n} answered on it; "
+                         f"O accepted {delta:.0f} connections meanwhile (the client's and one data "
+                         f"connection from I per request)")
+            log(notes[-1])
+        except Exception as e:  # noqa: BLE001
+            fail(["U1", "U2", "U2p99"], "uplink", f"could not start: {e}")
+            log(f"uplink FAILED to start: {e}")
+            del rows["uplink"]
+    if "rathole" in rows:
+        try:
+            if not rathole:
+                raise RuntimeError("rathole is not installed")
+            rows["rathole"] = {**start_rathole(env, rathole), "form": "origin", "host": "127.0.0.1"}
+            log(f"rathole: server ports {rows['rathole']['tcp']} (sink), {rows['rathole']['http']} (backend)")
+            check_http(rows["rathole"]["http"], "origin", env.backend)
+        except Exception as e:  # noqa: BLE001
+            fail(["U1", "U2", "U2p99"], "rathole", str(e)[:300])
+            log(f"rathole FAILED: {e}")
+            del rows["rathole"]
+    target_of = {k: (f"{UPLINK_NAME}:{env.sink}" if k == "uplink" else f"127.0.0.1:{env.sink}") for k in rows}
+    data_per_req = []
+    for rep in range(args.reps):
+        if "U1" in only:
+            for key, row in rows.items():
+                try:
+                    r = load_tool(env, ["bulk", "--to", f"127.0.0.1:{row['tcp']}", "--target", target_of[key],
+                                        "--streams", "1", "--secs", str(args.bulk_secs)], args.bulk_secs + 30)
+                except Exception as e:  # noqa: BLE001
+                    fail(["U1"], key, str(e)[:120])
+                    log(f"U1 rep {rep + 1}/{args.reps} {key}: FAILED {e}")
+                    continue
+                record("U1", key, r["mb_per_s"], f"{r['stream_errors']} stream errors" if r["stream_errors"] else None)
+                log(f"U1 rep {rep + 1}/{args.reps} 1 stream {key:9} {r['mb_per_s']:>9,.0f} MB/s")
+        if "U2" in only:
+            for key, row in rows.items():
+                try:
+                    before = accepted(o_admin) if key == "uplink" else None
+                    r = wrk(env, row["http"], row["form"], "/1k", args.duration, env.d, host=row["host"])
+                    if before is not None and r["requests"]:
+                        # wrk's own 50 connections (plus any reconnects) are in the delta too.
+                        data_per_req.append((accepted(o_admin) - before - 50) / r["requests"])
+                except Exception as e:  # noqa: BLE001
+                    fail(["U2", "U2p99"], key, str(e)[:120])
+                    log(f"U2 rep {rep + 1}/{args.reps} {key}: FAILED {e}")
+                    continue
+                flag = ", ".join(x for x in (f"{r['non_2xx']} non-2xx" if r["non_2xx"] else "",
+                                             f"socket errors: {r['socket_errors']}" if r["socket_errors"] else "")
+                                 if x) or None
+                record("U2", key, r["rps"], flag)
+                record("U2p99", key, r["p99_ms"], flag)
+                log(f"U2 rep {rep + 1}/{args.reps} {key:9} {r['rps']:>10,.0f} req/s  p99 {r['p99_ms']:.2f} ms"
+                    + (f"  ({flag})" if flag else ""))
+    if data_per_req:
+        notes.append("uplink under wrk -c50: O accepted "
+                     + ", ".join(f"{x:.3f}" for x in data_per_req)
+                     + " new connections per request beyond wrk's 50 (per repetition): one data connection "
+                       "from I per request, while wrk's own connections stay open (keep-alive)")
+
+
+def uplink_report(res, rathole_how):
+    if not any(k in res for k in ("U1", "U2")):
+        return []
+    lines = ["## Uplink (issue 5): Porthole's uplink beside rathole", "",
+             "Outside relay O (`[[accept_uplink]]`) and inside relay I (`[uplink] to = O`, "
+             f"offering `{UPLINK_NAME}`, routed to the backend's and the sink's ports); rathole server "
+             "(outside) and client (inside) forwarding one service to the sink and one to the backend. "
+             f"rathole: {rathole_how}. All on 127.0.0.1, default runtimes, RUST_LOG=warn.", "",
+             "What each row measures: rathole is a TCP port forwarder. The client talks to rathole's "
+             "server-side port directly (raw TCP for the stream, origin-form HTTP for wrk); rathole "
+             "routes nothing, and each client TCP connection is one rathole data channel for its whole "
+             "life, so wrk's 50 keep-alive connections are 50 channels carrying every request. "
+             "Through Porthole the client asks O for a name (`CONNECT svc.bench:PORT`, "
+             "`GET http://svc.bench:PORT/1k`); O routes it per request and opens one uplink session "
+             "per request: a notification to I and a NEW data connection from I to O, over which I "
+             "serves the request with its own route table. The client's connection to O stays "
+             "alive; the data connection does not outlive its request. U1 (one long stream) costs the "
+             "session set-up once; U2 pays it on every request.", ""]
+    lines += table("U1: one CONNECT stream, bulk MB/s", "MB/s", "mbps", U_ROWS, res.get("U1", {}), refs=U_REFS)
+    lines += table("U2: 1 KiB responses, wrk -t1 -c50 keep-alive, req/s", "req/s", "rps", U_ROWS,
+                   res.get("U2", {}), refs=U_REFS)
+    lines += table("U2: p99 latency of those runs", "ms", "ms", U_ROWS, res.get("U2p99", {}),
+                   higher_better=False, refs=U_REFS)
+    out = []
+    for fig, what in (("U1", "stream MB/s"), ("U2", "req/s"), ("U2p99", "p99 ms")):
+        u, r = summary(res.get(fig, {}).get("uplink", [])), summary(res.get(fig, {}).get("rathole", []))
+        if u and r:
+            out.append(f"- {fig} {what}: Porthole uplink {fmt(u['median'], 'ms' if fig == 'U2p99' else 'rps')}"
+                       f" / rathole {fmt(r['median'], 'ms' if fig == 'U2p99' else 'rps')}"
+                       f" = {u['median'] / r['median']:.2f}x")
+    if out:
+        lines += ["Porthole / rathole (medians):", ""] + out + [""]
+    return lines
 
 
 # ------------------------------------------------------------------ report
@@ -553,13 +863,18 @@ def summary(values):
     return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
 
 
-def table(title, unit, kind, rows, results, higher_better=True, note=""):
-    """rows: [(key, label)], results: {key: [values]}. Empty for a figure not run (`--only`)."""
+def table(title, unit, kind, rows, results, higher_better=True, note="", refs=None):
+    """rows: [(key, label)], results: {key: [values]}. Empty for a figure not run (`--only`);
+    rows neither measured nor failed (left out by `--rows`) are left out. refs: the
+    [(key, name)] rows whose median is divided by every row's (default: the Portholes)."""
     if not results:
         return []
+    if refs is None:
+        refs = [(p, "Porthole" if p == "porthole" else "Porthole 1w") for p in PORTHOLES]
+    rows = [(k, l) for k, l in rows if k in results or f"{k}:error" in results]
     heads = ["target", f"median {unit}", "min", "max", "n"]
-    present = [p for p in PORTHOLES if summary(results.get(p, []))]
-    heads += [f"{'Porthole' if p == 'porthole' else 'Porthole 1w'} ÷ this" for p in present]
+    present = [(p, n) for p, n in refs if summary(results.get(p, []))]
+    heads += [f"{n} ÷ this" for _, n in present]
     lines = [f"### {title}", ""]
     if note:
         lines += [note, ""]
@@ -572,7 +887,7 @@ def table(title, unit, kind, rows, results, higher_better=True, note=""):
             lines.append(f"| {label} | {why} |" + " |" * (len(heads) - 2))
             continue
         cells = [label, fmt(s["median"], kind), fmt(s["min"], kind), fmt(s["max"], kind), str(s["n"])]
-        for p in present:
+        for p, _ in present:
             ps = summary(results[p])
             cells.append(f"{ps['median'] / s['median']:.2f}x" if s["median"] else "-")
         flag = results.get(f"{key}:flag")
@@ -580,7 +895,8 @@ def table(title, unit, kind, rows, results, higher_better=True, note=""):
             cells[0] += f" ⚠ {flag}"
         lines.append("| " + " | ".join(cells) + " |")
     direction = "higher is better" if higher_better else "lower is better"
-    lines += ["", f"Ratio columns: Porthole's median divided by the row's median ({direction}).", ""]
+    lines += ["", f"Ratio columns: {' / '.join(n for _, n in present)} median divided by the row's median "
+              f"({direction}).", ""]
     return lines
 
 
@@ -644,29 +960,52 @@ def write_report(path, args, info, vers, res, one_worker_how, started, notes):
     lines += [f"- load at end: {' '.join(open('/proc/loadavg').read().split()[0:3])}", "", "## Versions", ""]
     for k, v in vers.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "## Settings", "",
-              f"- HTTP: `wrk -t1 -c50 -d{args.duration}s --latency`; backend nginx (1 worker, keep-alive) serving "
-              "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
-              "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
-              f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
-              f"({getattr(args, 'access_log_how', '?')}). "
-              f"One worker thread: {one_worker_how}.",
-              f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
-              f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
-              f"(fresh proxy per repetition, RSS of the process tree before and after); setups at concurrency 20 "
-              f"for {args.setup_secs}s.",
-              "- Peers not configurable equivalently: socat is not a CONNECT proxy and forks a process per "
-              "connection, so it is a row of P4 only (its per-tunnel RSS would count a whole process); "
-              "tinyproxy has no upstream keep-alive (it closes the server connection after each request), which is "
-              "its design, not a setting.", ""]
+    p_figs = bool(res.keys() - {"U1", "U2", "U2p99"})
+    settings = [f"- HTTP: `wrk -t1 -c50 -d{args.duration}s --latency`; backend nginx (1 worker, keep-alive) serving "
+                "1 KiB and 1 MiB files; nginx and HAProxy as reverse proxies get origin-form requests, Squid, "
+                "tinyproxy and Porthole absolute-form ones (a wrk Lua script sets `wrk.path`).",
+                f"- Porthole with RUST_LOG=warn (the peers write no access log either), except the `access log on` row "
+                f"({getattr(args, 'access_log_how', '?')}). "
+                f"One worker thread: {one_worker_how}.",
+                f"- Tunnels: `tunnel_load` (benches/tools/tunnel_load.rs) is the client and the sink for every row; "
+                f"bulk pushes for {args.bulk_secs}s after a 0.5s warm-up; idle holds {args.idle_n} tunnels "
+                f"(fresh proxy per repetition, RSS of the process tree before and after); setups at concurrency 20 "
+                f"for {args.setup_secs}s.",
+                "- Peers not configurable equivalently: socat is not a CONNECT proxy and forks a process per "
+                "connection, so it is a row of P4 only (its per-tunnel RSS would count a whole process); "
+                "tinyproxy has no upstream keep-alive (it closes the server connection after each request), which is "
+                "its design, not a setting."]
+    shim_measured = any(res.get(f, {}).get("shim") for f in ("P1", "P4-1", "P4-8"))
+    if shim_measured:
+        settings += [
+                "- Through the shim (issue 7): `porthole-shim` (RUST_LOG=warn) listens as a local proxy and "
+                "carries every request and every CONNECT as one stream of its single HTTP/2 (h2c) link to the "
+                "default-runtime Porthole row's relay; wrk and tunnel_load talk to the shim exactly as to a "
+                "forward proxy (absolute-form requests, `CONNECT`). Rows of P1/P2 and P4 only."]
+    if not p_figs:
+        settings = [f"- `wrk -t1 -c50 -d{args.duration}s --latency` against a backend nginx (1 worker, keep-alive) "
+                    f"serving a 1 KiB file; `tunnel_load bulk` (benches/tools/tunnel_load.rs) pushes one stream "
+                    f"for {args.bulk_secs}s after a 0.5s warm-up into `tunnel_load sink`."]
+    lines += ["", "## Settings", ""] + settings + [""]
     lines += ["## Results", ""]
-    lines += table("P1: HTTP relay, 1 KiB responses, c=50", "req/s", "rps",
+    if res.keys() - {"U1", "U2", "U2p99"}:
+        lines += p_tables(args, res)
+    lines += uplink_report(res, getattr(args, "rathole_how", "?"))
+    if notes:
+        lines += ["## Notes from this run", ""] + [f"- {n}" for n in notes] + [""]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def p_tables(args, res):
+    lines = table("P1: HTTP relay, 1 KiB responses, c=50", "req/s", "rps",
                    [(k, l) for k, l, _ in HTTP_ROWS], res.get("P1", {}))
     lines += table("P2: p99 latency at that load", "ms", "ms",
                    [(k, l) for k, l, _ in HTTP_ROWS], res.get("P2", {}), higher_better=False,
                    note="Ratio < 1 means Porthole's p99 is lower.")
     lines += table("P3: HTTP relay, 1 MiB responses, c=50", "MB/s", "mbps",
-                   [(k, l) for k, l, _ in HTTP_ROWS if k != "porthole-log"], res.get("P3", {}),
+                   [(k, l) for k, l, _ in HTTP_ROWS if k not in P3_SKIP], res.get("P3", {}),
                    note="MB/s = responses per second × 1,048,576 body bytes / 10^6.")
     lines += table("P4: CONNECT bulk throughput, one stream", "MB/s", "mbps", TUNNEL_ROWS, res.get("P4-1", {}))
     lines += table("P4: CONNECT bulk throughput, 8 parallel streams", "MB/s", "mbps", TUNNEL_ROWS,
@@ -677,11 +1016,16 @@ def write_report(path, args, info, vers, res, one_worker_how, started, notes):
     lines += table("P6: CONNECT setups per second, concurrency 20 (open, CONNECT, 200, close)", "setups/s",
                    "per_s", SETUP_ROWS, res.get("P6", {}))
     lines += ["## Targets of issue 7 (medians of this run)", ""] + verdicts(res) + [""]
-    if notes:
-        lines += ["## Notes from this run", ""] + [f"- {n}" for n in notes] + [""]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    shim = []
+    for fig, what, kind in (("P1", "1 KiB req/s", "rps"), ("P2", "p99 ms", "ms"),
+                            ("P4-1", "CONNECT 1 stream MB/s", "mbps"), ("P4-8", "CONNECT 8 streams MB/s", "mbps")):
+        s, r = summary(res.get(fig, {}).get("shim", [])), summary(res.get(fig, {}).get("porthole", []))
+        if s and r:
+            shim.append(f"- {fig} {what}: through the shim {fmt(s['median'], kind)}, straight to the relay "
+                        f"{fmt(r['median'], kind)} ({s['median'] / r['median']:.2f}x)")
+    if shim:
+        lines += ["## Through the shim (issue 7), medians", ""] + shim + [""]
+    return lines
 
 
 # ------------------------------------------------------------------ main
@@ -692,7 +1036,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, short durations (a smoke run)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8, help="wrk seconds per HTTP measurement")
-    ap.add_argument("--only", default="P1,P3,P4,P5,P6", help="comma list of P1,P3,P4,P5,P6 (P2 comes with P1)")
+    ap.add_argument("--only", default="P1,P3,P4,P5,P6",
+                    help="comma list of P1,P3,P4,P5,P6 (P2 comes with P1) and the uplink figures U1,U2 "
+                         "(against rathole, issue 5; not in the default run)")
+    ap.add_argument("--rows", default="",
+                    help="comma list of row keys to run (default: all), e.g. direct,porthole,shim or "
+                         "direct,uplink,rathole")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the configs and logs of the run")
@@ -703,6 +1052,10 @@ def main():
     if args.quick:
         args.reps, args.duration, args.bulk_secs, args.setup_secs, args.idle_n = 1, 2, 1.0, 1.0, 500
     only = set(args.only.upper().split(","))
+    rows_wanted = {r.strip() for r in args.rows.split(",") if r.strip()}
+
+    def want(key):
+        return not rows_wanted or key in rows_wanted
 
     atexit.register(stop_all)
     signal.signal(signal.SIGTERM, on_signal)
@@ -715,17 +1068,36 @@ def main():
         install_missing()
     target_dir = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     if args.no_build:
-        relay_bin = os.path.join(target_dir, "release", "porthole-relay")
-        load_bin = os.path.join(target_dir, "release", "examples", "tunnel_load")
+        relay_bin, load_bin, shim_bin = binaries(target_dir)
     else:
-        relay_bin, load_bin = build(target_dir)
+        relay_bin, load_bin, shim_bin = build(target_dir)
+    rathole, rathole_how = None, "not measured"
+    if only & {"U1", "U2"} and want("rathole"):
+        try:
+            rathole = find_rathole() if args.no_install else install_rathole()
+            if not rathole:
+                raise RuntimeError("not on PATH nor in ~/.cargo/bin (--no-install)")
+            rathole_how = f"`{rathole}`, installed with `{' '.join(RATHOLE_INSTALL)}`"
+        except Exception as e:  # noqa: BLE001 - the Porthole rows are still measured
+            rathole_how = f"could not be installed: {e}"
+            log(f"rathole: {rathole_how}")
     info, vers = machine(), versions(relay_bin)
+    if want("shim") and only & {"P1", "P4"}:
+        vers["porthole-shim"] = first_line([shim_bin, "--version"])
+    if not only & {"P1", "P3", "P4", "P5", "P6"}:
+        vers = {k: v for k, v in vers.items() if k in ("porthole", "wrk")}
+    if rathole:
+        # `rathole --version` prints "rathole " and then build facts, one a line.
+        out = run([rathole, "--version"], 10).stdout
+        m = re.search(r"Build Version:\s*(\S+)", out)
+        feats = re.search(r"cargo Features:\s*(\S+)", out)
+        vers["rathole"] = f"rathole {m.group(1) if m else '?'} (features {feats.group(1) if feats else '?'})"
     log(f"machine: {info['nproc']} cores, {info['cpu']}, kernel {info['kernel']}, load {' '.join(info['load at start'])}")
 
     d = tempfile.mkdtemp(prefix="porthole-bench-")
     os.chmod(d, 0o777)  # squid and tinyproxy drop privileges and write their logs here
     log(f"configs and logs in {d}")
-    env = Env(d, relay_bin, load_bin)
+    env = Env(d, relay_bin, load_bin, shim_bin)
     env.one_worker = one_worker_mode(relay_bin)
     notes = []
 
@@ -739,10 +1111,17 @@ def main():
     wait_port(env.sink, p, "sink")
     log(f"backend nginx on {env.backend}, sink on {env.sink}")
 
-    # Long-running peers for P1, P3, P4, P6.
+    # Long-running peers for P1, P3, P4, P6 (the uplink figures need only the
+    # plain Porthole; the shim needs the plain Porthole it links to).
     peers = {"direct": {"http": env.backend, "tcp": env.sink, "proc": None}}
     failed = {}
-    for kind in ["nginx", "haproxy", "squid", "tinyproxy", "socat", "porthole", "porthole-1w", "porthole-log"]:
+    kinds = ["nginx", "haproxy", "squid", "tinyproxy", "socat", "porthole", "porthole-1w", "porthole-log", "shim"]
+    if not only & {"P1", "P3", "P4", "P5", "P6"}:
+        kinds = ["porthole"]
+    if "porthole" in kinds and not want("porthole") and not (want("shim") and only & {"P1", "P4"}):
+        kinds.remove("porthole")
+    kinds = [k for k in kinds if k == "porthole" or want(k)]
+    for kind in kinds:
         try:
             peers[kind] = start_peer(env, kind)
             log(f"started {kind}: {({k: v for k, v in peers[kind].items() if k != 'proc'})}")
@@ -767,7 +1146,7 @@ def main():
             res.setdefault(fig, {})[f"{key}:error"] = why
 
     # ---- P1/P2/P3
-    http_rows = [(k, form) for k, _, form in HTTP_ROWS]
+    http_rows = [(k, form) for k, _, form in HTTP_ROWS if want(k)] if only & {"P1", "P3"} else []
     for key, form in list(http_rows):
         if key in failed:
             fail(["P1", "P2", "P3"], key, failed[key])
@@ -784,7 +1163,7 @@ def main():
             continue
         for rep in range(args.reps):
             for key, form in http_rows:
-                if fig == "P3" and key == "porthole-log":
+                if fig == "P3" and key in P3_SKIP:
                     continue
                 try:
                     r = wrk(env, peers[key]["http"], form, path, args.duration, d)
@@ -817,6 +1196,8 @@ def main():
             for streams in (1, 8):
                 fig = f"P4-{streams}"
                 for key, _ in TUNNEL_ROWS:
+                    if not want(key):
+                        continue
                     if key in failed:
                         fail([fig], key, failed[key])
                         continue
@@ -837,6 +1218,8 @@ def main():
         for rep in range(args.reps):
             for key, _ in SETUP_ROWS:
                 peer = "direct" if key == "plain" else key
+                if not want(key):
+                    continue
                 if peer in failed:
                     fail(["P6"], key, failed[peer])
                     continue
@@ -858,6 +1241,8 @@ def main():
     if "P5" in only:
         for rep in range(args.reps):
             for key in IDLE_ROWS:
+                if not want(key):
+                    continue
                 if key in failed:
                     fail(["P5"], key, failed[key])
                     continue
@@ -882,8 +1267,13 @@ def main():
                     f"(RSS {r['rss_before_kib']} -> {r['rss_after_kib']} KiB, {r['alive']} open)"
                     + (f"  ({flag})" if flag else ""))
 
+    # ---- U1/U2: the uplink against rathole (issue 5)
+    if only & {"U1", "U2"}:
+        uplink_suite(env, args, only, want, peers, rathole, record, fail, notes)
+
     stop_all()
     args.access_log_how = env.access_log_how
+    args.rathole_how = rathole_how
     write_report(args.out, args, info, vers, res, env.one_worker[2], started, notes)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"machine": info, "versions": vers, "results": res}, f, indent=1)

@@ -7,6 +7,7 @@
 #   benches/run.sh            # the full run (about 12 minutes on 2 cores)
 #   benches/run.sh --quick    # 1 repetition, short durations (about 2 minutes)
 #   benches/run.sh --only P1,P4 --reps 5
+#   benches/run.sh --only U1,U2   # the uplink (outside + inside relay) against rathole (issue 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec python3 benches/driver.py "$@"
