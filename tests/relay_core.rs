@@ -222,6 +222,49 @@ async fn connect_tunnel_passes_bytes_and_half_close() {
 }
 
 #[tokio::test]
+async fn a_tunnel_in_use_outlives_the_idle_timeout_and_an_idle_one_is_closed() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("db.test", "127.0.0.1", &[echo.port()], ""),
+        "[limits]\nidle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!(
+        "CONNECT db.test:{0} HTTP/1.1\r\nHost: db.test:{0}\r\n\r\n",
+        echo.port()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    // Bytes every 300 ms for three idle timeouts: the tunnel stays.
+    for i in 0..10u8 {
+        s.write_all(&[i; 10]).await.unwrap();
+        let mut back = [0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echo within 5 s")
+            .expect("tunnel still open while in use");
+        assert_eq!(back, [i; 10]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Then nothing: the relay closes it (end of stream, not the echo's "bye").
+    let idle_from = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the idle tunnel is closed")
+        .ok();
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(700),
+        "closed after {:?}, before the idle timeout",
+        idle_from.elapsed()
+    );
+    assert!(rest.is_empty(), "unexpected bytes {rest:?}");
+}
+
+#[tokio::test]
 async fn curl_proxytunnel_reaches_the_server() {
     let origin = Origin::ok().await;
     let relay = relay_to(&origin, "app-a.test", "").await;

@@ -1,87 +1,200 @@
 //! Zero-copy tunnels between two TCP sockets on Linux: `splice(2)` moves the
 //! bytes socket -> pipe -> socket inside the kernel, so a bulk CONNECT stream
-//! never crosses user space. The pipe of a direction is created on its first
-//! bytes, so an idle tunnel holds no buffer at all. The system calls go
-//! through `nix`'s safe wrappers; readiness comes from tokio.
+//! never crosses user space. The system calls go through `nix`'s safe
+//! wrappers; readiness comes from tokio.
+//!
+//! [`Tunnel`] is a hand-written future rather than an `async fn`: it waits
+//! with `poll_read_ready` / `poll_write_ready`, which keep the waker in the
+//! socket's own registration, so an idle tunnel is two sockets, two counters
+//! and a timer (a few hundred bytes). The pipe of a direction is created on
+//! its first bytes and closed when the direction has drained, so an idle
+//! tunnel holds no pipe either.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 /// Most bytes moved per splice call (the default pipe holds 64 KiB).
 const CHUNK: usize = 64 * 1024;
+/// Splice calls per direction before a busy tunnel lets other tasks run.
+const BUDGET: usize = 32;
 
 fn errno(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// Writes `first` (bytes read ahead of the tunnel) to `dst`.
-async fn write_first(dst: &TcpStream, mut first: Bytes) -> io::Result<()> {
-    while !first.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(&first) {
-            Ok(n) => {
-                let _ = first.split_to(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// One direction of a tunnel.
+#[derive(Default)]
+struct Direction {
+    /// Bytes read ahead of the tunnel, written first.
+    first: Bytes,
+    /// `(read end, write end)`, while bytes are in flight.
+    pipe: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes in the pipe not yet written on.
+    pending: usize,
+    /// Bytes moved.
+    moved: u64,
+    /// End of stream seen and passed on.
+    done: bool,
 }
 
-/// One direction: replay `first`, then splice until EOF, then pass the half-close on.
-pub async fn direction(
-    src: &TcpStream,
-    dst: &TcpStream,
-    first: Bytes,
-    count: &AtomicU64,
-    last: &AtomicU64,
-    start: Instant,
-) -> io::Result<()> {
-    count.fetch_add(first.len() as u64, Ordering::Relaxed);
-    write_first(dst, first).await?;
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
-        src.readable().await?;
-        if pipe.is_none() {
-            pipe = Some(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(errno)?);
-        }
-        let Some((pipe_r, pipe_w)) = pipe.as_ref() else {
-            continue;
-        };
-        // The pipe is always drained below, so EAGAIN here means the socket has nothing.
-        let moved = src.try_io(Interest::READABLE, || {
-            splice(src.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(errno)
-        });
-        let mut pending = match moved {
-            Ok(0) => {
-                nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
-                    .map_err(errno)?;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        count.fetch_add(pending as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        while pending > 0 {
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe_r.as_fd(), None, dst.as_fd(), None, pending, flags).map_err(errno)
-            }) {
-                Ok(n) => pending -= n,
+impl Direction {
+    /// Moves what `src` has to `dst` until it would block (`Pending`), the
+    /// stream ends (the half-close is passed on), or the budget is spent.
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        while !self.first.is_empty() {
+            ready!(dst.poll_write_ready(cx))?;
+            match dst.try_write(&self.first) {
+                Ok(n) => {
+                    self.first.advance(n);
+                    self.moved += n as u64;
+                    *active = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
+        self.first = Bytes::new();
+        for _ in 0..BUDGET {
+            while self.pending > 0 {
+                let Some((pipe_r, _)) = self.pipe.as_ref() else {
+                    self.pending = 0;
+                    break;
+                };
+                ready!(dst.poll_write_ready(cx))?;
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(pipe_r.as_fd(), None, dst.as_fd(), None, self.pending, flags)
+                        .map_err(errno)
+                }) {
+                    Ok(n) => self.pending -= n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if src.poll_read_ready(cx)?.is_pending() {
+                // Drained and waiting: give the pipe back while idle.
+                self.pipe = None;
+                return Poll::Pending;
+            }
+            if self.pipe.is_none() {
+                self.pipe =
+                    Some(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(errno)?);
+            }
+            let Some((_, pipe_w)) = self.pipe.as_ref() else {
+                continue;
+            };
+            // The pipe is always drained above, so EAGAIN here means the socket has nothing.
+            match src.try_io(Interest::READABLE, || {
+                splice(src.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(errno)
+            }) {
+                Ok(0) => {
+                    self.pipe = None;
+                    self.done = true;
+                    nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+                        .map_err(errno)?;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    self.pending = n;
+                    self.moved += n as u64;
+                    *active = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        // Still busy: run again after the other tasks had a turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// A tunnel between two TCP sockets: resolves when both directions have
+/// ended, either fails, or nothing moved for the idle timeout.
+pub struct Tunnel {
+    a: TcpStream,
+    b: TcpStream,
+    a_to_b: Direction,
+    b_to_a: Direction,
+    idle: Duration,
+    last: Instant,
+    /// Boxed: `Sleep` is `!Unpin`, and this keeps the tunnel `Unpin`.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Tunnel {
+    /// `a_first` / `b_first`: bytes read from `a` / `b` before the tunnel.
+    pub fn new(a: TcpStream, b: TcpStream, a_first: Bytes, b_first: Bytes, idle: Duration) -> Self {
+        let last = Instant::now();
+        Tunnel {
+            a,
+            b,
+            a_to_b: Direction {
+                first: a_first,
+                ..Direction::default()
+            },
+            b_to_a: Direction {
+                first: b_first,
+                ..Direction::default()
+            },
+            idle,
+            last,
+            timer: Box::pin(tokio::time::sleep_until(last + idle)),
+        }
+    }
+
+    /// Bytes moved so far: `(a to b, b to a)`.
+    pub fn moved(&self) -> (u64, u64) {
+        (self.a_to_b.moved, self.b_to_a.moved)
+    }
+}
+
+impl Future for Tunnel {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let t = self.get_mut();
+        let mut active = false;
+        if !t.a_to_b.done {
+            if let Poll::Ready(Err(e)) = t.a_to_b.poll_move(cx, &t.a, &t.b, &mut active) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if !t.b_to_a.done {
+            if let Poll::Ready(Err(e)) = t.b_to_a.poll_move(cx, &t.b, &t.a, &mut active) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if t.a_to_b.done && t.b_to_a.done {
+            return Poll::Ready(Ok(()));
+        }
+        if active {
+            t.last = Instant::now();
+        }
+        // The idle timer: rearmed from the last activity when it fires early.
+        while t.timer.as_mut().poll(cx).is_ready() {
+            let deadline = t.last + t.idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle")));
+            }
+            t.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }

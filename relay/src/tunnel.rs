@@ -205,35 +205,40 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
     // idle tunnel keeps none.
     let (Conn { io: a, buf: a_buf }, Conn { io: b, buf: b_buf }) = (a, b);
     let (a_first, b_first) = (read_ahead(a_buf), read_ahead(b_buf));
-    let watchdog = async {
-        loop {
-            let since = Duration::from_millis(last.load(Ordering::Relaxed));
-            let idle_for = start.elapsed().saturating_sub(since);
-            if idle_for >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - idle_for).await;
-        }
-    };
     let result = match (into_tcp(a), into_tcp(b)) {
         // Both plain TCP: splice(2), no copy through user space.
         (Ok(a), Ok(b)) => {
-            let a_to_b = crate::splice::direction(&a, &b, a_first, &up, &last, start);
-            let b_to_a = crate::splice::direction(&b, &a, b_first, &down, &last, start);
-            tokio::select! {
-                result = async { tokio::try_join!(a_to_b, b_to_a) } => result.map(|_| ()),
-                () = watchdog => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
-            }
+            let mut tunnel = crate::splice::Tunnel::new(a, b, a_first, b_first, idle);
+            let result = (&mut tunnel).await;
+            let (a_to_b, b_to_a) = tunnel.moved();
+            up.store(a_to_b, Ordering::Relaxed);
+            down.store(b_to_a, Ordering::Relaxed);
+            result
         }
+        // TLS or an uplink on one side: copies through user space. Boxed, so
+        // the larger state of this path is not part of every plain tunnel.
         (a, b) => {
+            let watchdog = async {
+                loop {
+                    let since = Duration::from_millis(last.load(Ordering::Relaxed));
+                    let idle_for = start.elapsed().saturating_sub(since);
+                    if idle_for >= idle {
+                        return;
+                    }
+                    tokio::time::sleep(idle - idle_for).await;
+                }
+            };
             let (ar, aw) = tokio::io::split(a.map_or_else(Either::Other, Either::Tcp));
             let (br, bw) = tokio::io::split(b.map_or_else(Either::Other, Either::Tcp));
             let a_to_b = pump(ar, bw, a_first, &up, &last, start);
             let b_to_a = pump(br, aw, b_first, &down, &last, start);
-            tokio::select! {
-                result = async { tokio::try_join!(a_to_b, b_to_a) } => result.map(|_| ()),
-                () = watchdog => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
-            }
+            Box::pin(async {
+                tokio::select! {
+                    result = futures_util::future::try_join(a_to_b, b_to_a) => result.map(|_| ()),
+                    () = watchdog => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
+                }
+            })
+            .await
         }
     };
     if let Err(e) = result {
