@@ -13,23 +13,35 @@ use crate::forward::{self, After};
 use crate::{gate, local, tunnel, uplink, ConnCtx};
 
 /// Serves HTTP/1 requests on a client connection until it closes.
+pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
+    if let Some((conn, standing)) = serve_until_tunnel(conn, &ctx).await {
+        tunnel::run(conn, standing, &ctx).await;
+    }
+}
+
+/// Serves HTTP/1 requests until the connection closes (`None`) or turns into
+/// a tunnel, which is returned standing for the caller to run.
 ///
 /// Each request is handled by a boxed future that lives only as long as the
-/// request: the connection's own task holds just the connection and, once it
-/// turns into one, the tunnel, so an idle keep-alive connection or tunnel
-/// costs little memory.
-pub async fn serve<S: Io>(mut conn: Conn<S>, ctx: ConnCtx) {
+/// request: the connection's own task holds just the connection, so an idle
+/// keep-alive connection costs little memory.
+pub async fn serve_until_tunnel<S: Io>(
+    mut conn: Conn<S>,
+    ctx: &ConnCtx,
+) -> Option<(Conn<S>, tunnel::Standing)> {
     let mut first = true;
     loop {
-        match Box::pin(next_request(&mut conn, &ctx, first)).await {
+        match Box::pin(next_request(&mut conn, ctx, first)).await {
             Next::KeepAlive => first = false,
-            Next::Close => return,
-            Next::Tunnel(t) => return tunnel::run(conn, t, &ctx).await,
+            Next::Close => return None,
+            Next::Tunnel(t) => return Some((conn, t)),
             Next::Uplink { head, data: false } => {
-                return Box::pin(uplink::outside::serve_control(conn, head, ctx)).await
+                Box::pin(uplink::outside::serve_control(conn, head, ctx.clone())).await;
+                return None;
             }
             Next::Uplink { head, data: true } => {
-                return Box::pin(uplink::outside::claim_data(conn, head, ctx)).await
+                Box::pin(uplink::outside::claim_data(conn, head, ctx.clone())).await;
+                return None;
             }
         }
     }

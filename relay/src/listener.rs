@@ -18,7 +18,7 @@ use crate::error::{ErrorKind, RelayError};
 use crate::h2;
 use crate::http1::{self, write_simple};
 use crate::metrics::GaugeGuard;
-use crate::{tls, ConnCtx, Shared};
+use crate::{tls, tunnel, ConnCtx, Shared};
 
 /// Accepts connections until shutdown; every connection task joins `tracker`.
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
@@ -68,9 +68,30 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
         };
         let span = tracing::info_span!("conn", client = %peer);
         let open = GaugeGuard::new(shared.metrics.open_connections.clone());
+        let tunnels = tracker.clone();
         tracker.spawn(
             async move {
-                serve_connection(stream, ctx).await;
+                if let Some((client, standing, ctx)) = serve_connection(stream, ctx).await {
+                    match standing.into_spliced(client) {
+                        // A plain TCP tunnel gets a task of its own, sized for
+                        // moving bytes only; this one ends, and what serving
+                        // requests needed is freed (P5: memory per idle tunnel).
+                        Ok(mut spliced) => {
+                            tunnels.spawn(
+                                async move {
+                                    spliced.run(&ctx).await;
+                                    drop((open, slot, permit));
+                                }
+                                .instrument(tracing::Span::current()),
+                            );
+                            return;
+                        }
+                        Err(ends) => {
+                            let (client, standing) = *ends;
+                            tunnel::run(client, standing, &ctx).await
+                        }
+                    }
+                }
                 drop(open);
                 drop(slot);
                 drop(permit);
@@ -80,8 +101,13 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
     }
 }
 
-/// Reads the first bytes, decides the protocol, and serves it.
-async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
+/// A plain HTTP/1 connection that turned into a tunnel: the client end, the
+/// standing tunnel, and the connection's context.
+type Tunnelled = (Conn<TcpStream>, tunnel::Standing, ConnCtx);
+
+/// Reads the first bytes, decides the protocol, and serves it; returns a plain
+/// connection's tunnel for the caller to run.
+async fn serve_connection(stream: TcpStream, ctx: ConnCtx) -> Option<Tunnelled> {
     let config = ctx.shared.config();
     let head_timeout = config.limits.head_timeout;
     let mut conn = Conn::new(stream);
@@ -98,8 +124,8 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
     };
     let protocol = match tokio::time::timeout(head_timeout, detect).await {
         Ok(Some(p)) => p,
-        Ok(None) => return,
-        Err(_) if conn.buf.is_empty() => return,
+        Ok(None) => return None,
+        Err(_) if conn.buf.is_empty() => return None,
         Err(_) => Protocol::Http1, // a slow request line: the HTTP reader answers 408
     };
     match (protocol, &config.tls) {
@@ -107,7 +133,10 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
             let err = RelayError::new(ErrorKind::TlsRequired);
             let _ = http1::write_error(&mut conn.io, &err, true).await;
         }
-        (Protocol::Http1, _) => http1::serve(conn, ctx).await,
+        (Protocol::Http1, _) => {
+            let tunnel = http1::serve_until_tunnel(conn, &ctx).await;
+            return tunnel.map(|(conn, standing)| (conn, standing, ctx));
+        }
         // TLS and HTTP/2 state machines are large; boxed, they leave every plain
         // HTTP/1 connection's task (and so each idle tunnel) small.
         (Protocol::Tls, Some(tls)) => Box::pin(tls::serve(conn, ctx, tls)).await,
@@ -125,6 +154,7 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) {
             let _ = http1::write_error(&mut conn.io, &err, true).await;
         }
     }
+    None
 }
 
 /// Answers a connection over a limit with `503` and closes it.
