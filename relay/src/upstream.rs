@@ -297,3 +297,94 @@ fn still_open(io: &mut Upstream) -> bool {
     let mut buf = ReadBuf::new(&mut probe);
     Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A data connection of uplink `id` (generation `g`) and its far end.
+    fn data(
+        id: &str,
+        g: u64,
+        sessions: &Arc<AtomicUsize>,
+    ) -> (Conn<Upstream>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(64);
+        let io = DataConn::new(Box::new(near), id, g, sessions.clone());
+        (Conn::new(Upstream::Uplink(Box::new(io))), far)
+    }
+
+    fn uplink(id: &str, generation: u64) -> Scope {
+        Scope::Uplink {
+            id: id.into(),
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn uplink_connections_are_pooled_per_uplink_generation_and_name() {
+        let pool = Pool::default();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let (conn, _far) = data("a", 1, &sessions);
+        assert_eq!(sessions.load(Ordering::Relaxed), 1);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        // Idle in the pool: not an open session.
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+        for (host, port, scope) in [
+            ("erp", 80, uplink("a", 2)),
+            ("erp", 80, uplink("b", 1)),
+            ("erp", 81, uplink("a", 1)),
+            ("mes", 80, uplink("a", 1)),
+            ("erp", 80, Scope::Plain),
+        ] {
+            assert!(
+                pool.take(host, port, &scope).is_none(),
+                "{host}:{port} {scope:?}"
+            );
+        }
+        let taken = pool.take("erp", 80, &uplink("a", 1));
+        assert!(taken.is_some());
+        assert_eq!(sessions.load(Ordering::Relaxed), 1);
+        drop(taken);
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+
+        // A control connection that is no longer current keeps nothing.
+        let (conn, _far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || false);
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn closed_or_dropped_uplink_connections_are_not_taken() {
+        let pool = Pool::default();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        // The inside relay closed it while it idled: EOF, not taken.
+        let (conn, far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        drop(far);
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        // Stray bytes: not taken either.
+        let (conn, mut far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        tokio::io::AsyncWriteExt::write_all(&mut far, b"x")
+            .await
+            .unwrap();
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+
+        // drop_uplink closes that uplink's connections up to its generation only.
+        let (a1, _f1) = data("a", 1, &sessions);
+        let (a2, _f2) = data("a", 2, &sessions);
+        let (b1, _f3) = data("b", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), a1, || true);
+        pool.keep("erp", 80, uplink("a", 2), a2, || true);
+        pool.keep("erp", 80, uplink("b", 1), b1, || true);
+        pool.drop_uplink("a", 1);
+        assert_eq!(pool.idle_count(), 2);
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        assert!(pool.take("erp", 80, &uplink("a", 2)).is_some());
+        assert!(pool.take("erp", 80, &uplink("b", 1)).is_some());
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+    }
+}

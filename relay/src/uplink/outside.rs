@@ -354,7 +354,12 @@ pub struct DataConn {
 }
 
 impl DataConn {
-    fn new(io: BoxIo, uplink: &str, generation: u64, sessions: Arc<AtomicUsize>) -> DataConn {
+    pub(crate) fn new(
+        io: BoxIo,
+        uplink: &str,
+        generation: u64,
+        sessions: Arc<AtomicUsize>,
+    ) -> DataConn {
         sessions.fetch_add(1, Ordering::Relaxed);
         DataConn {
             io,
