@@ -235,6 +235,79 @@ async fn mute_uplink(o: &Relay, id: &str, secret: &str, name: &str) -> TcpStream
     s
 }
 
+/// Reads from `s` into `got` until `got` holds `needle` (within 10 s); returns
+/// the bytes up to and including it, leaving the rest in `got`.
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, needle: &[u8]) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(at) = got.windows(needle.len()).position(|w| w == needle) {
+            return got.drain(..at + needle.len()).collect();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("read in time")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A fake inside relay's data connection for `session`: answers the first
+/// request, then reads the next one and closes without an answer (as if
+/// the inside relay closed it just as the request arrived).
+async fn answer_once_then_close(o: std::net::SocketAddr, session: String, n: usize) {
+    let mut s = TcpStream::connect(o).await.unwrap();
+    let upgrade = format!("GET /.porthole/uplink/data HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\nPorthole-Uplink: fake\r\nPorthole-Session: {session}\r\n\r\n");
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let head = read_until(&mut s, &mut got, b"\r\n\r\n").await;
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    read_until(&mut s, &mut got, b"\r\n\r\n").await;
+    let body = format!("session {n}");
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(answer.as_bytes()).await.unwrap();
+    read_until(&mut s, &mut got, b"\r\n\r\n").await;
+}
+
+#[tokio::test]
+async fn a_data_connection_closed_under_the_next_request_is_retried_on_a_new_session() {
+    let o = Relay::start(&config_with("", &accept("fake", "f", &["*.fake"], ""))).await;
+    let mut control = mute_uplink(&o, "fake", "f", "app.fake").await;
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let (opened, to) = (sessions.clone(), o.addr);
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let line = read_until(&mut control, &mut got, b"\n").await;
+            let msg: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            if msg["type"] == "open" {
+                let session = msg["session"].as_str().unwrap_or("").to_string();
+                let n = opened.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(answer_once_then_close(to, session, n));
+            }
+        }
+    });
+    let out = Curl::new("http://app.fake/1").proxy(&o.url()).run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "session 1"),
+        "{out:?}"
+    );
+    // The second request goes down the pooled data connection of session 1,
+    // which closes under it before any answer: O retries once, on a new
+    // session, and the client never sees the close.
+    let out = Curl::new("http://app.fake/2").proxy(&o.url()).run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "session 2"),
+        "{out:?}"
+    );
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn unclaimed_sessions_get_504_and_stray_data_connections_are_closed() {
     let o = Relay::start(&config_with(
