@@ -235,6 +235,79 @@ async fn mute_uplink(o: &Relay, id: &str, secret: &str, name: &str) -> TcpStream
     s
 }
 
+/// Reads from `s` into `got` until `got` holds `needle` (within 10 s); returns
+/// the bytes up to and including it, leaving the rest in `got`.
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, needle: &[u8]) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(at) = got.windows(needle.len()).position(|w| w == needle) {
+            return got.drain(..at + needle.len()).collect();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("read in time")
+            .expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A fake inside relay's data connection for `session`: answers the first
+/// request, then reads the next one and closes without an answer (as if
+/// the inside relay closed it just as the request arrived).
+async fn answer_once_then_close(o: std::net::SocketAddr, session: String, n: usize) {
+    let mut s = TcpStream::connect(o).await.unwrap();
+    let upgrade = format!("GET /.porthole/uplink/data HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\nPorthole-Uplink: fake\r\nPorthole-Session: {session}\r\n\r\n");
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let head = read_until(&mut s, &mut got, b"\r\n\r\n").await;
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    read_until(&mut s, &mut got, b"\r\n\r\n").await;
+    let body = format!("session {n}");
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(answer.as_bytes()).await.unwrap();
+    read_until(&mut s, &mut got, b"\r\n\r\n").await;
+}
+
+#[tokio::test]
+async fn a_data_connection_closed_under_the_next_request_is_retried_on_a_new_session() {
+    let o = Relay::start(&config_with("", &accept("fake", "f", &["*.fake"], ""))).await;
+    let mut control = mute_uplink(&o, "fake", "f", "app.fake").await;
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let (opened, to) = (sessions.clone(), o.addr);
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let line = read_until(&mut control, &mut got, b"\n").await;
+            let msg: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            if msg["type"] == "open" {
+                let session = msg["session"].as_str().unwrap_or("").to_string();
+                let n = opened.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(answer_once_then_close(to, session, n));
+            }
+        }
+    });
+    let out = Curl::new("http://app.fake/1").proxy(&o.url()).run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "session 1"),
+        "{out:?}"
+    );
+    // The second request goes down the pooled data connection of session 1,
+    // which closes under it before any answer: O retries once, on a new
+    // session, and the client never sees the close.
+    let out = Curl::new("http://app.fake/2").proxy(&o.url()).run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "session 2"),
+        "{out:?}"
+    );
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn unclaimed_sessions_get_504_and_stray_data_connections_are_closed() {
     let o = Relay::start(&config_with(
@@ -555,13 +628,15 @@ fn inside_pooled(to: &str, offers: &[&str], routes: &str, pool: usize) -> String
 
 /// A TCP proxy between I and O that knows every connection I dialled: how
 /// many it passed on, which are open now (the first one is the control
-/// connection), and can refuse new ones (accept and close at once) or close
-/// chosen open ones (both peers see the close).
+/// connection), how many I closed its side of, and can refuse new ones
+/// (accept and close at once) or close chosen open ones (both peers see the
+/// close).
 struct CountingProxy {
     addr: std::net::SocketAddr,
     passed: Arc<AtomicUsize>,
     open: Arc<Mutex<HashMap<usize, tokio::task::AbortHandle>>>,
     refuse: Arc<AtomicBool>,
+    closed_by_inside: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -581,7 +656,13 @@ impl CountingProxy {
         let passed = Arc::new(AtomicUsize::new(0));
         let open: Arc<Mutex<HashMap<usize, tokio::task::AbortHandle>>> = Arc::default();
         let refuse = Arc::new(AtomicBool::new(false));
-        let (p, o, r) = (passed.clone(), open.clone(), refuse.clone());
+        let closed_by_inside = Arc::new(AtomicUsize::new(0));
+        let (p, o, r, c) = (
+            passed.clone(),
+            open.clone(),
+            refuse.clone(),
+            closed_by_inside.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((mut down, _)) = listener.accept().await {
                 if r.load(Ordering::SeqCst) {
@@ -592,11 +673,26 @@ impl CountingProxy {
                 // Registered before the task runs, so a fast end cannot precede it.
                 let mut map = o.lock().unwrap();
                 let guard = Opened(o.clone(), n);
+                let closed = c.clone();
                 let handle = tokio::spawn(async move {
                     let _guard = guard;
-                    if let Ok(mut up) = TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
+                    let Ok(mut up) = TcpStream::connect(to).await else {
+                        return;
+                    };
+                    // Each direction passes its end on (a half-close), as
+                    // copy_bidirectional does; I's end is counted.
+                    let (mut down_r, mut down_w) = down.split();
+                    let (mut up_r, mut up_w) = up.split();
+                    let inward = async {
+                        let _ = tokio::io::copy(&mut down_r, &mut up_w).await;
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        let _ = up_w.shutdown().await;
+                    };
+                    let outward = async {
+                        let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+                        let _ = down_w.shutdown().await;
+                    };
+                    tokio::join!(inward, outward);
                 });
                 if !handle.is_finished() {
                     map.insert(n, handle.abort_handle());
@@ -608,8 +704,14 @@ impl CountingProxy {
             passed,
             open,
             refuse,
+            closed_by_inside,
             task,
         }
+    }
+
+    /// Connections whose inside end I closed (or that failed from its side).
+    fn closed_by_inside(&self) -> usize {
+        self.closed_by_inside.load(Ordering::SeqCst)
     }
 
     /// Connections passed on so far (refused ones not counted).
@@ -706,22 +808,33 @@ async fn a_pool_parks_data_connections_and_sessions_take_them_without_a_dial() {
         b"HTTP/1.1 200 Connection established\r\n\r\npooledbye\n"
     );
     assert_eq!(proxy.passed(), 3, "a session dialled a new connection");
-    // The pool is used up and cannot refill: the next session falls back to
-    // `open` on the control connection, whose dial is refused too.
-    let out = Curl::new(&url).proxy(&o.url()).run().await;
-    assert_eq!(out.status, 502, "{out:?}");
-    assert!(out.text().contains("uplink plant-3"), "{}", out.text());
-
-    // Dialling works again: the pool refills by itself and serves again.
-    proxy.refuse_new(false);
-    wait_open(&proxy, 3, "pool refilled").await;
-    let before = proxy.passed();
+    // The request's data connection went back to O's upstream pool after its
+    // response: the next request takes it, again without a dial.
     let out = Curl::new(&url).proxy(&o.url()).run().await;
     assert_eq!(out.status, 200, "{out:?}");
-    // One dial to replace the parked connection the session took, none for the session.
+    assert_eq!(origin.received().len(), 2);
+    assert_eq!(proxy.passed(), 3, "a pooled data connection was not reused");
+    // The parked ones are used up and cannot refill: a CONNECT (never on a
+    // pooled connection) falls back to `open` on the control connection,
+    // whose dial is refused too.
+    let back = connect_echo(&o, echo.port()).await;
+    let back = String::from_utf8_lossy(&back);
+    assert!(back.starts_with("HTTP/1.1 502"), "{back}");
+    assert!(back.contains("uplink plant-3"), "{back}");
+
+    // Dialling works again: the pool refills by itself and serves again.
+    // Open: the control connection, two parked, and the idle one in O's pool.
+    proxy.refuse_new(false);
+    wait_open(&proxy, 4, "pool refilled").await;
+    let before = proxy.passed();
+    assert_eq!(
+        connect_echo(&o, echo.port()).await,
+        b"HTTP/1.1 200 Connection established\r\n\r\npooledbye\n"
+    );
+    // One dial to replace the parked connection the CONNECT took, none for the session.
     assert!(
         eventually(Duration::from_secs(15), || async {
-            proxy.open() == 3 && proxy.passed() == before + 1
+            proxy.open() == 4 && proxy.passed() == before + 1
         })
         .await,
         "after a session: {} open, {} passed (before {before})",
@@ -756,13 +869,16 @@ async fn dead_parked_connections_are_dropped_and_replaced() {
     proxy.cut(|n| n != 0);
     let out = Curl::new(&url).proxy(&o.url()).run().await;
     assert_eq!(out.status, 200, "{out:?}");
-    wait_open(&proxy, 3, "pool replaced").await;
+    // The control connection, two parked, and the request's data connection
+    // idle in O's pool.
+    wait_open(&proxy, 4, "pool replaced").await;
     for _ in 0..3 {
         assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
     }
 
     // Kill only the control connection: both relays close that uplink's
-    // parked connections; I reconnects and parks two new ones.
+    // parked connections, O its idle pooled one; I reconnects and parks two
+    // new ones.
     let before = proxy.passed();
     proxy.cut(|n| n == 0);
     assert!(
@@ -791,11 +907,103 @@ async fn dead_parked_connections_are_dropped_and_replaced() {
         .await,
         "requests did not work again after every connection was cut"
     );
-    wait_open(&proxy, 3, "pool back after a full cut").await;
+    wait_open(&proxy, 4, "pool back after a full cut").await;
+}
+
+fn sessions_of(s: &serde_json::Value, name: &str) -> Option<u64> {
+    s["services"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["sessions"]
+        .as_u64()
 }
 
 #[tokio::test]
-async fn without_a_pool_each_session_dials_its_own_data_connection() {
+async fn sequential_requests_reuse_one_data_connection() {
+    let origin = Origin::ok().await;
+    let other = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let routes = [
+        route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+        route("mes.plant3", "127.0.0.1", &[other.port()], ""),
+        route("db.plant3", "127.0.0.1", &[echo.port()], ""),
+    ]
+    .concat();
+    let _i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        &["erp.plant3", "mes.plant3", "db.plant3"],
+        &routes,
+        0,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    assert_eq!((proxy.passed(), proxy.open()), (1, 1));
+
+    // Five requests, each from its own curl (its own client connection to
+    // O): one session, one data connection, kept by O between them.
+    for n in 1..=5 {
+        let url = format!("http://erp.plant3:{}/r{n}", origin.port());
+        let out = Curl::new(&url).proxy(&o.url()).run().await;
+        assert_eq!(out.status, 200, "{out:?}");
+        assert_eq!(out.text(), format!("ok /r{n}"));
+    }
+    assert_eq!(
+        proxy.passed(),
+        2,
+        "I dialled more than one data connection for five sequential requests"
+    );
+    let targets: Vec<String> = origin.received().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(targets, ["/r1", "/r2", "/r3", "/r4", "/r5"]);
+    // Idle in O's pool, the data connection is open but no open session.
+    assert_eq!(proxy.open(), 2);
+    assert_eq!(sessions_of(&services(&o).await, "erp.plant3"), Some(0));
+
+    // Another name of the same uplink gets a data connection of its own
+    // (pooled per name and port), which its next request reuses.
+    for _ in 0..2 {
+        let url = format!("http://mes.plant3:{}/m", other.port());
+        assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    }
+    assert_eq!(proxy.passed(), 3);
+    assert_eq!(other.received().len(), 2);
+
+    // A CONNECT is a session on a new data connection, never pooled: it
+    // closes with the tunnel.
+    let mut s = TcpStream::connect(o.addr).await.unwrap();
+    s.write_all(format!("CONNECT db.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(proxy.passed(), 4);
+    assert_eq!(sessions_of(&services(&o).await, "db.plant3"), Some(1));
+    s.write_all(b"x").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"xbye\n");
+    wait_open(&proxy, 3, "the CONNECT's data connection closed").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sessions_of(&services(&o).await, "db.plant3") == Some(0)
+        })
+        .await
+    );
+
+    // And the first name still rides on its first data connection.
+    let url = format!("http://erp.plant3:{}/r6", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    assert_eq!(proxy.passed(), 4);
+    assert_eq!(origin.received().len(), 6);
+}
+
+#[tokio::test]
+async fn a_pooled_data_connection_does_not_outlive_its_control_connection() {
     let origin = Origin::ok().await;
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
     let proxy = CountingProxy::start(o.addr).await;
@@ -807,13 +1015,73 @@ async fn without_a_pool_each_session_dials_its_own_data_connection() {
     ))
     .await;
     wait_state(&o, "erp.plant3", "connected").await;
-    assert_eq!((proxy.passed(), proxy.open()), (1, 1));
     let url = format!("http://erp.plant3:{}/", origin.port());
-    for n in 1..=2 {
-        assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
-        assert_eq!(proxy.passed(), 1 + n, "one new data connection per session");
-    }
-    wait_open(&proxy, 1, "sessions over").await;
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    assert_eq!((proxy.passed(), proxy.open()), (2, 2));
+
+    // Cut only the control connection, and keep I from coming back: the
+    // idle data connection still works on the wire, but O drops it with its
+    // control connection, and answers 502 naming the uplink.
+    proxy.refuse_new(true);
+    proxy.cut(|n| n == 0);
+    wait_state(&o, "erp.plant3", "disconnected").await;
+    wait_open(&proxy, 0, "O closed the pooled data connection").await;
+    let out = Curl::new(&url).proxy(&o.url()).run().await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("uplink plant-3"), "{}", out.text());
+    assert_eq!(
+        origin.received().len(),
+        1,
+        "a request went through a stale data connection"
+    );
+
+    // I reconnects: requests work again, on a new data connection.
+    proxy.refuse_new(false);
+    wait_state(&o, "erp.plant3", "connected").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            Curl::new(&url).proxy(&o.url()).run().await.status == 200
+        })
+        .await,
+        "requests did not work again after the reconnect"
+    );
+    assert_eq!(origin.received().len(), 2);
+    wait_open(&proxy, 2, "a new control and a new data connection").await;
+}
+
+#[tokio::test]
+async fn the_inside_relays_idle_timeout_ends_a_pooled_data_connection() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let routes = format!(
+        "{}\n[limits]\nidle_timeout = \"300ms\"\n",
+        route("erp.plant3", "127.0.0.1", &[origin.port()], "")
+    );
+    let _i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        &["erp.plant3"],
+        &routes,
+        0,
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    assert_eq!(proxy.passed(), 2);
+    // I keeps the data connection open between requests until its idle
+    // timeout, then closes it...
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy.closed_by_inside() == 1
+        })
+        .await,
+        "I did not close its idle data connection"
+    );
+    // ...and O, finding it closed, opens a new session for the next request.
+    assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
+    assert_eq!(proxy.passed(), 3);
+    assert_eq!(origin.received().len(), 2);
 }
 
 #[tokio::test]

@@ -135,28 +135,31 @@ pub async fn relay<S: Io>(
 
     // Send the head: on a pooled connection first, retrying once on a fresh
     // one if the pooled connection turns out closed before any response.
+    // Through an uplink, pooled data connections are those of the uplink's
+    // current control connection; a fresh one is a new session.
     let has_body = req.framing != Framing::Empty;
-    let pooled = match &decision.uplink {
-        Some(_) => None,
-        None => ctx.shared.pool.take(uh, up, &route),
+    let scope = match &decision.uplink {
+        Some(id) => ctx
+            .shared
+            .uplinks
+            .generation(id)
+            .map(|generation| upstream::Scope::Uplink {
+                id: id.clone(),
+                generation,
+            }),
+        None => Some(upstream::Scope::of_route(&route)),
     };
+    let pooled = scope.and_then(|scope| ctx.shared.pool.take(uh, up, &scope));
     let (mut server, mut reused) = match pooled {
-        _ if decision.uplink.is_some() => {
-            let mut session = open_upstream(ctx, &decision).await?;
-            write_flush(&mut session.io, &head_out)
-                .await
-                .map_err(|e| bad_response(format!("sending the request: {e}")))?;
-            (session, false)
-        }
         Some(mut pooled) => match write_flush(&mut pooled.io, &head_out).await {
             Ok(()) => (pooled, true),
             Err(_) => (
-                send_fresh(uh, up, &route, &head_out, &upstream_name).await?,
+                send_fresh(ctx, &decision, &head_out, &upstream_name).await?,
                 false,
             ),
         },
         None => (
-            send_fresh(uh, up, &route, &head_out, &upstream_name).await?,
+            send_fresh(ctx, &decision, &head_out, &upstream_name).await?,
             false,
         ),
     };
@@ -238,7 +241,7 @@ pub async fn relay<S: Io>(
                         if reused && !has_body =>
                     {
                         reused = false;
-                        server = send_fresh(uh, up, &route, &head_out, &upstream_name).await?;
+                        server = send_fresh(ctx, &decision, &head_out, &upstream_name).await?;
                         continue;
                     }
                     Ok(Err(e)) => return Err(bad_response(head_error_text(&e))),
@@ -356,8 +359,15 @@ pub async fn relay<S: Io>(
         && request_done
         && !(resp.fields.get("transfer-encoding").is_some()
             && resp.fields.get("content-length").is_some());
-    if server_keeps && decision.uplink.is_none() {
-        ctx.shared.pool.put(uh, up, &route, server);
+    if server_keeps {
+        match decision.uplink {
+            // Only while the uplink's control connection still lives.
+            Some(_) => ctx
+                .shared
+                .pool
+                .put_uplink(uh, up, &ctx.shared.uplinks, server),
+            None => ctx.shared.pool.put(uh, up, &route, server),
+        }
     }
     Ok(if keep_alive {
         After::KeepAlive
@@ -432,25 +442,33 @@ pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>
     }
 }
 
-/// Dials a new upstream connection and sends the request head on it.
+/// Opens a new upstream connection (dialled, or a new uplink session) and
+/// sends the request head on it.
 async fn send_fresh(
-    host: &str,
-    port: u16,
-    route: &crate::config::Route,
+    ctx: &ConnCtx,
+    d: &Decision,
     head: &[u8],
     upstream_name: &str,
 ) -> Result<Conn<Upstream>, RelayError> {
-    let mut stream = upstream::open(host, port, route).await?;
-    write_flush(&mut stream, head).await.map_err(|cause| {
-        RelayError::on_route(
-            ErrorKind::Connect {
+    let route = &d.route;
+    let mut server = match &d.uplink {
+        Some(_) => open_upstream(ctx, d).await?,
+        None => Conn::new(upstream::open(&d.upstream_host, d.upstream_port, route).await?),
+    };
+    write_flush(&mut server.io, head).await.map_err(|cause| {
+        let kind = match &d.uplink {
+            Some(_) => ErrorKind::BadResponse {
+                upstream: upstream_name.to_string(),
+                cause: format!("sending the request: {cause}"),
+            },
+            None => ErrorKind::Connect {
                 upstream: upstream_name.to_string(),
                 cause,
             },
-            &route.host,
-        )
+        };
+        RelayError::on_route(kind, &route.host)
     })?;
-    Ok(Conn::new(stream))
+    Ok(server)
 }
 
 /// Writes and flushes: a TLS stream may otherwise hold the bytes while the

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::codec::{BoxIo, Conn};
+use crate::codec::Conn;
 use crate::config::Route;
 use crate::error::{ErrorKind, RelayError};
+use crate::uplink::outside::{DataConn, Registry};
 
 /// Idle upstream connections kept per `host:port`.
 const MAX_IDLE_PER_KEY: usize = 64;
@@ -101,12 +102,11 @@ pub fn display_addr(host: &str, port: u16) -> String {
 }
 
 /// A connection towards an internal server: dialled directly (in plain TCP
-/// or TLS, as the route says), or a data connection an uplinked relay opened
-/// for one session.
+/// or TLS, as the route says), or a data connection an uplinked relay opened.
 pub enum Upstream {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Uplink(BoxIo),
+    Uplink(Box<DataConn>),
 }
 
 impl AsyncRead for Upstream {
@@ -118,7 +118,7 @@ impl AsyncRead for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Upstream::Uplink(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Uplink(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -132,28 +132,49 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Upstream::Uplink(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Uplink(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Upstream::Uplink(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Uplink(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Upstream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Upstream::Uplink(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Uplink(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
 
-/// `(host, port, tls)`: `tls` names the route whose TLS settings verified the
-/// connection, so a connection is never reused under another route's trust.
-type Key = (String, u16, Option<String>);
+/// Whom a pooled connection may serve besides its `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Dialled in plain TCP.
+    Plain,
+    /// Verified with the TLS settings of this route, so a connection is never
+    /// reused under another route's trust.
+    Tls(String),
+    /// A data connection of this uplink, opened while its control connection
+    /// of this generation lived.
+    Uplink { id: String, generation: u64 },
+}
+
+impl Scope {
+    /// The scope of a connection dialled for `route`.
+    pub fn of_route(route: &Route) -> Scope {
+        match &route.tls {
+            Some(_) => Scope::Tls(route.host.clone()),
+            None => Scope::Plain,
+        }
+    }
+}
+
+type Key = (String, u16, Scope);
 type Idle = Vec<(Conn<Upstream>, Instant)>;
 
 /// Idle keep-alive connections, newest last. A plain mutex: every section is a
@@ -164,25 +185,72 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// An idle connection to `host:port` for `route` that is still open, if any.
-    pub fn take(&self, host: &str, port: u16, route: &Route) -> Option<Conn<Upstream>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&key(host, port, route))?;
-        while let Some((mut conn, since)) = list.pop() {
-            if since.elapsed() < IDLE_FOR && still_open(&mut conn.io) {
-                return Some(conn);
-            }
-        }
-        None
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns a connection whose last response was read completely.
+    /// An idle connection to `host:port` in `scope` that is still open, if any.
+    /// An uplink data connection taken counts as an open session again.
+    pub fn take(&self, host: &str, port: u16, scope: &Scope) -> Option<Conn<Upstream>> {
+        let key = (host.to_string(), port, scope.clone());
+        let mut conn = {
+            let mut idle = self.lock();
+            let list = idle.get_mut(&key)?;
+            loop {
+                let (mut conn, since) = list.pop()?;
+                if since.elapsed() < IDLE_FOR && still_open(&mut conn.io) {
+                    break conn;
+                }
+            }
+        };
+        if let Upstream::Uplink(data) = &mut conn.io {
+            data.set_active();
+        }
+        Some(conn)
+    }
+
+    /// Returns a directly dialled connection whose last response was read
+    /// completely.
     pub fn put(&self, host: &str, port: u16, route: &Route, conn: Conn<Upstream>) {
+        self.keep(host, port, Scope::of_route(route), conn, || true);
+    }
+
+    /// Returns an uplink data connection whose last response was read
+    /// completely, if its control connection still lives: checked under the
+    /// pool's lock, so a [`Pool::drop_uplink`] for that control connection
+    /// cannot miss it.
+    pub fn put_uplink(&self, host: &str, port: u16, registry: &Registry, conn: Conn<Upstream>) {
+        let Upstream::Uplink(data) = &conn.io else {
+            return;
+        };
+        let (id, generation) = (data.uplink().to_string(), data.generation());
+        let scope = Scope::Uplink {
+            id: id.clone(),
+            generation,
+        };
+        let current = || registry.generation(&id) == Some(generation);
+        self.keep(host, port, scope, conn, current);
+    }
+
+    fn keep(
+        &self,
+        host: &str,
+        port: u16,
+        scope: Scope,
+        mut conn: Conn<Upstream>,
+        current: impl FnOnce() -> bool,
+    ) {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(key(host, port, route)).or_default();
+        let mut idle = self.lock();
+        if !current() {
+            return;
+        }
+        if let Upstream::Uplink(data) = &mut conn.io {
+            data.set_idle();
+        }
+        let list = idle.entry((host.to_string(), port, scope)).or_default();
         list.retain(|(_, since)| since.elapsed() < IDLE_FOR);
         if list.len() >= MAX_IDLE_PER_KEY {
             list.remove(0);
@@ -190,26 +258,35 @@ impl Pool {
         list.push((conn, Instant::now()));
     }
 
+    /// Closes the idle data connections of uplink `id` that belong to its
+    /// control connection `generation` or an older one.
+    pub fn drop_uplink(&self, id: &str, generation: u64) {
+        let gone: Vec<Idle> = {
+            let mut idle = self.lock();
+            let keys: Vec<Key> = idle
+                .keys()
+                .filter(|(_, _, scope)| {
+                    matches!(scope, Scope::Uplink { id: i, generation: g } if i == id && *g <= generation)
+                })
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| idle.remove(k)).collect()
+        };
+        drop(gone); // closed outside the lock
+    }
+
     /// Number of idle connections (for tests and the status page).
     pub fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
+        self.lock().values().map(Vec::len).sum()
     }
-}
-
-fn key(host: &str, port: u16, route: &Route) -> Key {
-    let tls = route.tls.as_ref().map(|_| route.host.clone());
-    (host.to_string(), port, tls)
 }
 
 /// An idle connection is usable if reading would block: no EOF, no stray
 /// bytes. Polled once with a waker that does nothing, through TLS when there
 /// is TLS, so session tickets are consumed rather than taken for stray bytes.
-/// Uplink data connections belong to one session and are never reused.
+/// An uplink data connection is polled the same way: the inside relay sends
+/// nothing on it between responses, and its close shows as EOF.
 fn still_open(io: &mut Upstream) -> bool {
-    if matches!(io, Upstream::Uplink(_)) {
-        return false;
-    }
     struct Noop;
     impl Wake for Noop {
         fn wake(self: Arc<Self>) {}
@@ -219,4 +296,95 @@ fn still_open(io: &mut Upstream) -> bool {
     let mut probe = [0u8; 1];
     let mut buf = ReadBuf::new(&mut probe);
     Pin::new(io).poll_read(&mut cx, &mut buf).is_pending()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A data connection of uplink `id` (generation `g`) and its far end.
+    fn data(
+        id: &str,
+        g: u64,
+        sessions: &Arc<AtomicUsize>,
+    ) -> (Conn<Upstream>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(64);
+        let io = DataConn::new(Box::new(near), id, g, sessions.clone());
+        (Conn::new(Upstream::Uplink(Box::new(io))), far)
+    }
+
+    fn uplink(id: &str, generation: u64) -> Scope {
+        Scope::Uplink {
+            id: id.into(),
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn uplink_connections_are_pooled_per_uplink_generation_and_name() {
+        let pool = Pool::default();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let (conn, _far) = data("a", 1, &sessions);
+        assert_eq!(sessions.load(Ordering::Relaxed), 1);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        // Idle in the pool: not an open session.
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+        for (host, port, scope) in [
+            ("erp", 80, uplink("a", 2)),
+            ("erp", 80, uplink("b", 1)),
+            ("erp", 81, uplink("a", 1)),
+            ("mes", 80, uplink("a", 1)),
+            ("erp", 80, Scope::Plain),
+        ] {
+            assert!(
+                pool.take(host, port, &scope).is_none(),
+                "{host}:{port} {scope:?}"
+            );
+        }
+        let taken = pool.take("erp", 80, &uplink("a", 1));
+        assert!(taken.is_some());
+        assert_eq!(sessions.load(Ordering::Relaxed), 1);
+        drop(taken);
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+
+        // A control connection that is no longer current keeps nothing.
+        let (conn, _far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || false);
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn closed_or_dropped_uplink_connections_are_not_taken() {
+        let pool = Pool::default();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        // The inside relay closed it while it idled: EOF, not taken.
+        let (conn, far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        drop(far);
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        // Stray bytes: not taken either.
+        let (conn, mut far) = data("a", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), conn, || true);
+        tokio::io::AsyncWriteExt::write_all(&mut far, b"x")
+            .await
+            .unwrap();
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+
+        // drop_uplink closes that uplink's connections up to its generation only.
+        let (a1, _f1) = data("a", 1, &sessions);
+        let (a2, _f2) = data("a", 2, &sessions);
+        let (b1, _f3) = data("b", 1, &sessions);
+        pool.keep("erp", 80, uplink("a", 1), a1, || true);
+        pool.keep("erp", 80, uplink("a", 2), a2, || true);
+        pool.keep("erp", 80, uplink("b", 1), b1, || true);
+        pool.drop_uplink("a", 1);
+        assert_eq!(pool.idle_count(), 2);
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+        assert!(pool.take("erp", 80, &uplink("a", 2)).is_some());
+        assert!(pool.take("erp", 80, &uplink("b", 1)).is_some());
+        assert_eq!(sessions.load(Ordering::Relaxed), 0);
+    }
 }

@@ -24,7 +24,8 @@
 //! | S7 | O → I | `open` `{session, host, port}` (session: 128 random bits, hex) |
 //! | S8 | I → O | `failed` `{session, reason}` only if I cannot take the session |
 //! | S9-S10 | I → O | a NEW connection: `GET /.porthole/uplink/data`, `Upgrade: porthole-uplink-data/1`, `Porthole-Uplink: id`, `Porthole-Session: session`; O answers `101` |
-//! | S11-S12 | O ↔ I | O sends the held request over the data connection (origin form, or `CONNECT`); I serves it as any client connection: its own route table, its own internal server |
+//! | S11-S12 | O ↔ I | O sends the held request over the data connection (origin form, or `CONNECT`); I serves it as any client connection: its own route table, its own internal server, keep-alive |
+//! | S13r | O → I | after a complete keep-alive response O keeps the data connection in its upstream pool and sends a later request for the same name and port of the same uplink down it, with no new session; never after `CONNECT` or an upgrade |
 //! | keepalive | I → O, O → I | `ping` `{seq}` / `pong` `{seq}`, adaptive as in [`crate::keepalive`] |
 //! | S14-S20 | either | closing any leg closes the next: client, O, data connection, I, internal server |
 //!
@@ -33,6 +34,15 @@
 //! closed. While I's control connection is down, O answers requests for its
 //! names with `502` naming the uplink; I reconnects with backoff and registers
 //! again.
+//!
+//! A data connection idle in O's pool belongs to the control connection it was
+//! opened under: O closes it when that control connection ends (so a later
+//! request gets `502` naming the uplink, or a new session once it is back) and
+//! never keeps one of an older control connection. I closes an idle data
+//! connection after its `idle_timeout`; O notices the close when it next takes
+//! it (or retries once on a new session when the request meets the close). In
+//! `/services` an uplink's `sessions` are the data connections carrying a
+//! request or a tunnel now; idle pooled ones are not counted.
 //!
 //! A parked connection that closes, or sends anything, is dropped on both sides;
 //! I dials a replacement (with backoff when dialling or parking fails). When the

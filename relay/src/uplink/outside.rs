@@ -73,6 +73,8 @@ pub struct Offered {
     pub name: String,
     pub uplink: String,
     pub state: &'static str,
+    /// Data connections of the uplink carrying a request or a tunnel now
+    /// (idle ones in the upstream pool are not sessions).
     pub sessions: usize,
 }
 
@@ -120,6 +122,16 @@ impl Registry {
         self.lock().links.values().filter(|l| l.connected).count()
     }
 
+    /// The generation of uplink `id`'s control connection while it is
+    /// connected: pooled data connections of another generation are stale.
+    pub fn generation(&self, id: &str) -> Option<u64> {
+        self.lock()
+            .links
+            .get(id)
+            .filter(|l| l.connected)
+            .map(|l| l.generation)
+    }
+
     /// Asks uplink `id` for a data connection to `host:port` (S7) and waits
     /// for it (S10) up to `timeout`.
     pub async fn open_session(
@@ -131,6 +143,34 @@ impl Registry {
     ) -> Result<Conn<Upstream>, RelayError> {
         let upstream = format!("uplink {id}");
         let route = format!("{host} (uplink {id})");
+        let not_connected = || {
+            RelayError::on_route(
+                ErrorKind::Connect {
+                    upstream: upstream.clone(),
+                    cause: std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "the uplink is not connected",
+                    ),
+                },
+                &route,
+            )
+        };
+        let (generation, sessions) = {
+            let state = self.lock();
+            match state.links.get(id) {
+                Some(l) if l.connected => (l.generation, l.sessions.clone()),
+                _ => return Err(not_connected()),
+            }
+        };
+        let data = |conn: Conn<BoxIo>| Conn {
+            io: Upstream::Uplink(Box::new(DataConn::new(
+                conn.io,
+                id,
+                generation,
+                sessions.clone(),
+            ))),
+            buf: conn.buf,
+        };
         let session = crate::secret::random_id();
         let msg = Message::Open {
             session: session.clone(),
@@ -139,28 +179,14 @@ impl Registry {
         };
         if let Some(conn) = self.take_parked(id, &msg).await {
             tracing::debug!(uplink = %id, %session, %host, port, "session on a parked data connection");
-            return Ok(Conn {
-                io: Upstream::Uplink(conn.io),
-                buf: conn.buf,
-            });
+            return Ok(data(conn));
         }
         let (tx, rx) = oneshot::channel();
         let sender = {
             let mut state = self.lock();
             let link = match state.links.get(id) {
                 Some(l) if l.connected => l.to_inside.clone(),
-                _ => {
-                    return Err(RelayError::on_route(
-                        ErrorKind::Connect {
-                            upstream,
-                            cause: std::io::Error::new(
-                                std::io::ErrorKind::NotConnected,
-                                "the uplink is not connected",
-                            ),
-                        },
-                        &route,
-                    ))
-                }
+                _ => return Err(not_connected()),
             };
             state.pending.insert(session.clone(), (id.to_string(), tx));
             link
@@ -181,20 +207,15 @@ impl Registry {
             }
         };
         self.lock().pending.remove(&session);
-        outcome
-            .map(|conn| Conn {
-                io: Upstream::Uplink(conn.io),
-                buf: conn.buf,
-            })
-            .map_err(|why| {
-                RelayError::on_route(
-                    ErrorKind::Connect {
-                        upstream,
-                        cause: std::io::Error::other(why),
-                    },
-                    &route,
-                )
-            })
+        outcome.map(data).map_err(|why| {
+            RelayError::on_route(
+                ErrorKind::Connect {
+                    upstream: upstream.clone(),
+                    cause: std::io::Error::other(why),
+                },
+                &route,
+            )
+        })
     }
 
     /// Sends `open` down a parked data connection of uplink `id` (S7p); tries
@@ -319,47 +340,96 @@ impl Registry {
     }
 }
 
-/// Counts an open session for its uplink while the data connection lives.
-struct Counted<S> {
-    inner: S,
+/// A data connection on the outside relay, as an upstream connection: it
+/// knows its uplink and the control connection (generation) it belongs to, so
+/// the upstream pool keeps it only for that uplink and only while that control
+/// connection lives. It counts as an open session of its uplink while it
+/// carries a request or a tunnel, not while it idles in the pool.
+pub struct DataConn {
+    io: BoxIo,
+    uplink: String,
+    generation: u64,
     sessions: Arc<AtomicUsize>,
+    active: bool,
 }
 
-impl<S> Drop for Counted<S> {
-    fn drop(&mut self) {
-        self.sessions.fetch_sub(1, Ordering::Relaxed);
+impl DataConn {
+    pub(crate) fn new(
+        io: BoxIo,
+        uplink: &str,
+        generation: u64,
+        sessions: Arc<AtomicUsize>,
+    ) -> DataConn {
+        sessions.fetch_add(1, Ordering::Relaxed);
+        DataConn {
+            io,
+            uplink: uplink.to_string(),
+            generation,
+            sessions,
+            active: true,
+        }
+    }
+
+    pub fn uplink(&self) -> &str {
+        &self.uplink
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Idle in the pool: no longer an open session.
+    pub fn set_idle(&mut self) {
+        if self.active {
+            self.active = false;
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Taken from the pool for a request: an open session again.
+    pub fn set_active(&mut self) {
+        if !self.active {
+            self.active = true;
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+impl Drop for DataConn {
+    fn drop(&mut self) {
+        self.set_idle();
+    }
+}
+
+impl AsyncRead for DataConn {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+impl AsyncWrite for DataConn {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -477,6 +547,10 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
         }
     };
     registry.disconnected(&id, generation);
+    // Idle data connections of this control connection close too: a request
+    // from now on gets 502 naming the uplink (or, once it is back, a new
+    // session), never a data connection of the gone control connection.
+    ctx.shared.pool.drop_uplink(&id, generation);
     ctx.shared
         .metrics
         .uplinks_connected
@@ -507,19 +581,7 @@ pub async fn claim_data<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCt
         let _ = tx.send(Err("data connection failed during the upgrade".into()));
         return;
     }
-    let sessions = ctx
-        .shared
-        .uplinks
-        .lock()
-        .links
-        .get(&id)
-        .map(|l| l.sessions.clone())
-        .unwrap_or_default();
-    sessions.fetch_add(1, Ordering::Relaxed);
-    let io: BoxIo = Box::new(Counted {
-        inner: conn.io,
-        sessions,
-    });
+    let io: BoxIo = Box::new(conn.io);
     if tx.send(Ok(Conn { io, buf: conn.buf })).is_err() {
         tracing::debug!(uplink = %id, %session, "session claimed after its client gave up");
     }
@@ -564,7 +626,7 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
                     ))
                 } else {
                     link.parked.push((number, tx));
-                    Ok((number, link.sessions.clone(), link.parked.len()))
+                    Ok((number, link.parked.len()))
                 }
             }
             _ => Err((
@@ -573,7 +635,7 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
             )),
         }
     };
-    let (number, sessions, parked) = match admitted {
+    let (number, parked) = match admitted {
         Ok(a) => a,
         Err((status, why)) => {
             tracing::warn!(client = %ctx.peer, uplink = %id, status, reason = %why, "data connection not parked");
@@ -615,8 +677,7 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
                     let _ = reply.send(Err("writing open on a parked data connection failed".into()));
                     break "writing open failed".to_string();
                 }
-                sessions.fetch_add(1, Ordering::Relaxed);
-                let io: BoxIo = Box::new(Counted { inner: conn.io, sessions });
+                let io: BoxIo = Box::new(conn.io);
                 if reply.send(Ok(Conn { io, buf: conn.buf })).is_err() {
                     tracing::debug!(uplink = %id, "parked data connection claimed after its client gave up");
                 }
