@@ -750,8 +750,8 @@ def uplink_suite(env, args, only, want, peers, rathole, record, fail, notes):
             n = keepalive_probe(o_port, UPLINK_NAME, env.backend)
             delta = accepted(o_admin) - before
             notes.append(f"uplink keep-alive: 5 requests on one client connection to O: {n} answered on it; "
-                         f"O accepted {delta:.0f} connections meanwhile (the client's and one data "
-                         f"connection from I per request)")
+                         f"O accepted {delta:.0f} connections meanwhile (the client's, and data "
+                         f"connections from I: one, reused while it is kept alive)")
             log(notes[-1])
         except Exception as e:  # noqa: BLE001
             fail(["U1", "U2", "U2p99"], "uplink", f"could not start: {e}")
@@ -804,8 +804,9 @@ def uplink_suite(env, args, only, want, peers, rathole, record, fail, notes):
     if data_per_req:
         notes.append("uplink under wrk -c50: O accepted "
                      + ", ".join(f"{x:.3f}" for x in data_per_req)
-                     + " new connections per request beyond wrk's 50 (per repetition): one data connection "
-                       "from I per request, while wrk's own connections stay open (keep-alive)")
+                     + " new connections per request beyond wrk's 50 (per repetition): data connections from "
+                       "I are reused for the next request after a keep-alive response, as any upstream "
+                       "keep-alive connection")
 
 
 def uplink_report(res, rathole_how):
@@ -821,11 +822,12 @@ def uplink_report(res, rathole_how):
              "routes nothing, and each client TCP connection is one rathole data channel for its whole "
              "life, so wrk's 50 keep-alive connections are 50 channels carrying every request. "
              "Through Porthole the client asks O for a name (`CONNECT svc.bench:PORT`, "
-             "`GET http://svc.bench:PORT/1k`); O routes it per request and opens one uplink session "
-             "per request: a notification to I and a NEW data connection from I to O, over which I "
-             "serves the request with its own route table. The client's connection to O stays "
-             "alive; the data connection does not outlive its request. U1 (one long stream) costs the "
-             "session set-up once; U2 pays it on every request.", ""]
+             "`GET http://svc.bench:PORT/1k`); O routes it per request. A request with no idle data "
+             "connection for that name opens an uplink session: a notification to I and a NEW data "
+             "connection from I to O, over which I serves the request with its own route table; after "
+             "a keep-alive response O keeps that data connection in its upstream pool for the next "
+             "request, so under wrk the sessions are set up once per concurrent request. U1 (one long "
+             "stream) costs the session set-up once.", ""]
     lines += table("U1: one CONNECT stream, bulk MB/s", "MB/s", "mbps", U_ROWS, res.get("U1", {}), refs=U_REFS)
     lines += table("U2: 1 KiB responses, wrk -t1 -c50 keep-alive, req/s", "req/s", "rps", U_ROWS,
                    res.get("U2", {}), refs=U_REFS)

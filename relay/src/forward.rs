@@ -347,6 +347,11 @@ pub async fn relay<S: Io>(
     .await
     {
         Ok(n) => access.bytes_out += n,
+        // The client went away mid-body: its choice, not worth a warning.
+        Err(CopyError::Write(e)) => {
+            tracing::debug!(route = %route.host, client = %ctx.peer, error = %e, "client left during the response body");
+            return Ok(After::Close);
+        }
         Err(e) => {
             tracing::warn!(route = %route.host, upstream = %upstream_name, error = %e, "response body failed");
             return Ok(After::Close);
