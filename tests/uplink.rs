@@ -619,6 +619,28 @@ async fn services_lists_routes_and_uplink_offers() {
 // ---------------------------------------------------------------- pool
 
 /// `inside(...)` with `[uplink] pool = n`.
+/// O accepting `plant-3`, a [`CountingProxy`] in front of it, and I dialling
+/// through the proxy, registered.
+struct Counted {
+    o: Relay,
+    proxy: CountingProxy,
+    _i: Relay,
+}
+
+async fn counted(offers: &[&str], routes: &str, pool: usize) -> Counted {
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let proxy = CountingProxy::start(o.addr).await;
+    let i = Relay::start(&inside_pooled(
+        &proxy.addr.to_string(),
+        offers,
+        routes,
+        pool,
+    ))
+    .await;
+    wait_state(&o, offers[0], "connected").await;
+    Counted { o, proxy, _i: i }
+}
+
 fn inside_pooled(to: &str, offers: &[&str], routes: &str, pool: usize) -> String {
     format!(
         "{}pool = {pool}\n",
@@ -773,21 +795,12 @@ async fn connect_echo(o: &Relay, port: u16) -> Vec<u8> {
 async fn a_pool_parks_data_connections_and_sessions_take_them_without_a_dial() {
     let origin = Origin::ok().await;
     let echo = EchoServer::start().await;
-    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CountingProxy::start(o.addr).await;
     let routes = [
         route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
         route("db.plant3", "127.0.0.1", &[echo.port()], ""),
     ]
     .concat();
-    let _i = Relay::start(&inside_pooled(
-        &proxy.addr.to_string(),
-        &["erp.plant3", "db.plant3"],
-        &routes,
-        2,
-    ))
-    .await;
-    wait_state(&o, "erp.plant3", "connected").await;
+    let Counted { o, proxy, _i } = counted(&["erp.plant3", "db.plant3"], &routes, 2).await;
     // Before any request: the control connection and two parked ones, which
     // O counts as open connections like any other.
     wait_open(&proxy, 3, "pool filled").await;
@@ -851,16 +864,12 @@ async fn a_pool_parks_data_connections_and_sessions_take_them_without_a_dial() {
 #[tokio::test]
 async fn dead_parked_connections_are_dropped_and_replaced() {
     let origin = Origin::ok().await;
-    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CountingProxy::start(o.addr).await;
-    let _i = Relay::start(&inside_pooled(
-        &proxy.addr.to_string(),
+    let Counted { o, proxy, _i } = counted(
         &["erp.plant3"],
         &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
         2,
-    ))
+    )
     .await;
-    wait_state(&o, "erp.plant3", "connected").await;
     wait_open(&proxy, 3, "pool filled").await;
     let url = format!("http://erp.plant3:{}/", origin.port());
 
@@ -923,22 +932,14 @@ async fn sequential_requests_reuse_one_data_connection() {
     let origin = Origin::ok().await;
     let other = Origin::ok().await;
     let echo = EchoServer::start().await;
-    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CountingProxy::start(o.addr).await;
     let routes = [
         route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
         route("mes.plant3", "127.0.0.1", &[other.port()], ""),
         route("db.plant3", "127.0.0.1", &[echo.port()], ""),
     ]
     .concat();
-    let _i = Relay::start(&inside_pooled(
-        &proxy.addr.to_string(),
-        &["erp.plant3", "mes.plant3", "db.plant3"],
-        &routes,
-        0,
-    ))
-    .await;
-    wait_state(&o, "erp.plant3", "connected").await;
+    let Counted { o, proxy, _i } =
+        counted(&["erp.plant3", "mes.plant3", "db.plant3"], &routes, 0).await;
     assert_eq!((proxy.passed(), proxy.open()), (1, 1));
 
     // Five requests, each from its own curl (its own client connection to
@@ -1005,16 +1006,12 @@ async fn sequential_requests_reuse_one_data_connection() {
 #[tokio::test]
 async fn a_pooled_data_connection_does_not_outlive_its_control_connection() {
     let origin = Origin::ok().await;
-    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CountingProxy::start(o.addr).await;
-    let _i = Relay::start(&inside_pooled(
-        &proxy.addr.to_string(),
+    let Counted { o, proxy, _i } = counted(
         &["erp.plant3"],
         &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
         0,
-    ))
+    )
     .await;
-    wait_state(&o, "erp.plant3", "connected").await;
     let url = format!("http://erp.plant3:{}/", origin.port());
     assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
     assert_eq!((proxy.passed(), proxy.open()), (2, 2));
@@ -1052,20 +1049,11 @@ async fn a_pooled_data_connection_does_not_outlive_its_control_connection() {
 #[tokio::test]
 async fn the_inside_relays_idle_timeout_ends_a_pooled_data_connection() {
     let origin = Origin::ok().await;
-    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let proxy = CountingProxy::start(o.addr).await;
     let routes = format!(
         "{}\n[limits]\nidle_timeout = \"300ms\"\n",
         route("erp.plant3", "127.0.0.1", &[origin.port()], "")
     );
-    let _i = Relay::start(&inside_pooled(
-        &proxy.addr.to_string(),
-        &["erp.plant3"],
-        &routes,
-        0,
-    ))
-    .await;
-    wait_state(&o, "erp.plant3", "connected").await;
+    let Counted { o, proxy, _i } = counted(&["erp.plant3"], &routes, 0).await;
     let url = format!("http://erp.plant3:{}/", origin.port());
     assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
     assert_eq!(proxy.passed(), 2);
