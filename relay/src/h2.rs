@@ -45,8 +45,6 @@ const PIPE_BUF: usize = 64 * 1024;
 /// RFC 9113's default is 16 KiB). h2 writes each frame with one `writev`, so
 /// a bulk tunnel costs a syscall per frame: larger frames, fewer syscalls.
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
-/// Data h2 may queue per stream ahead of the socket (hyper's default: 400 KiB).
-pub const MAX_SEND_BUF: usize = 1 << 20;
 /// Copy buffer, each way, between a tunnel's two ends. tokio's default is
 /// 8 KiB, which made every 8 KiB one read, one DATA frame and one `writev`.
 /// Allocated per open tunnel (untouched pages cost no RSS until used).
@@ -66,7 +64,6 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buf_size(MAX_SEND_BUF)
         .keep_alive_interval(Some(PEER_PING_INTERVAL))
         .keep_alive_timeout(PEER_PING_TIMEOUT);
     let stream_ctx = ctx.clone();
