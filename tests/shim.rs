@@ -416,6 +416,41 @@ async fn two_hundred_tunnels_share_one_relay_connection() {
     assert_eq!(counter.accepted(), 1, "the shim opened more than one link");
 }
 
+/// Tunnel bytes cross the link in 64 KiB copies and DATA frames up to the
+/// link's raised SETTINGS_MAX_FRAME_SIZE: a transfer of several windows'
+/// worth, both ways at once, arrives byte for byte.
+#[tokio::test]
+async fn a_large_tunnel_transfer_arrives_byte_exact_both_ways() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("echo.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let s = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    let sent: Vec<u8> = (0..(9 << 20) + 123).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = s.into_split();
+    let out = sent.clone();
+    // Written while reading, in odd-sized pieces, so that neither side's
+    // buffers have to hold the whole echo.
+    let writer = tokio::spawn(async move {
+        for piece in out.chunks(100_003) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut back))
+        .await
+        .expect("echo answered in time")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), sent.len() + 4);
+    assert!(back[..sent.len()] == sent[..], "tunnel bytes differ");
+    assert_eq!(&back[sent.len()..], b"bye\n");
+}
+
 #[tokio::test]
 async fn a_dead_link_is_detected_and_healed_without_restarting_anything() {
     let origin = Origin::ok().await;

@@ -129,7 +129,8 @@ async fn tunnel(mut local: TcpStream, target: String, link: LinkHandle) {
         Err(e) => return tracing::warn!(error = %e, "tunnel upgrade failed"),
     };
     let mut remote = TokioIo::new(upgraded);
-    match tokio::io::copy_bidirectional(&mut local, &mut remote).await {
+    let size = porthole_relay::h2::TUNNEL_BUF;
+    match tokio::io::copy_bidirectional_with_sizes(&mut local, &mut remote, size, size).await {
         Ok((up, down)) => tracing::debug!(up, down, "forwarded connection closed"),
         Err(e) => tracing::debug!(error = %e, "forwarded connection ended by an error"),
     }

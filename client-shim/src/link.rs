@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use porthole_relay::h2::{Body, CONNECTION_WINDOW, STREAM_WINDOW};
+use porthole_relay::h2::{Body, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -231,7 +231,8 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
     builder
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE);
     let (sender, conn) = match builder.handshake::<_, Body>(io).await {
         Ok(pair) => pair,
         Err(e) => return format!("HTTP/2 handshake failed: {e}"),
