@@ -519,9 +519,20 @@ impl RelayProcess {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> RelayProcess {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        RelayProcess::spawn_on(config, addr, admin, env, args).await
+        // A port free a moment ago can be taken before the relay binds it (by
+        // another test's ephemeral connection): then the relay exits, and
+        // this tries again on other ports rather than talking to whatever
+        // listens there.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            match RelayProcess::try_spawn_on(config, addr, admin, env, args).await {
+                Ok(relay) => return relay,
+                Err(log) => last = log,
+            }
+        }
+        panic!("porthole-relay did not start in 5 tries; its last log:\n{last}");
     }
 
     /// As [`RelayProcess::spawn_with_args`], on the given ports: a relay
@@ -533,6 +544,21 @@ impl RelayProcess {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> RelayProcess {
+        match RelayProcess::try_spawn_on(config, addr, admin, env, args).await {
+            Ok(relay) => relay,
+            Err(log) => panic!("porthole-relay did not start on {addr}; its log:\n{log}"),
+        }
+    }
+
+    /// Starts the relay and waits for its `listening` line and its ports; its
+    /// log if it exits first (a port taken meanwhile, a bad configuration).
+    async fn try_spawn_on(
+        config: &Path,
+        addr: SocketAddr,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<RelayProcess, String> {
         let log = std::env::temp_dir().join(format!(
             "porthole-relay-{}-{}.log",
             addr.port(),
@@ -552,15 +578,26 @@ impl RelayProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn porthole-relay");
+        let mut child = cmd.spawn().expect("spawn porthole-relay");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("listening") {
+                break;
+            }
+            if child.try_wait().ok().flatten().is_some() || std::time::Instant::now() > deadline {
+                return Err(text);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         wait_for_port(addr, Duration::from_secs(10)).await;
         wait_for_port(admin, Duration::from_secs(10)).await;
-        RelayProcess {
+        Ok(RelayProcess {
             addr,
             admin,
             child,
             log,
-        }
+        })
     }
 
     pub fn admin_url(&self) -> String {
