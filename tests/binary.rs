@@ -243,25 +243,31 @@ async fn connections_over_the_per_client_limit_get_503() {
         ),
     );
     let relay = RelayProcess::spawn(&path, &[]).await;
-    // wait_for_port's probe connections are closed; give the relay a moment to count them out.
-    let a = TcpStream::connect(relay.addr).await.unwrap();
-    let b = TcpStream::connect(relay.addr).await.unwrap();
+    // Two connections held, then a third. The readiness probe's connection
+    // may still be counted when the two open (then the second is the one
+    // turned away, and the third finds a free slot): each try opens a fresh
+    // pair.
     let mut answer = String::new();
+    let mut held = None;
     for _ in 0..50 {
+        let a = TcpStream::connect(relay.addr).await.unwrap();
+        let b = TcpStream::connect(relay.addr).await.unwrap();
         answer = raw_exchange(
             relay.addr,
-            b"GET http://app.test/ HTTP/1.1\r\n\r\n",
+            b"GET http://app.test/ HTTP/1.1\r\nConnection: close\r\n\r\n",
             Duration::from_secs(2),
         )
         .await;
         if answer.starts_with("HTTP/1.1 503") {
+            held = Some((a, b));
             break;
         }
+        drop((a, b));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
     assert!(answer.contains("Retry-After: 1"), "{answer}");
-    drop((a, b));
+    drop(held);
     // Once the two are gone, the client is served again.
     let url = format!("http://app.test:{}/", origin.port());
     let mut status = 0;
