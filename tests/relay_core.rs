@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, raw_exchange, response, route, Curl, EchoServer, Origin, Relay, Reply,
+    config_with, connect_via, raw_exchange, response, route, Curl, EchoServer, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,17 +20,6 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "proxy-authorization",
 ];
-
-/// A client connection to `relay` with a standing `CONNECT host:port` tunnel.
-async fn connect_through(relay: &Relay, host: &str, port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(relay.addr).await.unwrap();
-    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = [0u8; 39];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
-    s
-}
 
 async fn relay_to(origin: &Origin, host: &str, extra: &str) -> Relay {
     Relay::start(&config_with(
@@ -205,7 +194,8 @@ async fn connect_tunnel_passes_bytes_and_half_close() {
         "",
     ))
     .await;
-    let mut s = connect_through(&relay, "db.test", echo.port()).await;
+    let (mut s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
+    assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
     let payload: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
     s.write_all(&payload).await.unwrap();
     s.shutdown().await.unwrap(); // half-close: the server must see EOF and still answer
@@ -232,7 +222,8 @@ async fn a_tunnel_in_use_outlives_the_idle_timeout_and_an_idle_one_is_closed() {
         "[limits]\nidle_timeout = \"1s\"\n",
     ))
     .await;
-    let mut s = connect_through(&relay, "db.test", echo.port()).await;
+    let (mut s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
+    assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
     // Bytes every 300 ms for three idle timeouts: the tunnel stays.
     for i in 0..10u8 {
         s.write_all(&[i; 10]).await.unwrap();

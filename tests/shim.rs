@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use porthole_shim::{control, LinkState, RawConfig, Shim, ShimConfig};
 use porthole_suite::{
-    binary, config_with, free_port, response, route, wait_for_port, workspace_root, Curl,
-    EchoServer, LinkProxy, Origin, Relay, Reply,
+    binary, config_with, connect_via, free_port, response, route, wait_for_port, workspace_root,
+    Curl, EchoServer, LinkProxy, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,22 +25,6 @@ fn shim_config(relay: SocketAddr, extra: &str) -> ShimConfig {
 async fn start_shim(config: ShimConfig) -> Shim {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     Shim::start(config, listener).await.unwrap()
-}
-
-/// `CONNECT target` through a proxy; returns the stream after `200`.
-async fn connect_via(proxy: SocketAddr, target: &str) -> TcpStream {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed: {head:?}");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s
 }
 
 /// Writes `msg`, half-closes, and reads everything back.
@@ -249,7 +233,7 @@ async fn connect_through_the_shim_with_half_close() {
     assert_eq!(origin.single().target, "/tunnelled");
 
     // Raw bytes both ways; the client's half-close reaches the server.
-    let s = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    let (s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
     assert_eq!(echo_round(s, b"ping").await, b"pingbye\n");
     assert_eq!(echo.half_closes(), 1);
 
@@ -394,7 +378,7 @@ async fn two_hundred_tunnels_share_one_relay_connection() {
     for _ in 0..200 {
         let (addr, target) = (shim.addr, target.clone());
         open.push(tokio::spawn(
-            async move { connect_via(addr, &target).await },
+            async move { connect_via(addr, &target).await.0 },
         ));
     }
     let mut streams = Vec::new();
@@ -428,7 +412,7 @@ async fn a_large_tunnel_transfer_arrives_byte_exact_both_ways() {
     ))
     .await;
     let shim = start_shim(shim_config(relay.addr, "")).await;
-    let s = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    let (s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
     let sent: Vec<u8> = (0..(9 << 20) + 123).map(|i| (i % 251) as u8).collect();
     let (mut rd, mut wr) = s.into_split();
     let out = sent.clone();

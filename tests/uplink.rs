@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, eventually, raw_exchange, route, Curl, EchoServer, LinkProxy, Origin, Relay,
+    config_with, connect_via, eventually, raw_exchange, route, Curl, EchoServer, LinkProxy, Origin,
+    Relay,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -125,13 +126,8 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     assert_eq!(origin.received().len(), 2);
 
     // CONNECT to a TCP service behind I: bytes both ways, half-close passed on.
-    let mut s = TcpStream::connect(o.addr).await.unwrap();
-    s.write_all(format!("CONNECT db.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-        .await
-        .unwrap();
-    let mut head = [0u8; 39];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let (mut s, head) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
+    assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
     s.write_all(b"through two relays").await.unwrap();
     s.shutdown().await.unwrap();
     let mut back = Vec::new();
@@ -465,12 +461,7 @@ async fn closing_either_end_closes_the_whole_path() {
     );
 
     // Client side closes: the internal server sees the end, and the session count returns to 0.
-    let mut s = TcpStream::connect(o.addr).await.unwrap();
-    s.write_all(format!("CONNECT echo.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-        .await
-        .unwrap();
-    let mut head = [0u8; 39];
-    s.read_exact(&mut head).await.unwrap();
+    let (s, _) = connect_via(o.addr, &format!("echo.plant3:{}", echo.port())).await;
     let during = services(&o).await;
     let sessions = during["services"]
         .as_array()
@@ -972,12 +963,7 @@ async fn sequential_requests_reuse_one_data_connection() {
 
     // A CONNECT is a session on a new data connection, never pooled: it
     // closes with the tunnel.
-    let mut s = TcpStream::connect(o.addr).await.unwrap();
-    s.write_all(format!("CONNECT db.plant3:{} HTTP/1.1\r\n\r\n", echo.port()).as_bytes())
-        .await
-        .unwrap();
-    let mut head = [0u8; 39];
-    s.read_exact(&mut head).await.unwrap();
+    let (mut s, _) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
     assert_eq!(proxy.passed(), 4);
     assert_eq!(sessions_of(&services(&o).await, "db.plant3"), Some(1));
     s.write_all(b"x").await.unwrap();
