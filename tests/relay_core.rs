@@ -596,3 +596,83 @@ async fn drain_lets_an_open_request_finish() {
         "still accepting after shutdown"
     );
 }
+
+/// A body of this many bytes, every byte different from its neighbours, so a
+/// lost, repeated or reordered piece shows.
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn large_bodies_both_ways_arrive_byte_exact_and_the_server_connection_is_reused() {
+    // Past the size from which plain TCP bodies are spliced, and not a
+    // multiple of any buffer or pipe size.
+    let body = patterned((3 << 20) + 7);
+    let reply = response(200, &[("Content-Type", "application/octet-stream")], &body);
+    let origin = Origin::start(move |_| Reply::Raw(reply.clone())).await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    for n in 0..2 {
+        let out = Curl::new(&format!("http://app-a.test:{}/big{n}", origin.port()))
+            .proxy(&relay.url())
+            .run()
+            .await;
+        assert_eq!(out.status, 200, "{}", out.stderr);
+        assert_eq!(out.exit, 0, "{}", out.stderr);
+        assert!(
+            out.body == body,
+            "body {n} differs ({} bytes)",
+            out.body.len()
+        );
+    }
+    // And a large upload of known length, on the same server connection.
+    let upload = patterned((1 << 20) + 3);
+    let out = Curl::new(&format!("http://app-a.test:{}/up", origin.port()))
+        .proxy(&relay.url())
+        .args(&["--data-binary", "@-"])
+        .stdin(upload.clone())
+        .discard_body()
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{}", out.stderr);
+    let received = origin.received();
+    assert_eq!(received.len(), 3);
+    assert!(
+        received[2].body == upload,
+        "upload differs ({} bytes)",
+        received[2].body.len()
+    );
+    assert_eq!(
+        origin.connections(),
+        1,
+        "the server connection was not reused after a large body"
+    );
+}
+
+#[tokio::test]
+async fn a_large_body_cut_short_by_the_server_closes_the_client_connection() {
+    let mut cut = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 1 << 20).into_bytes();
+    cut.extend_from_slice(&patterned(300 << 10));
+    let origin = Origin::start(move |r| {
+        if r.target.ends_with("/cut") {
+            Reply::RawThenClose(cut.clone())
+        } else {
+            Reply::Raw(response(200, &[], b"fine"))
+        }
+    })
+    .await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let out = Curl::new(&format!("http://app-a.test:{}/cut", origin.port()))
+        .proxy(&relay.url())
+        .max_time(10)
+        .run()
+        .await;
+    assert_eq!(out.status, 200);
+    // 18: "partial file" — the relay closed instead of leaving curl waiting.
+    assert_eq!(out.exit, 18, "{}", out.stderr);
+    assert_eq!(out.body.len(), 300 << 10);
+    let out = Curl::new(&format!("http://app-a.test:{}/after", origin.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!((out.status, out.text()), (200, "fine".to_string()));
+}

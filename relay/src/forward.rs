@@ -21,7 +21,7 @@ use crate::error::{ErrorKind, Fault, RelayError};
 use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
 use crate::routes::{Decision, Refusal};
 use crate::upstream::{self, display_addr, Upstream};
-use crate::ConnCtx;
+use crate::{splice, tunnel, ConnCtx};
 
 /// How long to wait for an upstream's `100 Continue` before sending the body anyway.
 const CONTINUE_WAIT: Duration = Duration::from_secs(1);
@@ -195,15 +195,26 @@ pub async fn relay<S: Io>(
             Framing::Chunked => OutFraming::Chunked,
             _ => OutFraming::Plain,
         };
-        match copy_body(
-            &mut BodyReader::new(req.framing),
-            client,
-            &mut server.io,
-            out,
-            None,
-        )
-        .await
-        {
+        let spliced = match req.framing {
+            Framing::Length(n) if n >= SPLICE_BODY_MIN => {
+                splice_body(client, &mut server.io, n).await
+            }
+            _ => None,
+        };
+        let copied = match spliced {
+            Some(result) => result,
+            None => {
+                copy_body(
+                    &mut BodyReader::new(req.framing),
+                    client,
+                    &mut server.io,
+                    out,
+                    None,
+                )
+                .await
+            }
+        };
+        match copied {
             Ok(n) => access.bytes_in += n,
             Err(CopyError::Read(BodyError::Malformed(why))) => {
                 return Err(RelayError::new(ErrorKind::BadRequest(why)));
@@ -335,17 +346,28 @@ pub async fn relay<S: Io>(
     }
     access.bytes_out += head_back.len() as u64;
 
-    let mut gunzip = decode.then(Gunzip::new);
-    let mut reader = BodyReader::new(in_framing);
-    match copy_body(
-        &mut reader,
-        &mut server,
-        &mut client.io,
-        out,
-        gunzip.as_mut(),
-    )
-    .await
-    {
+    let spliced = match in_framing {
+        Framing::Length(n) if !decode && n >= SPLICE_BODY_MIN => {
+            splice_body(&mut server, &mut client.io, n).await
+        }
+        _ => None,
+    };
+    let copied = match spliced {
+        Some(result) => result,
+        None => {
+            let mut gunzip = decode.then(Gunzip::new);
+            let mut reader = BodyReader::new(in_framing);
+            copy_body(
+                &mut reader,
+                &mut server,
+                &mut client.io,
+                out,
+                gunzip.as_mut(),
+            )
+            .await
+        }
+    };
+    match copied {
         Ok(n) => access.bytes_out += n,
         // The client went away mid-body: its choice, not worth a warning.
         Err(CopyError::Write(e)) => {
@@ -474,6 +496,42 @@ async fn send_fresh(
         RelayError::on_route(kind, &route.host)
     })?;
     Ok(server)
+}
+
+/// Bodies of at least this length are spliced when both sides are plain TCP;
+/// below it the pipe's three system calls cost more than the copy.
+const SPLICE_BODY_MIN: u64 = 64 * 1024;
+
+/// Relays a body of `len` bytes between two plain TCP sockets (a response,
+/// or a request body) without copying it through user space: the bytes read
+/// ahead with the head are written as they are, the rest is spliced (Linux
+/// `splice(2)`). `None` when either side is something else (TLS, an uplink).
+async fn splice_body<R: Io, W: Io>(
+    from: &mut Conn<R>,
+    to: &mut W,
+    len: u64,
+) -> Option<Result<u64, CopyError>> {
+    tunnel::as_tcp(&from.io)?;
+    tunnel::as_tcp(to)?;
+    let ahead = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(from.buf.len());
+    if ahead > 0 {
+        let first = from.buf.split_to(ahead);
+        if let Err(e) = to.write_all(&first).await {
+            return Some(Err(CopyError::Write(e)));
+        }
+    }
+    let (from, to) = (tunnel::as_tcp(&from.io)?, tunnel::as_tcp(to)?);
+    let moved = splice::copy_exact(from, to, len - ahead as u64).await;
+    Some(match moved {
+        Ok(n) => Ok(n + ahead as u64),
+        Err(splice::CopyFailed::Read(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(CopyError::Read(BodyError::Truncated))
+        }
+        Err(splice::CopyFailed::Read(e)) => Err(CopyError::Read(BodyError::Io(e))),
+        Err(splice::CopyFailed::Write(e)) => Err(CopyError::Write(e)),
+    })
 }
 
 /// Writes and flushes: a TLS stream may otherwise hold the bytes while the

@@ -198,3 +198,49 @@ impl Future for Tunnel {
         Poll::Pending
     }
 }
+
+/// Which end of a [`copy_exact`] failed.
+#[derive(Debug)]
+pub enum CopyFailed {
+    /// Reading from the source (an early end of stream is `UnexpectedEof`).
+    Read(io::Error),
+    /// Writing to the destination.
+    Write(io::Error),
+}
+
+/// Moves exactly `len` bytes from `src` to `dst` through a pipe of its own,
+/// never through user space: a large response body whose length is known.
+/// The pipe is closed when the body has passed.
+pub async fn copy_exact(src: &TcpStream, dst: &TcpStream, len: u64) -> Result<u64, CopyFailed> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+        .map_err(|e| CopyFailed::Read(errno(e)))?;
+    let (mut left, mut pending) = (len, 0usize);
+    while left > 0 || pending > 0 {
+        if pending > 0 {
+            dst.writable().await.map_err(CopyFailed::Write)?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe_r.as_fd(), None, dst.as_fd(), None, pending, flags).map_err(errno)
+            }) {
+                Ok(n) => pending -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(CopyFailed::Write(e)),
+            }
+            continue;
+        }
+        src.readable().await.map_err(CopyFailed::Read)?;
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(CHUNK);
+        match src.try_io(Interest::READABLE, || {
+            splice(src.as_fd(), None, pipe_w.as_fd(), None, want, flags).map_err(errno)
+        }) {
+            Ok(0) => return Err(CopyFailed::Read(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => {
+                pending = n;
+                left -= n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(CopyFailed::Read(e)),
+        }
+    }
+    Ok(len)
+}

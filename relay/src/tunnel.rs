@@ -343,6 +343,17 @@ fn into_tcp<T: Io>(io: T) -> Result<TcpStream, T> {
         .map_or_else(|()| unreachable!("slot emptied without a return"), Err)
 }
 
+/// The plain TCP socket under a connection, borrowed: what
+/// [`crate::splice::copy_exact`] needs.
+pub fn as_tcp<T: Io>(io: &T) -> Option<&TcpStream> {
+    let any = io as &dyn std::any::Any;
+    match any.downcast_ref::<Upstream>() {
+        Some(Upstream::Tcp(tcp)) => Some(tcp),
+        Some(_) => None,
+        None => any.downcast_ref::<TcpStream>(),
+    }
+}
+
 /// A connection that turned out plain TCP on one side only.
 enum Either<T> {
     Tcp(TcpStream),
