@@ -174,7 +174,12 @@ async fn serve_origin(
         let headers: Vec<(String, String)> = head
             .fields
             .iter()
-            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+            .map(|(n, v)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
             .collect();
         let framing = codec::request_framing(&head).unwrap_or(Framing::Empty);
         let expects = framing != Framing::Empty && head.fields.has_token("expect", "100-continue");
@@ -273,7 +278,7 @@ fn head_bytes(head: &codec::RequestHead) -> Vec<u8> {
     )
     .into_bytes();
     for (n, v) in head.fields.iter() {
-        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         out.extend_from_slice(v);
         out.extend_from_slice(b"\r\n");

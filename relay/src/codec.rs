@@ -139,12 +139,11 @@ pub struct Fields {
 
 impl Fields {
     /// Each field as `(name, value)`, in the order received, names as written.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.pos.iter().map(move |(n, v)| {
-            // httparse only accepts token characters in names: always ASCII.
-            let name = std::str::from_utf8(&self.raw[n.clone()]).unwrap_or("");
-            (name, &self.raw[v.clone()])
-        })
+    /// (httparse only accepts token characters in names: always ASCII.)
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.pos
+            .iter()
+            .map(move |(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
     }
 
     pub fn len(&self) -> usize {
@@ -177,13 +176,16 @@ impl Fields {
             .any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes()))
     }
 
-    /// The lower-cased tokens of every list value of `name`.
-    pub fn tokens(&self, name: &str) -> Vec<String> {
-        self.get_all(name)
-            .flat_map(|v| v.split(|b| *b == b','))
+    /// The non-empty elements of every list value of `name`, as received
+    /// (compare them ignoring ASCII case). Allocates only when there are some.
+    pub fn list(&self, name: &str) -> Vec<&[u8]> {
+        let name = name.as_bytes();
+        self.pos
+            .iter()
+            .filter(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| self.raw[v.clone()].split(|b| *b == b','))
             .map(trim)
             .filter(|t| !t.is_empty())
-            .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
             .collect()
     }
 }
@@ -462,9 +464,9 @@ fn parse_content_length(fields: &Fields) -> Result<Option<u64>, &'static str> {
 
 /// Whether the final transfer coding is `chunked` (and it appears only there).
 fn chunked_is_final(fields: &Fields) -> bool {
-    let codings = fields.tokens("transfer-encoding");
-    matches!(codings.last(), Some(last) if last == "chunked")
-        && codings.iter().filter(|c| *c == "chunked").count() == 1
+    let codings = fields.list("transfer-encoding");
+    let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
+    codings.last().is_some_and(|c| chunked(c)) && codings.iter().filter(|c| chunked(c)).count() == 1
 }
 
 /// The body framing of a request (RFC 9112 section 6.3). Ambiguous framing is

@@ -7,7 +7,7 @@
 //! body (re-framed, or gunzipped for routes with `decompress`), and give the
 //! upstream connection back to the pool when it can carry another request.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -16,6 +16,7 @@ use crate::codec::{
     self, read_response_head, write_data, write_end, BodyError, BodyReader, Conn, Framing,
     HeadError, Io, Item, OutFraming, RequestHead, ResponseHead,
 };
+use crate::deadline::Deadline;
 use crate::dispatch::RelayTarget;
 use crate::error::{ErrorKind, Fault, RelayError};
 use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
@@ -93,6 +94,7 @@ pub async fn relay<S: Io>(
     req: Request<'_>,
     ctx: &ConnCtx,
     access: &mut Access,
+    timer: &mut Deadline,
 ) -> Result<After, RelayError> {
     let config = ctx.shared.config();
     let name = config.relay.name.as_str();
@@ -122,11 +124,12 @@ pub async fn relay<S: Io>(
     );
 
     let (uh, up) = (decision.upstream_host.as_str(), decision.upstream_port);
-    let upstream_name = display_addr(uh, up);
+    // Only errors name the upstream: no string is built for a request that succeeds.
+    let upstream_name = || display_addr(uh, up);
     let bad_response = |cause: String| {
         RelayError::on_route(
             ErrorKind::BadResponse {
-                upstream: upstream_name.clone(),
+                upstream: upstream_name(),
                 cause,
             },
             &route.host,
@@ -153,17 +156,11 @@ pub async fn relay<S: Io>(
     let (mut server, mut reused) = match pooled {
         Some(mut pooled) => match write_flush(&mut pooled.io, &head_out).await {
             Ok(()) => (pooled, true),
-            Err(_) => (
-                send_fresh(ctx, &decision, &head_out, &upstream_name).await?,
-                false,
-            ),
+            Err(_) => (send_fresh(ctx, &decision, &head_out).await?, false),
         },
-        None => (
-            send_fresh(ctx, &decision, &head_out, &upstream_name).await?,
-            false,
-        ),
+        None => (send_fresh(ctx, &decision, &head_out).await?, false),
     };
-    let deadline = Instant::now() + route.response_timeout;
+    timer.set(route.response_timeout);
 
     // Expect: 100-continue — give the server a moment to answer first.
     let mut early: Option<ResponseHead> = None;
@@ -231,17 +228,18 @@ pub async fn relay<S: Io>(
         let head = match early.take() {
             Some(h) => h,
             None => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(
-                    left,
-                    read_response_head(&mut server, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS),
-                )
-                .await
+                match timer
+                    .run(read_response_head(
+                        &mut server,
+                        MAX_RESPONSE_HEAD,
+                        MAX_RESPONSE_FIELDS,
+                    ))
+                    .await
                 {
                     Err(_) => {
                         return Err(RelayError::on_route(
                             ErrorKind::ResponseTimeout {
-                                upstream: upstream_name.clone(),
+                                upstream: upstream_name(),
                             },
                             &route.host,
                         ))
@@ -252,7 +250,7 @@ pub async fn relay<S: Io>(
                         if reused && !has_body =>
                     {
                         reused = false;
-                        server = send_fresh(ctx, &decision, &head_out, &upstream_name).await?;
+                        server = send_fresh(ctx, &decision, &head_out).await?;
                         continue;
                     }
                     Ok(Err(e)) => return Err(bad_response(head_error_text(&e))),
@@ -307,7 +305,7 @@ pub async fn relay<S: Io>(
         .map_err(|why| bad_response(why.into()))?;
     let decode = route.decompress
         && in_framing != Framing::Empty
-        && resp.fields.tokens("content-encoding") == ["gzip"]
+        && matches!(resp.fields.list("content-encoding")[..], [c] if c.eq_ignore_ascii_case(b"gzip"))
         && !rewrite::accepts_gzip(&req.head.fields);
     let (body, out) = match in_framing {
         Framing::Empty => (ResponseBody::AsReceived, OutFraming::Plain),
@@ -319,7 +317,19 @@ pub async fn relay<S: Io>(
         && request_done
         && body != ResponseBody::Close
         && !ctx.shared.shutdown.is_cancelled();
-    let head_back = rewrite::response_head(
+    // A small body that already arrived with the head goes out in the same
+    // write: one system call per response instead of two.
+    let mut in_framing = in_framing;
+    let with_body = match in_framing {
+        Framing::Length(n) if n <= 16 * 1024 && server.buf.len() as u64 >= n && !decode => {
+            in_framing = Framing::Empty;
+            n as usize
+        }
+        _ => 0,
+    };
+    let mut head_back = Vec::with_capacity(rewrite::response_head_capacity(&resp) + with_body);
+    rewrite::response_head_into(
+        &mut head_back,
         &resp,
         &ResponseRewrite {
             name,
@@ -330,17 +340,7 @@ pub async fn relay<S: Io>(
             client_minor: req.head.minor,
         },
     );
-    // A small body that already arrived with the head goes out in the same
-    // write: one system call per response instead of two.
-    let mut head_back = head_back;
-    let mut in_framing = in_framing;
-    if let Framing::Length(n) = in_framing {
-        let small = n <= 16 * 1024 && server.buf.len() as u64 >= n;
-        if small && !decode {
-            head_back.extend_from_slice(&server.buf.split_to(n as usize));
-            in_framing = Framing::Empty;
-        }
-    }
+    head_back.extend_from_slice(&server.buf.split_to(with_body));
     if client.io.write_all(&head_back).await.is_err() {
         return Ok(After::Close);
     }
@@ -375,7 +375,7 @@ pub async fn relay<S: Io>(
             return Ok(After::Close);
         }
         Err(e) => {
-            tracing::warn!(route = %route.host, upstream = %upstream_name, error = %e, "response body failed");
+            tracing::warn!(route = %route.host, upstream = %upstream_name(), error = %e, "response body failed");
             return Ok(After::Close);
         }
     }
@@ -475,7 +475,6 @@ async fn send_fresh(
     ctx: &ConnCtx,
     d: &Decision,
     head: &[u8],
-    upstream_name: &str,
 ) -> Result<Conn<Upstream>, RelayError> {
     let route = &d.route;
     let mut server = match &d.uplink {
@@ -485,11 +484,11 @@ async fn send_fresh(
     write_flush(&mut server.io, head).await.map_err(|cause| {
         let kind = match &d.uplink {
             Some(_) => ErrorKind::BadResponse {
-                upstream: upstream_name.to_string(),
+                upstream: display_addr(&d.upstream_host, d.upstream_port),
                 cause: format!("sending the request: {cause}"),
             },
             None => ErrorKind::Connect {
-                upstream: upstream_name.to_string(),
+                upstream: display_addr(&d.upstream_host, d.upstream_port),
                 cause,
             },
         };

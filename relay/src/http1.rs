@@ -7,6 +7,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::access_log::Access;
 use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, RequestHead};
+use crate::deadline::Deadline;
 use crate::dispatch::{classify_request, Identity, RequestKind};
 use crate::error::{reason_phrase, ErrorKind, RelayError};
 use crate::forward::{self, After};
@@ -30,8 +31,12 @@ pub async fn serve_until_tunnel<S: Io>(
     ctx: &ConnCtx,
 ) -> Option<(Conn<S>, tunnel::Standing)> {
     let mut first = true;
+    let mut timer = {
+        let limits = &ctx.shared.config().limits;
+        Deadline::new(limits.head_timeout.min(limits.idle_timeout))
+    };
     loop {
-        match Box::pin(next_request(&mut conn, ctx, first)).await {
+        match Box::pin(next_request(&mut conn, ctx, first, &mut timer)).await {
             Next::KeepAlive => first = false,
             Next::Close => return None,
             Next::Tunnel(t) => return Some((conn, t)),
@@ -61,7 +66,12 @@ enum Next {
 }
 
 /// Reads one request and answers it (or sets up its tunnel).
-async fn next_request<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, first: bool) -> Next {
+async fn next_request<S: Io>(
+    conn: &mut Conn<S>,
+    ctx: &ConnCtx,
+    first: bool,
+    timer: &mut Deadline,
+) -> Next {
     let config = ctx.shared.config();
     let limits = &config.limits;
 
@@ -69,18 +79,19 @@ async fn next_request<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, first: bool) -> 
     // idle timeout; a draining relay closes idle connections at once.
     if !first && conn.buf.is_empty() {
         tokio::select! {
-            read = tokio::time::timeout(limits.idle_timeout, conn.fill()) => match read {
+            read = timer.limit(limits.idle_timeout, conn.fill()) => match read {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return Next::Close,
             },
             () = ctx.shared.shutdown.cancelled() => return Next::Close,
         }
     }
-    let head = tokio::time::timeout(
-        limits.head_timeout,
-        read_request_head(conn, limits.max_head_bytes, limits.max_headers),
-    )
-    .await;
+    let head = timer
+        .limit(
+            limits.head_timeout,
+            read_request_head(conn, limits.max_head_bytes, limits.max_headers),
+        )
+        .await;
     let head = match head {
         Ok(Ok(head)) => head,
         Ok(Err(HeadError::Eof { .. } | HeadError::Io(_))) => return Next::Close,
@@ -154,7 +165,7 @@ async fn next_request<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, first: bool) -> 
                 framing,
                 keep_alive,
             };
-            match forward::relay(conn, req, ctx, &mut access).await {
+            match forward::relay(conn, req, ctx, &mut access, timer).await {
                 Ok(after) => after,
                 Err(err) => {
                     forward::log_error(ctx, &err);

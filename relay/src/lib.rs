@@ -8,6 +8,7 @@
 //! - [`tls`]: TLS on the aggregate port (client certificates) and to internal servers;
 //! - [`dispatch`]: pure decisions: which protocol, and what a request head asks for;
 //! - [`http1`]: the HTTP/1 server side of a client connection (request loop);
+//! - [`deadline`]: per-connection timeouts without a timer operation per request;
 //! - [`h2`]: HTTP/2 connections, each stream served through [`http1`];
 //! - [`gate`]: per-client request rate, authentication and access rules;
 //! - [`auth`]: users (password file, client certificates) and `Proxy-Authorization`;
@@ -39,6 +40,7 @@ pub mod admin;
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod deadline;
 pub mod dispatch;
 pub mod error;
 pub mod events;

@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use porthole_relay::config::{Config, ConfigError, EMBEDDED_DEFAULT};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the request path allocates a few small
+/// objects per request, and glibc spent ~8% of the relay's CPU on them
+/// (`_int_malloc`, `malloc_consolidate`, `_int_free` in a `perf` profile of P1).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a bad configuration, before anything is bound.
 const EXIT_BAD_CONFIG: u8 = 64;
 

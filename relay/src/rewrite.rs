@@ -20,8 +20,11 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
-fn is_hop_by_hop(name: &str, listed: &[String]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+/// `listed`: the names the head's `Connection` fields list.
+fn is_hop_by_hop(name: &[u8], listed: &[&[u8]]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
         || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
@@ -120,41 +123,41 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     out.extend_from_slice(rw.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let listed = req.fields.tokens("connection");
+    let listed = req.fields.list("connection");
     let mut wrote_host = false;
     for (name, value) in req.fields.iter() {
-        if name.eq_ignore_ascii_case("host") {
+        if name.eq_ignore_ascii_case(b"host") {
             if wrote_host {
                 continue;
             }
             wrote_host = true;
             match rw.host {
-                Some(authority) => push_field(&mut out, name.as_bytes(), authority.as_bytes()),
-                None => push_field(&mut out, name.as_bytes(), value),
+                Some(authority) => push_field(&mut out, name, authority.as_bytes()),
+                None => push_field(&mut out, name, value),
             }
             continue;
         }
-        if name.eq_ignore_ascii_case("upgrade") && rw.upgrade {
-            push_field(&mut out, name.as_bytes(), value);
+        if name.eq_ignore_ascii_case(b"upgrade") && rw.upgrade {
+            push_field(&mut out, name, value);
             continue;
         }
         if is_hop_by_hop(name, &listed) {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length") && rw.body == BodyHeader::Chunked {
+        if name.eq_ignore_ascii_case(b"content-length") && rw.body == BodyHeader::Chunked {
             continue;
         }
-        if name.eq_ignore_ascii_case("via") && rw.transparent {
+        if name.eq_ignore_ascii_case(b"via") && rw.transparent {
             if let Some(kept) = strip_porthole_via(value) {
                 if kept == value {
-                    push_field(&mut out, name.as_bytes(), value);
+                    push_field(&mut out, name, value);
                 } else {
-                    push_field(&mut out, name.as_bytes(), &kept);
+                    push_field(&mut out, name, &kept);
                 }
             }
             continue;
         }
-        push_field(&mut out, name.as_bytes(), value);
+        push_field(&mut out, name, value);
     }
     if !wrote_host {
         if let Some(authority) = rw.host {
@@ -213,29 +216,48 @@ pub struct ResponseRewrite<'a> {
 
 /// Builds the head the relay sends back to the client.
 pub fn response_head(resp: &ResponseHead, rw: &ResponseRewrite<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(resp.wire_len() + 64);
+    let mut out = Vec::with_capacity(response_head_capacity(resp));
+    response_head_into(&mut out, resp, rw);
+    out
+}
+
+/// Room for the rewritten form of `resp`'s head: what the server sent plus
+/// what the relay may add.
+pub fn response_head_capacity(resp: &ResponseHead) -> usize {
+    resp.wire_len() + 64
+}
+
+/// Appends the head the relay sends back to the client to `out` (which may
+/// be sized to take a small body after it too).
+pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseRewrite<'_>) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.status.to_string().as_bytes());
+    // httparse accepts exactly three digits.
+    let s = resp.status;
+    out.extend_from_slice(&[
+        b'0' + (s / 100 % 10) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]);
     out.push(b' ');
     out.extend_from_slice(resp.reason());
     out.extend_from_slice(b"\r\n");
+    let listed = resp.fields.list("connection");
 
-    let listed = resp.fields.tokens("connection");
     for (name, value) in resp.fields.iter() {
-        if name.eq_ignore_ascii_case("upgrade") && rw.upgrade {
-            push_field(&mut out, name.as_bytes(), value);
+        if name.eq_ignore_ascii_case(b"upgrade") && rw.upgrade {
+            push_field(out, name, value);
             continue;
         }
         if is_hop_by_hop(name, &listed) {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length") && rw.body != ResponseBody::AsReceived {
+        if name.eq_ignore_ascii_case(b"content-length") && rw.body != ResponseBody::AsReceived {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-encoding") && rw.decoded {
+        if name.eq_ignore_ascii_case(b"content-encoding") && rw.decoded {
             continue;
         }
-        push_field(&mut out, name.as_bytes(), value);
+        push_field(out, name, value);
     }
     if rw.upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
@@ -247,9 +269,8 @@ pub fn response_head(resp: &ResponseHead, rw: &ResponseRewrite<'_>) -> Vec<u8> {
     if rw.body == ResponseBody::Chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
-    via_line(&mut out, resp.minor, rw.name);
+    via_line(out, resp.minor, rw.name);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Whether a client's `Accept-Encoding` accepts gzip (RFC 9110 section 12.5.3).
