@@ -85,7 +85,7 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Per-route handles into the families above, so counting a request is a
     /// few atomic adds rather than four labelled look-ups.
-    by_route: std::sync::RwLock<std::collections::HashMap<Arc<str>, Arc<RouteHandles>>>,
+    by_route: std::sync::RwLock<foldhash::HashMap<Arc<str>, Arc<RouteHandles>>>,
 }
 
 /// One route's series, taken from the families once.

@@ -4,7 +4,9 @@
 //! `suffix`, not `suffix` itself). Exact names win over patterns, and a longer
 //! suffix wins over a shorter one. Matching is case-insensitive.
 
-use std::collections::HashMap;
+// foldhash: a fast seeded hasher; SipHash was 2.5% of the instructions per request
+// (route, pool and metrics lookups).
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::config::Route;

@@ -1,7 +1,9 @@
 //! Dialling internal servers (in plain TCP or TLS), and the pool of idle
 //! keep-alive connections to them.
 
-use std::collections::HashMap;
+// foldhash: a fast seeded hasher; SipHash was 2.5% of the instructions per request
+// (route, pool and metrics lookups).
+use foldhash::HashMap;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
