@@ -93,6 +93,14 @@ struct Direction {
 }
 
 impl Direction {
+    /// End of stream from the source: passed on as a half-close.
+    fn end(&mut self, dst: &TcpStream) -> io::Result<()> {
+        self.pipe = None;
+        self.done = true;
+        nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+            .map_err(errno)
+    }
+
     /// Moves what `src` has to `dst` until it would block (`Pending`), the
     /// stream ends (the half-close is passed on), or the budget is spent.
     fn poll_move(
@@ -138,7 +146,15 @@ impl Direction {
                 return Poll::Pending;
             }
             if self.pipe.is_none() {
-                self.pipe = Some(Pipe::new()?);
+                // Peek before making a pipe: a direction that only ends
+                // costs one recv, not pipe2 + fcntl + splice + two closes
+                // (most of a short tunnel's system calls).
+                let mut probe = [0u8; 1];
+                match ready!(src.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut probe))) {
+                    Ok(0) => return Poll::Ready(self.end(dst)),
+                    Ok(_) => self.pipe = Some(Pipe::new()?),
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
             }
             let Some(Pipe { w: pipe_w, cap, .. }) = self.pipe.as_ref() else {
                 continue;
@@ -147,13 +163,7 @@ impl Direction {
             match src.try_io(Interest::READABLE, || {
                 splice(src.as_fd(), None, pipe_w.as_fd(), None, *cap, flags).map_err(errno)
             }) {
-                Ok(0) => {
-                    self.pipe = None;
-                    self.done = true;
-                    nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
-                        .map_err(errno)?;
-                    return Poll::Ready(Ok(()));
-                }
+                Ok(0) => return Poll::Ready(self.end(dst)),
                 Ok(n) => {
                     self.pending = n;
                     self.moved += n as u64;
