@@ -47,7 +47,12 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
         };
         let _ = stream.set_nodelay(true);
         shared.metrics.accepted.inc();
-        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+        // A listener bound to one address: that is every connection's local
+        // address, no getsockname per connection (only a wildcard asks).
+        let local = match local {
+            Some(l) if !l.ip().is_unspecified() => l,
+            _ => stream.local_addr().ok().or(local).unwrap_or(peer),
+        };
         let Ok(permit) = total.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "max_connections reached");
             tracker.spawn(turn_away(stream, "the relay has too many connections"));
