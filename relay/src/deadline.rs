@@ -88,6 +88,15 @@ impl Deadline {
 mod tests {
     use super::*;
 
+    /// The (paused) clock moved by at least `from_ms` and less than `to_ms` since `start`.
+    fn took_between(start: Instant, from_ms: u64, to_ms: u64) {
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(from_ms) && took < Duration::from_millis(to_ms),
+            "{took:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fires_at_the_latest_deadline_not_the_first() {
         let mut d = Deadline::new(Duration::from_secs(1));
@@ -103,11 +112,7 @@ mod tests {
         );
         let never = std::future::pending::<()>();
         assert_eq!(d.limit(Duration::from_secs(3), never).await, Err(Expired));
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(4500) && took < Duration::from_millis(4600),
-            "{took:?}"
-        );
+        took_between(start, 4500, 4600);
     }
 
     #[tokio::test(start_paused = true)]
@@ -119,11 +124,7 @@ mod tests {
             d.limit(Duration::from_millis(200), never).await,
             Err(Expired)
         );
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(200) && took < Duration::from_millis(300),
-            "{took:?}"
-        );
+        took_between(start, 200, 300);
     }
 
     #[tokio::test(start_paused = true)]
@@ -148,10 +149,6 @@ mod tests {
                 .await,
             Err(Expired)
         );
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(3500) && took < Duration::from_millis(3600),
-            "{took:?}"
-        );
+        took_between(start, 3500, 3600);
     }
 }
