@@ -20,8 +20,9 @@ use crate::metrics::{GaugeGuard, Name, RouteLabels};
 use crate::upstream::Upstream;
 use crate::ConnCtx;
 
-/// Copy buffer per direction, allocated only while the tunnel is in use.
-const COPY_BUF: usize = 16 * 1024;
+/// Copy buffer per direction, allocated only while a burst lasts: the same
+/// size as the HTTP/2 tunnels' (16 KiB made one uplink stream 25% slower).
+const COPY_BUF: usize = crate::h2::TUNNEL_BUF;
 
 /// Bytes moved by a tunnel.
 #[derive(Debug, Default, Clone, Copy)]
