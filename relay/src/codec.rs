@@ -5,6 +5,7 @@
 //! Heads are kept as the raw bytes received plus the offsets of each field, so
 //! a rewrite can copy names and values exactly as the peer wrote them.
 
+use std::borrow::Cow;
 use std::io;
 use std::ops::Range;
 
@@ -204,18 +205,20 @@ pub fn trim(mut v: &[u8]) -> &[u8] {
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     pub fields: Fields,
-    method: Range<usize>,
-    target: Range<usize>,
+    /// Kept as text (httparse validated it): read several times per request,
+    /// a `from_utf8` per read cost more than this one copy.
+    method: Cow<'static, str>,
+    target: Box<str>,
     /// HTTP/1.x minor version: 0 or 1.
     pub minor: u8,
 }
 
 impl RequestHead {
     pub fn method(&self) -> &str {
-        std::str::from_utf8(&self.fields.raw[self.method.clone()]).unwrap_or("")
+        &self.method
     }
     pub fn target(&self) -> &str {
-        std::str::from_utf8(&self.fields.raw[self.target.clone()]).unwrap_or("")
+        &self.target
     }
     /// Size of the head on the wire.
     pub fn wire_len(&self) -> usize {
@@ -376,9 +379,16 @@ fn parse_request_into<'b>(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "PATCH", "TRACE",
+    ];
+    let method = match KNOWN.iter().find(|m| **m == method) {
+        Some(known) => Cow::Borrowed(*known),
+        None => Cow::Owned(method.to_string()),
+    };
     Ok(RequestHead {
-        method: offset(raw, method.as_bytes()),
-        target: offset(raw, target.as_bytes()),
+        method,
+        target: target.into(),
         minor,
         fields: Fields {
             pos: field_positions(raw, req.headers),

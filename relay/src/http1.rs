@@ -3,7 +3,10 @@
 //! hands it to the tunnel, the relay's own endpoints or the HTTP relay; loops
 //! while the connection is kept alive.
 
+use std::pin::Pin;
+
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::access_log::Access;
 use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, RequestHead};
@@ -35,8 +38,11 @@ pub async fn serve_until_tunnel<S: Io>(
         let limits = &ctx.shared.config().limits;
         Deadline::new(limits.head_timeout.min(limits.idle_timeout))
     };
+    // One wait for shutdown per connection, not one registration per request.
+    let mut draining = Box::pin(ctx.shared.shutdown.clone().cancelled_owned());
     loop {
-        match Box::pin(next_request(&mut conn, ctx, first, &mut timer)).await {
+        let next = next_request(&mut conn, ctx, first, &mut timer, draining.as_mut());
+        match Box::pin(next).await {
             Next::KeepAlive => first = false,
             Next::Close => return None,
             Next::Tunnel(t) => return Some((conn, t)),
@@ -71,6 +77,7 @@ async fn next_request<S: Io>(
     ctx: &ConnCtx,
     first: bool,
     timer: &mut Deadline,
+    draining: Pin<&mut WaitForCancellationFutureOwned>,
 ) -> Next {
     let config = ctx.shared.config();
     let limits = &config.limits;
@@ -83,7 +90,7 @@ async fn next_request<S: Io>(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return Next::Close,
             },
-            () = ctx.shared.shutdown.cancelled() => return Next::Close,
+            () = draining => return Next::Close,
         }
     }
     let head = timer
