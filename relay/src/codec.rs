@@ -202,6 +202,12 @@ pub fn trim(mut v: &[u8]) -> &[u8] {
     v
 }
 
+/// The standard request methods (RFC 9110 section 9 and PATCH): kept as
+/// static text in a parsed head, and the method labels of the metrics.
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+];
+
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     pub fields: Fields,
@@ -379,10 +385,7 @@ fn parse_request_into<'b>(
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
-    const KNOWN: [&str; 9] = [
-        "GET", "POST", "HEAD", "PUT", "DELETE", "CONNECT", "OPTIONS", "PATCH", "TRACE",
-    ];
-    let method = match KNOWN.iter().find(|m| **m == method) {
+    let method = match METHODS.iter().find(|m| **m == method) {
         Some(known) => Cow::Borrowed(*known),
         None => Cow::Owned(method.to_string()),
     };

@@ -298,9 +298,11 @@ impl Metrics {
     }
 }
 
-const METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "other",
-];
+/// Method labels: the standard methods, then `other`.
+const METHODS: [&str; 9] = {
+    let m = crate::codec::METHODS;
+    [m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], "other"]
+};
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Folds a method into a bounded set of label values.
