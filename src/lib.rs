@@ -980,6 +980,20 @@ pub async fn wait_pollers(admin: SocketAddr, topic: &str, n: usize) {
     }
 }
 
+/// Writes `msg` on a tunnel, half-closes it, and reads everything back (at
+/// most 20 s): what an echo server behind a relay answers.
+pub async fn echo_round(mut s: tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut back))
+        .await
+        .expect("echo answered in time")
+        .unwrap();
+    back
+}
+
 /// Opens a `CONNECT target` tunnel through the proxy at `proxy` (a relay or
 /// the shim): the connection, and the proxy's answer head, which must be a
 /// `200`.

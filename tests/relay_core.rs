@@ -6,7 +6,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, connect_via, raw_exchange, response, route, Curl, EchoServer, Origin, Relay, Reply,
+    config_with, connect_via, echo_round, raw_exchange, response, route, Curl, EchoServer, Origin,
+    Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -194,16 +195,11 @@ async fn connect_tunnel_passes_bytes_and_half_close() {
         "",
     ))
     .await;
-    let (mut s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
+    let (s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
     assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
     let payload: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
-    s.write_all(&payload).await.unwrap();
-    s.shutdown().await.unwrap(); // half-close: the server must see EOF and still answer
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    // Half-closed after the payload: the server must see EOF and still answer.
+    let back = echo_round(s, &payload).await;
     assert_eq!(back.len(), payload.len() + 4);
     assert_eq!(
         &back[..payload.len()],

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use porthole_shim::{control, LinkState, RawConfig, Shim, ShimConfig};
 use porthole_suite::{
-    binary, config_with, connect_via, free_port, response, route, wait_for_port, workspace_root,
-    Curl, EchoServer, LinkProxy, Origin, Relay, Reply,
+    binary, config_with, connect_via, echo_round, free_port, response, route, wait_for_port,
+    workspace_root, Curl, EchoServer, LinkProxy, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,18 +25,6 @@ fn shim_config(relay: SocketAddr, extra: &str) -> ShimConfig {
 async fn start_shim(config: ShimConfig) -> Shim {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     Shim::start(config, listener).await.unwrap()
-}
-
-/// Writes `msg`, half-closes, and reads everything back.
-async fn echo_round(mut s: TcpStream, msg: &[u8]) -> Vec<u8> {
-    s.write_all(msg).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back))
-        .await
-        .expect("echo answered in time")
-        .unwrap();
-    back
 }
 
 async fn wait_state(shim: &Shim, up: bool, limit: Duration) {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, connect_via, eventually, raw_exchange, route, Curl, EchoServer, LinkProxy, Origin,
-    Relay,
+    config_with, connect_via, echo_round, eventually, raw_exchange, route, Curl, EchoServer,
+    LinkProxy, Origin, Relay,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -126,15 +126,9 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     assert_eq!(origin.received().len(), 2);
 
     // CONNECT to a TCP service behind I: bytes both ways, half-close passed on.
-    let (mut s, head) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
+    let (s, head) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
     assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
-    s.write_all(b"through two relays").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    let back = echo_round(s, b"through two relays").await;
     assert_eq!(back, b"through two relaysbye\n");
     assert_eq!(echo.half_closes(), 1);
 
@@ -772,13 +766,7 @@ async fn connect_echo(o: &Relay, port: u16) -> Vec<u8> {
     s.write_all(format!("CONNECT db.plant3:{port} HTTP/1.1\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    s.write_all(b"pooled").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    let back = echo_round(s, b"pooled").await;
     back
 }
 
@@ -963,16 +951,10 @@ async fn sequential_requests_reuse_one_data_connection() {
 
     // A CONNECT is a session on a new data connection, never pooled: it
     // closes with the tunnel.
-    let (mut s, _) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
+    let (s, _) = connect_via(o.addr, &format!("db.plant3:{}", echo.port())).await;
     assert_eq!(proxy.passed(), 4);
     assert_eq!(sessions_of(&services(&o).await, "db.plant3"), Some(1));
-    s.write_all(b"x").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
+    let back = echo_round(s, b"x").await;
     assert_eq!(back, b"xbye\n");
     wait_open(&proxy, 3, "the CONNECT's data connection closed").await;
     assert!(
