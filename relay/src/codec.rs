@@ -595,6 +595,19 @@ impl BodyReader {
         matches!(self.state, State::Done)
     }
 
+    /// Bytes left of a body of known length, when that is what this is.
+    pub fn length_left(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The body was moved past this reader (spliced): it is complete.
+    pub fn finish(&mut self) {
+        self.state = State::Done;
+    }
+
     /// The next piece of the body.
     pub async fn next<S: AsyncRead + Unpin>(
         &mut self,

@@ -192,26 +192,15 @@ pub async fn relay<S: Io>(
             Framing::Chunked => OutFraming::Chunked,
             _ => OutFraming::Plain,
         };
-        let spliced = match req.framing {
-            Framing::Length(n) if n >= SPLICE_BODY_MIN => {
-                splice_body(client, &mut server.io, n).await
-            }
-            _ => None,
-        };
-        let copied = match spliced {
-            Some(result) => result,
-            None => {
-                copy_body(
-                    &mut BodyReader::new(req.framing),
-                    client,
-                    &mut server.io,
-                    out,
-                    None,
-                )
-                .await
-            }
-        };
-        match copied {
+        match copy_body(
+            &mut BodyReader::new(req.framing),
+            client,
+            &mut server.io,
+            out,
+            None,
+        )
+        .await
+        {
             Ok(n) => access.bytes_in += n,
             Err(CopyError::Read(BodyError::Malformed(why))) => {
                 return Err(RelayError::new(ErrorKind::BadRequest(why)));
@@ -346,28 +335,16 @@ pub async fn relay<S: Io>(
     }
     access.bytes_out += head_back.len() as u64;
 
-    let spliced = match in_framing {
-        Framing::Length(n) if !decode && n >= SPLICE_BODY_MIN => {
-            splice_body(&mut server, &mut client.io, n).await
-        }
-        _ => None,
-    };
-    let copied = match spliced {
-        Some(result) => result,
-        None => {
-            let mut gunzip = decode.then(Gunzip::new);
-            let mut reader = BodyReader::new(in_framing);
-            copy_body(
-                &mut reader,
-                &mut server,
-                &mut client.io,
-                out,
-                gunzip.as_mut(),
-            )
-            .await
-        }
-    };
-    match copied {
+    let mut gunzip = decode.then(Gunzip::new);
+    match copy_body(
+        &mut BodyReader::new(in_framing),
+        &mut server,
+        &mut client.io,
+        out,
+        gunzip.as_mut(),
+    )
+    .await
+    {
         Ok(n) => access.bytes_out += n,
         // The client went away mid-body: its choice, not worth a warning.
         Err(CopyError::Write(e)) => {
@@ -565,14 +542,25 @@ impl std::fmt::Display for CopyError {
 }
 
 /// Streams a body from `from` to `to`, re-framed as `out`, optionally
-/// gunzipped. Returns the bytes written.
-pub async fn copy_body<R: Io, W: AsyncWrite + Unpin>(
+/// gunzipped. Returns the bytes written. A large body of known length passed
+/// as it is between two plain TCP sockets is spliced instead.
+pub async fn copy_body<R: Io, W: Io>(
     reader: &mut BodyReader,
     from: &mut Conn<R>,
     to: &mut W,
     out: OutFraming,
     mut gunzip: Option<&mut Gunzip>,
 ) -> Result<u64, CopyError> {
+    if let (Some(len), OutFraming::Plain, None) = (reader.length_left(), out, &gunzip) {
+        if len >= SPLICE_BODY_MIN {
+            if let Some(spliced) = splice_body(from, to, len).await {
+                if spliced.is_ok() {
+                    reader.finish();
+                }
+                return spliced;
+            }
+        }
+    }
     let mut written = 0u64;
     loop {
         match reader.next(from).await.map_err(CopyError::Read)? {
