@@ -387,17 +387,26 @@ class Env:
 
 def one_worker_mode(relay_bin):
     """How to pin Porthole to one worker thread: a flag if the binary has one,
+    else the `relay.workers` key (environment override) where `check` accepts it,
     else tokio's own TOKIO_WORKER_THREADS (honoured by the default runtime builder)."""
     help_text = run([relay_bin, "--help"], 10).stdout
     m = re.search(r"--(worker[-_]threads|workers|threads)\b", help_text)
     if m:
         return ([f"--{m.group(1)}", "1"], {}, f"`--{m.group(1)} 1`")
-    return ([], {"TOKIO_WORKER_THREADS": "1"},
+    tokio_env = {"TOKIO_WORKER_THREADS": "1"}
+    keyed = {"PORTHOLE__RELAY__WORKERS": "1", **tokio_env}
+    if run([relay_bin, "check"], 10, env=keyed).returncode == 0:
+        return ([], keyed,
+                "`PORTHOLE__RELAY__WORKERS=1` (`relay.workers = 1`: one connection worker) "
+                "and `TOKIO_WORKER_THREADS=1` (the runtime of the admin listener and signals)")
+    return ([], tokio_env,
             "`TOKIO_WORKER_THREADS=1` (the binary has no worker-thread option; tokio's default "
             "runtime builder reads this variable)")
 
 
 def runtime_workers(pid):
+    """Threads that serve connections: Porthole's own workers (`relay.workers`)
+    where it has them, else the tokio runtime's worker threads."""
     names = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -405,6 +414,9 @@ def runtime_workers(pid):
                 names.append(f.read().strip())
     except OSError:
         return -1
+    own = sum(1 for n in names if n.startswith("porthole-worke"))
+    if own:
+        return own
     # The name changed across tokio versions.
     return sum(1 for n in names if n.startswith(("tokio-runtime-w", "tokio-rt-worker")))
 
@@ -1133,8 +1145,8 @@ def main():
     for p in PORTHOLES:
         if p in peers:
             n = runtime_workers(peers[p]["proc"].pid)
-            notes.append(f"{p}: {n} tokio runtime worker thread(s) counted in /proc at start")
-            log(f"{p}: {n} tokio runtime worker threads")
+            notes.append(f"{p}: {n} connection worker thread(s) counted in /proc at start")
+            log(f"{p}: {n} connection worker threads")
 
     res = {}
 

@@ -405,3 +405,66 @@ async fn json_logs_carry_the_access_fields() {
         );
     }
 }
+
+/// Names of the relay's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
+    let origin = Origin::ok().await;
+    let path = write_config(
+        "workers",
+        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
+    );
+    let relay = RelayProcess::spawn(&path, &[("PORTHOLE__RELAY__WORKERS", "3")]).await;
+    let workers = thread_names(relay.pid())
+        .into_iter()
+        .filter(|n| n.starts_with("porthole-worke"))
+        .count();
+    assert_eq!(workers, 3, "{:?}", thread_names(relay.pid()));
+
+    // Twenty connections at once, spread over the workers by the kernel.
+    let url = format!("http://app.test:{}/", origin.port());
+    let runs: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(Curl::new(&url).proxy(&relay.url()).run()))
+        .collect();
+    for run in runs {
+        assert_eq!(run.await.unwrap().status, 200);
+    }
+
+    // A second relay on the same port fails at once ("address in use"),
+    // rather than joining the first one's SO_REUSEPORT group.
+    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
+    let second = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary("porthole-relay"))
+            .arg("--config")
+            .arg(&path)
+            .env("PORTHOLE__RELAY__LISTEN", relay.addr.to_string())
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
+            .output(),
+    )
+    .await
+    .expect("the second relay did not exit")
+    .unwrap();
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{log}");
+    assert!(
+        log.contains("relay.listen") && log.contains("in use"),
+        "{log}"
+    );
+    // The first relay serves every connection as before.
+    for _ in 0..10 {
+        let out = Curl::new(&url).proxy(&relay.url()).run().await;
+        assert_eq!(out.status, 200);
+    }
+    assert_eq!(origin.received().len(), 30);
+}

@@ -30,6 +30,16 @@ async fn relay_to(origin: &Origin, host: &str, extra: &str) -> Relay {
     .await
 }
 
+/// A relay with one connection worker: every client connection meets the
+/// same upstream pool (each worker keeps its own).
+async fn one_worker_relay_to(origin: &Origin, host: &str) -> Relay {
+    Relay::start(&config_with(
+        &route(host, "127.0.0.1", &[origin.port()], ""),
+        "workers = 1",
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn absolute_form_is_relayed_in_origin_form_without_hop_by_hop_fields() {
     let origin = Origin::ok().await;
@@ -313,7 +323,7 @@ async fn websocket_upgrade_becomes_a_tunnel() {
 #[tokio::test]
 async fn http10_head_and_keep_alive_with_pooled_upstream() {
     let origin = Origin::ok().await;
-    let relay = relay_to(&origin, "app-a.test", "").await;
+    let relay = one_worker_relay_to(&origin, "app-a.test").await;
     let base = format!("http://app-a.test:{}", origin.port());
     // Two requests on one client connection (keep-alive), then separate curls.
     let two = format!("GET {base}/1 HTTP/1.1\r\nHost: a\r\n\r\nGET {base}/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
@@ -353,6 +363,31 @@ async fn http10_head_and_keep_alive_with_pooled_upstream() {
         origin.connections(),
         1,
         "upstream connections were not reused"
+    );
+}
+
+#[tokio::test]
+async fn each_worker_pools_its_own_upstream_connections() {
+    // Three workers, twelve client connections one after another: each
+    // worker dials the server at most once and reuses its connection after.
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "workers = 3",
+    ))
+    .await;
+    for n in 0..12 {
+        let out = Curl::new(&format!("http://app-a.test:{}/{n}", origin.port()))
+            .proxy(&relay.url())
+            .run()
+            .await;
+        assert_eq!((out.status, out.text()), (200, format!("ok /{n}")));
+    }
+    assert_eq!(origin.received().len(), 12);
+    let dialled = origin.connections();
+    assert!(
+        (1..=3).contains(&dialled),
+        "{dialled} upstream connections for 12 requests on 3 workers"
     );
 }
 
@@ -606,7 +641,7 @@ async fn large_bodies_both_ways_arrive_byte_exact_and_the_server_connection_is_r
     let body = patterned((3 << 20) + 7);
     let reply = response(200, &[("Content-Type", "application/octet-stream")], &body);
     let origin = Origin::start(move |_| Reply::Raw(reply.clone())).await;
-    let relay = relay_to(&origin, "app-a.test", "").await;
+    let relay = one_worker_relay_to(&origin, "app-a.test").await;
     for n in 0..2 {
         let out = Curl::new(&format!("http://app-a.test:{}/big{n}", origin.port()))
             .proxy(&relay.url())

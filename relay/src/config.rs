@@ -129,6 +129,9 @@ struct RawRelay {
     /// Never the aggregate port.
     #[serde(default = "default_admin_listen")]
     admin_listen: String,
+    /// Threads serving connections on the aggregate port; 0: one per CPU core.
+    #[serde(default)]
+    workers: usize,
 }
 
 impl Default for RawRelay {
@@ -138,6 +141,7 @@ impl Default for RawRelay {
             name: default_name(),
             drain_timeout: default_drain_timeout(),
             admin_listen: default_admin_listen(),
+            workers: 0,
         }
     }
 }
@@ -432,6 +436,8 @@ pub struct RelaySettings {
     pub drain_timeout: Duration,
     /// `None` when turned off.
     pub admin_listen: Option<SocketAddr>,
+    /// Connection worker threads (`relay.workers`; 0 became the number of cores).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -706,11 +712,22 @@ impl RawConfig {
                 }
             },
         };
+        if self.relay.workers > crate::workers::MAX_WORKERS {
+            c.push(
+                "relay.workers",
+                format!(
+                    "{} is more than {} (0 means one per CPU core)",
+                    self.relay.workers,
+                    crate::workers::MAX_WORKERS
+                ),
+            );
+        }
         let relay = RelaySettings {
             admin_listen,
             listen,
             name,
             drain_timeout: c.duration("relay.drain_timeout", &self.relay.drain_timeout),
+            workers: crate::workers::count(self.relay.workers),
         };
 
         let l = &self.limits;
@@ -1044,6 +1061,18 @@ mod tests {
                 "route[0].to",
                 "route[0].ports"
             ]
+        );
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Config::from_toml("").unwrap().relay.workers, cores);
+        let c = Config::from_toml("[relay]\nworkers = 3\n").unwrap();
+        assert_eq!(c.relay.workers, 3);
+        assert_eq!(
+            problem_keys("[relay]\nworkers = 257\n"),
+            vec!["relay.workers"]
         );
     }
 

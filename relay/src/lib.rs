@@ -4,6 +4,7 @@
 //!
 //! Layout, in the order a connection meets them:
 //!
+//! - [`workers`]: one thread and runtime per core, each with its accept loop;
 //! - [`listener`]: accept loop, connection limits, first-bytes detection;
 //! - [`tls`]: TLS on the aggregate port (client certificates) and to internal servers;
 //! - [`dispatch`]: pure decisions: which protocol, and what a request head asks for;
@@ -64,6 +65,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod uplink;
 pub mod upstream;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -111,13 +113,14 @@ impl Shared {
         // The redis store starts a task: this runs inside the runtime.
         let events = events::Hub::open(&config.events)
             .map_err(|e| std::io::Error::other(format!("cannot open the event store: {e}")))?;
+        let workers = config.relay.workers;
         Ok(Shared {
             events,
             uplinks: uplink::outside::Registry::default(),
             access_file,
             config: RwLock::new(Arc::new(config)),
             last_reload: std::sync::Mutex::new(None),
-            pool: upstream::Pool::default(),
+            pool: upstream::Pool::new(workers),
             rate: ratelimit::RateLimiter::default(),
             shutdown: CancellationToken::new(),
             metrics: metrics::Metrics::new(),
@@ -146,9 +149,10 @@ impl Shared {
             Ok(new) => {
                 if new.relay.listen != current.relay.listen
                     || new.relay.admin_listen != current.relay.admin_listen
+                    || new.relay.workers != current.relay.workers
                 {
                     tracing::warn!(
-                        "listen addresses changed: they take effect at the next restart"
+                        "listen addresses or workers changed: they take effect at the next restart"
                     );
                 }
                 let routes = new.routes.routes().len();
@@ -211,7 +215,7 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses the configuration names.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let aggregate = TcpListener::bind(config.relay.listen).await.map_err(|e| {
+        let aggregate = workers::bind_aggregate(config.relay.listen).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("relay.listen {}: {e}", config.relay.listen),
@@ -246,11 +250,8 @@ pub async fn run(
         }
     }
     let tracker = TaskTracker::new();
-    let accept = tokio::spawn(listener::accept_loop(
-        listeners.aggregate,
-        shared.clone(),
-        tracker.clone(),
-    ));
+    let workers = shared.config().relay.workers;
+    let mut workers = workers::Workers::start(listeners.aggregate, workers, &shared, &tracker)?;
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
@@ -264,7 +265,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.shutdown.cancel();
-    let _ = accept.await;
+    workers.accepting_ended().await;
     tracker.close();
     if tokio::time::timeout(drain_timeout, tracker.wait())
         .await
@@ -276,6 +277,7 @@ pub async fn run(
             "drain timeout: closing what is still open"
         );
     }
+    workers.stop().await;
     if let Some(admin) = admin {
         admin.abort();
     }

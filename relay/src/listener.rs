@@ -20,12 +20,36 @@ use crate::http1::{self, write_simple};
 use crate::metrics::GaugeGuard;
 use crate::{tls, tunnel, ConnCtx, Shared};
 
+/// The connection limits, counted across every worker's accept loop.
+pub struct Admission {
+    /// `limits.max_connections`.
+    total: Arc<Semaphore>,
+    /// Open connections per client address.
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// `limits.max_connections_per_client`.
+    per_client_max: usize,
+}
+
+impl Admission {
+    /// The limits as configured at start (changing them needs a restart).
+    pub fn new(limits: &crate::config::Limits) -> Admission {
+        Admission {
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            per_client: Arc::default(),
+            per_client_max: limits.max_connections_per_client,
+        }
+    }
+}
+
 /// Accepts connections until shutdown; every connection task joins `tracker`.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+/// Each worker runs one ([`crate::workers`]).
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    admission: Arc<Admission>,
+) {
     let local = listener.local_addr().ok();
-    let limits = shared.config().limits.clone();
-    let total = Arc::new(Semaphore::new(limits.max_connections));
-    let per_client: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -53,13 +77,13 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
             Some(l) if !l.ip().is_unspecified() => l,
             _ => stream.local_addr().ok().or(local).unwrap_or(peer),
         };
-        let Ok(permit) = total.clone().try_acquire_owned() else {
+        let Ok(permit) = admission.total.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "max_connections reached");
             tracker.spawn(turn_away(stream, "the relay has too many connections"));
             continue;
         };
         let Some(slot) =
-            ClientSlot::take(&per_client, peer.ip(), limits.max_connections_per_client)
+            ClientSlot::take(&admission.per_client, peer.ip(), admission.per_client_max)
         else {
             tracing::warn!(client = %peer, "max_connections_per_client reached");
             tracker.spawn(turn_away(stream, "too many connections from your address"));

@@ -154,7 +154,7 @@ impl AsyncWrite for Upstream {
 }
 
 /// Whom a pooled connection may serve besides its `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     /// Dialled in plain TCP.
     Plain,
@@ -181,23 +181,59 @@ type Idle = Vec<(Conn<Upstream>, Instant)>;
 /// scan, so a lookup builds no key (no allocation per request).
 type Slots = Vec<(u16, Scope, Idle)>;
 
-/// Idle keep-alive connections, newest last. A plain mutex: every section is a
+type Shard = Mutex<HashMap<String, Slots>>;
+
+/// Idle keep-alive connections, newest last, kept per connection worker: a
+/// connection dialled on one worker's runtime is reused there, so its socket
+/// is polled by the thread that uses it ([`crate::workers`]). Uplink data
+/// connections are the exception: they arrive on whichever worker accepted
+/// them, so there is no locality to keep, and they wait in the one shared
+/// list, where every worker finds them (no new data connection is asked for
+/// while another worker's idles). A plain mutex per list: every section is a
 /// few pointer moves and never awaits.
-#[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<String, Slots>>,
+    /// Index 0 for uplink data connections and for threads that are not
+    /// workers, then one per worker.
+    shards: Box<[Shard]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(0)
+    }
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slots>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    /// A pool for `workers` connection workers.
+    pub fn new(workers: usize) -> Pool {
+        Pool {
+            shards: (0..=workers).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    /// The idle connections in `scope` the calling worker may take.
+    fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<String, Slots>> {
+        let at = match scope {
+            Scope::Uplink { .. } => 0,
+            Scope::Plain | Scope::Tls(_) => crate::workers::current() % self.shards.len(),
+        };
+        self.shards[at].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every worker's idle connections, one at a time.
+    fn each_shard(
+        &self,
+    ) -> impl Iterator<Item = std::sync::MutexGuard<'_, HashMap<String, Slots>>> {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// An idle connection to `host:port` in `scope` that is still open, if any.
     /// An uplink data connection taken counts as an open session again.
     pub fn take(&self, host: &str, port: u16, scope: &Scope) -> Option<Conn<Upstream>> {
         let mut conn = {
-            let mut idle = self.lock();
+            let mut idle = self.lock(scope);
             let (_, _, list) = idle
                 .get_mut(host)?
                 .iter_mut()
@@ -249,7 +285,7 @@ impl Pool {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
-        let mut idle = self.lock();
+        let mut idle = self.lock(&scope);
         if !current() {
             return;
         }
@@ -285,9 +321,8 @@ impl Pool {
     /// Closes the idle data connections of uplink `id` that belong to its
     /// control connection `generation` or an older one.
     pub fn drop_uplink(&self, id: &str, generation: u64) {
-        let gone: Vec<Idle> = {
-            let mut idle = self.lock();
-            let mut gone = Vec::new();
+        let mut gone: Vec<Idle> = Vec::new();
+        for mut idle in self.each_shard() {
             for slots in idle.values_mut() {
                 let mut at = 0;
                 while at < slots.len() {
@@ -300,17 +335,19 @@ impl Pool {
                 }
             }
             idle.retain(|_, slots| !slots.is_empty());
-            gone
-        };
-        drop(gone); // closed outside the lock
+        }
+        drop(gone); // closed outside the locks
     }
 
     /// Number of idle connections (for tests and the status page).
     pub fn idle_count(&self) -> usize {
-        self.lock()
-            .values()
-            .flatten()
-            .map(|(_, _, list)| list.len())
+        self.each_shard()
+            .map(|idle| {
+                idle.values()
+                    .flatten()
+                    .map(|(_, _, list)| list.len())
+                    .sum::<usize>()
+            })
             .sum()
     }
 }

@@ -1,0 +1,196 @@
+//! The connection workers: one thread per CPU core (`relay.workers`), each
+//! running its own single-threaded tokio runtime and its own accept loop on
+//! the aggregate port.
+//!
+//! A connection lives on the worker that accepted it, with everything it
+//! touches: its request tasks, its timers, and the upstream connections it
+//! dials and pools (the pool is kept per worker, [`current`]). No task waits
+//! for another thread to poll its socket, and no wake-up crosses threads on
+//! the request path, as in nginx's worker processes and HAProxy's threads. The
+//! work-stealing runtime the relay used before paid a futex wake-up whenever
+//! one worker's reactor had an event for another's task (P2, p99 latency).
+//!
+//! Each worker has its own listening socket in one `SO_REUSEPORT` group, so
+//! the kernel spreads new connections over the workers and wakes only the one
+//! it chose. A listener handed in without `SO_REUSEPORT` (an embedding program
+//! or a test binding its own) is shared instead: every worker polls a
+//! duplicate of it, and whoever accepts first serves the connection.
+//!
+//! The rest of the relay (admin listener, signals, the uplink's inside role,
+//! the event store) stays on the runtime that called [`crate::run`].
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::listener::{self, Admission};
+use crate::Shared;
+
+/// The most `relay.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+/// Backlog of each worker's listening socket (nginx uses 511; std's bind 128).
+const BACKLOG: u32 = 1024;
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// This thread's worker number, from 1; 0 on any thread that is not a worker
+/// (the runtime that called [`crate::run`], a test's runtime).
+pub fn current() -> usize {
+    INDEX.get()
+}
+
+/// The number of workers `relay.workers = configured` starts: 0 is one per CPU core.
+pub fn count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// The running workers. Dropping this stops them (their connections close).
+pub struct Workers {
+    /// One per worker: its accept loop has ended.
+    accepting: Vec<oneshot::Receiver<()>>,
+    /// One per worker: its runtime is gone.
+    gone: Vec<oneshot::Receiver<()>>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `n` workers serving `listener`; their connection tasks join
+    /// `tracker`. Each accept loop ends when `shared.shutdown` is cancelled;
+    /// the connections go on until [`Workers::stop`].
+    pub fn start(
+        listener: TcpListener,
+        n: usize,
+        shared: &Arc<Shared>,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<Workers> {
+        let addr = listener.local_addr()?;
+        let first = listener.into_std()?;
+        let mut sockets = Vec::with_capacity(n);
+        for _ in 1..n.max(1) {
+            sockets.push(another_socket(addr, &first)?);
+        }
+        sockets.insert(0, first);
+        let admission = Arc::new(Admission::new(&shared.config().limits));
+        let stop = CancellationToken::new();
+        let mut workers = Workers {
+            accepting: Vec::with_capacity(n),
+            gone: Vec::with_capacity(n),
+            stop: stop.clone(),
+        };
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (accepting_tx, accepting) = oneshot::channel();
+            let (gone_tx, gone) = oneshot::channel();
+            let (shared, tracker, admission, stop) = (
+                shared.clone(),
+                tracker.clone(),
+                admission.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("porthole-worker-{}", i + 1))
+                .spawn(move || {
+                    INDEX.set(i + 1);
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(worker = i + 1, error = %e, "cannot start the worker's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let serve = async {
+                            match TcpListener::from_std(socket) {
+                                Ok(l) => listener::accept_loop(l, shared, tracker, admission).await,
+                                Err(e) => {
+                                    tracing::error!(worker = i + 1, error = %e, "cannot poll the aggregate port")
+                                }
+                            }
+                            let _ = accepting_tx.send(());
+                            // Its connections go on until the drain is over.
+                            std::future::pending::<()>().await;
+                        };
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            () = serve => {}
+                        }
+                    });
+                    drop(runtime);
+                    let _ = gone_tx.send(());
+                })?;
+            workers.accepting.push(accepting);
+            workers.gone.push(gone);
+        }
+        Ok(workers)
+    }
+
+    /// Waits until every accept loop has ended (after `shared.shutdown`).
+    pub async fn accepting_ended(&mut self) {
+        for ended in &mut self.accepting {
+            let _ = ended.await;
+        }
+    }
+
+    /// Stops the workers: what is still open is closed. Returns when every
+    /// worker's runtime is gone.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        for gone in std::mem::take(&mut self.gone) {
+            let _ = gone.await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A further worker's listening socket on `addr`: its own in the
+/// `SO_REUSEPORT` group when `first` is in one, else a duplicate of `first`.
+fn another_socket(
+    addr: SocketAddr,
+    first: &std::net::TcpListener,
+) -> std::io::Result<std::net::TcpListener> {
+    group_socket(addr)
+        .and_then(TcpListener::into_std)
+        .or_else(|_| first.try_clone())
+}
+
+/// Binds the aggregate port as the first socket of the workers'
+/// `SO_REUSEPORT` group. A port that another program holds fails with
+/// "address in use", as it would without the option, even when that program
+/// is another relay with its own group: a plain bind is tried first, so a
+/// second relay started on the same port by mistake does not silently take
+/// half of the first one's connections. (Only processes of the same user can
+/// join a group.)
+pub fn bind_aggregate(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    group_socket(addr)
+}
+
+/// A listening socket on `addr` in its `SO_REUSEPORT` group.
+fn group_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
