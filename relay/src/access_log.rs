@@ -4,6 +4,7 @@
 //! that file, which `SIGUSR1` reopens (for logrotate).
 //! Credentials never appear: only the user name they proved.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use crate::ConnCtx;
 /// What the access log records about one request or tunnel.
 #[derive(Debug)]
 pub struct Access {
-    pub method: String,
+    /// Static text for the standard methods (no allocation per request).
+    pub method: Cow<'static, str>,
+    /// Empty when no access line is written (see [`Access::logged`]).
     pub target: String,
     pub route: Option<String>,
     /// The authenticated user (password or client certificate), if any.
@@ -31,10 +34,16 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(method: &str, target: &str, head_len: usize) -> Access {
+    /// The record of a request; `target` is kept only when the line is
+    /// written (`logged`): the metrics need the method, not the target.
+    pub fn new(method: Cow<'static, str>, target: &str, head_len: usize, logged: bool) -> Access {
         Access {
-            method: method.to_string(),
-            target: target.to_string(),
+            method,
+            target: if logged {
+                target.to_string()
+            } else {
+                String::new()
+            },
             route: None,
             user: None,
             status: 0,
@@ -43,6 +52,13 @@ impl Access {
             started: Instant::now(),
             tunnel: false,
         }
+    }
+
+    /// Whether [`Access::finish`] writes a line: to the access-log file, or
+    /// through `tracing` when `porthole::access` is enabled at info level.
+    pub fn logged(ctx: &ConnCtx) -> bool {
+        ctx.shared.access_file.is_some()
+            || tracing::enabled!(target: "porthole::access", tracing::Level::INFO)
     }
 
     /// Writes the line and counts the request in the metrics.

@@ -173,7 +173,7 @@ fn json(status: StatusCode, body: String) -> AdminResponse {
 
 /// `200 ok` while serving; `503 draining` once shutdown has begun.
 fn health(shared: &Shared) -> AdminResponse {
-    if shared.shutdown.is_cancelled() {
+    if shared.is_draining() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else {
         text(StatusCode::OK, "ok\n")

@@ -223,6 +223,10 @@ impl RequestHead {
     pub fn method(&self) -> &str {
         &self.method
     }
+    /// The method as owned text: a standard method is static (no allocation).
+    pub fn method_text(&self) -> Cow<'static, str> {
+        self.method.clone()
+    }
     pub fn target(&self) -> &str {
         &self.target
     }

@@ -81,6 +81,8 @@ pub fn log_error(ctx: &ConnCtx, err: &RelayError) {
 /// The request as the connection loop hands it over.
 pub struct Request<'a> {
     pub head: &'a RequestHead,
+    /// The configuration snapshot the request started with.
+    pub config: &'a crate::Config,
     pub target: RelayTarget,
     pub framing: Framing,
     /// The client wants the connection kept open after the response.
@@ -96,9 +98,9 @@ pub async fn relay<S: Io>(
     access: &mut Access,
     timer: &mut Deadline,
 ) -> Result<After, RelayError> {
-    let config = ctx.shared.config();
+    let config = req.config;
     let name = config.relay.name.as_str();
-    let decision = choose(ctx, &config, &req.target.host, req.target.port)?;
+    let decision = choose(ctx, config, &req.target.host, req.target.port)?;
     let route = decision.route.clone();
     access.route = Some(route.host.clone());
 
@@ -302,10 +304,8 @@ pub async fn relay<S: Io>(
         _ if req.head.minor == 1 => (ResponseBody::Chunked, OutFraming::Chunked),
         _ => (ResponseBody::Close, OutFraming::Plain),
     };
-    let keep_alive = req.keep_alive
-        && request_done
-        && body != ResponseBody::Close
-        && !ctx.shared.shutdown.is_cancelled();
+    let keep_alive =
+        req.keep_alive && request_done && body != ResponseBody::Close && !ctx.shared.is_draining();
     // A small body that already arrived with the head goes out in the same
     // write: one system call per response instead of two.
     let mut in_framing = in_framing;

@@ -112,7 +112,12 @@ async fn next_request<S: Io>(
         }
     };
 
-    let mut access = Access::new(head.method(), head.target(), head.wire_len());
+    let mut access = Access::new(
+        head.method_text(),
+        head.target(),
+        head.wire_len(),
+        Access::logged(ctx),
+    );
     let me = Identity {
         name: &config.relay.name,
         local: ctx.local,
@@ -168,6 +173,7 @@ async fn next_request<S: Io>(
         RequestKind::Relay(target) => {
             let req = forward::Request {
                 head: &head,
+                config: &config,
                 target,
                 framing,
                 keep_alive,

@@ -69,6 +69,7 @@ pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpListener;
@@ -86,8 +87,11 @@ pub struct Shared {
     pub pool: upstream::Pool,
     /// Request rate per client address (`limits.max_requests_per_second_per_client`).
     pub rate: ratelimit::RateLimiter,
-    /// Cancelled when the relay starts draining.
+    /// Cancelled when the relay starts draining ([`Shared::start_draining`]).
     pub shutdown: CancellationToken,
+    /// Set with `shutdown`: a plain load for the per-request checks
+    /// (`CancellationToken::is_cancelled` takes a mutex every worker shares).
+    draining: AtomicBool,
     pub metrics: metrics::Metrics,
     /// When the relay started (uptime on the status page).
     pub started: std::time::SystemTime,
@@ -123,10 +127,23 @@ impl Shared {
             pool: upstream::Pool::new(workers),
             rate: ratelimit::RateLimiter::default(),
             shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             metrics: metrics::Metrics::new(),
             started: std::time::SystemTime::now(),
             bound: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Starts draining: no new connections, keep-alive connections close
+    /// after their current request.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.shutdown.cancel();
+    }
+
+    /// Whether the relay is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// The configuration in force; a request keeps the snapshot it started with.
@@ -264,7 +281,7 @@ pub async fn run(
     let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone()));
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
-    shared.shutdown.cancel();
+    shared.start_draining();
     workers.accepting_ended().await;
     tracker.close();
     if tokio::time::timeout(drain_timeout, tracker.wait())

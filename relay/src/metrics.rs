@@ -358,11 +358,11 @@ mod tests {
     fn exposition_carries_recorded_values() {
         let m = Metrics::new();
         let route = Name::from("wiki.corp");
-        let mut get = Access::new("GET", "/", 10);
+        let mut get = Access::new("GET".into(), "/", 10, false);
         get.status = 200;
         get.bytes_out = 20;
         m.record(&route.0, &get, 0.01);
-        let mut connect = Access::new("CONNECT", "a:1", 5);
+        let mut connect = Access::new("CONNECT".into(), "a:1", 5, false);
         connect.status = 200;
         connect.bytes_out = 6;
         connect.tunnel = true;

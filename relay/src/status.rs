@@ -22,7 +22,7 @@ pub fn render(shared: &Shared) -> String {
             humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string()
         })
         .unwrap_or_else(|_| "-".into());
-    let state = if shared.shutdown.is_cancelled() {
+    let state = if shared.is_draining() {
         "draining"
     } else {
         "serving"

@@ -151,7 +151,7 @@ async fn next_answer<S: Io>(
             Err(e) => return Some(Err(RelayError::new(ErrorKind::EventStore(e)))),
         };
         let expired = deadline.is_some_and(|d| Instant::now() >= d);
-        if !answer.nothing_new(after) || expired || ctx.shared.shutdown.is_cancelled() {
+        if !answer.nothing_new(after) || expired || ctx.shared.is_draining() {
             if !answer.events.is_empty() {
                 let labels = TopicLabels {
                     topic: Name::from(topic),
@@ -203,7 +203,7 @@ async fn long_poll<S: Io>(
         Some(Err(err)) => return refuse(conn, ctx, access, err, keep_alive).await,
         Some(Ok(a)) => a,
     };
-    let close = !keep_alive || ctx.shared.shutdown.is_cancelled();
+    let close = !keep_alive || ctx.shared.is_draining();
     let body = answer.to_json();
     access.status = 200;
     let written = write_simple(
@@ -269,7 +269,7 @@ async fn stream<S: Io>(
             access.bytes_out += pending.len() as u64;
             pending.clear();
         }
-        if ctx.shared.shutdown.is_cancelled() {
+        if ctx.shared.is_draining() {
             break;
         }
         let answer = match next_answer(conn, topic, after, None, &mut slot, ctx).await {
