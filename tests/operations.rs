@@ -204,12 +204,16 @@ async fn status_page_renders_in_chromium_and_counts_requests() {
     let origin = Origin::ok().await;
     let relay = Relay::start(&config_with(
         &route("app.test", "127.0.0.1", &[origin.port()], ""),
-        "",
+        "workers = 3",
     ))
     .await;
     let status_url = format!("{}/status", relay.admin_url());
     let dom = chromium_dump(&status_url, None).await;
     assert!(dom.contains("Porthole relay"), "{dom}");
+    assert!(
+        dom.contains(r#"<span id="workers">3</span> connection workers"#),
+        "{dom}"
+    );
     let before = route_2xx(&dom, "app.test");
 
     let url = format!("http://app.test:{}/s", origin.port());

@@ -43,12 +43,14 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
 </style></head><body>
 <h1>Porthole relay <code>{name}</code></h1>
 <p>version {version} &middot; up {uptime} &middot; <span class="{state_class}" id="state">{state}</span>
+&middot; <span id="workers">{workers}</span> connection workers
 &middot; open connections <span id="open-connections">{conns}</span>
 &middot; open long-polls {polls}</p>
 "#,
         name = escape(&config.relay.name),
         version = env!("CARGO_PKG_VERSION"),
         state_class = if state == "serving" { "ok" } else { "bad" },
+        workers = config.relay.workers,
         conns = m.open_connections.get(),
         polls = m.open_long_polls.get(),
     );
