@@ -8,9 +8,11 @@ use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::config::Route;
 use crate::ConnCtx;
 
 /// What the access log records about one request or tunnel.
@@ -20,7 +22,8 @@ pub struct Access {
     pub method: Cow<'static, str>,
     /// Empty when no access line is written (see [`Access::logged`]).
     pub target: String,
-    pub route: Option<String>,
+    /// The route that served it (shared with the configuration, no copy).
+    pub route: Option<Arc<Route>>,
     /// The authenticated user (password or client certificate), if any.
     pub user: Option<String>,
     pub status: u16,
@@ -54,6 +57,11 @@ impl Access {
         }
     }
 
+    /// The route's name, `-` when no route served the request.
+    pub fn route_name(&self) -> &str {
+        self.route.as_ref().map_or("-", |r| r.host.as_str())
+    }
+
     /// Whether [`Access::finish`] writes a line: to the access-log file, or
     /// through `tracing` when `porthole::access` is enabled at info level.
     pub fn logged(ctx: &ConnCtx) -> bool {
@@ -64,7 +72,7 @@ impl Access {
     /// Writes the line and counts the request in the metrics.
     pub fn finish(&self, ctx: &ConnCtx) {
         let seconds = self.started.elapsed().as_secs_f64();
-        let route = self.route.as_deref().unwrap_or("-");
+        let route = self.route_name();
         ctx.shared.metrics.record(route, self, seconds);
         if let Some(file) = &ctx.shared.access_file {
             file.write_line(&format!(
@@ -88,7 +96,7 @@ impl Access {
             user = self.user.as_deref().unwrap_or("-"),
             method = %self.method,
             target = %self.target,
-            route = self.route.as_deref().unwrap_or("-"),
+            route = self.route_name(),
             status = self.status,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,

@@ -102,7 +102,7 @@ pub async fn relay<S: Io>(
     let name = config.relay.name.as_str();
     let decision = choose(ctx, config, &req.target.host, req.target.port)?;
     let route = decision.route.clone();
-    access.route = Some(route.host.clone());
+    access.route = Some(route.clone());
 
     if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
         return Err(RelayError::on_route(ErrorKind::Loop, &route.host));
@@ -125,7 +125,7 @@ pub async fn relay<S: Io>(
         },
     );
 
-    let (uh, up) = (decision.upstream_host.as_str(), decision.upstream_port);
+    let (uh, up) = (decision.upstream_host(), decision.upstream_port);
     // Only errors name the upstream: no string is built for a request that succeeds.
     let upstream_name = || display_addr(uh, up);
     let bad_response = |cause: String| {
@@ -412,7 +412,7 @@ pub fn choose(
             };
             Ok(Decision {
                 route: std::sync::Arc::new(route),
-                upstream_host: host.to_string(),
+                upstream_name: Some(host.to_string()),
                 upstream_port: port,
                 uplink: Some(id),
             })
@@ -429,14 +429,14 @@ pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>
                 .uplinks
                 .open_session(
                     id,
-                    &d.upstream_host,
+                    d.upstream_host(),
                     d.upstream_port,
                     d.route.connect_timeout,
                 )
                 .await
         }
         None => upstream::connect(
-            &d.upstream_host,
+            d.upstream_host(),
             d.upstream_port,
             d.route.connect_timeout,
             &d.route.host,
@@ -456,16 +456,16 @@ async fn send_fresh(
     let route = &d.route;
     let mut server = match &d.uplink {
         Some(_) => open_upstream(ctx, d).await?,
-        None => Conn::new(upstream::open(&d.upstream_host, d.upstream_port, route).await?),
+        None => Conn::new(upstream::open(d.upstream_host(), d.upstream_port, route).await?),
     };
     write_flush(&mut server.io, head).await.map_err(|cause| {
         let kind = match &d.uplink {
             Some(_) => ErrorKind::BadResponse {
-                upstream: display_addr(&d.upstream_host, d.upstream_port),
+                upstream: display_addr(d.upstream_host(), d.upstream_port),
                 cause: format!("sending the request: {cause}"),
             },
             None => ErrorKind::Connect {
-                upstream: display_addr(&d.upstream_host, d.upstream_port),
+                upstream: display_addr(d.upstream_host(), d.upstream_port),
                 cause,
             },
         };

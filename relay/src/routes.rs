@@ -101,10 +101,19 @@ pub enum Refusal {
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub route: Arc<Route>,
-    pub upstream_host: String,
+    /// The server's name when it is not the route's `to` host (an uplink
+    /// session names the requested host); `None` costs no copy per request.
+    pub upstream_name: Option<String>,
     pub upstream_port: u16,
     /// Reached through this uplinked relay's session rather than dialled.
     pub uplink: Option<String>,
+}
+
+impl Decision {
+    /// The host to dial (or to name to the uplinked relay).
+    pub fn upstream_host(&self) -> &str {
+        self.upstream_name.as_deref().unwrap_or(&self.route.to.host)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,7 +172,7 @@ impl RouteTable {
         }
         Ok(Decision {
             route: route.clone(),
-            upstream_host: route.to.host.clone(),
+            upstream_name: None,
             upstream_port: route.to.port.unwrap_or(port),
             uplink: None,
         })
@@ -224,7 +233,7 @@ mod tests {
         for (host, port, want) in cases {
             let got = t
                 .decide(host, *port)
-                .map(|d| (d.upstream_host.clone(), d.upstream_port));
+                .map(|d| (d.upstream_host().to_string(), d.upstream_port));
             let want = want.clone().map(|(h, p)| (h.to_string(), p));
             assert_eq!(got, want, "{host}:{port}");
         }

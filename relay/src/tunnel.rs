@@ -46,7 +46,7 @@ impl Standing {
     /// Counts the tunnel open on its route until [`run`] ends.
     pub fn new(ctx: &ConnCtx, server: Conn<Upstream>, idle: Duration, mut access: Access) -> Self {
         access.tunnel = true;
-        let open = open_tunnel(ctx, access.route.as_deref().unwrap_or("-"));
+        let open = open_tunnel(ctx, access.route_name());
         Standing {
             server,
             idle,
@@ -170,7 +170,7 @@ async fn dial<S: Io>(
         }
     };
     let route = &decision.route;
-    access.route = Some(route.host.clone());
+    access.route = Some(route.clone());
     let mut server = match crate::forward::open_upstream(ctx, &decision).await {
         Ok(s) => s,
         Err(err) => {
