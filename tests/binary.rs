@@ -468,3 +468,32 @@ async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
     }
     assert_eq!(origin.received().len(), 30);
 }
+
+#[tokio::test]
+async fn signals_right_after_the_listening_line_are_handled_not_fatal() {
+    // SIGHUP and SIGUSR1 end a process that has no handler for them: the
+    // relay installs its handlers before it logs `listening` (which is all
+    // RelayProcess waits for), so a signal at once reloads or is ignored.
+    let origin = Origin::ok().await;
+    let path = write_config(
+        "early-signals",
+        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
+    );
+    let mut relay = RelayProcess::spawn(&path, &[]).await;
+    relay.signal("HUP");
+    relay.signal("USR1"); // no access-log file: nothing to reopen
+    let url = format!("http://app.test:{}/", origin.port());
+    let out = Curl::new(&url).proxy(&relay.url()).run().await;
+    assert_eq!(out.status, 200, "{}", relay.log_text());
+    let reloaded = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("configuration reloaded") }
+    })
+    .await;
+    assert!(reloaded, "{}", relay.log_text());
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "{}",
+        relay.log_text()
+    );
+}

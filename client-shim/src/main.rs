@@ -174,7 +174,10 @@ fn main() -> ExitCode {
                 wait: Duration::from_secs(*wait),
                 connect_timeout: config.connect_timeout,
             };
-            match runtime.block_on(watch::run(config, after, porthole_relay::shutdown_signal())) {
+            // The signal handler is installed inside the runtime.
+            let watching =
+                async { watch::run(config, after, porthole_relay::shutdown_signal()).await };
+            match runtime.block_on(watching) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");

@@ -73,6 +73,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -266,19 +267,45 @@ pub async fn run(
             bound.push(("admin", a));
         }
     }
+    // The signal handlers exist before `listening` is logged: the default
+    // action of SIGHUP and SIGUSR1 would end the process.
+    let hup = watch_signal(SignalKind::hangup(), "SIGHUP");
+    let usr1 = watch_signal(SignalKind::user_defined1(), "SIGUSR1");
     let tracker = TaskTracker::new();
-    let workers = shared.config().relay.workers;
-    let mut workers = workers::Workers::start(listeners.aggregate, workers, &shared, &tracker)?;
+    let (aggregate, admin_addr) = {
+        let bound = shared.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let of = |role| {
+            bound
+                .iter()
+                .find(|(r, _)| *r == role)
+                .map(|(_, a)| a.to_string())
+        };
+        (
+            of("aggregate").unwrap_or_default(),
+            of("admin").unwrap_or_else(|| "off".into()),
+        )
+    };
+    let config = shared.config();
+    let mut workers =
+        workers::Workers::start(listeners.aggregate, config.relay.workers, &shared, &tracker)?;
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
-    let reloader = tokio::spawn(reload_on_sighup(shared.clone()));
-    let uplink = shared
-        .config()
+    let reloader = tokio::spawn(reload_on_sighup(shared.clone(), hup));
+    let uplink = config
         .uplink
         .is_some()
         .then(|| tokio::spawn(uplink::inside::run(shared.clone())));
-    let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone()));
+    let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone(), usr1));
+    tracing::info!(
+        %aggregate,
+        admin = %admin_addr,
+        config = %config.source.describe(),
+        routes = config.routes.routes().len(),
+        workers = config.relay.workers,
+        "listening"
+    );
+    drop(config);
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.start_draining();
@@ -306,52 +333,50 @@ pub async fn run(
     Ok(())
 }
 
-/// `SIGHUP` reloads the configuration (see [`Shared::reload`]).
-async fn reload_on_sighup(shared: Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
+/// A stream of `kind` signals, installed now; `None` (with a warning) if it cannot be.
+fn watch_signal(kind: SignalKind, name: &str) -> Option<Signal> {
+    match signal(kind) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /reload on the admin listener");
-            return;
+            tracing::warn!(error = %e, signal = name, "cannot watch the signal");
+            None
         }
-    };
+    }
+}
+
+/// `SIGHUP` reloads the configuration (see [`Shared::reload`]); without the
+/// signal, `POST /reload` on the admin listener still does.
+async fn reload_on_sighup(shared: Arc<Shared>, hup: Option<Signal>) {
+    let Some(mut hup) = hup else { return };
     while hup.recv().await.is_some() {
         let _ = shared.reload();
     }
 }
 
-/// `SIGUSR1` reopens the access-log file (logrotate's `postrotate`).
-async fn reopen_on_sigusr1(shared: Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Some(file) = shared.access_file.as_ref() else {
-        return;
-    };
-    let mut usr1 = match signal(SignalKind::user_defined1()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGUSR1; the access log will not be reopened");
-            return;
-        }
-    };
+/// `SIGUSR1` reopens the access-log file (logrotate's `postrotate`); without
+/// one, the signal is ignored.
+async fn reopen_on_sigusr1(shared: Arc<Shared>, usr1: Option<Signal>) {
+    let Some(mut usr1) = usr1 else { return };
     while usr1.recv().await.is_some() {
-        file.reopen();
+        if let Some(file) = shared.access_file.as_ref() {
+            file.reopen();
+        }
     }
 }
 
-/// Completes on SIGTERM or SIGINT (both programs' `main` stop on it).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
+/// Completes on SIGTERM or SIGINT (both programs' `main` stop on it). The
+/// SIGTERM handler is installed when this is called (inside the runtime), not
+/// when the future is first polled, so a SIGTERM right after start drains too.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    let term = watch_signal(SignalKind::terminate(), "SIGTERM");
+    async move {
+        let Some(mut term) = term else {
+            let _ = tokio::signal::ctrl_c().await;
             return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

@@ -132,10 +132,6 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let aggregate = addr(&listeners.aggregate);
-        let admin = listeners.admin.as_ref().map(addr).unwrap_or_else(|| "off".into());
-        tracing::info!(%aggregate, %admin, config = %source, routes = config.routes.routes().len(), "listening");
         match porthole_relay::run(listeners, config, porthole_relay::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
