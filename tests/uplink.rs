@@ -785,6 +785,16 @@ async fn a_pool_parks_data_connections_and_sessions_take_them_without_a_dial() {
     wait_open(&proxy, 3, "pool filled").await;
     assert_eq!(proxy.passed(), 3);
     assert!(metric(&o, "porthole_open_connections").await >= 3.0);
+    // Open at the proxy is not yet parked at O (the upgrade may still be on
+    // its way): O lists them once they are.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            parked_of(&services(&o).await, "db.plant3") == Some(2)
+        })
+        .await,
+        "O does not list two parked data connections: {}",
+        services(&o).await
+    );
 
     // I can dial nothing now: a request and a CONNECT still go through, on
     // the parked connections.
@@ -899,10 +909,19 @@ async fn dead_parked_connections_are_dropped_and_replaced() {
 }
 
 fn sessions_of(s: &serde_json::Value, name: &str) -> Option<u64> {
+    service_field(s, name, "sessions")
+}
+
+fn parked_of(s: &serde_json::Value, name: &str) -> Option<u64> {
+    service_field(s, name, "parked")
+}
+
+/// A number in the `/services` row of `name`.
+fn service_field(s: &serde_json::Value, name: &str, field: &str) -> Option<u64> {
     s["services"]
         .as_array()?
         .iter()
-        .find(|e| e["name"] == name)?["sessions"]
+        .find(|e| e["name"] == name)?[field]
         .as_u64()
 }
 

@@ -108,7 +108,7 @@ fn services_json(ctx: &ConnCtx) -> String {
         .collect();
     for o in ctx.shared.uplinks.offered() {
         services.push(serde_json::json!({
-            "name": o.name, "kind": "uplink", "uplink": o.uplink, "state": o.state, "sessions": o.sessions,
+            "name": o.name, "kind": "uplink", "uplink": o.uplink, "state": o.state, "sessions": o.sessions, "parked": o.parked,
         }));
     }
     serde_json::json!({"relay": config.relay.name, "services": services}).to_string()

@@ -50,7 +50,7 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
         name = escape(&config.relay.name),
         version = env!("CARGO_PKG_VERSION"),
         state_class = if state == "serving" { "ok" } else { "bad" },
-        workers = config.relay.workers,
+        workers = shared.workers,
         conns = m.open_connections.get(),
         polls = m.open_long_polls.get(),
     );
@@ -112,16 +112,17 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
     if offered.is_empty() {
         html.push_str("<h2>Uplinks</h2><p class=\"muted\">No uplinked relays.</p>\n");
     } else {
-        html.push_str("<h2>Uplinks</h2><table id=\"uplinks\"><tr><th>name</th><th>uplink</th><th>state</th><th>open sessions</th></tr>\n");
+        html.push_str("<h2>Uplinks</h2><table id=\"uplinks\"><tr><th>name</th><th>uplink</th><th>state</th><th>open sessions</th><th>parked</th></tr>\n");
         for o in offered {
             let class = if o.state == "connected" { "ok" } else { "bad" };
             let _ = writeln!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td><td class=\"n\">{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
                 escape(&o.name),
                 escape(&o.uplink),
                 o.state,
-                o.sessions
+                o.sessions,
+                o.parked
             );
         }
         html.push_str("</table>\n");

@@ -76,6 +76,8 @@ pub struct Offered {
     /// Data connections of the uplink carrying a request or a tunnel now
     /// (idle ones in the upstream pool are not sessions).
     pub sessions: usize,
+    /// Data connections the uplink keeps parked here ahead of sessions (its `pool`).
+    pub parked: usize,
 }
 
 impl Registry {
@@ -105,6 +107,7 @@ impl Registry {
                         "disconnected"
                     },
                     sessions: link.sessions.load(Ordering::Relaxed),
+                    parked: link.parked.len(),
                 })
             })
             .collect();
