@@ -406,6 +406,10 @@ pub struct UplinkSettings {
 /// parks no more than this per uplink either.
 pub const MAX_UPLINK_POOL: usize = 64;
 
+/// The most `limits.max_connections` may be (the connection semaphore's limit
+/// is far above; this keeps a typo from meaning "unlimited").
+pub const MAX_CONNECTIONS: usize = 10_000_000;
+
 /// Adaptive keepalive timers (JP5535757B2: timers 1, 2 and 3).
 pub type Keepalive = crate::keepalive::Settings;
 
@@ -660,6 +664,14 @@ impl Collector {
         }
     }
 
+    fn at_most(&mut self, key: &str, value: usize, most: usize) -> usize {
+        if value > most {
+            self.push(key, format!("{value} is more than the most, {most}"));
+            return most;
+        }
+        value
+    }
+
     fn positive(&mut self, key: &str, value: usize) -> usize {
         if value == 0 {
             self.push(key, "must be at least 1");
@@ -736,7 +748,10 @@ impl RawConfig {
             max_headers: c.positive("limits.max_headers", l.max_headers),
             head_timeout: c.duration("limits.head_timeout", &l.head_timeout),
             idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout),
-            max_connections: c.positive("limits.max_connections", l.max_connections),
+            max_connections: {
+                let n = c.positive("limits.max_connections", l.max_connections);
+                c.at_most("limits.max_connections", n, MAX_CONNECTIONS)
+            },
             max_connections_per_client: c.positive(
                 "limits.max_connections_per_client",
                 l.max_connections_per_client,

@@ -86,6 +86,9 @@ pub struct Shared {
     last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
     /// Idle keep-alive connections to internal servers.
     pub pool: upstream::Pool,
+    /// The connection workers started (`relay.workers` at start; a reload
+    /// does not change it).
+    pub workers: usize,
     /// Request rate per client address (`limits.max_requests_per_second_per_client`).
     pub rate: ratelimit::RateLimiter,
     /// Cancelled when the relay starts draining ([`Shared::start_draining`]).
@@ -126,6 +129,7 @@ impl Shared {
             config: RwLock::new(Arc::new(config)),
             last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::new(workers),
+            workers,
             rate: ratelimit::RateLimiter::default(),
             shutdown: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -287,7 +291,7 @@ pub async fn run(
     };
     let config = shared.config();
     let mut workers =
-        workers::Workers::start(listeners.aggregate, config.relay.workers, &shared, &tracker)?;
+        workers::Workers::start(listeners.aggregate, shared.workers, &shared, &tracker)?;
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
@@ -302,7 +306,7 @@ pub async fn run(
         admin = %admin_addr,
         config = %config.source.describe(),
         routes = config.routes.routes().len(),
-        workers = config.relay.workers,
+        workers = shared.workers,
         "listening"
     );
     drop(config);

@@ -17,8 +17,10 @@ use crate::config::Route;
 use crate::error::{ErrorKind, RelayError};
 use crate::uplink::outside::{DataConn, Registry};
 
-/// Idle upstream connections kept per `host:port`.
+/// Idle upstream connections kept per `host:port`, shared out among the
+/// workers (each keeps at least [`MIN_IDLE_PER_WORKER`]).
 const MAX_IDLE_PER_KEY: usize = 64;
+const MIN_IDLE_PER_WORKER: usize = 8;
 /// An idle upstream connection older than this is not reused.
 const IDLE_FOR: Duration = Duration::from_secs(60);
 
@@ -195,6 +197,8 @@ pub struct Pool {
     /// Index 0 for uplink data connections and for threads that are not
     /// workers, then one per worker.
     shards: Box<[Shard]>,
+    /// Idle connections kept per `host:port` in each shard.
+    per_key: usize,
 }
 
 impl Default for Pool {
@@ -208,6 +212,7 @@ impl Pool {
     pub fn new(workers: usize) -> Pool {
         Pool {
             shards: (0..=workers).map(|_| Shard::default()).collect(),
+            per_key: (MAX_IDLE_PER_KEY / workers.max(1)).max(MIN_IDLE_PER_WORKER),
         }
     }
 
@@ -312,7 +317,7 @@ impl Pool {
             .take_while(|(_, since)| now.duration_since(*since) >= IDLE_FOR)
             .count();
         list.drain(..expired);
-        if list.len() >= MAX_IDLE_PER_KEY {
+        if list.len() >= self.per_key {
             list.remove(0);
         }
         list.push((conn, now));

@@ -16,8 +16,10 @@
 //! or a test binding its own) is shared instead: every worker polls a
 //! duplicate of it, and whoever accepts first serves the connection.
 //!
-//! The rest of the relay (admin listener, signals, the uplink's inside role,
-//! the event store) stays on the runtime that called [`crate::run`].
+//! The rest of the relay (admin listener, signals, the uplink's inside role)
+//! stays on the runtime that called [`crate::run`]. The redis event store
+//! connects on first use, so its connection lives on the runtime that first
+//! needed it (often a worker); the others reach it through its handle.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -50,7 +52,7 @@ pub fn current() -> usize {
 /// The number of workers `relay.workers = configured` starts: 0 is one per CPU core.
 pub fn count(configured: usize) -> usize {
     match configured {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS)),
         n => n,
     }
 }
