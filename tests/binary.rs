@@ -19,6 +19,12 @@ fn write_config(name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A config file with one route, `app.test`, to `origin`.
+fn app_config(name: &str, origin: &Origin, extra: &str) -> PathBuf {
+    let routes = route("app.test", "127.0.0.1", &[origin.port()], "");
+    write_config(name, &config(&routes, extra))
+}
+
 fn config(routes: &str, extra: &str) -> String {
     format!("[relay]\nname = \"bin.test\"\ndrain_timeout = \"10s\"\n{extra}\n{routes}")
 }
@@ -118,10 +124,7 @@ async fn shipped_config_runs_with_environment_overrides() {
 #[tokio::test]
 async fn access_log_has_one_line_per_request_and_tunnel() {
     let origin = Origin::ok().await;
-    let path = write_config(
-        "access",
-        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
-    );
+    let path = app_config("access", &origin, "");
     let relay = RelayProcess::spawn(&path, &[]).await;
     let url = format!("http://app.test:{}/logged", origin.port());
     assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
@@ -182,10 +185,7 @@ async fn access_log_has_one_line_per_request_and_tunnel() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
     let origin = Origin::start(|_| Reply::Generated { len: 16 << 20 }).await;
-    let path = write_config(
-        "drain",
-        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
-    );
+    let path = app_config("drain", &origin, "");
     let mut relay = RelayProcess::spawn(&path, &[]).await;
     let url = format!("http://app.test:{}/big", origin.port());
     let proxy = relay.url();
@@ -235,12 +235,10 @@ async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
 #[tokio::test]
 async fn connections_over_the_per_client_limit_get_503() {
     let origin = Origin::ok().await;
-    let path = write_config(
+    let path = app_config(
         "limit",
-        &config(
-            &route("app.test", "127.0.0.1", &[origin.port()], ""),
-            "[limits]\nmax_connections_per_client = 2\n",
-        ),
+        &origin,
+        "[limits]\nmax_connections_per_client = 2\n",
     );
     let relay = RelayProcess::spawn(&path, &[]).await;
     // Two connections held, then a third. The readiness probe's connection
@@ -371,10 +369,7 @@ async fn reload_replaces_routes_keeps_tunnels_and_refuses_bad_files() {
 #[tokio::test]
 async fn json_logs_carry_the_access_fields() {
     let origin = Origin::ok().await;
-    let path = write_config(
-        "json",
-        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
-    );
+    let path = app_config("json", &origin, "");
     let relay = RelayProcess::spawn_with_args(&path, &[], &["--log-format", "json"]).await;
     let url = format!("http://app.test:{}/j", origin.port());
     assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
@@ -420,10 +415,7 @@ fn thread_names(pid: u32) -> Vec<String> {
 #[tokio::test]
 async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
     let origin = Origin::ok().await;
-    let path = write_config(
-        "workers",
-        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
-    );
+    let path = app_config("workers", &origin, "");
     let relay = RelayProcess::spawn(&path, &[("PORTHOLE__RELAY__WORKERS", "3")]).await;
     let workers = thread_names(relay.pid())
         .into_iter()
@@ -475,10 +467,7 @@ async fn signals_right_after_the_listening_line_are_handled_not_fatal() {
     // relay installs its handlers before it logs `listening` (which is all
     // RelayProcess waits for), so a signal at once reloads or is ignored.
     let origin = Origin::ok().await;
-    let path = write_config(
-        "early-signals",
-        &config(&route("app.test", "127.0.0.1", &[origin.port()], ""), ""),
-    );
+    let path = app_config("early-signals", &origin, "");
     let mut relay = RelayProcess::spawn(&path, &[]).await;
     relay.signal("HUP");
     relay.signal("USR1"); // no access-log file: nothing to reopen
