@@ -90,37 +90,43 @@ impl Workers {
             gone: Vec::with_capacity(n),
             stop: stop.clone(),
         };
+        let (ready_tx, ready) = std::sync::mpsc::channel::<std::io::Result<()>>();
         for (i, socket) in sockets.into_iter().enumerate() {
             let (accepting_tx, accepting) = oneshot::channel();
             let (gone_tx, gone) = oneshot::channel();
-            let (shared, tracker, admission, stop) = (
+            let (shared, tracker, admission, stop, ready_tx) = (
                 shared.clone(),
                 tracker.clone(),
                 admission.clone(),
                 stop.clone(),
+                ready_tx.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("porthole-worker-{}", i + 1))
                 .spawn(move || {
                     INDEX.set(i + 1);
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                    let started = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                    {
-                        Ok(r) => r,
+                        .and_then(|runtime| {
+                            let entered = runtime.enter();
+                            let accept_on = TcpListener::from_std(socket)?;
+                            drop(entered);
+                            Ok((runtime, accept_on))
+                        });
+                    let (runtime, accept_on) = match started {
+                        Ok(started) => {
+                            let _ = ready_tx.send(Ok(()));
+                            started
+                        }
                         Err(e) => {
-                            tracing::error!(worker = i + 1, error = %e, "cannot start the worker's runtime");
+                            let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
                     runtime.block_on(async move {
                         let serve = async {
-                            match TcpListener::from_std(socket) {
-                                Ok(l) => listener::accept_loop(l, shared, tracker, admission).await,
-                                Err(e) => {
-                                    tracing::error!(worker = i + 1, error = %e, "cannot poll the aggregate port")
-                                }
-                            }
+                            listener::accept_loop(accept_on, shared, tracker, admission).await;
                             let _ = accepting_tx.send(());
                             // Its connections go on until the drain is over.
                             std::future::pending::<()>().await;
@@ -135,6 +141,22 @@ impl Workers {
                 })?;
             workers.accepting.push(accepting);
             workers.gone.push(gone);
+        }
+        // Every worker serving, or none: a worker without its runtime would
+        // leave its socket's share of the connections unanswered. (A short
+        // blocking wait, once, at start.)
+        drop(ready_tx);
+        for _ in 0..workers.gone.len() {
+            match ready.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("a connection worker cannot start its runtime: {e}"),
+                    ))
+                }
+                Err(_) => return Err(std::io::Error::other("a connection worker ended at start")),
+            }
         }
         Ok(workers)
     }
