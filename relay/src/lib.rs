@@ -301,6 +301,10 @@ pub async fn run(
         .is_some()
         .then(|| tokio::spawn(uplink::inside::run(shared.clone())));
     let reopener = tokio::spawn(reopen_on_sigusr1(shared.clone(), usr1));
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move { upstream::sweep_idle(&shared.pool).await })
+    };
     tracing::info!(
         %aggregate,
         admin = %admin_addr,
@@ -334,6 +338,7 @@ pub async fn run(
         uplink.abort();
     }
     reopener.abort();
+    sweeper.abort();
     Ok(())
 }
 

@@ -23,6 +23,18 @@ const MAX_IDLE_PER_KEY: usize = 64;
 const MIN_IDLE_PER_WORKER: usize = 8;
 /// An idle upstream connection older than this is not reused.
 const IDLE_FOR: Duration = Duration::from_secs(60);
+/// How often [`Pool::sweep`] runs ([`sweep_idle`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Sweeps `pool` every [`SWEEP_EVERY`] until the task is dropped.
+pub async fn sweep_idle(pool: &Pool) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        pool.sweep(Instant::now());
+    }
+}
 
 /// Dials `host:port` within `timeout`, trying each resolved address in turn.
 pub async fn connect(
@@ -344,6 +356,35 @@ impl Pool {
         drop(gone); // closed outside the locks
     }
 
+    /// Closes the idle connections that expired (older than [`IDLE_FOR`] at
+    /// `now`) or that the server closed, in every worker's list: without it
+    /// a list is only trimmed when a connection goes back into it, and a
+    /// worker that stops relaying to a host would keep its dead sockets.
+    pub fn sweep(&self, now: Instant) {
+        let mut gone: Vec<Conn<Upstream>> = Vec::new();
+        for mut idle in self.each_shard() {
+            for slots in idle.values_mut() {
+                for (_, _, list) in slots.iter_mut() {
+                    let mut at = 0;
+                    while at < list.len() {
+                        let (conn, since) = &mut list[at];
+                        if now.duration_since(*since) < IDLE_FOR && still_open(&mut conn.io) {
+                            at += 1;
+                        } else {
+                            gone.push(list.remove(at).0);
+                        }
+                    }
+                }
+                slots.retain(|(_, _, list)| !list.is_empty());
+            }
+            idle.retain(|_, slots| !slots.is_empty());
+        }
+        if !gone.is_empty() {
+            tracing::debug!(closed = gone.len(), "idle upstream connections swept");
+        }
+        drop(gone); // closed outside the locks
+    }
+
     /// Number of idle connections (for tests and the status page).
     pub fn idle_count(&self) -> usize {
         self.each_shard()
@@ -391,6 +432,45 @@ mod tests {
             id: id.into(),
             generation,
         }
+    }
+
+    /// A pooled-to-be TCP connection and the server's end of it.
+    async fn tcp_pair() -> (Conn<Upstream>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (Conn::new(Upstream::Tcp(near)), far)
+    }
+
+    #[tokio::test]
+    async fn sweep_closes_expired_and_server_closed_idle_connections() {
+        let pool = Pool::new(2);
+        let (open, _open_far) = tcp_pair().await;
+        let (closed, closed_far) = tcp_pair().await;
+        pool.keep("erp", 80, Scope::Plain, open, || true);
+        pool.keep("mes", 80, Scope::Plain, closed, || true);
+        drop(closed_far);
+        // The FIN reaches the idle socket; the sweep finds it closed.
+        let swept = async {
+            loop {
+                pool.sweep(Instant::now());
+                if pool.idle_count() == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), swept)
+            .await
+            .expect("the server-closed connection was not swept");
+        assert!(pool.take("mes", 80, &Scope::Plain).is_none());
+        // The open one stays until it has idled for IDLE_FOR.
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle_count(), 1);
+        pool.sweep(Instant::now() + IDLE_FOR);
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]
