@@ -338,22 +338,9 @@ impl Pool {
     /// Closes the idle data connections of uplink `id` that belong to its
     /// control connection `generation` or an older one.
     pub fn drop_uplink(&self, id: &str, generation: u64) {
-        let mut gone: Vec<Idle> = Vec::new();
-        for mut idle in self.each_shard() {
-            for slots in idle.values_mut() {
-                let mut at = 0;
-                while at < slots.len() {
-                    if matches!(&slots[at].1, Scope::Uplink { id: i, generation: g } if i == id && *g <= generation)
-                    {
-                        gone.push(slots.swap_remove(at).2);
-                    } else {
-                        at += 1;
-                    }
-                }
-            }
-            idle.retain(|_, slots| !slots.is_empty());
-        }
-        drop(gone); // closed outside the locks
+        self.close_where(|scope, _, _| {
+            matches!(scope, Scope::Uplink { id: i, generation: g } if i == id && *g <= generation)
+        });
     }
 
     /// Closes the idle connections that expired (older than [`IDLE_FOR`] at
@@ -361,17 +348,32 @@ impl Pool {
     /// a list is only trimmed when a connection goes back into it, and a
     /// worker that stops relaying to a host would keep its dead sockets.
     pub fn sweep(&self, now: Instant) {
+        let closed = self.close_where(|_, conn, since| {
+            now.duration_since(since) >= IDLE_FOR || !still_open(&mut conn.io)
+        });
+        if closed > 0 {
+            tracing::debug!(closed, "idle upstream connections swept");
+        }
+    }
+
+    /// Closes the idle connections `dead` picks (by scope, connection and
+    /// idle-since), in every worker's list; returns how many. They are closed
+    /// outside the locks.
+    fn close_where(
+        &self,
+        mut dead: impl FnMut(&Scope, &mut Conn<Upstream>, Instant) -> bool,
+    ) -> usize {
         let mut gone: Vec<Conn<Upstream>> = Vec::new();
         for mut idle in self.each_shard() {
             for slots in idle.values_mut() {
-                for (_, _, list) in slots.iter_mut() {
+                for (_, scope, list) in slots.iter_mut() {
                     let mut at = 0;
                     while at < list.len() {
                         let (conn, since) = &mut list[at];
-                        if now.duration_since(*since) < IDLE_FOR && still_open(&mut conn.io) {
-                            at += 1;
-                        } else {
+                        if dead(scope, conn, *since) {
                             gone.push(list.remove(at).0);
+                        } else {
+                            at += 1;
                         }
                     }
                 }
@@ -379,10 +381,7 @@ impl Pool {
             }
             idle.retain(|_, slots| !slots.is_empty());
         }
-        if !gone.is_empty() {
-            tracing::debug!(closed = gone.len(), "idle upstream connections swept");
-        }
-        drop(gone); // closed outside the locks
+        gone.len()
     }
 
     /// Number of idle connections (for tests and the status page).
