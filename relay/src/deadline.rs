@@ -97,21 +97,25 @@ mod tests {
         );
     }
 
+    /// `limit(after_ms)` on a sleep of `sleep_ms`.
+    async fn sleep_within(d: &mut Deadline, after_ms: u64, sleep_ms: u64) -> Result<(), Expired> {
+        let sleep = tokio::time::sleep(Duration::from_millis(sleep_ms));
+        d.limit(Duration::from_millis(after_ms), sleep).await
+    }
+
+    /// `limit(after_ms)` on a future that never completes.
+    async fn wait_forever(d: &mut Deadline, after_ms: u64) -> Result<(), Expired> {
+        let never = std::future::pending::<()>();
+        d.limit(Duration::from_millis(after_ms), never).await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fires_at_the_latest_deadline_not_the_first() {
         let mut d = Deadline::new(Duration::from_secs(1));
         let start = Instant::now();
         // Moved later twice before it could fire.
-        assert_eq!(
-            d.limit(
-                Duration::from_secs(3),
-                tokio::time::sleep(Duration::from_millis(1500))
-            )
-            .await,
-            Ok(())
-        );
-        let never = std::future::pending::<()>();
-        assert_eq!(d.limit(Duration::from_secs(3), never).await, Err(Expired));
+        assert_eq!(sleep_within(&mut d, 3000, 1500).await, Ok(()));
+        assert_eq!(wait_forever(&mut d, 3000).await, Err(Expired));
         took_between(start, 4500, 4600);
     }
 
@@ -119,36 +123,17 @@ mod tests {
     async fn a_timeout_shorter_than_the_period_is_kept() {
         let mut d = Deadline::new(Duration::from_secs(10));
         let start = Instant::now();
-        let never = std::future::pending::<()>();
-        assert_eq!(
-            d.limit(Duration::from_millis(200), never).await,
-            Err(Expired)
-        );
+        assert_eq!(wait_forever(&mut d, 200).await, Err(Expired));
         took_between(start, 200, 300);
     }
 
     #[tokio::test(start_paused = true)]
     async fn usable_again_after_expiring() {
         let mut d = Deadline::new(Duration::from_secs(1));
-        assert_eq!(
-            d.limit(Duration::from_secs(1), std::future::pending::<()>())
-                .await,
-            Err(Expired)
-        );
+        assert_eq!(wait_forever(&mut d, 1000).await, Err(Expired));
         let start = Instant::now();
-        assert_eq!(
-            d.limit(
-                Duration::from_secs(2),
-                tokio::time::sleep(Duration::from_millis(1500))
-            )
-            .await,
-            Ok(())
-        );
-        assert_eq!(
-            d.limit(Duration::from_secs(2), std::future::pending::<()>())
-                .await,
-            Err(Expired)
-        );
+        assert_eq!(sleep_within(&mut d, 2000, 1500).await, Ok(()));
+        assert_eq!(wait_forever(&mut d, 2000).await, Err(Expired));
         took_between(start, 3500, 3600);
     }
 }
