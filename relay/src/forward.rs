@@ -101,7 +101,7 @@ pub async fn relay<S: Io>(
     let config = req.config;
     let name = config.relay.name.as_str();
     let decision = choose(ctx, config, &req.target.host, req.target.port)?;
-    let route = decision.route.clone();
+    let route = &decision.route;
     access.route = Some(route.clone());
 
     if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
@@ -152,7 +152,7 @@ pub async fn relay<S: Io>(
                 id: id.clone(),
                 generation,
             }),
-        None => Some(upstream::Scope::of_route(&route)),
+        None => Some(upstream::Scope::of_route(route)),
     };
     let pooled = scope.and_then(|scope| ctx.shared.pool.take(uh, up, &scope));
     let (mut server, mut reused) = match pooled {
@@ -370,7 +370,7 @@ pub async fn relay<S: Io>(
                 .shared
                 .pool
                 .put_uplink(uh, up, &ctx.shared.uplinks, server),
-            None => ctx.shared.pool.put(uh, up, &route, server),
+            None => ctx.shared.pool.put(uh, up, route, server),
         }
     }
     Ok(if keep_alive {
