@@ -75,7 +75,7 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,
-        () = ctx.shared.shutdown.cancelled() => {
+        () = ctx.shared.until_draining() => {
             // GOAWAY: open streams finish, no new ones start.
             served.as_mut().graceful_shutdown();
             served.await

@@ -39,7 +39,7 @@ pub async fn serve_until_tunnel<S: Io>(
         Deadline::new(limits.head_timeout.min(limits.idle_timeout))
     };
     // One wait for shutdown per connection, not one registration per request.
-    let mut draining = Box::pin(ctx.shared.shutdown.clone().cancelled_owned());
+    let mut draining = Box::pin(ctx.shared.until_draining_owned());
     loop {
         let next = next_request(&mut conn, ctx, first, &mut timer, draining.as_mut());
         match Box::pin(next).await {

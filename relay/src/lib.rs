@@ -74,7 +74,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
@@ -91,8 +93,9 @@ pub struct Shared {
     pub workers: usize,
     /// Request rate per client address (`limits.max_requests_per_second_per_client`).
     pub rate: ratelimit::RateLimiter,
-    /// Cancelled when the relay starts draining ([`Shared::start_draining`]).
-    pub shutdown: CancellationToken,
+    /// Cancelled when the relay starts draining ([`Shared::start_draining`]),
+    /// for the tasks that wait for it.
+    shutdown: CancellationToken,
     /// Set with `shutdown`: a plain load for the per-request checks
     /// (`CancellationToken::is_cancelled` takes a mutex every worker shares).
     draining: AtomicBool,
@@ -149,6 +152,17 @@ impl Shared {
     /// Whether the relay is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Completes when the relay starts draining.
+    pub fn until_draining(&self) -> WaitForCancellationFuture<'_> {
+        self.shutdown.cancelled()
+    }
+
+    /// [`Shared::until_draining`], owning what it waits on (to keep across a
+    /// connection's requests).
+    pub fn until_draining_owned(&self) -> WaitForCancellationFutureOwned {
+        self.shutdown.clone().cancelled_owned()
     }
 
     /// The configuration in force; a request keeps the snapshot it started with.
@@ -262,36 +276,20 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let drain_timeout = config.relay.drain_timeout;
     let shared = Arc::new(Shared::new(config)?);
+    let aggregate = listeners.aggregate.local_addr().ok();
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     {
         let mut bound = shared.bound.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(a) = listeners.aggregate.local_addr() {
-            bound.push(("aggregate", a));
-        }
-        if let Some(Ok(a)) = listeners.admin.as_ref().map(TcpListener::local_addr) {
-            bound.push(("admin", a));
-        }
+        bound.extend(aggregate.map(|a| ("aggregate", a)));
+        bound.extend(admin_addr.map(|a| ("admin", a)));
     }
     // The signal handlers exist before `listening` is logged: the default
     // action of SIGHUP and SIGUSR1 would end the process.
     let hup = watch_signal(SignalKind::hangup(), "SIGHUP");
     let usr1 = watch_signal(SignalKind::user_defined1(), "SIGUSR1");
     let tracker = TaskTracker::new();
-    let (aggregate, admin_addr) = {
-        let bound = shared.bound.lock().unwrap_or_else(|p| p.into_inner());
-        let of = |role| {
-            bound
-                .iter()
-                .find(|(r, _)| *r == role)
-                .map(|(_, a)| a.to_string())
-        };
-        (
-            of("aggregate").unwrap_or_default(),
-            of("admin").unwrap_or_else(|| "off".into()),
-        )
-    };
     let config = shared.config();
-    let mut workers =
-        workers::Workers::start(listeners.aggregate, shared.workers, &shared, &tracker)?;
+    let mut workers = workers::Workers::start(listeners.aggregate, &shared, &tracker)?;
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));
@@ -305,9 +303,10 @@ pub async fn run(
         let shared = shared.clone();
         tokio::spawn(async move { upstream::sweep_idle(&shared.pool).await })
     };
+    let shown = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
     tracing::info!(
-        %aggregate,
-        admin = %admin_addr,
+        aggregate = %shown(aggregate),
+        admin = %shown(admin_addr),
         config = %config.source.describe(),
         routes = config.routes.routes().len(),
         workers = shared.workers,

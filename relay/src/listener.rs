@@ -3,7 +3,7 @@
 //! connection, and the first-bytes detection that picks the protocol.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ pub async fn accept_loop(
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => break,
+            () = shared.until_draining() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -239,9 +239,4 @@ impl Drop for ClientSlot {
             }
         }
     }
-}
-
-/// The address to log for a listener.
-pub fn describe(addr: SocketAddr) -> String {
-    addr.to_string()
 }

@@ -67,15 +67,15 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `n` workers serving `listener`; their connection tasks join
-    /// `tracker`. Each accept loop ends when `shared.shutdown` is cancelled;
+    /// Starts the relay's workers (`shared.workers`) serving `listener`; their connection tasks join
+    /// `tracker`. Each accept loop ends when the relay starts draining;
     /// the connections go on until [`Workers::stop`].
     pub fn start(
         listener: TcpListener,
-        n: usize,
         shared: &Arc<Shared>,
         tracker: &TaskTracker,
     ) -> std::io::Result<Workers> {
+        let n = shared.workers;
         let addr = listener.local_addr()?;
         let first = listener.into_std()?;
         let mut sockets = Vec::with_capacity(n);
@@ -161,7 +161,7 @@ impl Workers {
         Ok(workers)
     }
 
-    /// Waits until every accept loop has ended (after `shared.shutdown`).
+    /// Waits until every accept loop has ended (after [`Shared::start_draining`]).
     pub async fn accepting_ended(&mut self) {
         for ended in &mut self.accepting {
             let _ = ended.await;

@@ -172,7 +172,7 @@ async fn next_answer<S: Io>(
                     return Some(Ok(answer));
                 }
             }
-            () = ctx.shared.shutdown.cancelled() => {}
+            () = ctx.shared.until_draining() => {}
             read = conn.fill(), if watch_client => match read {
                 Ok(0) | Err(_) => return None,
                 // A pipelined request: kept in the buffer for after this one.

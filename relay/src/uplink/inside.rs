@@ -50,7 +50,7 @@ pub async fn run(shared: Arc<Shared>) {
         let started = Instant::now();
         let ended = tokio::select! {
             ended = session(&shared, &settings) => ended,
-            () = shared.shutdown.cancelled() => return,
+            () = shared.until_draining() => return,
         };
         if started.elapsed() >= HEALTHY_AFTER {
             backoff = BACKOFF_START;
@@ -58,7 +58,7 @@ pub async fn run(shared: Arc<Shared>) {
         tracing::warn!(uplink = %settings.id, to = %settings.to, reason = %ended, retry_in = ?backoff, "uplink down; reconnecting");
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = shared.shutdown.cancelled() => return,
+            () = shared.until_draining() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }

@@ -546,7 +546,7 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
             () = tokio::time::sleep_until((last_heard + CONTROL_SILENCE).into()) => {
                 break format!("silent for {CONTROL_SILENCE:?}");
             }
-            () = ctx.shared.shutdown.cancelled() => break "relay shutting down".to_string(),
+            () = ctx.shared.until_draining() => break "relay shutting down".to_string(),
         }
     };
     registry.disconnected(&id, generation);
@@ -693,7 +693,7 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
                     break format!("ping failed: {e}");
                 }
             }
-            () = ctx.shared.shutdown.cancelled() => {
+            () = ctx.shared.until_draining() => {
                 unpark();
                 break "relay shutting down".to_string();
             }
