@@ -201,6 +201,101 @@ async fn bodies_stream_both_ways_through_the_shim() {
     assert_eq!(out.body.len(), 8 << 20);
 }
 
+/// The relay keeps the internal HTTP/1 legs of its HTTP/2 link alive between
+/// streams; whatever ended the stream before (a chunked or fixed body, a
+/// server that closed, a client that hung up mid-body, an upload, an idle
+/// leg timed out), every answer reaches the request it belongs to.
+#[tokio::test]
+async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
+    let origin = Origin::start(|r| {
+        let t = r.target.clone();
+        let body = format!("answer to {t} ({} bytes in)", r.body.len());
+        if t == "/big" {
+            Reply::Generated { len: 4 << 20 }
+        } else if t.starts_with("/chunked/") {
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+            Reply::Raw(raw.into_bytes())
+        } else if t.starts_with("/close/") {
+            Reply::RawThenClose(response(200, &[("Connection", "close")], body.as_bytes()))
+        } else {
+            Reply::Raw(response(200, &[], body.as_bytes()))
+        }
+    })
+    .await;
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "[limits]\nidle_timeout = \"1s\"",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let proxy = format!("http://{}", shim.addr);
+    let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
+    let fetch = |path: String| {
+        let curl = Curl::new(&url(&path)).proxy(&proxy);
+        async move {
+            let out = curl.run().await;
+            assert_eq!(out.status, 200, "{path}: {out:?}");
+            assert_eq!(out.text(), format!("answer to {path} (0 bytes in)"));
+        }
+    };
+
+    let kinds = ["fixed", "chunked", "close", "fixed", "fixed", "chunked"];
+    fetch("/fixed/first".to_string()).await;
+    let first_session = session(&shim);
+    for (i, kind) in kinds.iter().cycle().take(12).enumerate() {
+        fetch(format!("/{kind}/{i}")).await;
+    }
+    // Twenty at once, then more one by one on the legs they leave.
+    let parallel: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(fetch(format!("/{}/p{i}", kinds[i % kinds.len()]))))
+        .collect();
+    for p in parallel {
+        p.await.unwrap();
+    }
+    // An upload takes a leg of its own.
+    let out = Curl::new(&url("/fixed/upload"))
+        .proxy(&proxy)
+        .args(&["--data-binary", "@-"])
+        .stdin(vec![b'u'; 100_000])
+        .run()
+        .await;
+    assert_eq!(out.text(), "answer to /fixed/upload (100000 bytes in)");
+    // A client that hangs up mid-body: curl refuses the 4 MiB body at once.
+    let out = Curl::new(&url("/big"))
+        .proxy(&proxy)
+        .args(&["--max-filesize", "1000"])
+        .run()
+        .await;
+    assert_eq!(out.exit, 63, "curl's 'maximum file size exceeded': {out:?}");
+    for (i, kind) in kinds.iter().enumerate() {
+        fetch(format!("/{kind}/after-cut-{i}")).await;
+    }
+    // Idle legs outlive the relay's idle timeout (1 s) and are closed by it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (i, kind) in kinds.iter().enumerate() {
+        fetch(format!("/{kind}/after-idle-{i}")).await;
+    }
+    let targets: Vec<String> = origin.received().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets.len(), 1 + 12 + 20 + 1 + 1 + 6 + 6, "{targets:?}");
+    assert!(targets.contains(&"/chunked/after-idle-5".to_string()));
+    assert_eq!(
+        session(&shim),
+        first_session,
+        "all on one link to the relay"
+    );
+}
+
+/// The link session the shim is on (numbered from 1 per connection).
+fn session(shim: &Shim) -> u64 {
+    match &*shim.link.watch().borrow() {
+        LinkState::Up { session, .. } => *session,
+        LinkState::Connecting { last_error } => panic!("link down: {last_error:?}"),
+    }
+}
+
 #[tokio::test]
 async fn connect_through_the_shim_with_half_close() {
     let origin = Origin::ok().await;

@@ -11,14 +11,23 @@
 //!   the shim carries every tunnel, one stream each.
 //!
 //! The flow-control windows and stream limit are the link's, shared with the shim.
+//!
+//! The internal HTTP/1 legs are kept alive between streams ([`Legs`]): a
+//! stream without a request body takes an idle leg of its connection instead
+//! of making a pipe, two tasks and a handshake, and gives it back once its
+//! response body has ended, as the relay's upstream pool does with servers.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -41,6 +50,9 @@ const PEER_PING_INTERVAL: Duration = Duration::from_secs(60);
 const PEER_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Buffer of the in-memory pipe between a stream and the HTTP/1 path.
 const PIPE_BUF: usize = 64 * 1024;
+/// Idle internal HTTP/1 legs kept per connection; more concurrent streams
+/// than this make legs that end with their stream.
+const MAX_IDLE_LEGS: usize = 64;
 /// Largest DATA frame either end of the link accepts (SETTINGS_MAX_FRAME_SIZE;
 /// RFC 9113's default is 16 KiB). h2 writes each frame with one `writev`, so
 /// a bulk tunnel costs a syscall per frame: larger frames, fewer syscalls.
@@ -67,9 +79,11 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
         .keep_alive_interval(Some(PEER_PING_INTERVAL))
         .keep_alive_timeout(PEER_PING_TIMEOUT);
     let stream_ctx = ctx.clone();
+    let legs = Legs::default();
     let service = service_fn(move |req| {
         let ctx = stream_ctx.clone();
-        async move { Ok::<_, Infallible>(stream(req, ctx).await) }
+        let legs = legs.clone();
+        async move { Ok::<_, Infallible>(stream(req, ctx, legs).await) }
     });
     let served = builder.serve_connection(io, service);
     tokio::pin!(served);
@@ -88,32 +102,27 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
 }
 
 /// Serves one stream through the HTTP/1 path.
-async fn stream(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+async fn stream(mut req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
     let name = ctx.shared.config().relay.name.clone();
     let downstream = (req.method() == Method::CONNECT).then(|| hyper::upgrade::on(&mut req));
     let h1 = match to_http1(req, &name) {
         Ok(r) => r,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
-
-    let (near, far) = tokio::io::duplex(PIPE_BUF);
-    let span = tracing::Span::current();
-    tokio::spawn(http1::serve(Conn::new(far), ctx).instrument(span.clone()));
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(near)).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::warn!(error = %e, "h2 stream: internal HTTP/1 leg failed");
-            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
-        }
-    };
-    tokio::spawn(
-        async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "h2 stream: HTTP/1 leg ended");
+    // Only a stream that sent its whole request with its head may share a
+    // leg: an upload or a tunnel keeps its leg busy past the response head.
+    let reusable = downstream.is_none() && h1.body().is_end_stream();
+    let idle = if reusable { legs.take().await } else { None };
+    let mut sender = match idle {
+        Some(sender) => sender,
+        None => match open_leg(ctx).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                tracing::warn!(error = %e, "h2 stream: internal HTTP/1 leg failed");
+                return plain(StatusCode::BAD_GATEWAY, "relay internal error");
             }
-        }
-        .instrument(span.clone()),
-    );
+        },
+    };
     let resp = match sender.send_request(h1).await {
         Ok(r) => r,
         Err(e) => {
@@ -124,13 +133,132 @@ async fn stream(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     if let Some(downstream) = downstream {
         if resp.status() == StatusCode::OK {
             let upstream = hyper::upgrade::on(resp);
+            let span = tracing::Span::current();
             tokio::spawn(splice(downstream, upstream).instrument(span));
             return Response::new(empty());
         }
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop_map(&mut parts.headers);
+    let body = LegBody::new(body, reusable.then_some((sender, legs)));
     Response::from_parts(parts, body.boxed())
+}
+
+/// Opens an internal HTTP/1 leg: an in-memory pipe whose far end is served
+/// by the relay's HTTP path as a connection of this stream's client.
+async fn open_leg(ctx: ConnCtx) -> hyper::Result<SendRequest<Incoming>> {
+    let (near, far) = tokio::io::duplex(PIPE_BUF);
+    let span = tracing::Span::current();
+    tokio::spawn(http1::serve(Conn::new(far), ctx).instrument(span.clone()));
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near)).await?;
+    tokio::spawn(
+        async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "h2 stream: HTTP/1 leg ended");
+            }
+        }
+        .instrument(span),
+    );
+    Ok(sender)
+}
+
+/// The idle internal HTTP/1 legs of one HTTP/2 connection. They end with it:
+/// dropping a leg's sender ends its client task, which closes the pipe, which
+/// ends the HTTP path's side. A leg the HTTP path closed (its idle timeout, a
+/// `Connection: close`, draining) is found closed and dropped when taken.
+struct Legs<B>(Arc<Mutex<Vec<SendRequest<B>>>>);
+
+impl<B> Default for Legs<B> {
+    fn default() -> Self {
+        Legs(Arc::default())
+    }
+}
+
+impl<B> Clone for Legs<B> {
+    fn clone(&self) -> Self {
+        Legs(self.0.clone())
+    }
+}
+
+impl<B> Legs<B> {
+    /// An idle leg ready for a request, if one is left.
+    async fn take(&self) -> Option<SendRequest<B>> {
+        loop {
+            let mut sender = self.0.lock().ok()?.pop()?;
+            if sender.is_closed() {
+                continue;
+            }
+            // Its last response ended; the client task marks it ready on its
+            // next turn.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn put(&self, sender: SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.0.lock() {
+            if idle.len() < MAX_IDLE_LEGS {
+                idle.push(sender);
+            }
+        }
+    }
+}
+
+/// A response body from an internal leg: gives the leg back to its
+/// connection's idle list once the body has ended, and drops it if the
+/// stream ends first (the leg closes with it).
+struct LegBody<B> {
+    body: Incoming,
+    ended: bool,
+    leg: Option<(SendRequest<B>, Legs<B>)>,
+}
+
+impl<B> LegBody<B> {
+    fn new(body: Incoming, leg: Option<(SendRequest<B>, Legs<B>)>) -> Self {
+        LegBody {
+            body,
+            ended: false,
+            leg,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for LegBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for LegBody<B> {
+    fn drop(&mut self) {
+        if self.ended || self.body.is_end_stream() {
+            if let Some((sender, legs)) = self.leg.take() {
+                legs.put(sender);
+            }
+        }
+    }
 }
 
 /// Translates an HTTP/2 request into the HTTP/1.1 request the relay's HTTP
@@ -229,6 +357,108 @@ pub fn plain(status: StatusCode, why: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::Empty;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A leg to a scripted HTTP/1 server on an in-memory pipe: `/len`
+    /// answers with a `Content-Length` body, `/chunked` with a chunked one,
+    /// `/big` with 1 MiB, `/close` with `Connection: close` (then closes).
+    async fn scripted_leg() -> SendRequest<Empty<Bytes>> {
+        let (near, mut far) = tokio::io::duplex(PIPE_BUF);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match far.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end + 4);
+                let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                let reply: Vec<u8> = match path.as_str() {
+                    "/len" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfixed".to_vec(),
+                    "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nchu\r\n4\r\nnked\r\n0\r\n\r\n".to_vec(),
+                    "/big" => {
+                        let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n".to_vec();
+                        r.resize(r.len() + (1 << 20), b'x');
+                        r
+                    }
+                    _ => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye".to_vec(),
+                };
+                if far.write_all(&reply).await.is_err() || path == "/close" {
+                    return;
+                }
+            }
+        });
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn get(path: &str) -> Request<Empty<Bytes>> {
+        Request::get(path).body(Empty::new()).unwrap()
+    }
+
+    fn idle(legs: &Legs<Empty<Bytes>>) -> usize {
+        legs.0.lock().unwrap().len()
+    }
+
+    /// Sends `path` on `sender` and reads the whole body through a `LegBody`.
+    async fn fetch(
+        mut sender: SendRequest<Empty<Bytes>>,
+        legs: &Legs<Empty<Bytes>>,
+        path: &str,
+    ) -> Bytes {
+        let resp = sender.send_request(get(path)).await.unwrap();
+        let body = LegBody::new(resp.into_body(), Some((sender, legs.clone())));
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_leg_goes_back_when_its_body_ends_and_serves_the_next_stream() {
+        let legs = Legs::default();
+        assert_eq!(fetch(scripted_leg().await, &legs, "/len").await, "fixed");
+        assert_eq!(idle(&legs), 1, "a Content-Length body ended");
+        let again = legs.take().await.expect("the idle leg");
+        assert_eq!(idle(&legs), 0);
+        assert_eq!(fetch(again, &legs, "/chunked").await, "chunked");
+        assert_eq!(idle(&legs), 1, "a chunked body ended");
+        let again = legs.take().await.expect("the same leg, a third time");
+        assert_eq!(fetch(again, &legs, "/len").await, "fixed");
+    }
+
+    #[tokio::test]
+    async fn a_leg_whose_body_was_cut_short_is_not_reused() {
+        let legs = Legs::default();
+        let mut sender = scripted_leg().await;
+        let resp = sender.send_request(get("/big")).await.unwrap();
+        let mut body = LegBody::new(resp.into_body(), Some((sender, legs.clone())));
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+        drop(body);
+        assert_eq!(idle(&legs), 0, "the rest of the body is still in the leg");
+        assert!(legs.take().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_leg_the_server_closed_is_skipped() {
+        let legs = Legs::default();
+        assert_eq!(fetch(scripted_leg().await, &legs, "/close").await, "bye");
+        assert!(
+            legs.take().await.is_none(),
+            "no leg after Connection: close"
+        );
+        // A good leg behind a closed one is still found.
+        assert_eq!(fetch(scripted_leg().await, &legs, "/len").await, "fixed");
+        assert_eq!(fetch(scripted_leg().await, &legs, "/close").await, "bye");
+        assert!(legs.take().await.is_some());
+    }
 
     fn translate(
         method: Method,
