@@ -461,6 +461,56 @@ async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
     assert_eq!(origin.received().len(), 30);
 }
 
+/// Two relays started in the same instant can both find the port free; the
+/// claim decides. The test holds the claim itself, as the first of two such
+/// relays would, on a port nobody listens on.
+#[tokio::test]
+async fn a_relay_whose_address_another_relay_claims_does_not_start() {
+    use std::os::linux::net::SocketAddrExt;
+    let origin = Origin::ok().await;
+    let path = app_config("claimed", &origin, "");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", porthole_suite::free_port())
+        .parse()
+        .unwrap();
+    let name = porthole_relay::workers::claim_name(addr);
+    let abstract_addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let claim = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).unwrap();
+
+    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary("porthole-relay"))
+            .arg("--config")
+            .arg(&path)
+            .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
+            .output(),
+    )
+    .await
+    .expect("the relay did not exit")
+    .unwrap();
+    let log = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "relay.listen {addr}: address in use by another porthole-relay"
+        )),
+        "{log}"
+    );
+    // It let the port go: once the claim is released, a relay starts there.
+    drop(claim);
+    let admin = format!("127.0.0.1:{}", porthole_suite::free_port())
+        .parse()
+        .unwrap();
+    let relay = RelayProcess::spawn_on(&path, addr, admin, &[], &[]).await;
+    let out = Curl::new(&format!("http://app.test:{}/", origin.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+}
+
 #[tokio::test]
 async fn signals_right_after_the_listening_line_are_handled_not_fatal() {
     // SIGHUP and SIGUSR1 end a process that has no handler for them: the

@@ -23,6 +23,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -59,6 +60,8 @@ pub fn count(configured: usize) -> usize {
 
 /// The running workers. Dropping this stops them (their connections close).
 pub struct Workers {
+    /// This relay's claim on the aggregate address, held while it accepts.
+    claim: Option<UnixListener>,
     /// One per worker: its accept loop has ended.
     accepting: Vec<oneshot::Receiver<()>>,
     /// One per worker: its runtime is gone.
@@ -77,6 +80,7 @@ impl Workers {
     ) -> std::io::Result<Workers> {
         let n = shared.workers;
         let addr = listener.local_addr()?;
+        let claim = claim(addr)?;
         let first = listener.into_std()?;
         let mut sockets = Vec::with_capacity(n);
         for _ in 1..n.max(1) {
@@ -86,6 +90,7 @@ impl Workers {
         let admission = Arc::new(Admission::new(&shared.config().limits));
         let stop = CancellationToken::new();
         let mut workers = Workers {
+            claim,
             accepting: Vec::with_capacity(n),
             gone: Vec::with_capacity(n),
             stop: stop.clone(),
@@ -166,6 +171,8 @@ impl Workers {
         for ended in &mut self.accepting {
             let _ = ended.await;
         }
+        // The port is free for a successor while this relay drains.
+        self.claim = None;
     }
 
     /// Stops the workers: what is still open is closed. Returns when every
@@ -205,6 +212,36 @@ fn another_socket(
 pub fn bind_aggregate(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
     group_socket(addr)
+}
+
+/// The abstract Unix socket name a relay holds while it accepts on `addr`.
+pub fn claim_name(addr: SocketAddr) -> String {
+    format!("porthole-relay {addr}")
+}
+
+/// Claims `addr` for this relay by binding [`claim_name`] in Linux's
+/// abstract socket namespace (per network namespace, as ports are; the kernel
+/// releases it when the relay exits). This closes the window that the plain
+/// bind in [`bind_aggregate`] leaves: two relays started in the same instant
+/// can both pass that bind and join one `SO_REUSEPORT` group, but only one
+/// can hold the claim, and the other stops with "address in use". Where
+/// Unix sockets cannot be made at all, the relay goes on without a claim.
+fn claim(addr: SocketAddr) -> std::io::Result<Option<UnixListener>> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = claim_name(addr);
+    let bound = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|abstract_addr| UnixListener::bind_addr(&abstract_addr));
+    match bound {
+        Ok(claim) => Ok(Some(claim)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            e.kind(),
+            format!("relay.listen {addr}: address in use by another porthole-relay (it holds \"@{name}\")"),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, %addr, "cannot claim the aggregate address; relying on the bind check alone");
+            Ok(None)
+        }
+    }
 }
 
 /// A listening socket on `addr` in its `SO_REUSEPORT` group.
