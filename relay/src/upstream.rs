@@ -18,7 +18,8 @@ use crate::error::{ErrorKind, RelayError};
 use crate::uplink::outside::{DataConn, Registry};
 
 /// Idle upstream connections kept per `host:port`, shared out among the
-/// workers (each keeps at least [`MIN_IDLE_PER_WORKER`]).
+/// workers (each keeps at least [`MIN_IDLE_PER_WORKER`]); the one list of
+/// uplink data connections, which every worker draws from, keeps them all.
 const MAX_IDLE_PER_KEY: usize = 64;
 const MIN_IDLE_PER_WORKER: usize = 8;
 /// An idle upstream connection older than this is not reused.
@@ -302,6 +303,7 @@ impl Pool {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
+        let scope_is_uplink = matches!(scope, Scope::Uplink { .. });
         let mut idle = self.lock(&scope);
         if !current() {
             return;
@@ -329,7 +331,14 @@ impl Pool {
             .take_while(|(_, since)| now.duration_since(*since) >= IDLE_FOR)
             .count();
         list.drain(..expired);
-        if list.len() >= self.per_key {
+        // The shared uplink list serves every worker: it keeps the whole
+        // allowance, not one worker's share of it.
+        let cap = if scope_is_uplink {
+            MAX_IDLE_PER_KEY
+        } else {
+            self.per_key
+        };
+        if list.len() >= cap {
             list.remove(0);
         }
         list.push((conn, now));
@@ -441,6 +450,35 @@ mod tests {
             .unwrap();
         let (far, _) = listener.accept().await.unwrap();
         (Conn::new(Upstream::Tcp(near)), far)
+    }
+
+    #[tokio::test]
+    async fn the_shared_uplink_list_keeps_the_whole_allowance() {
+        // Two workers: each keeps half of MAX_IDLE_PER_KEY plain connections
+        // per host, but the one uplink list, which every worker draws from,
+        // keeps all of it (a 50-connection load through an uplink closed and
+        // reopened data connections when it kept only half).
+        let pool = Pool::new(2);
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let mut far_ends = Vec::new();
+        for _ in 0..MAX_IDLE_PER_KEY + 5 {
+            let (conn, far) = data("a", 1, &sessions);
+            far_ends.push(far);
+            pool.keep("erp", 80, uplink("a", 1), conn, || true);
+            let (conn, far) = tcp_pair().await;
+            pool.keep("erp", 80, Scope::Plain, conn, || true);
+            drop(far);
+        }
+        let mut uplinks = 0;
+        while pool.take("erp", 80, &uplink("a", 1)).is_some() {
+            uplinks += 1;
+        }
+        assert_eq!(uplinks, MAX_IDLE_PER_KEY);
+        let plain = pool.shards[0].lock().unwrap()["erp"]
+            .iter()
+            .find(|(_, s, _)| *s == Scope::Plain)
+            .map_or(0, |(_, _, list)| list.len());
+        assert_eq!(plain, MAX_IDLE_PER_KEY / 2);
     }
 
     #[tokio::test]
