@@ -412,6 +412,28 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// Starts the relay binary with `config` on `listen`, where it must refuse
+/// to start: waits for it to exit (10 s at most), checks it failed, and
+/// returns its log.
+async fn start_refused(config: &std::path::Path, listen: std::net::SocketAddr) -> String {
+    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
+    let run = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary("porthole-relay"))
+            .arg("--config")
+            .arg(config)
+            .env("PORTHOLE__RELAY__LISTEN", listen.to_string())
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
+            .output(),
+    )
+    .await
+    .expect("the relay did not exit")
+    .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(!run.status.success(), "{log}");
+    log
+}
+
 #[tokio::test]
 async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
     let origin = Origin::ok().await;
@@ -434,21 +456,7 @@ async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
 
     // A second relay on the same port fails at once ("address in use"),
     // rather than joining the first one's SO_REUSEPORT group.
-    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
-    let second = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(binary("porthole-relay"))
-            .arg("--config")
-            .arg(&path)
-            .env("PORTHOLE__RELAY__LISTEN", relay.addr.to_string())
-            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
-            .output(),
-    )
-    .await
-    .expect("the second relay did not exit")
-    .unwrap();
-    let log = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success(), "{log}");
+    let log = start_refused(&path, relay.addr).await;
     assert!(
         log.contains("relay.listen") && log.contains("in use"),
         "{log}"
@@ -477,21 +485,7 @@ async fn a_relay_whose_address_another_relay_claims_does_not_start() {
         std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let claim = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).unwrap();
 
-    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
-    let refused = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(binary("porthole-relay"))
-            .arg("--config")
-            .arg(&path)
-            .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
-            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
-            .output(),
-    )
-    .await
-    .expect("the relay did not exit")
-    .unwrap();
-    let log = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{log}");
+    let log = start_refused(&path, addr).await;
     assert!(
         log.contains(&format!(
             "relay.listen {addr}: address in use by another porthole-relay"

@@ -27,6 +27,18 @@ async fn start_shim(config: ShimConfig) -> Shim {
     Shim::start(config, listener).await.unwrap()
 }
 
+/// A relay routing `host` to 127.0.0.1:`port` (`relay_extra` added to its
+/// configuration) and a shim linked to it.
+async fn relay_and_shim(host: &str, port: u16, relay_extra: &str) -> (Relay, Shim) {
+    let relay = Relay::start(&config_with(
+        &route(host, "127.0.0.1", &[port], ""),
+        relay_extra,
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    (relay, shim)
+}
+
 async fn wait_state(shim: &Shim, up: bool, limit: Duration) {
     let mut watch = shim.link.watch();
     tokio::time::timeout(limit, watch.wait_for(|s| s.is_up() == up))
@@ -164,12 +176,7 @@ async fn bodies_stream_both_ways_through_the_shim() {
         Reply::Raw(response(200, &[], body.as_bytes()))
     })
     .await;
-    let relay = Relay::start(&config_with(
-        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
-        "",
-    ))
-    .await;
-    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let (_relay, shim) = relay_and_shim("app-a.test", origin.port(), "").await;
     let proxy = format!("http://{}", shim.addr);
     let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
 
@@ -225,12 +232,8 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
         }
     })
     .await;
-    let relay = Relay::start(&config_with(
-        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
-        "[limits]\nidle_timeout = \"1s\"",
-    ))
-    .await;
-    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let idle_1s = "[limits]\nidle_timeout = \"1s\"";
+    let (_relay, shim) = relay_and_shim("app-a.test", origin.port(), idle_1s).await;
     let proxy = format!("http://{}", shim.addr);
     let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
     let fetch = |path: String| {
@@ -489,12 +492,7 @@ async fn two_hundred_tunnels_share_one_relay_connection() {
 #[tokio::test]
 async fn a_large_tunnel_transfer_arrives_byte_exact_both_ways() {
     let echo = EchoServer::start().await;
-    let relay = Relay::start(&config_with(
-        &route("echo.test", "127.0.0.1", &[echo.port()], ""),
-        "",
-    ))
-    .await;
-    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let (_relay, shim) = relay_and_shim("echo.test", echo.port(), "").await;
     let (s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
     let sent: Vec<u8> = (0..(9 << 20) + 123).map(|i| (i % 251) as u8).collect();
     let (mut rd, mut wr) = s.into_split();
