@@ -225,6 +225,10 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
                 body.len()
             );
             Reply::Raw(raw.into_bytes())
+        } else if t.starts_with("/nocontent/") {
+            Reply::Raw(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())
+        } else if t.starts_with("/notmodified/") {
+            Reply::Raw(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n".to_vec())
         } else if t.starts_with("/close/") {
             Reply::RawThenClose(response(200, &[("Connection", "close")], body.as_bytes()))
         } else {
@@ -250,6 +254,21 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
     let first_session = session(&shim);
     for (i, kind) in kinds.iter().cycle().take(12).enumerate() {
         fetch(format!("/{kind}/{i}")).await;
+    }
+    // Answers without a body (HEAD, 204, 304), each followed by one with a
+    // body on the leg it leaves.
+    for (i, (curl, status)) in [
+        (Curl::new(&url("/fixed/head")).arg("-I"), 200),
+        (Curl::new(&url("/nocontent/1")), 204),
+        (Curl::new(&url("/notmodified/1")), 304),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = curl.proxy(&proxy).run().await;
+        assert_eq!(out.status, status, "{out:?}");
+        assert_eq!(out.size_download, 0, "{out:?}");
+        fetch(format!("/fixed/after-empty-{i}")).await;
     }
     // Twenty at once, then more one by one on the legs they leave.
     let parallel: Vec<_> = (0..20)
@@ -282,7 +301,11 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
         fetch(format!("/{kind}/after-idle-{i}")).await;
     }
     let targets: Vec<String> = origin.received().into_iter().map(|r| r.target).collect();
-    assert_eq!(targets.len(), 1 + 12 + 20 + 1 + 1 + 6 + 6, "{targets:?}");
+    assert_eq!(
+        targets.len(),
+        1 + 12 + 6 + 20 + 1 + 1 + 6 + 6,
+        "{targets:?}"
+    );
     assert!(targets.contains(&"/chunked/after-idle-5".to_string()));
     assert_eq!(
         session(&shim),
@@ -372,6 +395,7 @@ async fn a_new_connection_waits_for_the_link_instead_of_failing() {
     let listeners = porthole_relay::Listeners {
         aggregate: TcpListener::bind(relay_addr).await.unwrap(),
         admin: None,
+        claim: None,
     };
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(porthole_relay::run(listeners, config, async {

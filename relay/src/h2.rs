@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -53,6 +53,9 @@ const PIPE_BUF: usize = 64 * 1024;
 /// Idle internal HTTP/1 legs kept per connection; more concurrent streams
 /// than this make legs that end with their stream.
 const MAX_IDLE_LEGS: usize = 64;
+/// An idle leg older than this is dropped rather than reused (with its
+/// buffers), whatever the HTTP path's own idle timeout.
+const LEG_IDLE_FOR: Duration = Duration::from_secs(30);
 /// Largest DATA frame either end of the link accepts (SETTINGS_MAX_FRAME_SIZE;
 /// RFC 9113's default is 16 KiB). h2 writes each frame with one `writev`, so
 /// a bulk tunnel costs a syscall per frame: larger frames, fewer syscalls.
@@ -111,23 +114,37 @@ async fn stream(mut req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) 
     };
     // Only a stream that sent its whole request with its head may share a
     // leg: an upload or a tunnel keeps its leg busy past the response head.
+    // A draining relay is closing its idle legs: new ones serve the last streams.
     let reusable = downstream.is_none() && h1.body().is_end_stream();
-    let idle = if reusable { legs.take().await } else { None };
-    let mut sender = match idle {
-        Some(sender) => sender,
-        None => match open_leg(ctx).await {
-            Ok(sender) => sender,
-            Err(e) => {
-                tracing::warn!(error = %e, "h2 stream: internal HTTP/1 leg failed");
-                return plain(StatusCode::BAD_GATEWAY, "relay internal error");
-            }
-        },
+    let mut idle = if reusable && !ctx.shared.is_draining() {
+        legs.take().await
+    } else {
+        None
     };
-    let resp = match sender.send_request(h1).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(error = %e, "h2 stream: no response from the HTTP/1 leg");
-            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+    let mut h1 = h1;
+    let (sender, resp) = loop {
+        let reused = idle.is_some();
+        let mut sender = match idle.take() {
+            Some(sender) => sender,
+            None => match open_leg(&ctx).await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    tracing::warn!(error = %e, "h2 stream: internal HTTP/1 leg failed");
+                    return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+                }
+            },
+        };
+        match sender.try_send_request(h1).await {
+            Ok(resp) => break (sender, resp),
+            Err(mut e) => match e.take_message() {
+                // An idle leg the HTTP path closed just now (its idle timeout,
+                // a drain) before the request went out: once more, on a new leg.
+                Some(unsent) if reused => h1 = unsent,
+                _ => {
+                    tracing::debug!(error = %e.error(), "h2 stream: no response from the HTTP/1 leg");
+                    return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+                }
+            },
         }
     };
     if let Some(downstream) = downstream {
@@ -146,10 +163,10 @@ async fn stream(mut req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) 
 
 /// Opens an internal HTTP/1 leg: an in-memory pipe whose far end is served
 /// by the relay's HTTP path as a connection of this stream's client.
-async fn open_leg(ctx: ConnCtx) -> hyper::Result<SendRequest<Incoming>> {
+async fn open_leg(ctx: &ConnCtx) -> hyper::Result<SendRequest<Incoming>> {
     let (near, far) = tokio::io::duplex(PIPE_BUF);
     let span = tracing::Span::current();
-    tokio::spawn(http1::serve(Conn::new(far), ctx).instrument(span.clone()));
+    tokio::spawn(http1::serve(Conn::new(far), ctx.clone()).instrument(span.clone()));
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near)).await?;
     tokio::spawn(
         async move {
@@ -162,11 +179,15 @@ async fn open_leg(ctx: ConnCtx) -> hyper::Result<SendRequest<Incoming>> {
     Ok(sender)
 }
 
-/// The idle internal HTTP/1 legs of one HTTP/2 connection. They end with it:
-/// dropping a leg's sender ends its client task, which closes the pipe, which
-/// ends the HTTP path's side. A leg the HTTP path closed (its idle timeout, a
-/// `Connection: close`, draining) is found closed and dropped when taken.
-struct Legs<B>(Arc<Mutex<Vec<SendRequest<B>>>>);
+/// The idle internal HTTP/1 legs of one HTTP/2 connection, oldest first.
+/// They end with it: dropping a leg's sender ends its client task, which
+/// closes the pipe, which ends the HTTP path's side. A leg the HTTP path
+/// closed (its idle timeout, a `Connection: close`, draining) is found closed
+/// and dropped when taken; one idle for [`LEG_IDLE_FOR`] is dropped too.
+struct Legs<B>(Arc<Mutex<Vec<IdleLeg<B>>>>);
+
+/// An idle leg and since when it is idle.
+type IdleLeg<B> = (SendRequest<B>, Instant);
 
 impl<B> Default for Legs<B> {
     fn default() -> Self {
@@ -184,8 +205,8 @@ impl<B> Legs<B> {
     /// An idle leg ready for a request, if one is left.
     async fn take(&self) -> Option<SendRequest<B>> {
         loop {
-            let mut sender = self.0.lock().ok()?.pop()?;
-            if sender.is_closed() {
+            let (mut sender, since) = self.0.lock().ok()?.pop()?;
+            if sender.is_closed() || since.elapsed() >= LEG_IDLE_FOR {
                 continue;
             }
             // Its last response ended; the client task marks it ready on its
@@ -201,8 +222,14 @@ impl<B> Legs<B> {
             return;
         }
         if let Ok(mut idle) = self.0.lock() {
+            let now = Instant::now();
+            let expired = idle
+                .iter()
+                .take_while(|(_, since)| now.duration_since(*since) >= LEG_IDLE_FOR)
+                .count();
+            idle.drain(..expired);
             if idle.len() < MAX_IDLE_LEGS {
-                idle.push(sender);
+                idle.push((sender, now));
             }
         }
     }
@@ -443,7 +470,6 @@ mod tests {
         assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
         drop(body);
         assert_eq!(idle(&legs), 0, "the rest of the body is still in the leg");
-        assert!(legs.take().await.is_none());
     }
 
     #[tokio::test]
