@@ -377,6 +377,7 @@ impl Relay {
         let listeners = porthole_relay::Listeners {
             aggregate,
             admin: Some(admin_listener),
+            claim: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(async move {

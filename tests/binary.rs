@@ -424,6 +424,7 @@ async fn start_refused(config: &std::path::Path, listen: std::net::SocketAddr) -
             .arg(config)
             .env("PORTHOLE__RELAY__LISTEN", listen.to_string())
             .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
+            .kill_on_drop(true)
             .output(),
     )
     .await
@@ -503,6 +504,78 @@ async fn a_relay_whose_address_another_relay_claims_does_not_start() {
         .run()
         .await;
     assert_eq!(out.status, 200, "{out:?}");
+}
+
+/// Abstract socket names have no permissions: a process of another user
+/// holding the claim's name (who could not join this user's `SO_REUSEPORT`
+/// group anyway) does not keep the relay from starting. Needs root to run a
+/// process as another user; skipped otherwise.
+#[tokio::test]
+#[allow(unsafe_code)]
+async fn a_claim_squatted_by_another_user_does_not_stop_the_relay() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to hold the name as another user");
+        return;
+    }
+    let origin = Origin::ok().await;
+    let path = app_config("squatted", &origin, "");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", porthole_suite::free_port())
+        .parse()
+        .unwrap();
+    let name = porthole_relay::workers::claim_name(addr);
+    let mut squatter = std::process::Command::new("sleep");
+    squatter.arg("60");
+    let held_name = name.clone();
+    // SAFETY: between fork and exec the child only makes system calls
+    // (setgid, setuid, socket, bind, listen) and returns their errors.
+    unsafe {
+        squatter.pre_exec(move || {
+            use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog};
+            use nix::sys::socket::{SockFlag, SockType, UnixAddr};
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
+            // Without close-on-exec: `sleep` keeps it, listening as nobody.
+            let fd = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )?;
+            let at = UnixAddr::new_abstract(held_name.as_bytes())?;
+            bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &at)?;
+            listen(&fd, Backlog::new(8)?)?;
+            std::mem::forget(fd);
+            Ok(())
+        });
+    }
+    let mut child = squatter.spawn().unwrap();
+    // Held once the child has listened: binding the name fails from then on.
+    let abstract_addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let held = porthole_suite::eventually(Duration::from_secs(5), || async {
+        std::os::unix::net::UnixListener::bind_addr(&abstract_addr).is_err()
+    })
+    .await;
+    assert!(held, "the squatter never held @{name}");
+
+    let admin = format!("127.0.0.1:{}", porthole_suite::free_port())
+        .parse()
+        .unwrap();
+    let relay = RelayProcess::spawn_on(&path, addr, admin, &[], &[]).await;
+    let out = Curl::new(&format!("http://app.test:{}/", origin.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(out.status, 200, "{out:?}");
+    let log = relay.log_text();
+    assert!(
+        log.contains("held by a process of another user") && log.contains("holder_uid=Some(65534)"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

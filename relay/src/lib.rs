@@ -246,11 +246,19 @@ pub struct ConnCtx {
 pub struct Listeners {
     pub aggregate: TcpListener,
     pub admin: Option<TcpListener>,
+    /// The relay's claim on the aggregate address ([`workers::claim`]), taken
+    /// before binding it; `None` for a listener bound by the caller.
+    pub claim: Option<workers::Claim>,
 }
 
 impl Listeners {
     /// Binds the addresses the configuration names.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        // A port the kernel chooses cannot be raced for.
+        let claim = match config.relay.listen.port() {
+            0 => None,
+            _ => workers::claim(config.relay.listen)?,
+        };
         let aggregate = workers::bind_aggregate(config.relay.listen).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -263,7 +271,11 @@ impl Listeners {
             })?),
             None => None,
         };
-        Ok(Listeners { aggregate, admin })
+        Ok(Listeners {
+            aggregate,
+            admin,
+            claim,
+        })
     }
 }
 
@@ -289,7 +301,8 @@ pub async fn run(
     let usr1 = watch_signal(SignalKind::user_defined1(), "SIGUSR1");
     let tracker = TaskTracker::new();
     let config = shared.config();
-    let mut workers = workers::Workers::start(listeners.aggregate, &shared, &tracker)?;
+    let mut workers =
+        workers::Workers::start(listeners.aggregate, listeners.claim, &shared, &tracker)?;
     let admin = listeners
         .admin
         .map(|l| tokio::spawn(admin::serve(l, shared.clone())));

@@ -61,7 +61,7 @@ pub fn count(configured: usize) -> usize {
 /// The running workers. Dropping this stops them (their connections close).
 pub struct Workers {
     /// This relay's claim on the aggregate address, held while it accepts.
-    claim: Option<UnixListener>,
+    claim: Option<Claim>,
     /// One per worker: its accept loop has ended.
     accepting: Vec<oneshot::Receiver<()>>,
     /// One per worker: its runtime is gone.
@@ -75,12 +75,12 @@ impl Workers {
     /// the connections go on until [`Workers::stop`].
     pub fn start(
         listener: TcpListener,
+        claim: Option<Claim>,
         shared: &Arc<Shared>,
         tracker: &TaskTracker,
     ) -> std::io::Result<Workers> {
         let n = shared.workers;
         let addr = listener.local_addr()?;
-        let claim = claim(addr)?;
         let first = listener.into_std()?;
         let mut sockets = Vec::with_capacity(n);
         for _ in 1..n.max(1) {
@@ -219,29 +219,58 @@ pub fn claim_name(addr: SocketAddr) -> String {
     format!("porthole-relay {addr}")
 }
 
+/// This relay's hold on its aggregate address (see [`claim`]); released when dropped.
+pub struct Claim {
+    _name: UnixListener,
+}
+
 /// Claims `addr` for this relay by binding [`claim_name`] in Linux's
 /// abstract socket namespace (per network namespace, as ports are; the kernel
-/// releases it when the relay exits). This closes the window that the plain
-/// bind in [`bind_aggregate`] leaves: two relays started in the same instant
-/// can both pass that bind and join one `SO_REUSEPORT` group, but only one
-/// can hold the claim, and the other stops with "address in use". Where
-/// Unix sockets cannot be made at all, the relay goes on without a claim.
-fn claim(addr: SocketAddr) -> std::io::Result<Option<UnixListener>> {
+/// releases it when the relay exits). Taken before the port is bound, this
+/// closes the window that the plain bind in [`bind_aggregate`] leaves: two
+/// relays started in the same instant can both pass that bind and join one
+/// `SO_REUSEPORT` group, but only one can hold the claim, and the other stops
+/// with "address in use" before it binds.
+///
+/// Abstract names have no permissions, so a name held by a process of
+/// another user (who could not join this user's `SO_REUSEPORT` group
+/// anyway) does not stop the relay: it warns and goes on without a claim, as
+/// it does where Unix sockets cannot be made at all.
+pub fn claim(addr: SocketAddr) -> std::io::Result<Option<Claim>> {
     use std::os::linux::net::SocketAddrExt;
     let name = claim_name(addr);
-    let bound = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-        .and_then(|abstract_addr| UnixListener::bind_addr(&abstract_addr));
-    match bound {
-        Ok(claim) => Ok(Some(claim)),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
-            e.kind(),
-            format!("relay.listen {addr}: address in use by another porthole-relay (it holds \"@{name}\")"),
-        )),
+    let abstract_addr = match std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()) {
+        Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, %addr, "cannot claim the aggregate address; relying on the bind check alone");
-            Ok(None)
+            return Ok(None);
         }
+    };
+    let e = match UnixListener::bind_addr(&abstract_addr) {
+        Ok(name) => return Ok(Some(Claim { _name: name })),
+        Err(e) => e,
+    };
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        tracing::warn!(error = %e, %addr, "cannot claim the aggregate address; relying on the bind check alone");
+        return Ok(None);
     }
+    let holder = holder_uid(&abstract_addr);
+    if holder == Some(nix::unistd::geteuid().as_raw()) {
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("relay.listen {addr}: address in use by another porthole-relay (it holds \"@{name}\")"),
+        ));
+    }
+    tracing::warn!(%addr, holder_uid = ?holder, claim = %name, "the claim on the aggregate address is held by a process of another user; going on without it");
+    Ok(None)
+}
+
+/// The user of the process listening on the abstract socket `addr`, if it can be told.
+fn holder_uid(addr: &std::os::unix::net::SocketAddr) -> Option<u32> {
+    let stream = std::os::unix::net::UnixStream::connect_addr(addr).ok()?;
+    let cred =
+        nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some(cred.uid())
 }
 
 /// A listening socket on `addr` in its `SO_REUSEPORT` group.
@@ -254,4 +283,28 @@ fn group_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unused_addr() -> SocketAddr {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    }
+
+    #[test]
+    fn a_claim_held_by_this_user_refuses_and_is_released_on_drop() {
+        let addr = unused_addr();
+        let first = claim(addr).unwrap().expect("the first claim");
+        let err = claim(addr).err().expect("a second claim by the same user");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(
+            err.to_string(),
+            format!("relay.listen {addr}: address in use by another porthole-relay (it holds \"@porthole-relay {addr}\")")
+        );
+        drop(first);
+        assert!(claim(addr).unwrap().is_some(), "released with the first");
+    }
 }
