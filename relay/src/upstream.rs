@@ -189,6 +189,12 @@ impl Scope {
             None => Scope::Plain,
         }
     }
+
+    /// Kept in the one list every worker shares (uplink data connections
+    /// arrive on whichever worker accepted them), not in a worker's own.
+    fn shared(&self) -> bool {
+        matches!(self, Scope::Uplink { .. })
+    }
 }
 
 type Idle = Vec<(Conn<Upstream>, Instant)>;
@@ -231,9 +237,10 @@ impl Pool {
 
     /// The idle connections in `scope` the calling worker may take.
     fn lock(&self, scope: &Scope) -> std::sync::MutexGuard<'_, HashMap<String, Slots>> {
-        let at = match scope {
-            Scope::Uplink { .. } => 0,
-            Scope::Plain | Scope::Tls(_) => crate::workers::current() % self.shards.len(),
+        let at = if scope.shared() {
+            0
+        } else {
+            crate::workers::current() % self.shards.len()
         };
         self.shards[at].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -303,7 +310,7 @@ impl Pool {
         if !conn.buf.is_empty() {
             return; // the server sent more than the response: not reusable
         }
-        let scope_is_uplink = matches!(scope, Scope::Uplink { .. });
+        let shared = scope.shared();
         let mut idle = self.lock(&scope);
         if !current() {
             return;
@@ -333,7 +340,7 @@ impl Pool {
         list.drain(..expired);
         // The shared uplink list serves every worker: it keeps the whole
         // allowance, not one worker's share of it.
-        let cap = if scope_is_uplink {
+        let cap = if shared {
             MAX_IDLE_PER_KEY
         } else {
             self.per_key
