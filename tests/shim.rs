@@ -322,6 +322,83 @@ fn session(shim: &Shim) -> u64 {
     }
 }
 
+/// A CONNECT stream is admitted, routed, refused and logged as an HTTP/1
+/// CONNECT is: the relay answers it on the stream itself and tunnels the
+/// stream's bytes to the server.
+#[tokio::test]
+async fn connect_streams_are_routed_refused_and_logged_like_http1_ones() {
+    let echo = EchoServer::start().await;
+    let closed = porthole_suite::free_port();
+    let dir = std::env::temp_dir().join(format!("porthole-shim-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let routes = route("echo.test", "127.0.0.1", &[echo.port()], "")
+        + &route("dead.test", "127.0.0.1", &[closed], "");
+    let relay = Relay::start(&config_with(
+        &routes,
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let proxy = format!("http://{}", shim.addr);
+
+    let (s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    // The echo server says "bye" when the client half-closes.
+    assert_eq!(echo_round(s, b"hello").await, b"hellobye\n");
+    for (url, status) in [
+        ("http://nowhere.test:80/".to_string(), "403"),
+        (format!("http://dead.test:{closed}/"), "502"),
+    ] {
+        let out = Curl::new(&url).proxy(&proxy).arg("-p").run().await;
+        assert_ne!(out.exit, 0, "{out:?}");
+        assert!(
+            out.stderr.contains(&format!("response {status}")),
+            "{url}: {}",
+            out.stderr
+        );
+    }
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("CONNECT"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let all_three = || async { lines().len() == 3 };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(10), all_three).await,
+        "{:?}",
+        lines()
+    );
+    let lines = lines();
+    let tunnel = lines
+        .iter()
+        .find(|l| l.contains("echo.test"))
+        .expect("the tunnel's line");
+    for field in [
+        "status=200",
+        "bytes_in=5",
+        "bytes_out=9",
+        "route=\"echo.test\"",
+    ] {
+        assert!(tunnel.contains(field), "{field} missing in {tunnel}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("nowhere.test") && l.contains("status=403")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("dead.test") && l.contains("status=502")),
+        "{lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn connect_through_the_shim_with_half_close() {
     let origin = Origin::ok().await;

@@ -132,6 +132,48 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     assert_eq!(back, b"through two relaysbye\n");
     assert_eq!(echo.half_closes(), 1);
 
+    // The same CONNECT as an HTTP/2 stream, from a shim linked to O.
+    let shim_config = porthole_shim::RawConfig::from_toml(&format!(
+        "relay = \"{}\"\nrelay_name = \"relay.test\"\nlisten = \"127.0.0.1:0\"\n",
+        o.addr
+    ))
+    .unwrap()
+    .validate()
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shim = porthole_shim::Shim::start(shim_config, listener)
+        .await
+        .unwrap();
+    let (s, _) = connect_via(shim.addr, &format!("db.plant3:{}", echo.port())).await;
+    assert_eq!(echo_round(s, b"over the link").await, b"over the linkbye\n");
+    assert_eq!(echo.half_closes(), 2);
+    // A port I has no route for: I refuses, and the refusal comes back
+    // through O and the link.
+    let out = Curl::new(&format!("http://db.plant3:{}/", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .arg("-p")
+        .run()
+        .await;
+    assert!(out.stderr.contains("response 403"), "{out:?}");
+    let refused = raw_exchange(
+        shim.addr,
+        format!(
+            "CONNECT db.plant3:{0} HTTP/1.1\r\nHost: db.plant3:{0}\r\nConnection: close\r\n\r\n",
+            origin.port()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(
+        refused.ends_with(&format!(
+            "\r\n\r\n403 Forbidden: route db.plant3: port {} is not allowed\n",
+            origin.port()
+        )),
+        "I's reason, passed on: {refused}"
+    );
+
     // I accepted no connection at all: every socket it has to O, it dialled.
     assert_eq!(metric(&i, "porthole_connections_accepted_total").await, 0.0);
     assert!(metric(&o, "porthole_uplinks_connected").await >= 1.0);

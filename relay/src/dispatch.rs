@@ -101,17 +101,23 @@ impl Identity<'_> {
     }
 }
 
+/// The `host:port` of a `CONNECT` (HTTP/1 request target or HTTP/2
+/// `:authority`); `Err` is the reason for a `400`.
+pub fn connect_target(target: &str) -> Result<(String, u16), &'static str> {
+    const BAD: &str = "CONNECT target must be host:port";
+    if !matches!(split_host_port(target), Some((_, Some(_)))) || target.contains('/') {
+        return Err(BAD);
+    }
+    parse_authority(target, 0).ok_or(BAD)
+}
+
 /// Decides what a request head asks for. `Err` is the reason for a `400`.
 pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestKind, &'static str> {
     let method = head.method();
     let target = head.target();
 
     if method.eq_ignore_ascii_case("CONNECT") {
-        const BAD: &str = "CONNECT target must be host:port";
-        if !matches!(split_host_port(target), Some((_, Some(_)))) || target.contains('/') {
-            return Err(BAD);
-        }
-        let (host, port) = parse_authority(target, 0).ok_or(BAD)?;
+        let (host, port) = connect_target(target)?;
         return Ok(RequestKind::Connect { host, port });
     }
 

@@ -1,14 +1,17 @@
-//! HTTP/2 on the aggregate port (h2c prior knowledge; ALPN `h2` once TLS
-//! lands). Each stream is translated to HTTP/1.1 and served by the relay's one
-//! HTTP path ([`http1::serve`]) over an in-memory pipe, so routing, `403/502/504`,
-//! `Via` and access lines are the same for both protocols:
+//! HTTP/2 on the aggregate port (h2c prior knowledge, or ALPN `h2` over TLS),
+//! served with the same routing, `403/502/504`, `Via` and access lines as
+//! HTTP/1:
 //!
-//! - a request becomes `METHOD http://authority/path HTTP/1.1` with
-//!   `Host: <relay name>`, the shim's form (JP4570628B2 figures 6-7), which the
-//!   HTTP path restores to what the application wrote;
-//! - `CONNECT host:port` (`:authority`) becomes an HTTP/1 `CONNECT`; on `200`
-//!   both upgraded ends are spliced, half-closes passed on. One connection from
-//!   the shim carries every tunnel, one stream each.
+//! - a request is translated to HTTP/1.1 and served by the relay's one HTTP
+//!   path ([`http1::serve`]) over an in-memory pipe: it becomes
+//!   `METHOD http://authority/path HTTP/1.1` with `Host: <relay name>`, the
+//!   shim's form (JP4570628B2 figures 6-7), which the HTTP path restores to
+//!   what the application wrote;
+//! - `CONNECT host:port` (`:authority`) goes through the same gate and the
+//!   same dial as an HTTP/1 `CONNECT` ([`gate::admit`], [`tunnel::open`]) and
+//!   is answered on the stream; the stream's upgraded body is then the
+//!   client end of the tunnel, half-closes passed on. One connection from the
+//!   shim carries every tunnel, one stream each.
 //!
 //! The flow-control windows and stream limit are the link's, shared with the shim.
 //!
@@ -17,6 +20,7 @@
 //! of making a pipe, two tasks and a handshake, and gives it back once its
 //! response body has ended, as the relay's upstream pool does with servers.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -33,9 +37,13 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::Instrument;
 
+use crate::access_log::Access;
 use crate::codec::{Conn, Io, Rewind};
+use crate::dispatch::connect_target;
+use crate::error::RelayError;
 use crate::rewrite::strip_hop_by_hop_map;
-use crate::{http1, ConnCtx};
+use crate::tunnel::{self, Standing};
+use crate::{gate, http1, ConnCtx};
 
 /// Per-stream flow-control window: large enough that one tunnel is not
 /// throttled by round trips on a long link.
@@ -105,17 +113,19 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
 }
 
 /// Serves one stream through the HTTP/1 path.
-async fn stream(mut req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
+async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect(req, ctx).await;
+    }
     let name = ctx.shared.config().relay.name.clone();
-    let downstream = (req.method() == Method::CONNECT).then(|| hyper::upgrade::on(&mut req));
     let h1 = match to_http1(req, &name) {
         Ok(r) => r,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
     // Only a stream that sent its whole request with its head may share a
-    // leg: an upload or a tunnel keeps its leg busy past the response head.
-    // A draining relay is closing its idle legs: new ones serve the last streams.
-    let reusable = downstream.is_none() && h1.body().is_end_stream();
+    // leg: an upload keeps its leg busy past the response head. A draining
+    // relay is closing its idle legs: new ones serve the last streams.
+    let reusable = h1.body().is_end_stream();
     let mut idle = if reusable && !ctx.shared.is_draining() {
         legs.take().await
     } else {
@@ -147,18 +157,80 @@ async fn stream(mut req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) 
             },
         }
     };
-    if let Some(downstream) = downstream {
-        if resp.status() == StatusCode::OK {
-            let upstream = hyper::upgrade::on(resp);
-            let span = tracing::Span::current();
-            tokio::spawn(splice(downstream, upstream).instrument(span));
-            return Response::new(empty());
-        }
-    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop_map(&mut parts.headers);
     let body = LegBody::new(body, reusable.then_some((sender, legs)));
     Response::from_parts(parts, body.boxed())
+}
+
+/// `CONNECT host:port` on a stream: admitted, routed and dialled as on
+/// HTTP/1 ([`gate::admit`], [`tunnel::open`]), answered on the stream, whose
+/// upgraded body is then the client end of the tunnel. No internal leg: the
+/// bytes go from the stream to the server's socket in one copy.
+async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let Some(authority) = authority else {
+        return plain(StatusCode::BAD_REQUEST, "missing :authority");
+    };
+    let (host, port) = match connect_target(&authority) {
+        Ok(target) => target,
+        Err(why) => return plain(StatusCode::BAD_REQUEST, why),
+    };
+    let config = ctx.shared.config();
+    let mut access = Access::new(
+        Cow::Borrowed("CONNECT"),
+        &authority,
+        0,
+        Access::logged(&ctx),
+    );
+    let authorization = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match gate::admit(&ctx, &config, authorization, Some((&host, port))).await {
+        Ok(user) => access.user = user,
+        Err(err) => return refused(&err, access, &ctx),
+    }
+    let opened = match tunnel::open(&host, port, &ctx, &mut access).await {
+        Ok(opened) => opened,
+        Err(err) => return refused(&err, access, &ctx),
+    };
+    let status = StatusCode::from_u16(opened.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status != StatusCode::OK {
+        // Through an uplink: the inside relay's refusal, passed on.
+        access.finish(&ctx);
+        let why = opened.refusal_text().await;
+        return text(status, why);
+    }
+    let downstream = hyper::upgrade::on(&mut req);
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            let standing = Standing::new(&ctx, opened.server, opened.idle, access);
+            match downstream.await {
+                Ok(client) => tunnel::run(Conn::new(TokioIo::new(client)), standing, &ctx).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "h2 tunnel: the stream ended before it stood")
+                }
+            }
+        }
+        .instrument(span),
+    );
+    Response::new(empty())
+}
+
+/// The answer to a stream the relay refused, with its access line.
+fn refused(err: &RelayError, mut access: Access, ctx: &ConnCtx) -> Response<Body> {
+    access.status = err.status();
+    access.finish(ctx);
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = text(status, err.body());
+    for (name, value) in err.headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, value);
+        }
+    }
+    resp
 }
 
 /// Opens an internal HTTP/1 leg: an in-memory pipe whose far end is served
@@ -288,8 +360,9 @@ impl<B> Drop for LegBody<B> {
     }
 }
 
-/// Translates an HTTP/2 request into the HTTP/1.1 request the relay's HTTP
-/// path understands. `Err` is the reason for a `400`.
+/// Translates an HTTP/2 request (not a `CONNECT`, which [`connect`] serves)
+/// into the HTTP/1.1 request the relay's HTTP path understands. `Err` is the
+/// reason for a `400`.
 pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'static str> {
     let (parts, body) = req.into_parts();
     let authority = parts
@@ -301,16 +374,9 @@ pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'st
             host.to_str().ok().map(str::to_string)
         })
         .ok_or("missing :authority")?;
-    let (uri, host) = if parts.method == Method::CONNECT {
-        (authority.clone(), authority)
-    } else {
-        let scheme = parts.uri.scheme_str().unwrap_or("http");
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        (
-            format!("{scheme}://{authority}{path}"),
-            relay_name.to_string(),
-        )
-    };
+    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = format!("{scheme}://{authority}{path}");
     let mut out = Request::builder()
         .method(parts.method)
         .uri(uri)
@@ -336,7 +402,7 @@ pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'st
         let joined = HeaderValue::from_str(&cookies.join("; ")).map_err(|_| "invalid cookie")?;
         headers.insert(header::COOKIE, joined);
     }
-    let host = HeaderValue::from_str(&host).map_err(|_| "invalid :authority")?;
+    let host = HeaderValue::from_str(relay_name).map_err(|_| "invalid relay name")?;
     headers.insert(header::HOST, host);
     Ok(out)
 }
@@ -368,8 +434,12 @@ fn empty() -> Body {
 
 /// A short plain-text answer made by the relay or the shim itself.
 pub fn plain(status: StatusCode, why: &str) -> Response<Body> {
-    let text = format!("{} {why}\n", status.as_u16());
-    let body = Full::new(Bytes::from(text))
+    text(status, format!("{} {why}\n", status.as_u16()))
+}
+
+/// A `text/plain` answer with this body.
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let body = Full::new(Bytes::from(body))
         .map_err(|never| match never {})
         .boxed();
     let mut resp = Response::new(body);
@@ -527,12 +597,6 @@ mod tests {
                 "http://app-a.test:81/x?y=1",
                 vec![("accept", "*/*")],
                 Ok("GET http://app-a.test:81/x?y=1 | accept: */*, host: relay.test"),
-            ),
-            (
-                Method::CONNECT,
-                "db.test:5432",
-                vec![],
-                Ok("CONNECT db.test:5432 | host: db.test:5432"),
             ),
             (
                 Method::GET,

@@ -160,68 +160,110 @@ async fn dial<S: Io>(
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Option<(Conn<Upstream>, Duration)> {
-    let config = ctx.shared.config();
-    let decision = match crate::forward::choose(ctx, &config, host, port) {
-        Ok(d) => d,
+    match open(host, port, ctx, access).await {
+        Ok(opened) => {
+            let answer = &opened.head;
+            if client.io.write_all(answer).await.is_err() || client.io.flush().await.is_err() {
+                return None;
+            }
+            access.bytes_out += answer.len() as u64;
+            Some((opened.server, opened.idle))
+        }
         Err(err) => {
             access.status = err.status();
             let _ = write_error(&mut client.io, &err, true).await;
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// The server side of a `CONNECT`, dialled: the answer for the client is
+/// `200` from this relay, or through an uplink the inside relay's own.
+pub struct Opened {
+    pub server: Conn<Upstream>,
+    /// The tunnel's idle timeout.
+    pub idle: Duration,
+    /// The answer's status (also in `access`).
+    pub status: u16,
+    /// The answer as an HTTP/1 head.
+    pub head: Bytes,
+    /// Length of the body after a refusal's head.
+    body_len: u64,
+}
+
+/// Chooses the route for `CONNECT host:port` and dials it; through an uplink
+/// the inside relay dials the internal server and answers the CONNECT
+/// itself. Whatever protocol the client spoke: the caller answers it.
+pub async fn open(
+    host: &str,
+    port: u16,
+    ctx: &ConnCtx,
+    access: &mut Access,
+) -> Result<Opened, RelayError> {
+    let config = ctx.shared.config();
+    let decision = crate::forward::choose(ctx, &config, host, port)?;
     let route = &decision.route;
     access.route = Some(route.clone());
-    let mut server = match crate::forward::open_upstream(ctx, &decision).await {
-        Ok(s) => s,
-        Err(err) => {
-            crate::forward::log_error(ctx, &err);
-            access.status = err.status();
-            let _ = write_error(&mut client.io, &err, true).await;
-            return None;
-        }
-    };
-    // Through an uplink the inside relay dials the internal server and answers
-    // the CONNECT itself; its answer (200 or an error) is passed on as is.
-    let answer = match decision.uplink {
-        None => {
-            access.status = 200;
-            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        }
-        Some(_) => match forward_connect(&mut server, host, port, route.response_timeout).await {
-            Ok((status, head)) => {
-                access.status = status;
-                head
-            }
-            Err(err) => {
+    let mut server = crate::forward::open_upstream(ctx, &decision)
+        .await
+        .inspect_err(|err| crate::forward::log_error(ctx, err))?;
+    let (status, head, body_len) = match decision.uplink {
+        None => (
+            200,
+            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            0,
+        ),
+        Some(_) => forward_connect(&mut server, host, port, route.response_timeout)
+            .await
+            .map_err(|err| {
                 crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
-                access.status = 502;
-                let err = RelayError::on_route(
+                RelayError::on_route(
                     ErrorKind::BadResponse {
                         upstream: route.to.host.clone(),
                         cause: "no answer to CONNECT".into(),
                     },
                     &route.host,
-                );
-                let _ = write_error(&mut client.io, &err, true).await;
-                return None;
-            }
-        },
+                )
+            })?,
     };
-    if client.io.write_all(&answer).await.is_err() || client.io.flush().await.is_err() {
-        return None;
+    access.status = status;
+    Ok(Opened {
+        server,
+        idle: config.limits.idle_timeout,
+        status,
+        head,
+        body_len,
+    })
+}
+
+impl Opened {
+    /// The text of a refusal the inside relay answered (status not `200`):
+    /// its body, at most 8 KiB of it, read within a second.
+    pub async fn refusal_text(mut self) -> String {
+        let want = self.body_len.min(8 * 1024) as usize;
+        let read = async {
+            while self.server.buf.len() < want {
+                match self.server.fill().await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+        let end = want.min(self.server.buf.len());
+        String::from_utf8_lossy(&self.server.buf[..end]).into_owned()
     }
-    access.bytes_out += answer.len() as u64;
-    Some((server, config.limits.idle_timeout))
 }
 
 /// Sends `CONNECT host:port` over an uplink session and reads the inside
-/// relay's answer: its status and raw head.
+/// relay's answer: its status, raw head, and the length of the body that
+/// follows a refusal (`Content-Length`; 0 when it has none).
 async fn forward_connect(
     server: &mut Conn<crate::upstream::Upstream>,
     host: &str,
     port: u16,
     timeout: Duration,
-) -> Result<(u16, bytes::Bytes), ErrorKind> {
+) -> Result<(u16, bytes::Bytes, u64), ErrorKind> {
     let authority = crate::upstream::display_addr(host, port);
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     let upstream = format!("uplink session for {authority}");
@@ -239,7 +281,14 @@ async fn forward_connect(
     )
     .await
     {
-        Ok(Ok(head)) => Ok((head.status, head.raw().clone())),
+        Ok(Ok(head)) => {
+            // A refusal's body is read by whoever answers it (HTTP/2 only).
+            let body = match crate::codec::response_framing("CONNECT", &head) {
+                Ok(crate::codec::Framing::Length(n)) => n,
+                _ => 0,
+            };
+            Ok((head.status, head.raw().clone(), body))
+        }
         Ok(Err(e)) => Err(ErrorKind::BadResponse {
             upstream,
             cause: format!("{e:?}"),
