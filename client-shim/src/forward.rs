@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use http::StatusCode;
 use hyper_util::rt::TokioIo;
+use porthole_relay::codec::Conn;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -112,7 +113,7 @@ async fn accept_loop(listener: TcpListener, spec: ForwardSpec, link: LinkHandle)
 
 /// One forwarded connection: a `CONNECT` stream, then bytes both ways. A
 /// failure closes the local connection (a raw TCP client has no status to read).
-async fn tunnel(mut local: TcpStream, target: String, link: LinkHandle) {
+async fn tunnel(local: TcpStream, target: String, link: LinkHandle) {
     let req = match connect_request(&target) {
         Ok(r) => r,
         Err(e) => return tracing::warn!(error = %e, "bad forward target"),
@@ -128,10 +129,15 @@ async fn tunnel(mut local: TcpStream, target: String, link: LinkHandle) {
         Ok(u) => u,
         Err(e) => return tracing::warn!(error = %e, "tunnel upgrade failed"),
     };
-    let mut remote = TokioIo::new(upgraded);
-    let size = porthole_relay::h2::TUNNEL_BUF;
-    match tokio::io::copy_bidirectional_with_sizes(&mut local, &mut remote, size, size).await {
-        Ok((up, down)) => tracing::debug!(up, down, "forwarded connection closed"),
-        Err(e) => tracing::debug!(error = %e, "forwarded connection ended by an error"),
-    }
+    let moved = porthole_relay::tunnel::relay_bytes(
+        Conn::new(local),
+        Conn::new(TokioIo::new(upgraded)),
+        crate::proxy::TUNNEL_IDLE,
+    )
+    .await;
+    tracing::debug!(
+        up = moved.up,
+        down = moved.down,
+        "forwarded connection closed"
+    );
 }

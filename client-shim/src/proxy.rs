@@ -28,6 +28,9 @@ use crate::{control, plain, Ctx};
 /// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
 /// hides it from the internal server.
 const VIA: &str = "1.1 porthole-shim (porthole)";
+/// A tunnel idle this long is closed on the shim's side; the relay closes
+/// idle tunnels much sooner (its `idle_timeout`), which ends them here too.
+pub(crate) const TUNNEL_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A host name that always means the shim itself (besides its listen address).
 pub const SHIM_NAME: &str = "porthole-shim";
@@ -184,7 +187,7 @@ async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> 
     }
     let local = hyper::upgrade::on(req);
     let remote = hyper::upgrade::on(resp);
-    tokio::spawn(porthole_relay::h2::splice(local, remote).in_current_span());
+    tokio::spawn(porthole_relay::h2::splice(local, remote, TUNNEL_IDLE).in_current_span());
     Response::new(crate::link::empty())
 }
 

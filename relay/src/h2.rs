@@ -68,9 +68,10 @@ const LEG_IDLE_FOR: Duration = Duration::from_secs(30);
 /// RFC 9113's default is 16 KiB). h2 writes each frame with one `writev`, so
 /// a bulk tunnel costs a syscall per frame: larger frames, fewer syscalls.
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
-/// Copy buffer, each way, between a tunnel's two ends. tokio's default is
-/// 8 KiB, which made every 8 KiB one read, one DATA frame and one `writev`.
-/// Allocated per open tunnel (untouched pages cost no RSS until used).
+/// Copy buffer, each way, between a tunnel's two ends when they cannot be
+/// spliced ([`tunnel::relay_bytes`]). tokio's default is 8 KiB, which made
+/// every 8 KiB one read, one DATA frame and one `writev`. Allocated only
+/// while a burst of bytes lasts: an idle tunnel holds none.
 pub const TUNNEL_BUF: usize = 64 << 10;
 
 /// A response body on an HTTP/2 stream.
@@ -407,9 +408,13 @@ pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'st
     Ok(out)
 }
 
-/// Moves bytes between the client's stream and the relay's tunnel until both
-/// directions end; a half-close on one side is passed on to the other.
-pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
+/// Moves bytes between two upgraded streams (the shim's: the application's
+/// `CONNECT` and the link's stream) until both directions end; a half-close
+/// on one side is passed on to the other. Copy buffers exist only while
+/// bytes flow ([`tunnel::relay_bytes`]), so an idle tunnel holds none. The
+/// relay ends a tunnel idle for its `idle_timeout`, which ends the stream;
+/// `idle` is the backstop on this side.
+pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration) {
     let (down, up) = match tokio::join!(downstream, upstream) {
         (Ok(d), Ok(u)) => (d, u),
         (Err(e), _) | (_, Err(e)) => {
@@ -417,13 +422,13 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade) {
             return;
         }
     };
-    let mut down = TokioIo::new(down);
-    let mut up = TokioIo::new(up);
-    match tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, TUNNEL_BUF, TUNNEL_BUF).await
-    {
-        Ok((sent, received)) => tracing::debug!(sent, received, "h2 tunnel closed"),
-        Err(e) => tracing::debug!(error = %e, "h2 tunnel ended by an error"),
-    }
+    let moved = tunnel::relay_bytes(
+        Conn::new(TokioIo::new(down)),
+        Conn::new(TokioIo::new(up)),
+        idle,
+    )
+    .await;
+    tracing::debug!(sent = moved.up, received = moved.down, "h2 tunnel closed");
 }
 
 fn empty() -> Body {
