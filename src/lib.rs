@@ -946,6 +946,13 @@ impl LinkProxy {
     }
 }
 
+/// Asserts that `line` (an access line, say) contains every field in `fields`.
+pub fn assert_fields(line: &str, fields: &[&str]) {
+    for field in fields {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}
+
 /// Polls `check` every 20 ms until it returns true or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where

@@ -163,16 +163,17 @@ async fn access_log_has_one_line_per_request_and_tunnel() {
         .iter()
         .find(|l| l.contains("method=GET") && l.contains("/logged"))
         .expect("GET line");
-    for field in [
-        "client=127.0.0.1:",
-        "route=\"app.test\"",
-        "status=200",
-        "bytes_in=",
-        "bytes_out=",
-        "duration_ms=",
-    ] {
-        assert!(get.contains(field), "{field} missing in {get}");
-    }
+    porthole_suite::assert_fields(
+        get,
+        &[
+            "client=127.0.0.1:",
+            "route=\"app.test\"",
+            "status=200",
+            "bytes_in=",
+            "bytes_out=",
+            "duration_ms=",
+        ],
+    );
     assert!(
         lines
             .iter()
@@ -412,6 +413,26 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// A 127.0.0.1 address with a port free at the moment.
+fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], porthole_suite::free_port()))
+}
+
+/// Starts the relay binary with `config` on `addr` and sends one request
+/// through it to `origin`'s `app.test`: the relay, and what curl got.
+async fn start_and_fetch(
+    config: &std::path::Path,
+    addr: std::net::SocketAddr,
+    origin: &Origin,
+) -> (RelayProcess, porthole_suite::CurlOutput) {
+    let relay = RelayProcess::spawn_on(config, addr, free_addr(), &[], &[]).await;
+    let out = Curl::new(&format!("http://app.test:{}/", origin.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    (relay, out)
+}
+
 /// Starts the relay binary with `config` on `listen`, where it must refuse
 /// to start: waits for it to exit (10 s at most), checks it failed, and
 /// returns its log.
@@ -478,9 +499,7 @@ async fn a_relay_whose_address_another_relay_claims_does_not_start() {
     use std::os::linux::net::SocketAddrExt;
     let origin = Origin::ok().await;
     let path = app_config("claimed", &origin, "");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", porthole_suite::free_port())
-        .parse()
-        .unwrap();
+    let addr = free_addr();
     let name = porthole_relay::workers::claim_name(addr);
     let abstract_addr =
         std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
@@ -495,14 +514,7 @@ async fn a_relay_whose_address_another_relay_claims_does_not_start() {
     );
     // It let the port go: once the claim is released, a relay starts there.
     drop(claim);
-    let admin = format!("127.0.0.1:{}", porthole_suite::free_port())
-        .parse()
-        .unwrap();
-    let relay = RelayProcess::spawn_on(&path, addr, admin, &[], &[]).await;
-    let out = Curl::new(&format!("http://app.test:{}/", origin.port()))
-        .proxy(&relay.url())
-        .run()
-        .await;
+    let (_relay, out) = start_and_fetch(&path, addr, &origin).await;
     assert_eq!(out.status, 200, "{out:?}");
 }
 
@@ -521,9 +533,7 @@ async fn a_claim_squatted_by_another_user_does_not_stop_the_relay() {
     }
     let origin = Origin::ok().await;
     let path = app_config("squatted", &origin, "");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", porthole_suite::free_port())
-        .parse()
-        .unwrap();
+    let addr = free_addr();
     let name = porthole_relay::workers::claim_name(addr);
     let mut squatter = std::process::Command::new("sleep");
     squatter.arg("60");
@@ -560,14 +570,7 @@ async fn a_claim_squatted_by_another_user_does_not_stop_the_relay() {
     .await;
     assert!(held, "the squatter never held @{name}");
 
-    let admin = format!("127.0.0.1:{}", porthole_suite::free_port())
-        .parse()
-        .unwrap();
-    let relay = RelayProcess::spawn_on(&path, addr, admin, &[], &[]).await;
-    let out = Curl::new(&format!("http://app.test:{}/", origin.port()))
-        .proxy(&relay.url())
-        .run()
-        .await;
+    let (relay, out) = start_and_fetch(&path, addr, &origin).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(out.status, 200, "{out:?}");

@@ -377,14 +377,15 @@ async fn connect_streams_are_routed_refused_and_logged_like_http1_ones() {
         .iter()
         .find(|l| l.contains("echo.test"))
         .expect("the tunnel's line");
-    for field in [
-        "status=200",
-        "bytes_in=5",
-        "bytes_out=9",
-        "route=\"echo.test\"",
-    ] {
-        assert!(tunnel.contains(field), "{field} missing in {tunnel}");
-    }
+    porthole_suite::assert_fields(
+        tunnel,
+        &[
+            "status=200",
+            "bytes_in=5",
+            "bytes_out=9",
+            "route=\"echo.test\"",
+        ],
+    );
     assert!(
         lines
             .iter()

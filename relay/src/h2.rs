@@ -296,11 +296,7 @@ impl<B> Legs<B> {
         }
         if let Ok(mut idle) = self.0.lock() {
             let now = Instant::now();
-            let expired = idle
-                .iter()
-                .take_while(|(_, since)| now.duration_since(*since) >= LEG_IDLE_FOR)
-                .count();
-            idle.drain(..expired);
+            crate::upstream::drop_expired(&mut idle, now, LEG_IDLE_FOR);
             if idle.len() < MAX_IDLE_LEGS {
                 idle.push((sender, now));
             }

@@ -330,14 +330,8 @@ impl Pool {
             }
         };
         let list = &mut slots[at].2;
-        // Oldest first: the expired ones are a prefix. One clock read per
-        // put, not one per idle connection (it showed at 3.6% in a profile).
         let now = Instant::now();
-        let expired = list
-            .iter()
-            .take_while(|(_, since)| now.duration_since(*since) >= IDLE_FOR)
-            .count();
-        list.drain(..expired);
+        drop_expired(list, now, IDLE_FOR);
         // The shared uplink list serves every worker: it keeps the whole
         // allowance, not one worker's share of it.
         let cap = if shared {
@@ -411,6 +405,17 @@ impl Pool {
             })
             .sum()
     }
+}
+
+/// Drops what has idled for `max` by `now` from an idle list kept oldest
+/// first, where the expired entries are a prefix: one clock read per call,
+/// not one per entry (a read per idle connection showed at 3.6% in a profile).
+pub fn drop_expired<T>(list: &mut Vec<(T, Instant)>, now: Instant, max: Duration) {
+    let expired = list
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) >= max)
+        .count();
+    list.drain(..expired);
 }
 
 /// An idle connection is usable if reading would block: no EOF, no stray
