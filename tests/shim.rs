@@ -400,6 +400,35 @@ async fn connect_streams_are_routed_refused_and_logged_like_http1_ones() {
     );
 }
 
+/// Copied tunnels (here: an HTTP/2 stream to a TCP server) count one-byte
+/// bursts as traffic: keystrokes every 300 ms keep a tunnel open past the
+/// relay's 1 s idle timeout, and silence then closes it.
+#[tokio::test]
+async fn keystrokes_keep_a_tunnel_through_the_shim_open() {
+    let echo = EchoServer::start().await;
+    let idle_1s = "[limits]\nidle_timeout = \"1s\"";
+    let (_relay, shim) = relay_and_shim("echo.test", echo.port(), idle_1s).await;
+    let (mut s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    let started = std::time::Instant::now();
+    for key in b"abcdefgh" {
+        s.write_all(&[*key]).await.unwrap();
+        let mut back = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back)).await;
+        assert!(
+            matches!(read, Ok(Ok(1))) && back[0] == *key,
+            "key {} after {:?}: {read:?}",
+            *key as char,
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(2));
+    // Silence: the relay ends the tunnel after its idle timeout.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle tunnel was not closed");
+}
+
 #[tokio::test]
 async fn connect_through_the_shim_with_half_close() {
     let origin = Origin::ok().await;

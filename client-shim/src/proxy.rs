@@ -28,9 +28,10 @@ use crate::{control, plain, Ctx};
 /// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
 /// hides it from the internal server.
 const VIA: &str = "1.1 porthole-shim (porthole)";
-/// A tunnel idle this long is closed on the shim's side; the relay closes
-/// idle tunnels much sooner (its `idle_timeout`), which ends them here too.
-pub(crate) const TUNNEL_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// A tunnel idle this long is closed on the shim's side: a backstop only.
+/// The relay closes idle tunnels at its `idle_timeout`, which ends them here
+/// too, so this is longer than any such setting is likely to be.
+pub(crate) const TUNNEL_IDLE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 /// A host name that always means the shim itself (besides its listen address).
 pub const SHIM_NAME: &str = "porthole-shim";

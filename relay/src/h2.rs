@@ -40,7 +40,7 @@ use tracing::Instrument;
 use crate::access_log::Access;
 use crate::codec::{Conn, Io, Rewind};
 use crate::dispatch::connect_target;
-use crate::error::RelayError;
+use crate::error::{ErrorKind, RelayError};
 use crate::rewrite::strip_hop_by_hop_map;
 use crate::tunnel::{self, Standing};
 use crate::{gate, http1, ConnCtx};
@@ -169,21 +169,18 @@ async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> R
 /// upgraded body is then the client end of the tunnel. No internal leg: the
 /// bytes go from the stream to the server's socket in one copy.
 async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
-    let authority = req.uri().authority().map(|a| a.as_str().to_string());
-    let Some(authority) = authority else {
-        return plain(StatusCode::BAD_REQUEST, "missing :authority");
-    };
-    let (host, port) = match connect_target(&authority) {
-        Ok(target) => target,
-        Err(why) => return plain(StatusCode::BAD_REQUEST, why),
-    };
-    let config = ctx.shared.config();
+    let authority = req.uri().authority().map_or("", |a| a.as_str()).to_string();
     let mut access = Access::new(
         Cow::Borrowed("CONNECT"),
         &authority,
         0,
         Access::logged(&ctx),
     );
+    let (host, port) = match connect_target(&authority) {
+        Ok(target) => target,
+        Err(why) => return refused(&RelayError::new(ErrorKind::BadRequest(why)), access, &ctx),
+    };
+    let config = ctx.shared.config();
     let authorization = req
         .headers()
         .get(header::PROXY_AUTHORIZATION)
@@ -207,11 +204,14 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     let span = tracing::Span::current();
     tokio::spawn(
         async move {
-            let standing = Standing::new(&ctx, opened.server, opened.idle, access);
             match downstream.await {
-                Ok(client) => tunnel::run(Conn::new(TokioIo::new(client)), standing, &ctx).await,
+                Ok(client) => {
+                    let standing = Standing::new(&ctx, opened.server, opened.idle, access);
+                    tunnel::run(Conn::new(TokioIo::new(client)), standing, &ctx).await;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "h2 tunnel: the stream ended before it stood")
+                    tracing::debug!(error = %e, "h2 tunnel: the stream ended before it stood");
+                    access.finish(&ctx);
                 }
             }
         }

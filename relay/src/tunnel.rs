@@ -481,6 +481,8 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         w.write_all(&one).await?;
         count.fetch_add(1, Ordering::Relaxed);
+        // A burst of one byte (a keystroke, a heartbeat) is traffic too.
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         let mut buf = vec![0u8; COPY_BUF];
         loop {
             let n = tokio::select! {
