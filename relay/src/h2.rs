@@ -197,8 +197,9 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     if status != StatusCode::OK {
         // Through an uplink: the inside relay's refusal, passed on.
         access.finish(&ctx);
+        let head = opened.head.clone();
         let why = opened.refusal_text().await;
-        return text(status, why);
+        return passed_on(status, &head, why);
     }
     let downstream = hyper::upgrade::on(&mut req);
     let span = tracing::Span::current();
@@ -218,6 +219,32 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
         .instrument(span),
     );
     Response::new(empty())
+}
+
+/// A refusal the inside relay answered, as an HTTP/2 response: its status,
+/// its body and its end-to-end fields (`Retry-After`, `Proxy-Authenticate`,
+/// ...); the hop-by-hop ones and the framing stay behind.
+fn passed_on(status: StatusCode, head: &[u8], body: String) -> Response<Body> {
+    let mut resp = text(status, body);
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut fields);
+    if parsed.parse(head).is_err() {
+        return resp;
+    }
+    let mut passed = http::HeaderMap::new();
+    for field in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(field.name.as_bytes());
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_bytes(field.value)) {
+            passed.append(name, value);
+        }
+    }
+    strip_hop_by_hop_map(&mut passed);
+    passed.remove(header::CONTENT_LENGTH);
+    passed.remove(header::DATE);
+    for (name, value) in &passed {
+        resp.headers_mut().insert(name, value.clone());
+    }
+    resp
 }
 
 /// The answer to a stream the relay refused, with its access line.
@@ -516,6 +543,21 @@ mod tests {
         let resp = sender.send_request(get(path)).await.unwrap();
         let body = LegBody::new(resp.into_body(), Some((sender, legs.clone())));
         body.collect().await.unwrap().to_bytes()
+    }
+
+    #[test]
+    fn an_inside_relays_refusal_keeps_its_end_to_end_fields() {
+        let head = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 20\r\nRetry-After: 3\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nCache-Control: no-store\r\n\r\n";
+        let resp = passed_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            head,
+            "429 slow down\n".into(),
+        );
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        let mut names: Vec<_> = resp.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["cache-control", "content-type", "retry-after"]);
+        assert_eq!(resp.headers()["retry-after"], "3");
     }
 
     #[tokio::test]
