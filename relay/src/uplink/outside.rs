@@ -194,6 +194,12 @@ impl Registry {
             state.pending.insert(session.clone(), (id.to_string(), tx));
             link
         };
+        // The entry goes however this ends: answered, timed out, or dropped
+        // (an HTTP/2 client resetting its stream drops the whole request).
+        let _pending = Unpend {
+            registry: self,
+            session: &session,
+        };
         let outcome = if sender.send(msg).await.is_err() {
             Err("the control connection closed".to_string())
         } else {
@@ -201,7 +207,6 @@ impl Registry {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err("the control connection closed".to_string()),
                 Err(_) => {
-                    self.lock().pending.remove(&session);
                     return Err(RelayError::on_route(
                         ErrorKind::ResponseTimeout { upstream },
                         &route,
@@ -209,7 +214,6 @@ impl Registry {
                 }
             }
         };
-        self.lock().pending.remove(&session);
         outcome.map(data).map_err(|why| {
             RelayError::on_route(
                 ErrorKind::Connect {
@@ -605,6 +609,18 @@ fn header<'a>(head: &'a RequestHead, name: &'static str) -> &'a str {
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .trim()
+}
+
+/// Removes a session's `pending` entry when dropped.
+struct Unpend<'a> {
+    registry: &'a Registry,
+    session: &'a str,
+}
+
+impl Drop for Unpend<'_> {
+    fn drop(&mut self) {
+        self.registry.lock().pending.remove(self.session);
+    }
 }
 
 /// Parks a data connection an inside relay opened ahead of its sessions
