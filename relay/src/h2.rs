@@ -119,7 +119,7 @@ async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> R
         return connect(req, ctx).await;
     }
     let name = ctx.shared.config().relay.name.clone();
-    let h1 = match to_http1(req, &name) {
+    let mut h1 = match to_http1(req, &name) {
         Ok(r) => r,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
@@ -132,7 +132,6 @@ async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> R
     } else {
         None
     };
-    let mut h1 = h1;
     let (sender, resp) = loop {
         let reused = idle.is_some();
         let mut sender = match idle.take() {
@@ -189,7 +188,7 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
         Ok(user) => access.user = user,
         Err(err) => return refused(&err, access, &ctx),
     }
-    let opened = match tunnel::open(&host, port, &ctx, &mut access).await {
+    let mut opened = match tunnel::open(&host, port, &ctx, &mut access).await {
         Ok(opened) => opened,
         Err(err) => return refused(&err, access, &ctx),
     };
@@ -197,9 +196,11 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     if status != StatusCode::OK {
         // Through an uplink: the inside relay's refusal, passed on.
         access.finish(&ctx);
-        let head = opened.head.clone();
         let why = opened.refusal_text().await;
-        return passed_on(status, &head, why);
+        return match &opened.inside {
+            Some(answer) => passed_on(status, &answer.fields, why),
+            None => text(status, why),
+        };
     }
     let downstream = hyper::upgrade::on(&mut req);
     let span = tracing::Span::current();
@@ -224,17 +225,12 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
 /// A refusal the inside relay answered, as an HTTP/2 response: its status,
 /// its body and its end-to-end fields (`Retry-After`, `Proxy-Authenticate`,
 /// ...); the hop-by-hop ones and the framing stay behind.
-fn passed_on(status: StatusCode, head: &[u8], body: String) -> Response<Body> {
+fn passed_on(status: StatusCode, fields: &crate::codec::Fields, body: String) -> Response<Body> {
     let mut resp = text(status, body);
-    let mut fields = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut fields);
-    if parsed.parse(head).is_err() {
-        return resp;
-    }
     let mut passed = http::HeaderMap::new();
-    for field in parsed.headers.iter() {
-        let name = http::HeaderName::from_bytes(field.name.as_bytes());
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_bytes(field.value)) {
+    for (name, value) in fields.iter() {
+        let name = http::HeaderName::from_bytes(name);
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_bytes(value)) {
             passed.append(name, value);
         }
     }
@@ -545,12 +541,16 @@ mod tests {
         body.collect().await.unwrap().to_bytes()
     }
 
-    #[test]
-    fn an_inside_relays_refusal_keeps_its_end_to_end_fields() {
-        let head = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 20\r\nRetry-After: 3\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nCache-Control: no-store\r\n\r\n";
+    #[tokio::test]
+    async fn an_inside_relays_refusal_keeps_its_end_to_end_fields() {
+        let raw: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 20\r\nRetry-After: 3\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nCache-Control: no-store\r\n\r\n";
+        let mut conn = Conn::new(raw);
+        let head = crate::codec::read_response_head(&mut conn, 64 * 1024, 100)
+            .await
+            .unwrap();
         let resp = passed_on(
             StatusCode::TOO_MANY_REQUESTS,
-            head,
+            &head.fields,
             "429 slow down\n".into(),
         );
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);

@@ -187,8 +187,8 @@ pub struct Opened {
     pub status: u16,
     /// The answer as an HTTP/1 head.
     pub head: Bytes,
-    /// Length of the body after a refusal's head.
-    body_len: u64,
+    /// Through an uplink: the inside relay's answer, parsed.
+    pub inside: Option<crate::codec::ResponseHead>,
 }
 
 /// Chooses the route for `CONNECT host:port` and dials it; through an uplink
@@ -207,14 +207,11 @@ pub async fn open(
     let mut server = crate::forward::open_upstream(ctx, &decision)
         .await
         .inspect_err(|err| crate::forward::log_error(ctx, err))?;
-    let (status, head, body_len) = match decision.uplink {
-        None => (
-            200,
-            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n"),
-            0,
-        ),
+    let inside = match decision.uplink {
+        None => None,
         Some(_) => forward_connect(&mut server, host, port, route.response_timeout)
             .await
+            .map(Some)
             .map_err(|err| {
                 crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
                 RelayError::on_route(
@@ -226,21 +223,36 @@ pub async fn open(
                 )
             })?,
     };
+    let (status, head) = match &inside {
+        None => (
+            200,
+            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+        ),
+        Some(answer) => (answer.status, answer.raw().clone()),
+    };
     access.status = status;
     Ok(Opened {
         server,
         idle: config.limits.idle_timeout,
         status,
         head,
-        body_len,
+        inside,
     })
 }
 
 impl Opened {
     /// The text of a refusal the inside relay answered (status not `200`):
     /// its body, at most 8 KiB of it, read within a second.
-    pub async fn refusal_text(mut self) -> String {
-        let want = self.body_len.min(8 * 1024) as usize;
+    pub async fn refusal_text(&mut self) -> String {
+        let framing = self
+            .inside
+            .as_ref()
+            .map(|head| crate::codec::response_framing("CONNECT", head));
+        let body_len = match framing {
+            Some(Ok(crate::codec::Framing::Length(n))) => n,
+            _ => 0,
+        };
+        let want = body_len.min(8 * 1024) as usize;
         let read = async {
             while self.server.buf.len() < want {
                 match self.server.fill().await {
@@ -256,14 +268,13 @@ impl Opened {
 }
 
 /// Sends `CONNECT host:port` over an uplink session and reads the inside
-/// relay's answer: its status, raw head, and the length of the body that
-/// follows a refusal (`Content-Length`; 0 when it has none).
+/// relay's answer head.
 async fn forward_connect(
     server: &mut Conn<crate::upstream::Upstream>,
     host: &str,
     port: u16,
     timeout: Duration,
-) -> Result<(u16, bytes::Bytes, u64), ErrorKind> {
+) -> Result<crate::codec::ResponseHead, ErrorKind> {
     let authority = crate::upstream::display_addr(host, port);
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
     let upstream = format!("uplink session for {authority}");
@@ -281,14 +292,7 @@ async fn forward_connect(
     )
     .await
     {
-        Ok(Ok(head)) => {
-            // A refusal's body is read by whoever answers it (HTTP/2 only).
-            let body = match crate::codec::response_framing("CONNECT", &head) {
-                Ok(crate::codec::Framing::Length(n)) => n,
-                _ => 0,
-            };
-            Ok((head.status, head.raw().clone(), body))
-        }
+        Ok(Ok(head)) => Ok(head),
         Ok(Err(e)) => Err(ErrorKind::BadResponse {
             upstream,
             cause: format!("{e:?}"),
