@@ -173,6 +173,37 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
         )),
         "I's reason, passed on: {refused}"
     );
+    // The same refusal to an HTTP/1 client of O: an answer, not a tunnel.
+    let refused = raw_exchange(
+        o.addr,
+        format!(
+            "CONNECT db.plant3:{0} HTTP/1.1\r\nHost: db.plant3:{0}\r\n\r\n",
+            origin.port()
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        refused.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+        "{refused}"
+    );
+    assert!(refused.contains("\r\nConnection: close\r\n"), "{refused}");
+    assert!(
+        refused.ends_with(&format!(
+            "\r\n\r\n403 Forbidden: route db.plant3: port {} is not allowed\n",
+            origin.port()
+        )),
+        "{refused}"
+    );
+    // O counted two tunnels (the HTTP/1 one and the shim's stream) once they
+    // ended, and no tunnel for either refusal.
+    let tunnels = "porthole_tunnel_duration_seconds_count{route=\"db.plant3\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while metric(&o, tunnels).await < 2.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&o, tunnels).await, 2.0);
 
     // I accepted no connection at all: every socket it has to O, it dialled.
     assert_eq!(metric(&i, "porthole_connections_accepted_total").await, 0.0);
@@ -1156,4 +1187,50 @@ fn the_pool_size_is_validated() {
     };
     let err = err.to_string();
     assert!(err.contains("uplink.pool"), "{err}");
+}
+
+/// An HTTP/2 client that resets its CONNECT stream while the relay is still
+/// dialling (here: waiting for an inside relay that never opens the
+/// session) gets an access line all the same, with status 499.
+#[tokio::test]
+async fn an_http2_connect_reset_while_dialling_is_logged_as_499() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let o = Relay::start(&config_with(
+        "",
+        &format!(
+            "{}\n[log]\naccess = \"{}\"\n",
+            accept("mute", "m", &["*.mute"], ""),
+            log.display()
+        ),
+    ))
+    .await;
+    let mut control = mute_uplink(&o, "mute", "m", "db.mute").await;
+
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(o.addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::connect("db.mute:5432")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let stream = tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) });
+    // O asks the uplink to open a session: the relay is dialling.
+    let mut got = Vec::new();
+    let line = read_until(&mut control, &mut got, b"\n").await;
+    assert!(
+        String::from_utf8_lossy(&line).contains("\"open\""),
+        "{line:?}"
+    );
+    stream.abort();
+
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let logged = || async { lines().contains("method=CONNECT") };
+    assert!(eventually(Duration::from_secs(10), logged).await, "no line");
+    porthole_suite::assert_fields(
+        &lines(),
+        &["status=499", "target=\"db.mute:5432\"", "route=\"db.mute\""],
+    );
 }

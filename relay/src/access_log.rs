@@ -106,6 +106,64 @@ impl Access {
     }
 }
 
+/// Status logged for a request its client abandoned before the answer
+/// (nginx's 499, "client closed request").
+pub const CLIENT_GONE: u16 = 499;
+
+/// An access record whose line is written even when its request is dropped
+/// before it ends, as when an HTTP/2 client resets its stream while the relay
+/// dials: then with status [`CLIENT_GONE`].
+pub struct Pending<'a> {
+    access: Option<Access>,
+    ctx: &'a ConnCtx,
+}
+
+impl<'a> Pending<'a> {
+    pub fn new(access: Access, ctx: &'a ConnCtx) -> Self {
+        Pending {
+            access: Some(access),
+            ctx,
+        }
+    }
+
+    /// The record, for the caller to finish: the request did not end early.
+    pub fn take(mut self) -> Access {
+        match self.access.take() {
+            Some(access) => access,
+            None => unreachable!("a Pending record is taken once, by value"),
+        }
+    }
+}
+
+impl std::ops::Deref for Pending<'_> {
+    type Target = Access;
+    fn deref(&self) -> &Access {
+        match &self.access {
+            Some(access) => access,
+            None => unreachable!("a Pending record holds its access until taken"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Pending<'_> {
+    fn deref_mut(&mut self) -> &mut Access {
+        match &mut self.access {
+            Some(access) => access,
+            None => unreachable!("a Pending record holds its access until taken"),
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(mut access) = self.access.take() {
+            tracing::debug!(target = %access.target, "the client went away before its answer");
+            access.status = CLIENT_GONE;
+            access.finish(self.ctx);
+        }
+    }
+}
+
 /// The access-log file: appended to, reopened on request.
 pub struct FileSink {
     path: PathBuf,

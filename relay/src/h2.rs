@@ -37,7 +37,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::Instrument;
 
-use crate::access_log::Access;
+use crate::access_log::{Access, Pending};
 use crate::codec::{Conn, Io, Rewind};
 use crate::dispatch::connect_target;
 use crate::error::{ErrorKind, RelayError};
@@ -169,15 +169,19 @@ async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> R
 /// bytes go from the stream to the server's socket in one copy.
 async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     let authority = req.uri().authority().map_or("", |a| a.as_str()).to_string();
-    let mut access = Access::new(
-        Cow::Borrowed("CONNECT"),
-        &authority,
-        0,
-        Access::logged(&ctx),
+    let logged = Access::logged(&ctx);
+    // A stream reset while the relay admits or dials drops this future: the
+    // line is still written (status 499).
+    let mut access = Pending::new(
+        Access::new(Cow::Borrowed("CONNECT"), &authority, 0, logged),
+        &ctx,
     );
     let (host, port) = match connect_target(&authority) {
         Ok(target) => target,
-        Err(why) => return refused(&RelayError::new(ErrorKind::BadRequest(why)), access, &ctx),
+        Err(why) => {
+            let err = RelayError::new(ErrorKind::BadRequest(why));
+            return refused(&err, access.take(), &ctx);
+        }
     };
     let config = ctx.shared.config();
     let authorization = req
@@ -186,22 +190,21 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
         .map(HeaderValue::as_bytes);
     match gate::admit(&ctx, &config, authorization, Some((&host, port))).await {
         Ok(user) => access.user = user,
-        Err(err) => return refused(&err, access, &ctx),
+        Err(err) => return refused(&err, access.take(), &ctx),
     }
     let mut opened = match tunnel::open(&host, port, &ctx, &mut access).await {
         Ok(opened) => opened,
-        Err(err) => return refused(&err, access, &ctx),
+        Err(err) => return refused(&err, access.take(), &ctx),
     };
-    let status = StatusCode::from_u16(opened.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    if status != StatusCode::OK {
+    if !opened.stands() {
         // Through an uplink: the inside relay's refusal, passed on.
+        let refusal = opened.refusal().await;
+        let mut access = access.take();
+        access.bytes_out += refusal.body.len() as u64;
         access.finish(&ctx);
-        let why = opened.refusal_text().await;
-        return match &opened.inside {
-            Some(answer) => passed_on(status, &answer.fields, why),
-            None => text(status, why),
-        };
+        return passed_on(refusal);
     }
+    let access = access.take();
     let downstream = hyper::upgrade::on(&mut req);
     let span = tracing::Span::current();
     tokio::spawn(
@@ -222,24 +225,15 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
     Response::new(empty())
 }
 
-/// A refusal the inside relay answered, as an HTTP/2 response: its status,
-/// its body and its end-to-end fields (`Retry-After`, `Proxy-Authenticate`,
-/// ...); the hop-by-hop ones and the framing stay behind.
-fn passed_on(status: StatusCode, fields: &crate::codec::Fields, body: String) -> Response<Body> {
-    let mut resp = text(status, body);
-    let mut passed = http::HeaderMap::new();
-    for (name, value) in fields.iter() {
-        let name = http::HeaderName::from_bytes(name);
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::from_bytes(value)) {
-            passed.append(name, value);
-        }
+/// A refusal the inside relay answered, as an HTTP/2 response.
+fn passed_on(refusal: tunnel::Refusal) -> Response<Body> {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = text(status, refusal.body);
+    // The inside relay's fields replace the relay's own defaults.
+    for name in refusal.fields.keys() {
+        resp.headers_mut().remove(name);
     }
-    strip_hop_by_hop_map(&mut passed);
-    passed.remove(header::CONTENT_LENGTH);
-    passed.remove(header::DATE);
-    for (name, value) in &passed {
-        resp.headers_mut().insert(name, value.clone());
-    }
+    resp.headers_mut().extend(refusal.fields);
     resp
 }
 
@@ -461,9 +455,10 @@ pub fn plain(status: StatusCode, why: &str) -> Response<Body> {
     text(status, format!("{} {why}\n", status.as_u16()))
 }
 
-/// A `text/plain` answer with this body.
-fn text(status: StatusCode, body: String) -> Response<Body> {
-    let body = Full::new(Bytes::from(body))
+/// A `text/plain` answer with this body, not to be stored (as the HTTP/1
+/// error pages).
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let body = Full::new(body.into())
         .map_err(|never| match never {})
         .boxed();
     let mut resp = Response::new(body);
@@ -472,6 +467,8 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -541,23 +538,35 @@ mod tests {
         body.collect().await.unwrap().to_bytes()
     }
 
-    #[tokio::test]
-    async fn an_inside_relays_refusal_keeps_its_end_to_end_fields() {
-        let raw: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 20\r\nRetry-After: 3\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nCache-Control: no-store\r\n\r\n";
-        let mut conn = Conn::new(raw);
-        let head = crate::codec::read_response_head(&mut conn, 64 * 1024, 100)
-            .await
-            .unwrap();
-        let resp = passed_on(
-            StatusCode::TOO_MANY_REQUESTS,
-            &head.fields,
-            "429 slow down\n".into(),
+    #[test]
+    fn a_passed_on_refusal_keeps_the_inside_relays_fields_over_the_defaults() {
+        let mut fields = http::HeaderMap::new();
+        fields.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+        fields.append(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic"),
         );
-        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        let mut names: Vec<_> = resp.headers().keys().map(|n| n.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["cache-control", "content-type", "retry-after"]);
-        assert_eq!(resp.headers()["retry-after"], "3");
+        fields.append(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        let resp = passed_on(tunnel::Refusal {
+            status: 407,
+            fields,
+            body: Bytes::from_static(b"who are you\n"),
+        });
+        assert_eq!(resp.status(), StatusCode::PROXY_AUTHENTICATION_REQUIRED);
+        assert_eq!(resp.headers()["cache-control"], "max-age=5");
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+        let challenges: Vec<_> = resp
+            .headers()
+            .get_all("proxy-authenticate")
+            .iter()
+            .collect();
+        assert_eq!(challenges, ["Basic", "Bearer"]);
+        // The relay's own answers are not stored either.
+        let own = plain(StatusCode::BAD_GATEWAY, "no");
+        assert_eq!(own.headers()["cache-control"], "no-store");
     }
 
     #[tokio::test]

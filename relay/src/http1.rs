@@ -260,6 +260,31 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     .await
 }
 
+/// Writes an inside relay's refusal of a `CONNECT` (its status, end-to-end
+/// fields and body) and closes; returns the bytes written.
+pub async fn write_refusal<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    refusal: &crate::tunnel::Refusal,
+) -> std::io::Result<u64> {
+    let status = refusal.status;
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).into_bytes();
+    for (name, value) in &refusal.fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        refusal.body.len()
+    );
+    out.extend_from_slice(framing.as_bytes());
+    out.extend_from_slice(&refusal.body);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(out.len() as u64)
+}
+
 /// Writes a complete response with a `Content-Length` body.
 pub async fn write_simple<W: AsyncWrite + Unpin>(
     w: &mut W,

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use crate::access_log::Access;
 use crate::codec::{Conn, Io};
 use crate::error::{ErrorKind, RelayError};
-use crate::http1::write_error;
+use crate::http1::{write_error, write_refusal};
 use crate::metrics::{GaugeGuard, Name, RouteLabels};
 use crate::upstream::Upstream;
 use crate::ConnCtx;
@@ -161,6 +161,12 @@ async fn dial<S: Io>(
     access: &mut Access,
 ) -> Option<(Conn<Upstream>, Duration)> {
     match open(host, port, ctx, access).await {
+        Ok(mut opened) if !opened.stands() => {
+            // Through an uplink: the inside relay's refusal, passed on; no tunnel.
+            let refusal = opened.refusal().await;
+            access.bytes_out += write_refusal(&mut client.io, &refusal).await.unwrap_or(0);
+            None
+        }
         Ok(opened) => {
             let answer = &opened.head;
             if client.io.write_all(answer).await.is_err() || client.io.flush().await.is_err() {
@@ -240,31 +246,88 @@ pub async fn open(
     })
 }
 
+/// What an inside relay answered when it refused a forwarded `CONNECT`:
+/// passed on to the client, whatever protocol it speaks.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    /// The end-to-end fields (`Retry-After`, `Proxy-Authenticate`, ...):
+    /// hop-by-hop ones, the framing and `Date` stay behind.
+    pub fields: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// The most of a refusal's body that is passed on.
+const REFUSAL_BODY_MAX: usize = 64 * 1024;
+
 impl Opened {
-    /// The text of a refusal the inside relay answered (status not `200`):
-    /// its body, at most 8 KiB of it, read within a second.
-    pub async fn refusal_text(&mut self) -> String {
-        let framing = self
-            .inside
-            .as_ref()
-            .map(|head| crate::codec::response_framing("CONNECT", head));
-        let body_len = match framing {
-            Some(Ok(crate::codec::Framing::Length(n))) => n,
-            _ => 0,
-        };
-        let want = body_len.min(8 * 1024) as usize;
-        let read = async {
-            while self.server.buf.len() < want {
-                match self.server.fill().await {
-                    Ok(n) if n > 0 => {}
-                    _ => break,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
-        let end = want.min(self.server.buf.len());
-        String::from_utf8_lossy(&self.server.buf[..end]).into_owned()
+    /// Whether the tunnel stands: any 2xx answer (RFC 9110 section 9.3.6).
+    pub fn stands(&self) -> bool {
+        (200..300).contains(&self.status)
     }
+
+    /// The inside relay's refusal (the answer when the tunnel does not
+    /// stand), with its body, read within a second.
+    pub async fn refusal(&mut self) -> Refusal {
+        let Some(head) = self.inside.as_ref() else {
+            return Refusal {
+                status: self.status,
+                fields: http::HeaderMap::new(),
+                body: Bytes::new(),
+            };
+        };
+        let read = refusal_body(&mut self.server, head);
+        let body = tokio::time::timeout(Duration::from_secs(1), read)
+            .await
+            .unwrap_or_else(|_| {
+                tracing::debug!("the inside relay's refusal body did not end within 1 s");
+                Bytes::new()
+            });
+        Refusal {
+            status: self.status,
+            fields: end_to_end_fields(&head.fields),
+            body,
+        }
+    }
+}
+
+/// The body of a refusal, whatever its framing (at most
+/// [`REFUSAL_BODY_MAX`]; what ends early is passed on as far as it came).
+async fn refusal_body<S: AsyncRead + Unpin>(
+    conn: &mut Conn<S>,
+    head: &crate::codec::ResponseHead,
+) -> Bytes {
+    use crate::codec::{BodyReader, Framing, Item};
+    let framing = crate::codec::response_framing("CONNECT", head).unwrap_or(Framing::Close);
+    let mut reader = BodyReader::new(framing);
+    let mut body = bytes::BytesMut::new();
+    while body.len() < REFUSAL_BODY_MAX {
+        match reader.next(conn).await {
+            Ok(Item::Data(data)) => body.extend_from_slice(&data),
+            Ok(Item::Trailers(_) | Item::End) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "the inside relay's refusal body ended early");
+                break;
+            }
+        }
+    }
+    body.truncate(REFUSAL_BODY_MAX);
+    body.freeze()
+}
+
+/// The end-to-end fields of a head, as a header map (RFC 9110 section 7.6.1).
+fn end_to_end_fields(fields: &crate::codec::Fields) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (name, value) in fields.iter() {
+        let name = http::HeaderName::from_bytes(name);
+        if let (Ok(name), Ok(value)) = (name, http::HeaderValue::from_bytes(value)) {
+            map.append(name, value);
+        }
+    }
+    crate::rewrite::strip_hop_by_hop_map(&mut map);
+    map.remove(http::header::CONTENT_LENGTH);
+    map.remove(http::header::DATE);
+    map
 }
 
 /// Sends `CONNECT host:port` over an uplink session and reads the inside
@@ -505,5 +568,59 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         }
         // The burst is over: a TLS stream holds records until flushed.
         w.flush().await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn refusal_of(raw: &'static [u8]) -> (Refusal, Conn<&'static [u8]>) {
+        let mut conn = Conn::new(raw);
+        let head = crate::codec::read_response_head(&mut conn, 64 * 1024, 100)
+            .await
+            .unwrap();
+        let body = refusal_body(&mut conn, &head).await;
+        let refusal = Refusal {
+            status: head.status,
+            fields: end_to_end_fields(&head.fields),
+            body,
+        };
+        (refusal, conn)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_keeps_its_end_to_end_fields_and_its_chunked_body() {
+        let (refusal, _) = refusal_of(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\nRetry-After: 3\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nDate: Sat, 28 Nov 2026 01:00:00 GMT\r\nProxy-Authenticate: Basic\r\nProxy-Authenticate: Bearer\r\n\r\n5\r\nslow \r\n5\r\ndown\n\r\n0\r\n\r\n").await;
+        assert_eq!(refusal.status, 429);
+        assert_eq!(refusal.body, "slow down\n");
+        let mut names: Vec<_> = refusal.fields.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "proxy-authenticate", "retry-after"]);
+        assert_eq!(
+            refusal.fields.get_all("proxy-authenticate").iter().count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_body_ends_at_its_length_or_at_the_close() {
+        let (refusal, conn) =
+            refusal_of(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnot!after").await;
+        assert_eq!(refusal.body, "not!");
+        assert_eq!(&conn.buf[..], b"after", "nothing read past the body");
+        assert!(refusal.fields.is_empty(), "{:?}", refusal.fields);
+
+        let (refusal, _) = refusal_of(b"HTTP/1.1 502 Bad Gateway\r\n\r\nuntil the end").await;
+        assert_eq!(refusal.body, "until the end");
+    }
+
+    #[tokio::test]
+    async fn a_long_refusal_body_is_cut_at_its_bound() {
+        let mut raw = b"HTTP/1.1 403 Forbidden\r\n\r\n".to_vec();
+        raw.resize(raw.len() + REFUSAL_BODY_MAX + 1000, b'x');
+        let raw: &'static [u8] = raw.leak();
+        let (refusal, _) = refusal_of(raw).await;
+        assert_eq!(refusal.body.len(), REFUSAL_BODY_MAX);
     }
 }
