@@ -707,3 +707,64 @@ async fn a_large_body_cut_short_by_the_server_closes_the_client_connection() {
         .await;
     assert_eq!((out.status, out.text()), (200, "fine".to_string()));
 }
+
+/// An HTTP/2 connection with no stream open is closed (GOAWAY) after
+/// `limits.idle_timeout`, as an idle HTTP/1 keep-alive connection is; a
+/// stream in use (here a tunnel with keystrokes) keeps it open.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_one_in_use_is_not() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("echo.test", "127.0.0.1", &[echo.port()], ""),
+        "[limits]\nidle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+
+    let get = http::Request::get("http://nowhere.test/")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(get).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    resp.into_body().collect().await.unwrap();
+
+    let connect = http::Request::connect(format!("echo.test:{}", echo.port()))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(connect).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    for key in b"abcdefgh" {
+        tunnel.write_all(&[*key]).await.unwrap();
+        let mut back = [0u8; 1];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(back[0], *key);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        !conn.is_finished(),
+        "closed while a stream was open (2.4 s > the 1 s idle timeout)"
+    );
+
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"bye\n");
+    let idle_from = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "not closed 5 s after its last stream: {closed:?}"
+    );
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(800),
+        "closed {:?} after its last stream, before the idle timeout",
+        idle_from.elapsed()
+    );
+}

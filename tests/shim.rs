@@ -236,8 +236,15 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
         }
     })
     .await;
-    let idle_1s = "[limits]\nidle_timeout = \"1s\"";
-    let (_relay, shim) = relay_and_shim("app-a.test", origin.port(), idle_1s).await;
+    // The relay closes idle legs and idle HTTP/2 connections after 1 s; the
+    // shim's keepalive probes (streams) keep its link from being idle.
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+        "[limits]\nidle_timeout = \"1s\"",
+    ))
+    .await;
+    let probing = "[keepalive]\nidle_ping = \"300ms\"\n";
+    let shim = start_shim(shim_config(relay.addr, probing)).await;
     let proxy = format!("http://{}", shim.addr);
     let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());
     let fetch = |path: String| {

@@ -258,6 +258,9 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
     });
 
     let mut keepalive = Keepalive::new(s.keepalive, Instant::now());
+    // A probe's answer is looked at when it comes, not at its deadline: the
+    // next idle probe is then due `idle_ping` after it.
+    let answered = Arc::new(tokio::sync::Notify::new());
     loop {
         let until = match keepalive.poll(Instant::now(), meter.activity()) {
             Action::Wait(until) => until,
@@ -271,7 +274,11 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
                 tracing::debug!(?why, "keepalive probe");
                 // Any bytes back answer it; the result itself does not matter.
                 let (sender, name) = (sender.clone(), s.relay_name.clone());
-                tokio::spawn(async move { probe(sender, &name).await });
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let _ = probe(sender, &name).await;
+                    answered.notify_one();
+                });
                 continue;
             }
         };
@@ -285,6 +292,7 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
             }
             () = tokio::time::sleep_until(until) => {}
             () = meter.sent_unanswered() => {}
+            () = answered.notified() => {}
         }
     }
 }

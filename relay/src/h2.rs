@@ -92,19 +92,34 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
         .keep_alive_timeout(PEER_PING_TIMEOUT);
     let stream_ctx = ctx.clone();
     let legs = Legs::default();
+    let streams = Arc::new(Streams::new());
+    let counted = streams.clone();
     let service = service_fn(move |req| {
         let ctx = stream_ctx.clone();
         let legs = legs.clone();
-        async move { Ok::<_, Infallible>(stream(req, ctx, legs).await) }
+        let busy = counted.open();
+        async move { Ok::<_, Infallible>(stream(req, ctx, legs, busy).await) }
     });
     let served = builder.serve_connection(io, service);
     tokio::pin!(served);
-    let result = tokio::select! {
-        r = served.as_mut() => r,
-        () = ctx.shared.until_draining() => {
-            // GOAWAY: open streams finish, no new ones start.
-            served.as_mut().graceful_shutdown();
-            served.await
+    let result = loop {
+        let idle = ctx.shared.config().limits.idle_timeout;
+        tokio::select! {
+            r = served.as_mut() => break r,
+            () = ctx.shared.until_draining() => {
+                // GOAWAY: open streams finish, no new ones start.
+                served.as_mut().graceful_shutdown();
+                break served.await;
+            }
+            () = tokio::time::sleep_until(streams.idle_deadline(idle)) => {
+                if streams.idle_for(idle) {
+                    // As an idle HTTP/1 keep-alive connection: closed (GOAWAY)
+                    // after `limits.idle_timeout` without a stream.
+                    tracing::debug!(?idle, "h2 connection idle; closing");
+                    served.as_mut().graceful_shutdown();
+                    break served.await;
+                }
+            }
         }
     };
     match result {
@@ -113,11 +128,105 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
     }
 }
 
-/// Serves one stream through the HTTP/1 path.
-async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
-    if req.method() == Method::CONNECT {
-        return connect(req, ctx).await;
+/// The streams open on one HTTP/2 connection, and since when none is.
+struct Streams {
+    open: std::sync::atomic::AtomicUsize,
+    /// When the last stream ended (or the connection began), in ms since `base`.
+    idle_since: std::sync::atomic::AtomicU64,
+    base: tokio::time::Instant,
+}
+
+impl Streams {
+    fn new() -> Self {
+        Streams {
+            open: Default::default(),
+            idle_since: Default::default(),
+            base: tokio::time::Instant::now(),
+        }
     }
+
+    /// Counts a stream open until the guard is dropped (with its response
+    /// body, or with its tunnel).
+    fn open(self: &Arc<Self>) -> Busy {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Whether no stream has been open for `idle`.
+    fn idle_for(&self, idle: Duration) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && tokio::time::Instant::now() >= self.idle_deadline(idle)
+    }
+
+    /// When the connection will have been idle for `idle`, if no stream
+    /// starts; with streams open, one `idle` from now (checked again then).
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.open.load(Relaxed) > 0 {
+            return tokio::time::Instant::now() + idle;
+        }
+        self.base + Duration::from_millis(self.idle_since.load(Relaxed)) + idle
+    }
+}
+
+/// One open stream of a connection ([`Streams`]).
+struct Busy(Arc<Streams>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let since = self.0.base.elapsed().as_millis();
+        self.0
+            .idle_since
+            .store(u64::try_from(since).unwrap_or(u64::MAX), Relaxed);
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that holds its stream's [`Busy`] until it is dropped.
+struct Counted {
+    body: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves one stream: a `CONNECT` tunnel, or a request through the HTTP/1
+/// path. The stream counts as open until its response body is done, or its
+/// tunnel.
+async fn stream(
+    req: Request<Incoming>,
+    ctx: ConnCtx,
+    legs: Legs<Incoming>,
+    busy: Busy,
+) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect(req, ctx, busy).await;
+    }
+    let resp = relay(req, ctx, legs).await;
+    resp.map(|body| Counted { body, _busy: busy }.boxed())
+}
+
+/// Serves one request stream through the HTTP/1 path.
+async fn relay(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
     let name = ctx.shared.config().relay.name.clone();
     let mut h1 = match to_http1(req, &name) {
         Ok(r) => r,
@@ -167,7 +276,7 @@ async fn stream(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> R
 /// HTTP/1 ([`gate::admit`], [`tunnel::open`]), answered on the stream, whose
 /// upgraded body is then the client end of the tunnel. No internal leg: the
 /// bytes go from the stream to the server's socket in one copy.
-async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
+async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Response<Body> {
     let authority = req.uri().authority().map_or("", |a| a.as_str()).to_string();
     let logged = Access::logged(&ctx);
     // A stream reset while the relay admits or dials drops this future: the
@@ -213,6 +322,7 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx) -> Response<Body> {
                 Ok(client) => {
                     let standing = Standing::new(&ctx, opened.server, opened.idle, access);
                     tunnel::run(Conn::new(TokioIo::new(client)), standing, &ctx).await;
+                    drop(busy);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "h2 tunnel: the stream ended before it stood");
