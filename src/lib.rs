@@ -491,6 +491,29 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Starts the relay binary with `config` on `listen`, where it must refuse
+/// to start: waits for it to exit (10 s at most), checks it failed, and
+/// returns its log.
+pub async fn start_refused(config: &Path, listen: SocketAddr) -> String {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let run = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary("porthole-relay"))
+            .arg("--config")
+            .arg(config)
+            .env("PORTHOLE__RELAY__LISTEN", listen.to_string())
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the relay did not exit")
+    .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(!run.status.success(), "{log}");
+    log
+}
+
 /// Waits until `addr` accepts connections (or panics after `limit`).
 pub async fn wait_for_port(addr: SocketAddr, limit: Duration) {
     let start = Instant::now();

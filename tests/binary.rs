@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use porthole_suite::{
-    binary, raw_exchange, route, workspace_root, Curl, Origin, RelayProcess, Reply,
+    binary, raw_exchange, route, start_refused, workspace_root, Curl, Origin, RelayProcess, Reply,
 };
 use tokio::net::TcpStream;
 
@@ -184,8 +184,15 @@ async fn access_log_has_one_line_per_request_and_tunnel() {
 }
 
 #[tokio::test]
-async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
-    let origin = Origin::start(|_| Reply::Generated { len: 16 << 20 }).await;
+async fn sigterm_drains_in_flight_requests_and_stops_accepting_and_a_successor_takes_the_port() {
+    let origin = Origin::start(|r| {
+        if r.target == "/small" {
+            Reply::Generated { len: 10 }
+        } else {
+            Reply::Generated { len: 24 << 20 }
+        }
+    })
+    .await;
     let path = app_config("drain", &origin, "");
     let mut relay = RelayProcess::spawn(&path, &[]).await;
     let url = format!("http://app.test:{}/big", origin.port());
@@ -219,10 +226,21 @@ async fn sigterm_drains_in_flight_requests_and_stops_accepting() {
         refused.is_err(),
         "the aggregate port still accepts while draining"
     );
+    // The port and its claim are free: a successor starts there and serves
+    // while the first relay still drains its download.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], porthole_suite::free_port()));
+    let successor = RelayProcess::spawn_on(&path, relay.addr, admin, &[], &[]).await;
+    let small = format!("http://app.test:{}/small", origin.port());
+    let out = Curl::new(&small).proxy(&successor.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(
+        !download.is_finished(),
+        "the download ended before the successor served (it is too short to show the overlap)"
+    );
     let out = download.await.unwrap();
     assert_eq!(
         out.body.len(),
-        16 << 20,
+        24 << 20,
         "the in-flight download was cut: {}",
         out.stderr
     );
@@ -431,29 +449,6 @@ async fn start_and_fetch(
         .run()
         .await;
     (relay, out)
-}
-
-/// Starts the relay binary with `config` on `listen`, where it must refuse
-/// to start: waits for it to exit (10 s at most), checks it failed, and
-/// returns its log.
-async fn start_refused(config: &std::path::Path, listen: std::net::SocketAddr) -> String {
-    let admin = format!("127.0.0.1:{}", porthole_suite::free_port());
-    let run = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(binary("porthole-relay"))
-            .arg("--config")
-            .arg(config)
-            .env("PORTHOLE__RELAY__LISTEN", listen.to_string())
-            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the relay did not exit")
-    .unwrap();
-    let log = String::from_utf8_lossy(&run.stderr).into_owned();
-    assert!(!run.status.success(), "{log}");
-    log
 }
 
 #[tokio::test]

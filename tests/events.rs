@@ -331,14 +331,24 @@ async fn file_store_keeps_events_across_kill_9_and_ids_continue() {
             i
         );
     }
+    // One relay per directory: a second relay on it stops at start and names
+    // the first; the first goes on giving out ids.
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], porthole_suite::free_port()));
+    let log = porthole_suite::start_refused(&conf, listen).await;
+    let holder = format!("in use by another relay (process {} holds", relay.pid());
+    assert!(log.contains(&holder), "{log}");
+    assert_eq!(
+        publish_ok(&relay.admin_url(), "plant-3", "{\"n\":4}").await,
+        4
+    );
     relay.child.start_kill().unwrap(); // SIGKILL: no chance to flush anything
     relay.child.wait().await.unwrap();
 
     let relay = RelayProcess::spawn(&conf, &[]).await;
     let answer = json(&poll(&relay.url(), "plant-3", "after=0").run().await);
-    assert_eq!(ids(&answer), vec![1, 2, 3], "{}", relay.log_text());
-    assert_eq!(answer["events"][2]["data"], serde_json::json!({"n": 3}));
-    assert_eq!(publish_ok(&relay.admin_url(), "plant-3", "4").await, 4);
+    assert_eq!(ids(&answer), vec![1, 2, 3, 4], "{}", relay.log_text());
+    assert_eq!(answer["events"][3]["data"], serde_json::json!({"n": 4}));
+    assert_eq!(publish_ok(&relay.admin_url(), "plant-3", "5").await, 5);
 }
 
 fn redis_events(url: &str) -> String {

@@ -11,7 +11,8 @@
 //! once it holds about twice what is retained.
 //!
 //! One relay per directory: two relays appending to the same logs would give
-//! out the same ids.
+//! out the same ids, so the store holds an exclusive `flock` on `.lock` in
+//! the directory while it is open, and a second relay stops at start.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,6 +29,8 @@ const KIND: &str = "file";
 /// The `file` store.
 pub struct FileStore {
     dir: PathBuf,
+    /// This store's hold on the directory, released when it is dropped.
+    _lock: nix::fcntl::Flock<File>,
     retention: Retention,
     // A plain mutex: only map look-ups and inserts, never held across await.
     topics: Mutex<HashMap<String, Arc<TopicLog>>>,
@@ -60,6 +63,7 @@ impl FileStore {
             StoreError::new(KIND, topic, format!("{}: {e}", dir.display()))
         };
         fs::create_dir_all(dir).map_err(|e| err("-", e))?;
+        let lock = lock_dir(dir).map_err(|e| err("-", e))?;
         let mut topics = HashMap::new();
         for entry in fs::read_dir(dir).map_err(|e| err("-", e))? {
             let entry = entry.map_err(|e| err("-", e))?;
@@ -76,6 +80,7 @@ impl FileStore {
         tracing::info!(dir = %dir.display(), topics = topics.len(), "file event store loaded");
         Ok(FileStore {
             dir: dir.to_path_buf(),
+            _lock: lock,
             retention,
             topics: Mutex::new(topics),
         })
@@ -102,6 +107,39 @@ impl FileStore {
             })
             .clone()
     }
+}
+
+/// Takes the directory's `.lock` (exclusive, without waiting) and writes
+/// this process's id into it; fails with the holder's id if another relay
+/// has it.
+fn lock_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.join(".lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "?" } else { holder };
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "in use by another relay (process {holder} holds {}); one relay per directory",
+                    path.display()
+                ),
+            ));
+        }
+        Err((_, errno)) => return Err(io::Error::from(errno)),
+    };
+    locked.set_len(0)?;
+    writeln!(&mut *locked, "{}", std::process::id())?;
+    Ok(locked)
 }
 
 /// Reads a topic log, cutting off a torn or corrupt tail.
@@ -332,6 +370,24 @@ mod tests {
         );
         assert_eq!((b.first_id, b.last_id, b.missed(0)), (3, 5, 2));
         assert_eq!(store.append("t", SystemTime::now(), "1").await.unwrap(), 6);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = FileStore::open(dir.path(), KEEP).unwrap();
+        let err = FileStore::open(dir.path(), KEEP).err().expect("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "in use by another relay (process {} holds {}",
+                std::process::id(),
+                dir.path().join(".lock").display()
+            )),
+            "{text}"
+        );
+        drop(first);
+        FileStore::open(dir.path(), KEEP).expect("free once the first is closed");
     }
 
     #[tokio::test]
