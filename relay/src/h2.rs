@@ -183,32 +183,6 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that holds its stream's [`Busy`] until it is dropped.
-struct Counted {
-    body: Body,
-    _busy: Busy,
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Serves one stream: a `CONNECT` tunnel, or a request through the HTTP/1
 /// path. The stream counts as open until its response body is done, or its
 /// tunnel.
@@ -221,12 +195,17 @@ async fn stream(
     if req.method() == Method::CONNECT {
         return connect(req, ctx, busy).await;
     }
-    let resp = relay(req, ctx, legs).await;
-    resp.map(|body| Counted { body, _busy: busy }.boxed())
+    relay(req, ctx, legs, busy).await
 }
 
-/// Serves one request stream through the HTTP/1 path.
-async fn relay(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Response<Body> {
+/// Serves one request stream through the HTTP/1 path. An answer the relay
+/// makes itself is sent at once: its stream counts as open until then.
+async fn relay(
+    req: Request<Incoming>,
+    ctx: ConnCtx,
+    legs: Legs<Incoming>,
+    busy: Busy,
+) -> Response<Body> {
     let name = ctx.shared.config().relay.name.clone();
     let mut h1 = match to_http1(req, &name) {
         Ok(r) => r,
@@ -268,7 +247,7 @@ async fn relay(req: Request<Incoming>, ctx: ConnCtx, legs: Legs<Incoming>) -> Re
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop_map(&mut parts.headers);
-    let body = LegBody::new(body, reusable.then_some((sender, legs)));
+    let body = LegBody::new(body, reusable.then_some((sender, legs)), busy);
     Response::from_parts(parts, body.boxed())
 }
 
@@ -433,19 +412,23 @@ impl<B> Legs<B> {
 
 /// A response body from an internal leg: gives the leg back to its
 /// connection's idle list once the body has ended, and drops it if the
-/// stream ends first (the leg closes with it).
+/// stream ends first (the leg closes with it). Its stream counts as open
+/// until it is dropped ([`Streams`]).
 struct LegBody<B> {
     body: Incoming,
     ended: bool,
     leg: Option<(SendRequest<B>, Legs<B>)>,
+    /// The stream counts as open until its body is dropped.
+    _busy: Busy,
 }
 
 impl<B> LegBody<B> {
-    fn new(body: Incoming, leg: Option<(SendRequest<B>, Legs<B>)>) -> Self {
+    fn new(body: Incoming, leg: Option<(SendRequest<B>, Legs<B>)>, busy: Busy) -> Self {
         LegBody {
             body,
             ended: false,
             leg,
+            _busy: busy,
         }
     }
 }
@@ -644,7 +627,7 @@ mod tests {
         path: &str,
     ) -> Bytes {
         let resp = sender.send_request(get(path)).await.unwrap();
-        let body = LegBody::new(resp.into_body(), Some((sender, legs.clone())));
+        let body = LegBody::new(resp.into_body(), Some((sender, legs.clone())), busy());
         body.collect().await.unwrap().to_bytes()
     }
 
@@ -679,6 +662,11 @@ mod tests {
         assert_eq!(own.headers()["cache-control"], "no-store");
     }
 
+    /// A stream's count on a connection of its own.
+    fn busy() -> Busy {
+        Arc::new(Streams::new()).open()
+    }
+
     #[tokio::test]
     async fn a_leg_goes_back_when_its_body_ends_and_serves_the_next_stream() {
         let legs = Legs::default();
@@ -697,7 +685,7 @@ mod tests {
         let legs = Legs::default();
         let mut sender = scripted_leg().await;
         let resp = sender.send_request(get("/big")).await.unwrap();
-        let mut body = LegBody::new(resp.into_body(), Some((sender, legs.clone())));
+        let mut body = LegBody::new(resp.into_body(), Some((sender, legs.clone())), busy());
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
         drop(body);
