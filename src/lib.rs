@@ -588,8 +588,11 @@ impl RelayProcess {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> Result<RelayProcess, String> {
+        // One file per start: a successor on the same port keeps its own.
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!(
-            "porthole-relay-{}-{}.log",
+            "porthole-relay-{}-{}-{start}.log",
             addr.port(),
             std::process::id()
         ));

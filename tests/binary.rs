@@ -200,7 +200,7 @@ async fn sigterm_drains_in_flight_requests_and_stops_accepting_and_a_successor_t
     let download = tokio::spawn(async move {
         Curl::new(&url)
             .proxy(&proxy)
-            .args(&["--limit-rate", "8M"])
+            .args(&["--limit-rate", "4M"])
             .run()
             .await
     });

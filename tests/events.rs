@@ -335,7 +335,7 @@ async fn file_store_keeps_events_across_kill_9_and_ids_continue() {
     // the first; the first goes on giving out ids.
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], porthole_suite::free_port()));
     let log = porthole_suite::start_refused(&conf, listen).await;
-    let holder = format!("in use by another relay (process {} holds", relay.pid());
+    let holder = format!("in use by another relay (process {} holds it)", relay.pid());
     assert!(log.contains(&holder), "{log}");
     assert_eq!(
         publish_ok(&relay.admin_url(), "plant-3", "{\"n\":4}").await,

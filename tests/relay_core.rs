@@ -747,10 +747,16 @@ async fn an_idle_http2_connection_is_closed_and_one_in_use_is_not() {
         assert_eq!(back[0], *key);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // Still open for new streams (no GOAWAY was sent while the tunnel ran).
+    let get = http::Request::get("http://nowhere.test/")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(get).await;
     assert!(
-        !conn.is_finished(),
-        "closed while a stream was open (2.4 s > the 1 s idle timeout)"
+        matches!(&resp, Ok(r) if r.status() == 403),
+        "a new stream after 2.4 s with a tunnel open (1 s idle timeout): {resp:?}"
     );
+    drop(resp);
 
     tunnel.shutdown().await.unwrap();
     let mut rest = Vec::new();
@@ -767,4 +773,6 @@ async fn an_idle_http2_connection_is_closed_and_one_in_use_is_not() {
         "closed {:?} after its last stream, before the idle timeout",
         idle_from.elapsed()
     );
+    // The client kept its side open all along: the relay closed it.
+    drop(sender);
 }

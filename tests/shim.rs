@@ -243,7 +243,7 @@ async fn streams_after_streams_on_one_link_each_get_their_own_answer() {
         "[limits]\nidle_timeout = \"1s\"",
     ))
     .await;
-    let probing = "[keepalive]\nidle_ping = \"300ms\"\n";
+    let probing = "[keepalive]\nidle_ping = \"100ms\"\n";
     let shim = start_shim(shim_config(relay.addr, probing)).await;
     let proxy = format!("http://{}", shim.addr);
     let url = |p: &str| format!("http://app-a.test:{}{p}", origin.port());

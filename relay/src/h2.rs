@@ -148,21 +148,23 @@ impl Streams {
     /// Counts a stream open until the guard is dropped (with its response
     /// body, or with its tunnel).
     fn open(self: &Arc<Self>) -> Busy {
-        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Busy(self.clone())
     }
 
     /// Whether no stream has been open for `idle`.
     fn idle_for(&self, idle: Duration) -> bool {
-        self.open.load(std::sync::atomic::Ordering::Relaxed) == 0
+        self.open.load(std::sync::atomic::Ordering::Acquire) == 0
             && tokio::time::Instant::now() >= self.idle_deadline(idle)
     }
 
     /// When the connection will have been idle for `idle`, if no stream
     /// starts; with streams open, one `idle` from now (checked again then).
+    /// (`open` is read with Acquire: a count seen at 0 comes with the
+    /// `idle_since` the last stream stored before it let go.)
     fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.open.load(Relaxed) > 0 {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        if self.open.load(Acquire) > 0 {
             return tokio::time::Instant::now() + idle;
         }
         self.base + Duration::from_millis(self.idle_since.load(Relaxed)) + idle
@@ -174,12 +176,12 @@ struct Busy(Arc<Streams>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::Ordering::{Relaxed, Release};
         let since = self.0.base.elapsed().as_millis();
         self.0
             .idle_since
             .store(u64::try_from(since).unwrap_or(u64::MAX), Relaxed);
-        self.0.open.fetch_sub(1, Relaxed);
+        self.0.open.fetch_sub(1, Release);
     }
 }
 

@@ -229,6 +229,17 @@ pub async fn open(
                 )
             })?,
     };
+    if let Some(answer) = inside.as_ref().filter(|a| a.status < 200) {
+        // A CONNECT is answered with its final status at once; an interim
+        // answer from the inside relay is not one.
+        let err = ErrorKind::BadResponse {
+            upstream: route.to.host.clone(),
+            cause: format!("interim answer {} to CONNECT", answer.status),
+        };
+        let err = RelayError::on_route(err, &route.host);
+        crate::forward::log_error(ctx, &err);
+        return Err(err);
+    }
     let (status, head) = match &inside {
         None => (
             200,
@@ -276,31 +287,36 @@ impl Opened {
                 body: Bytes::new(),
             };
         };
-        let read = refusal_body(&mut self.server, head);
-        let body = tokio::time::timeout(Duration::from_secs(1), read)
+        let mut body = bytes::BytesMut::new();
+        let read = refusal_body(&mut self.server, head, &mut body);
+        if tokio::time::timeout(Duration::from_secs(1), read)
             .await
-            .unwrap_or_else(|_| {
-                tracing::debug!("the inside relay's refusal body did not end within 1 s");
-                Bytes::new()
-            });
+            .is_err()
+        {
+            tracing::debug!(
+                received = body.len(),
+                "the inside relay's refusal body did not end within 1 s; passed on as far as it came"
+            );
+        }
         Refusal {
             status: self.status,
             fields: end_to_end_fields(&head.fields),
-            body,
+            body: body.freeze(),
         }
     }
 }
 
-/// The body of a refusal, whatever its framing (at most
-/// [`REFUSAL_BODY_MAX`]; what ends early is passed on as far as it came).
+/// Reads the body of a refusal into `body`, whatever its framing (at most
+/// [`REFUSAL_BODY_MAX`]; a body that ends early, or whose read is given up,
+/// is passed on as far as it came).
 async fn refusal_body<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
     head: &crate::codec::ResponseHead,
-) -> Bytes {
+    body: &mut bytes::BytesMut,
+) {
     use crate::codec::{BodyReader, Framing, Item};
     let framing = crate::codec::response_framing("CONNECT", head).unwrap_or(Framing::Close);
     let mut reader = BodyReader::new(framing);
-    let mut body = bytes::BytesMut::new();
     while body.len() < REFUSAL_BODY_MAX {
         match reader.next(conn).await {
             Ok(Item::Data(data)) => body.extend_from_slice(&data),
@@ -312,7 +328,6 @@ async fn refusal_body<S: AsyncRead + Unpin>(
         }
     }
     body.truncate(REFUSAL_BODY_MAX);
-    body.freeze()
 }
 
 /// The end-to-end fields of a head, as a header map (RFC 9110 section 7.6.1).
@@ -580,11 +595,12 @@ mod tests {
         let head = crate::codec::read_response_head(&mut conn, 64 * 1024, 100)
             .await
             .unwrap();
-        let body = refusal_body(&mut conn, &head).await;
+        let mut body = bytes::BytesMut::new();
+        refusal_body(&mut conn, &head, &mut body).await;
         let refusal = Refusal {
             status: head.status,
             fields: end_to_end_fields(&head.fields),
-            body,
+            body: body.freeze(),
         };
         (refusal, conn)
     }
@@ -613,6 +629,27 @@ mod tests {
 
         let (refusal, _) = refusal_of(b"HTTP/1.1 502 Bad Gateway\r\n\r\nuntil the end").await;
         assert_eq!(refusal.body, "until the end");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_body_given_up_on_keeps_what_came() {
+        let (mut inside, ours) = tokio::io::duplex(4096);
+        inside
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nonly part")
+            .await
+            .unwrap();
+        let mut conn = Conn::new(ours);
+        let head = crate::codec::read_response_head(&mut conn, 64 * 1024, 100)
+            .await
+            .unwrap();
+        let mut body = bytes::BytesMut::new();
+        let read = refusal_body(&mut conn, &head, &mut body);
+        let given_up = tokio::time::timeout(Duration::from_millis(100), read).await;
+        assert!(
+            given_up.is_err(),
+            "the body never ends: the read is given up"
+        );
+        assert_eq!(&body[..], b"only part");
     }
 
     #[tokio::test]

@@ -63,7 +63,10 @@ impl FileStore {
             StoreError::new(KIND, topic, format!("{}: {e}", dir.display()))
         };
         fs::create_dir_all(dir).map_err(|e| err("-", e))?;
-        let lock = lock_dir(dir).map_err(|e| err("-", e))?;
+        let lock = lock_dir(dir).map_err(|e| {
+            let cause = format!("cannot lock {}: {e}", dir.join(".lock").display());
+            StoreError::new(KIND, "-", cause)
+        })?;
         let mut topics = HashMap::new();
         for entry in fs::read_dir(dir).map_err(|e| err("-", e))? {
             let entry = entry.map_err(|e| err("-", e))?;
@@ -130,15 +133,19 @@ fn lock_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<File>> {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "in use by another relay (process {holder} holds {}); one relay per directory",
-                    path.display()
+                    "in use by another relay (process {holder} holds it); one relay per directory"
                 ),
             ));
         }
         Err((_, errno)) => return Err(io::Error::from(errno)),
     };
-    locked.set_len(0)?;
-    writeln!(&mut *locked, "{}", std::process::id())?;
+    // The pid is for the operator (and the next relay's message) only.
+    let noted = locked
+        .set_len(0)
+        .and_then(|()| writeln!(&mut *locked, "{}", std::process::id()));
+    if let Err(e) = noted {
+        tracing::warn!(lock = %path.display(), error = %e, "cannot write this process's id into the lock file");
+    }
     Ok(locked)
 }
 
@@ -380,9 +387,9 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains(&format!(
-                "in use by another relay (process {} holds {}",
+                "cannot lock {}: in use by another relay (process {} holds it)",
+                dir.path().join(".lock").display(),
                 std::process::id(),
-                dir.path().join(".lock").display()
             )),
             "{text}"
         );
