@@ -307,6 +307,8 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Respon
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "h2 tunnel: the stream ended before it stood");
+                    let mut access = access;
+                    access.status = crate::access_log::CLIENT_GONE;
                     access.finish(&ctx);
                 }
             }
