@@ -208,9 +208,9 @@ type Shard = Mutex<HashMap<String, Slots>>;
 /// connection dialled on one worker's runtime is reused there, so its socket
 /// is polled by the thread that uses it ([`crate::workers`]). Uplink data
 /// connections are the exception: they arrive on whichever worker accepted
-/// them, so there is no locality to keep, and they wait in the one shared
-/// list, where every worker finds them (no new data connection is asked for
-/// while another worker's idles). A plain mutex per list: every section is a
+/// them and wait in the one shared list, where every worker finds them (no
+/// new data connection is asked for while another worker's idles); a worker
+/// takes one its own runtime polls first, when there is one. A plain mutex per list: every section is a
 /// few pointer moves and never awaits.
 pub struct Pool {
     /// Index 0 for uplink data connections and for threads that are not
@@ -264,7 +264,7 @@ impl Pool {
                 .iter_mut()
                 .find(|(p, s, _)| *p == port && s == scope)?;
             loop {
-                let (mut conn, since) = list.pop()?;
+                let (mut conn, since) = list.remove(Self::choose(list, scope)?);
                 if since.elapsed() < IDLE_FOR && still_open(&mut conn.io) {
                     break conn;
                 }
@@ -274,6 +274,22 @@ impl Pool {
             data.set_active();
         }
         Some(conn)
+    }
+
+    /// Which idle connection of `list` to take: the newest, and in the
+    /// shared uplink list the newest whose socket the calling worker polls
+    /// (its reads then wake no other thread), if there is one.
+    fn choose(list: &Idle, scope: &Scope) -> Option<usize> {
+        let newest = list.len().checked_sub(1)?;
+        if !scope.shared() {
+            return Some(newest);
+        }
+        let me = crate::workers::current();
+        let here = list.iter().rposition(|(conn, _)| match &conn.io {
+            Upstream::Uplink(data) => data.worker() == me,
+            _ => false,
+        });
+        Some(here.unwrap_or(newest))
     }
 
     /// Returns a directly dialled connection whose last response was read
@@ -442,9 +458,43 @@ mod tests {
         g: u64,
         sessions: &Arc<AtomicUsize>,
     ) -> (Conn<Upstream>, tokio::io::DuplexStream) {
+        data_on(id, g, sessions, 0)
+    }
+
+    /// As [`data`], accepted by worker `worker`.
+    fn data_on(
+        id: &str,
+        g: u64,
+        sessions: &Arc<AtomicUsize>,
+        worker: usize,
+    ) -> (Conn<Upstream>, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(64);
-        let io = DataConn::new(Box::new(near), id, g, sessions.clone());
+        let io = DataConn::new(Box::new(near), id, g, sessions.clone(), worker);
         (Conn::new(Upstream::Uplink(Box::new(io))), far)
+    }
+
+    fn worker_of(conn: &Conn<Upstream>) -> usize {
+        match &conn.io {
+            Upstream::Uplink(data) => data.worker(),
+            _ => panic!("not an uplink data connection"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_takes_the_uplink_connections_it_polls_first() {
+        let pool = Pool::new(2);
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let (on_1, _far_1) = data_on("a", 1, &sessions, 1);
+        let (on_2, _far_2) = data_on("a", 1, &sessions, 2);
+        pool.keep("erp", 80, uplink("a", 1), on_1, || true);
+        pool.keep("erp", 80, uplink("a", 1), on_2, || true);
+        crate::workers::act_as(1);
+        let took = pool.take("erp", 80, &uplink("a", 1)).expect("one of two");
+        assert_eq!(worker_of(&took), 1, "its own, not the newest (worker 2's)");
+        // None of worker 1's is left: it takes another worker's.
+        let took = pool.take("erp", 80, &uplink("a", 1)).expect("the other");
+        assert_eq!(worker_of(&took), 2);
+        assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
     }
 
     fn uplink(id: &str, generation: u64) -> Scope {

@@ -50,6 +50,13 @@ pub fn current() -> usize {
     INDEX.get()
 }
 
+/// Makes the calling thread count as worker `i` (unit tests of per-worker
+/// behaviour).
+#[cfg(test)]
+pub fn act_as(i: usize) {
+    INDEX.set(i);
+}
+
 /// The number of workers `relay.workers = configured` starts: 0 is one per CPU core.
 pub fn count(configured: usize) -> usize {
     match configured {

@@ -40,7 +40,11 @@ struct Link {
     parked: Vec<(u64, oneshot::Sender<Claim>)>,
 }
 
-type Waiting = oneshot::Sender<Result<Conn<BoxIo>, String>>;
+/// A data connection for a session, and the worker whose runtime polls its
+/// socket (the one that accepted it).
+type Arrived = (Conn<BoxIo>, usize);
+
+type Waiting = oneshot::Sender<Result<Arrived, String>>;
 
 /// A session handed to a parked data connection (S7p): the `open` line to
 /// send, and where the connection goes once it is sent.
@@ -165,12 +169,13 @@ impl Registry {
                 _ => return Err(not_connected()),
             }
         };
-        let data = |conn: Conn<BoxIo>| Conn {
+        let data = |(conn, worker): Arrived| Conn {
             io: Upstream::Uplink(Box::new(DataConn::new(
                 conn.io,
                 id,
                 generation,
                 sessions.clone(),
+                worker,
             ))),
             buf: conn.buf,
         };
@@ -227,7 +232,7 @@ impl Registry {
 
     /// Sends `open` down a parked data connection of uplink `id` (S7p); tries
     /// the next one while sending fails. `None` when none is left.
-    async fn take_parked(&self, id: &str, open: &Message) -> Option<Conn<BoxIo>> {
+    async fn take_parked(&self, id: &str, open: &Message) -> Option<Arrived> {
         loop {
             let parked = {
                 let mut state = self.lock();
@@ -358,6 +363,8 @@ pub struct DataConn {
     generation: u64,
     sessions: Arc<AtomicUsize>,
     active: bool,
+    /// The worker whose runtime polls the socket ([`crate::workers::current`]).
+    worker: usize,
 }
 
 impl DataConn {
@@ -366,6 +373,7 @@ impl DataConn {
         uplink: &str,
         generation: u64,
         sessions: Arc<AtomicUsize>,
+        worker: usize,
     ) -> DataConn {
         sessions.fetch_add(1, Ordering::Relaxed);
         DataConn {
@@ -374,7 +382,13 @@ impl DataConn {
             generation,
             sessions,
             active: true,
+            worker,
         }
+    }
+
+    /// The worker whose runtime polls this connection's socket.
+    pub fn worker(&self) -> usize {
+        self.worker
     }
 
     pub fn uplink(&self) -> &str {
@@ -589,7 +603,8 @@ pub async fn claim_data<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCt
         return;
     }
     let io: BoxIo = Box::new(conn.io);
-    if tx.send(Ok(Conn { io, buf: conn.buf })).is_err() {
+    let worker = crate::workers::current();
+    if tx.send(Ok((Conn { io, buf: conn.buf }, worker))).is_err() {
         tracing::debug!(uplink = %id, %session, "session claimed after its client gave up");
     }
 }
@@ -697,7 +712,8 @@ async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
                     break "writing open failed".to_string();
                 }
                 let io: BoxIo = Box::new(conn.io);
-                if reply.send(Ok(Conn { io, buf: conn.buf })).is_err() {
+                let worker = crate::workers::current();
+                if reply.send(Ok((Conn { io, buf: conn.buf }, worker))).is_err() {
                     tracing::debug!(uplink = %id, "parked data connection claimed after its client gave up");
                 }
                 return;
