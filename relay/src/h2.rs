@@ -209,7 +209,7 @@ async fn relay(
     busy: Busy,
 ) -> Response<Body> {
     let name = ctx.shared.config().relay.name.clone();
-    let mut h1 = match to_http1(req, &name) {
+    let h1 = match to_http1(req, &name) {
         Ok(r) => r,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
@@ -217,40 +217,53 @@ async fn relay(
     // leg: an upload keeps its leg busy past the response head. A draining
     // relay is closing its idle legs: new ones serve the last streams.
     let reusable = h1.body().is_end_stream();
-    let mut idle = if reusable && !ctx.shared.is_draining() {
+    let idle = if reusable && !ctx.shared.is_draining() {
         legs.take().await
     } else {
         None
     };
-    let (sender, resp) = loop {
-        let reused = idle.is_some();
-        let mut sender = match idle.take() {
-            Some(sender) => sender,
-            None => match open_leg(&ctx).await {
-                Ok(sender) => sender,
-                Err(e) => {
-                    tracing::warn!(error = %e, "h2 stream: internal HTTP/1 leg failed");
-                    return plain(StatusCode::BAD_GATEWAY, "relay internal error");
-                }
-            },
-        };
-        match sender.try_send_request(h1).await {
-            Ok(resp) => break (sender, resp),
-            Err(mut e) => match e.take_message() {
-                // An idle leg the HTTP path closed just now (its idle timeout,
-                // a drain) before the request went out: once more, on a new leg.
-                Some(unsent) if reused => h1 = unsent,
-                _ => {
-                    tracing::debug!(error = %e.error(), "h2 stream: no response from the HTTP/1 leg");
-                    return plain(StatusCode::BAD_GATEWAY, "relay internal error");
-                }
-            },
+    let (sender, resp) = match send_on_leg(h1, idle, || open_leg(&ctx)).await {
+        Ok(sent) => sent,
+        Err(why) => {
+            tracing::warn!(error = %why, "h2 stream: internal HTTP/1 leg failed");
+            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
         }
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop_map(&mut parts.headers);
     let body = LegBody::new(body, reusable.then_some((sender, legs)), busy);
     Response::from_parts(parts, body.boxed())
+}
+
+/// Sends `req` on `idle` (a leg from the connection's idle list) or on a new
+/// leg from `open`. A request that an idle leg closing at that moment (its
+/// idle timeout, a drain) did not take goes once more, on a new leg.
+async fn send_on_leg<B, F, Fut>(
+    mut req: Request<B>,
+    mut idle: Option<SendRequest<B>>,
+    mut open: F,
+) -> Result<(SendRequest<B>, Response<Incoming>), String>
+where
+    B: hyper::body::Body + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = hyper::Result<SendRequest<B>>>,
+{
+    loop {
+        let reused = idle.is_some();
+        let mut sender = match idle.take() {
+            Some(sender) => sender,
+            None => open()
+                .await
+                .map_err(|e| format!("cannot open a leg: {e}"))?,
+        };
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((sender, resp)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => req = unsent,
+                _ => return Err(format!("no response from the leg: {}", e.error())),
+            },
+        }
+    }
 }
 
 /// `CONNECT host:port` on a stream: admitted, routed and dialled as on
@@ -682,6 +695,39 @@ mod tests {
         assert_eq!(idle(&legs), 1, "a chunked body ended");
         let again = legs.take().await.expect("the same leg, a third time");
         assert_eq!(fetch(again, &legs, "/len").await, "fixed");
+    }
+
+    #[tokio::test]
+    async fn a_request_an_idle_leg_did_not_take_goes_on_a_new_leg() {
+        // An idle leg whose connection has just ended (the HTTP path closed it).
+        let (near, _far) = tokio::io::duplex(PIPE_BUF);
+        let (closed, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        drop(conn);
+        let opened = std::cell::Cell::new(0);
+        let open = || {
+            opened.set(opened.get() + 1);
+            async { Ok(scripted_leg().await) }
+        };
+        let (_, resp) = send_on_leg(get("/len"), Some(closed), open).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "fixed");
+        assert_eq!(opened.get(), 1, "one new leg");
+
+        // A new leg that fails is not tried again: the stream gets its 502.
+        let (near, _far) = tokio::io::duplex(PIPE_BUF);
+        let (dead, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .unwrap();
+        drop(conn);
+        let mut dead = Some(dead);
+        let once = || {
+            let leg = dead.take().expect("opened once");
+            async { Ok(leg) }
+        };
+        let err = send_on_leg(get("/len"), None, once).await.err();
+        assert!(err.is_some_and(|e| e.starts_with("no response from the leg")));
     }
 
     #[tokio::test]
