@@ -210,8 +210,8 @@ type Shard = Mutex<HashMap<String, Slots>>;
 /// connections are the exception: they arrive on whichever worker accepted
 /// them and wait in the one shared list, where every worker finds them (no
 /// new data connection is asked for while another worker's idles); a worker
-/// takes one its own runtime polls first, when there is one. A plain mutex per list: every section is a
-/// few pointer moves and never awaits.
+/// takes one its own runtime polls first, when there is one. A plain mutex
+/// per list: every section is a few pointer moves and never awaits.
 pub struct Pool {
     /// Index 0 for uplink data connections and for threads that are not
     /// workers, then one per worker.
