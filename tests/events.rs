@@ -109,6 +109,50 @@ async fn long_poll_is_woken_by_a_publish() {
     );
 }
 
+/// A waiting poll holds no read buffer (it watches its client one byte at
+/// a time): a request pipelined behind it is still served after it, in
+/// order, and a poller that hangs up is forgotten at once.
+#[tokio::test]
+async fn a_waiting_poll_keeps_a_pipelined_request_and_notices_a_hang_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = relay_with("").await;
+    let admin = relay.admin_url();
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let first =
+        "GET http://relay.test/events/pipe?after=0&wait=20 HTTP/1.1\r\nHost: relay.test\r\n\r\n";
+    s.write_all(first.as_bytes()).await.unwrap();
+    porthole_suite::wait_pollers(relay.admin, "pipe", 1).await;
+    // The next request arrives while the first one waits.
+    let second = "GET http://relay.test/events/other?after=0 HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n";
+    s.write_all(second.as_bytes()).await.unwrap();
+    assert_eq!(publish_ok(&admin, "pipe", "{\"n\":1}").await, 1);
+    let mut both = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut both))
+        .await
+        .expect("both answers within 10 s")
+        .unwrap();
+    let answers: Vec<&str> = both.matches("HTTP/1.1 200 OK").collect();
+    assert_eq!(answers.len(), 2, "{both}");
+    let (one, two) = both.split_at(both.rfind("HTTP/1.1 200 OK").unwrap());
+    assert!(
+        one.contains("\"events\":[{\"id\":1"),
+        "the poll's event first: {both}"
+    );
+    assert!(
+        two.contains("\"events\":[]"),
+        "then the pipelined poll: {both}"
+    );
+
+    // A poller that hangs up while it waits is dropped from the topic.
+    let mut s = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let waiting =
+        "GET http://relay.test/events/gone?after=0&wait=20 HTTP/1.1\r\nHost: relay.test\r\n\r\n";
+    s.write_all(waiting.as_bytes()).await.unwrap();
+    porthole_suite::wait_pollers(relay.admin, "gone", 1).await;
+    drop(s);
+    porthole_suite::wait_pollers(relay.admin, "gone", 0).await;
+}
+
 #[tokio::test]
 async fn no_event_within_the_wait_and_a_plain_poll() {
     let relay = relay_with("").await;

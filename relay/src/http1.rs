@@ -168,7 +168,7 @@ async fn next_request<S: Io>(
     let after = match kind {
         RequestKind::Connect { .. } | RequestKind::Uplink { .. } => return Next::Close,
         RequestKind::Own { path } => {
-            local::serve(conn, &head, &path, framing, keep_alive, ctx, &mut access).await
+            local::serve(conn, head, &path, framing, keep_alive, ctx, &mut access).await
         }
         RequestKind::Relay(target) => {
             let req = forward::Request {

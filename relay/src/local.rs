@@ -15,10 +15,11 @@ use crate::ConnCtx;
 /// Most request body the relay reads and discards to keep a connection usable.
 const MAX_DISCARD: u64 = 64 * 1024;
 
-/// Serves one request for the relay itself.
+/// Serves one request for the relay itself. Takes the head: a long poll lets
+/// it go (and the read buffer it shares) while it waits.
 pub async fn serve<S: Io>(
     conn: &mut Conn<S>,
-    head: &RequestHead,
+    head: RequestHead,
     path: &str,
     framing: Framing,
     keep_alive: bool,
@@ -33,7 +34,7 @@ pub async fn serve<S: Io>(
             return events::poll::serve(conn, head, topic, query, keep_alive, ctx, access).await;
         }
     }
-    let written = if let Some(pac) = crate::pac::for_request(head, path, ctx) {
+    let written = if let Some(pac) = crate::pac::for_request(&head, path, ctx) {
         access.status = 200;
         write_simple(
             &mut conn.io,

@@ -74,7 +74,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Serves one poll or event stream for `topic`.
 pub async fn serve<S: Io>(
     conn: &mut Conn<S>,
-    head: &RequestHead,
+    head: RequestHead,
     topic: &str,
     query: &str,
     keep_alive: bool,
@@ -85,7 +85,7 @@ pub async fn serve<S: Io>(
     let config = ctx.shared.config();
     let request = if valid_topic(topic) {
         crate::gate::admit_topic(ctx, &config, access.user.as_deref(), topic).and_then(|()| {
-            parse_request(query, head).map_err(|why| RelayError::new(ErrorKind::BadPoll(why)))
+            parse_request(query, &head).map_err(|why| RelayError::new(ErrorKind::BadPoll(why)))
         })
     } else {
         Err(RelayError::new(ErrorKind::BadTopic))
@@ -96,8 +96,14 @@ pub async fn serve<S: Io>(
         Err(err) => return refuse(conn, ctx, access, err, keep_alive).await,
     };
     if request.stream {
-        stream(conn, head, topic, request.after, slot, ctx, access).await
+        stream(conn, &head, topic, request.after, slot, ctx, access).await
     } else {
+        // A waiting poll holds neither its head nor a read buffer (the head
+        // shares the buffer's allocation): a few KiB per poller.
+        drop(head);
+        if conn.buf.is_empty() {
+            conn.buf = bytes::BytesMut::new();
+        }
         long_poll(conn, topic, request, slot, keep_alive, ctx, access).await
     }
 }
@@ -136,6 +142,20 @@ async fn refuse<S: Io>(
 
 /// Waits until the topic has something after `after`, the wait ends, or
 /// the relay drains; `None` if the client went away meanwhile.
+/// Waits for the client to send or close while a poll waits. With nothing
+/// buffered it reads one byte into the stack, so that a waiting poller holds
+/// no read buffer; what arrives is kept in the connection's buffer.
+async fn watch<S: Io>(conn: &mut Conn<S>) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    if conn.buf.capacity() > 0 {
+        return conn.fill().await;
+    }
+    let mut first = [0u8; 1];
+    let n = conn.io.read(&mut first).await?;
+    conn.buf.extend_from_slice(&first[..n]);
+    Ok(n)
+}
+
 async fn next_answer<S: Io>(
     conn: &mut Conn<S>,
     topic: &str,
@@ -173,7 +193,7 @@ async fn next_answer<S: Io>(
                 }
             }
             () = ctx.shared.until_draining() => {}
-            read = conn.fill(), if watch_client => match read {
+            read = watch(conn), if watch_client => match read {
                 Ok(0) | Err(_) => return None,
                 // A pipelined request: kept in the buffer for after this one.
                 Ok(_) => watch_client = false,
