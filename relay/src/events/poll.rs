@@ -95,15 +95,16 @@ pub async fn serve<S: Io>(
         Ok(ok) => ok,
         Err(err) => return refuse(conn, ctx, access, err, keep_alive).await,
     };
+    // A waiting poll or an event stream holds neither its head nor a read
+    // buffer (the head shares the buffer's allocation): 4 KiB per poller.
+    let minor = head.minor;
+    drop(head);
+    if conn.buf.is_empty() {
+        conn.buf = bytes::BytesMut::new();
+    }
     if request.stream {
-        stream(conn, &head, topic, request.after, slot, ctx, access).await
+        stream(conn, minor, topic, request.after, slot, ctx, access).await
     } else {
-        // A waiting poll holds neither its head nor a read buffer (the head
-        // shares the buffer's allocation): a few KiB per poller.
-        drop(head);
-        if conn.buf.is_empty() {
-            conn.buf = bytes::BytesMut::new();
-        }
         long_poll(conn, topic, request, slot, keep_alive, ctx, access).await
     }
 }
@@ -254,7 +255,7 @@ async fn long_poll<S: Io>(
 /// with `Last-Event-ID`).
 async fn stream<S: Io>(
     conn: &mut Conn<S>,
-    head: &RequestHead,
+    minor: u8,
     topic: &str,
     mut after: u64,
     mut slot: Slot,
@@ -262,7 +263,7 @@ async fn stream<S: Io>(
     access: &mut Access,
 ) -> After {
     // HTTP/1.0 has no chunked coding: the stream ends with the connection.
-    let framing = if head.minor == 0 {
+    let framing = if minor == 0 {
         OutFraming::Plain
     } else {
         OutFraming::Chunked
