@@ -776,3 +776,48 @@ async fn an_idle_http2_connection_is_closed_and_one_in_use_is_not() {
     // The client kept its side open all along: the relay closed it.
     drop(sender);
 }
+
+/// A keep-alive connection quiet for longer than `limits.head_timeout` has
+/// let its read buffer go (it then waits for one byte at a time): its next
+/// request is still served on it, and the idle timeout still closes it.
+#[tokio::test]
+async fn a_keep_alive_connection_quiet_past_the_head_timeout_still_serves_and_idles_out() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        "[limits]\nhead_timeout = \"300ms\"\nidle_timeout = \"2s\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let req = |path: &str| {
+        format!(
+            "GET http://app.test:{}{path} HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            origin.port()
+        )
+    };
+    let mut buf = vec![0u8; 4096];
+    for (path, quiet) in [("/one", 0), ("/two", 700), ("/three", 1200)] {
+        tokio::time::sleep(Duration::from_millis(quiet)).await;
+        s.write_all(req(path).as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        assert!(answer.ends_with(&format!("ok {path}")), "{path}: {answer}");
+    }
+    // Then silence: closed at the idle timeout (2 s), not at the head timeout.
+    let quiet = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf))
+        .await
+        .expect("closed within 6 s")
+        .unwrap();
+    assert_eq!(n, 0, "closed, not answered");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}",
+        quiet.elapsed()
+    );
+    assert_eq!(origin.received().len(), 3);
+}

@@ -59,6 +59,32 @@ impl<S: AsyncRead + Unpin> Conn<S> {
         }
         self.io.read_buf(&mut self.buf).await
     }
+
+    /// As [`Conn::fill`], but a connection that holds no read buffer reads
+    /// its next byte into the stack first, so that waiting for a quiet
+    /// client (an idle keep-alive connection, a waiting long poll) costs no
+    /// buffer. Cancel-safe as `fill` is.
+    pub async fn fill_lean(&mut self) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        if self.buf.capacity() > 0 {
+            return self.fill().await;
+        }
+        let mut first = [0u8; 1];
+        let n = self.io.read(&mut first).await?;
+        if n > 0 {
+            self.buf.reserve(FIRST_READ);
+            self.buf.extend_from_slice(&first[..n]);
+        }
+        Ok(n)
+    }
+
+    /// Lets the read buffer go if it holds nothing (its allocation may be
+    /// shared with a request head that is gone by now).
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
 }
 
 /// A stream that first replays `prefix` (bytes already read during

@@ -27,8 +27,9 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
 /// a tunnel, which is returned standing for the caller to run.
 ///
 /// Each request is handled by a boxed future that lives only as long as the
-/// request: the connection's own task holds just the connection, so an idle
-/// keep-alive connection costs little memory.
+/// request: between requests the connection's own task holds just the
+/// connection, and after a while of quiet not even a read buffer, so an
+/// idle keep-alive connection costs little memory.
 pub async fn serve_until_tunnel<S: Io>(
     mut conn: Conn<S>,
     ctx: &ConnCtx,
@@ -41,7 +42,13 @@ pub async fn serve_until_tunnel<S: Io>(
     // One wait for shutdown per connection, not one registration per request.
     let mut draining = Box::pin(ctx.shared.until_draining_owned());
     loop {
-        let next = next_request(&mut conn, ctx, first, &mut timer, draining.as_mut());
+        if !first
+            && conn.buf.is_empty()
+            && !next_arrives(&mut conn, ctx, &mut timer, draining.as_mut()).await
+        {
+            return None;
+        }
+        let next = next_request(&mut conn, ctx, first, &mut timer);
         match Box::pin(next).await {
             Next::KeepAlive => first = false,
             Next::Close => return None,
@@ -71,28 +78,48 @@ enum Next {
     },
 }
 
+/// Between requests: waits for the first byte of the next one, up to the
+/// idle timeout; `false` when the connection is to close (timed out, the
+/// client left, or the relay drains: it closes idle connections at once).
+/// No request's state exists meanwhile, and after `limits.head_timeout` of
+/// quiet (10 s by default; busy connections keep theirs) no read buffer
+/// either. That is the connection timer's period, so the first wait moves
+/// no timer in the runtime's wheel ([`Deadline`]).
+async fn next_arrives<S: Io>(
+    conn: &mut Conn<S>,
+    ctx: &ConnCtx,
+    timer: &mut Deadline,
+    mut draining: Pin<&mut WaitForCancellationFutureOwned>,
+) -> bool {
+    let limits = &ctx.shared.config().limits;
+    let idle = limits.idle_timeout;
+    let quick = idle.min(limits.head_timeout);
+    tokio::select! {
+        read = timer.limit(quick, conn.fill()) => match read {
+            Ok(Ok(n)) => return n > 0,
+            Ok(Err(_)) => return false,
+            Err(_) if quick >= idle => return false,
+            Err(_) => {}
+        },
+        () = draining.as_mut() => return false,
+    }
+    conn.release_if_empty();
+    tokio::select! {
+        read = timer.limit(idle - quick, conn.fill_lean()) => matches!(read, Ok(Ok(n)) if n > 0),
+        () = draining => false,
+    }
+}
+
 /// Reads one request and answers it (or sets up its tunnel).
 async fn next_request<S: Io>(
     conn: &mut Conn<S>,
     ctx: &ConnCtx,
     first: bool,
     timer: &mut Deadline,
-    draining: Pin<&mut WaitForCancellationFutureOwned>,
 ) -> Next {
     let config = ctx.shared.config();
     let limits = &config.limits;
 
-    // Between requests: wait for the first byte of the next one, up to the
-    // idle timeout; a draining relay closes idle connections at once.
-    if !first && conn.buf.is_empty() {
-        tokio::select! {
-            read = timer.limit(limits.idle_timeout, conn.fill()) => match read {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return Next::Close,
-            },
-            () = draining => return Next::Close,
-        }
-    }
     let head = timer
         .limit(
             limits.head_timeout,

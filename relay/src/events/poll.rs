@@ -99,9 +99,7 @@ pub async fn serve<S: Io>(
     // buffer (the head shares the buffer's allocation): 4 KiB per poller.
     let minor = head.minor;
     drop(head);
-    if conn.buf.is_empty() {
-        conn.buf = bytes::BytesMut::new();
-    }
+    conn.release_if_empty();
     if request.stream {
         stream(conn, minor, topic, request.after, slot, ctx, access).await
     } else {
@@ -143,20 +141,6 @@ async fn refuse<S: Io>(
 
 /// Waits until the topic has something after `after`, the wait ends, or
 /// the relay drains; `None` if the client went away meanwhile.
-/// Waits for the client to send or close while a poll waits. With nothing
-/// buffered it reads one byte into the stack, so that a waiting poller holds
-/// no read buffer; what arrives is kept in the connection's buffer.
-async fn watch<S: Io>(conn: &mut Conn<S>) -> std::io::Result<usize> {
-    use tokio::io::AsyncReadExt;
-    if conn.buf.capacity() > 0 {
-        return conn.fill().await;
-    }
-    let mut first = [0u8; 1];
-    let n = conn.io.read(&mut first).await?;
-    conn.buf.extend_from_slice(&first[..n]);
-    Ok(n)
-}
-
 async fn next_answer<S: Io>(
     conn: &mut Conn<S>,
     topic: &str,
@@ -194,7 +178,7 @@ async fn next_answer<S: Io>(
                 }
             }
             () = ctx.shared.until_draining() => {}
-            read = watch(conn), if watch_client => match read {
+            read = conn.fill_lean(), if watch_client => match read {
                 Ok(0) | Err(_) => return None,
                 // A pipelined request: kept in the buffer for after this one.
                 Ok(_) => watch_client = false,
