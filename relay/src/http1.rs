@@ -293,23 +293,13 @@ pub async fn write_refusal<W: AsyncWrite + Unpin>(
     w: &mut W,
     refusal: &crate::tunnel::Refusal,
 ) -> std::io::Result<u64> {
-    let status = refusal.status;
-    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).into_bytes();
-    for (name, value) in &refusal.fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let framing = format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        refusal.body.len()
-    );
-    out.extend_from_slice(framing.as_bytes());
-    out.extend_from_slice(&refusal.body);
-    w.write_all(&out).await?;
-    w.flush().await?;
-    Ok(out.len() as u64)
+    let length = refusal.body.len().to_string();
+    let fields = refusal
+        .fields
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+        .chain([(&b"Content-Length"[..], length.as_bytes())]);
+    write_response(w, refusal.status, fields, &refusal.body, true).await
 }
 
 /// Writes a complete response with a `Content-Length` body.
@@ -321,24 +311,42 @@ pub async fn write_simple<W: AsyncWrite + Unpin>(
     close: bool,
     extra: &[(&str, &str)],
 ) -> std::io::Result<u64> {
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
-        reason_phrase(status),
-        body.len()
-    );
-    for (name, value) in extra {
-        out.push_str(name);
-        out.push_str(": ");
-        out.push_str(value);
-        out.push_str("\r\n");
+    let length = body.len().to_string();
+    let own = [
+        ("Content-Type", content_type),
+        ("Content-Length", length.as_str()),
+        ("Cache-Control", "no-store"),
+    ];
+    let fields = own
+        .iter()
+        .chain(extra)
+        .map(|(name, value)| (name.as_bytes(), value.as_bytes()));
+    write_response(w, status, fields, body, close).await
+}
+
+/// Writes a status line, `fields` (with the body's `Content-Length`),
+/// `Connection: close` when closing, and `body`, in one write; returns the
+/// bytes written.
+async fn write_response<'a, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    status: u16,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    body: &[u8],
+    close: bool,
+) -> std::io::Result<u64> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).into_bytes();
+    for (name, value) in fields {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     if close {
-        out.push_str("Connection: close\r\n");
+        out.extend_from_slice(b"Connection: close\r\n");
     }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    w.write_all(&bytes).await?;
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    w.write_all(&out).await?;
     w.flush().await?;
-    Ok(bytes.len() as u64)
+    Ok(out.len() as u64)
 }

@@ -168,7 +168,7 @@ async fn dial<S: Io>(
             None
         }
         Ok(opened) => {
-            let answer = &opened.head;
+            let answer = opened.answer();
             if client.io.write_all(answer).await.is_err() || client.io.flush().await.is_err() {
                 return None;
             }
@@ -189,13 +189,12 @@ pub struct Opened {
     pub server: Conn<Upstream>,
     /// The tunnel's idle timeout.
     pub idle: Duration,
-    /// The answer's status (also in `access`).
-    pub status: u16,
-    /// The answer as an HTTP/1 head.
-    pub head: Bytes,
     /// Through an uplink: the inside relay's answer, parsed.
     pub inside: Option<crate::codec::ResponseHead>,
 }
+
+/// This relay's own answer to a `CONNECT` whose tunnel stands.
+const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
 /// Chooses the route for `CONNECT host:port` and dials it; through an uplink
 /// the inside relay dials the internal server and answers the CONNECT
@@ -240,21 +239,13 @@ pub async fn open(
         crate::forward::log_error(ctx, &err);
         return Err(err);
     }
-    let (status, head) = match &inside {
-        None => (
-            200,
-            Bytes::from_static(b"HTTP/1.1 200 Connection established\r\n\r\n"),
-        ),
-        Some(answer) => (answer.status, answer.raw().clone()),
-    };
-    access.status = status;
-    Ok(Opened {
+    let opened = Opened {
         server,
         idle: config.limits.idle_timeout,
-        status,
-        head,
         inside,
-    })
+    };
+    access.status = opened.status();
+    Ok(opened)
 }
 
 /// What an inside relay answered when it refused a forwarded `CONNECT`:
@@ -272,17 +263,30 @@ pub struct Refusal {
 const REFUSAL_BODY_MAX: usize = 64 * 1024;
 
 impl Opened {
+    /// The answer's status: this relay's 200, or the inside relay's.
+    pub fn status(&self) -> u16 {
+        self.inside.as_ref().map_or(200, |answer| answer.status)
+    }
+
+    /// The answer as an HTTP/1 head, as the inside relay wrote it.
+    pub fn answer(&self) -> &[u8] {
+        self.inside
+            .as_ref()
+            .map_or(ESTABLISHED, |answer| answer.raw())
+    }
+
     /// Whether the tunnel stands: any 2xx answer (RFC 9110 section 9.3.6).
     pub fn stands(&self) -> bool {
-        (200..300).contains(&self.status)
+        (200..300).contains(&self.status())
     }
 
     /// The inside relay's refusal (the answer when the tunnel does not
     /// stand), with its body, read within a second.
     pub async fn refusal(&mut self) -> Refusal {
+        let status = self.status();
         let Some(head) = self.inside.as_ref() else {
             return Refusal {
-                status: self.status,
+                status,
                 fields: http::HeaderMap::new(),
                 body: Bytes::new(),
             };
@@ -299,7 +303,7 @@ impl Opened {
             );
         }
         Refusal {
-            status: self.status,
+            status,
             fields: end_to_end_fields(&head.fields),
             body: body.freeze(),
         }
