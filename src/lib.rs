@@ -979,6 +979,17 @@ pub fn assert_fields(line: &str, fields: &[&str]) {
     }
 }
 
+/// Asserts that one of `lines` (access lines, say) contains every field in `fields`.
+pub fn assert_some_line<S: AsRef<str>>(lines: &[S], fields: &[&str]) {
+    assert!(
+        lines
+            .iter()
+            .any(|l| fields.iter().all(|f| l.as_ref().contains(f))),
+        "no line with all of {fields:?} in {:?}",
+        lines.iter().map(AsRef::as_ref).collect::<Vec<_>>()
+    );
+}
+
 /// Polls `check` every 20 ms until it returns true or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
