@@ -252,7 +252,19 @@ async fn serve_origin(
                 }
             }
             Reply::UpgradeEcho => {
-                let head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                // The accept names the key it answers (a test stand-in for
+                // RFC 6455's hash), so a test sees whose key reached the server.
+                let accept = head
+                    .fields
+                    .get("sec-websocket-key")
+                    .map(|k| {
+                        format!(
+                            "Sec-WebSocket-Accept: accept-{}\r\n",
+                            String::from_utf8_lossy(k)
+                        )
+                    })
+                    .unwrap_or_default();
+                let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n");
                 if conn.io.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }

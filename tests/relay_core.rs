@@ -320,6 +320,80 @@ async fn websocket_upgrade_becomes_a_tunnel() {
     assert_eq!(seen.header("connection"), Some("upgrade"));
 }
 
+/// RFC 8441: an extended CONNECT (`:protocol websocket`) on HTTP/2 is the
+/// relay's HTTP/1 upgrade. The server gets a GET with `Upgrade` and a fresh
+/// key (HTTP/2 has none), its `101` comes back as `200` on the stream with
+/// its accept, and bytes echo both ways; an unrouted one gets `403`.
+#[tokio::test]
+async fn websocket_over_http2_is_an_extended_connect() {
+    use base64::Engine;
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let origin = Origin::start(|_| Reply::UpgradeEcho).await;
+    let relay = relay_to(&origin, "ws.test", "").await;
+    let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let extended = |authority: &str| {
+        let mut req = http::Request::connect(format!("http://{authority}/chat?room=1"))
+            .header("sec-websocket-version", "13")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // The first stream is unrouted: refused like any request. Its answer
+    // also means the relay's SETTINGS (extended CONNECT enabled) have come.
+    let resp = sender
+        .send_request(extended("nowhere.test:80"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    let resp = sender
+        .send_request(extended(&format!("ws.test:{}", origin.port())))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let accept = resp.headers()["sec-websocket-accept"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        resp.headers().get("upgrade").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    tunnel.write_all(&frame).await.unwrap();
+    let mut echoed = [0u8; 8];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, frame);
+
+    let seen = origin.single();
+    assert_eq!(
+        (seen.method.as_str(), seen.target.as_str()),
+        ("GET", "/chat?room=1")
+    );
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert_eq!(seen.header("connection"), Some("upgrade"));
+    assert_eq!(seen.header("sec-websocket-version"), Some("13"));
+    let host = format!("ws.test:{}", origin.port());
+    assert_eq!(seen.header("host"), Some(host.as_str()));
+    let key = seen
+        .header("sec-websocket-key")
+        .expect("a key for the server");
+    let nonce = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .unwrap();
+    assert_eq!(nonce.len(), 16, "{key}");
+    assert_eq!(accept, format!("accept-{key}"));
+}
+
 #[tokio::test]
 async fn http10_head_and_keep_alive_with_pooled_upstream() {
     let origin = Origin::ok().await;

@@ -803,3 +803,89 @@ async fn the_real_binary_runs_conf_shim_toml() {
         assert!(env.contains(&format!("{var}={url}")), "{env}");
     }
 }
+
+/// Reads an HTTP/1 response head (through the blank line) from `s`.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the end of the head: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.push(byte[0]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+/// A WebSocket upgrade in proxy form through the shim (curl cannot speak
+/// WebSocket, so the application is a raw socket). It crosses the link as an
+/// extended CONNECT (RFC 8441): the server gets a GET with `Upgrade` and the
+/// application's own key, the application gets `101` with the server's
+/// accept, and frames echo both ways. An upgrade to an unrouted host gets the
+/// relay's `403`, and the shim keeps serving.
+#[tokio::test]
+async fn websocket_through_the_shim() {
+    let origin = Origin::start(|_| Reply::UpgradeEcho).await;
+    let (_relay, shim) = relay_and_shim("ws.test", origin.port(), "").await;
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    let upgrade = |authority: &str| {
+        format!(
+            "GET http://{authority}/chat HTTP/1.1\r\nHost: {authority}\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+        )
+    };
+    let authority = format!("ws.test:{}", origin.port());
+    let mut s = TcpStream::connect(shim.addr).await.unwrap();
+    s.write_all(upgrade(&authority).as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains("accept-dGhlIHNhbXBsZSBub25jZQ=="),
+        "the server's accept for the application's key: {head}"
+    );
+    for word in [&b"hi"[..], b"again"] {
+        let mut frame = vec![0x81u8, 0x80 | word.len() as u8, 1, 2, 3, 4];
+        frame.extend(word.iter().enumerate().map(|(i, b)| b ^ (i as u8 % 4 + 1)));
+        s.write_all(&frame).await.unwrap();
+        let mut echoed = vec![0u8; frame.len()];
+        s.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, frame);
+    }
+    let seen = origin.single();
+    assert_eq!(
+        (seen.method.as_str(), seen.target.as_str()),
+        ("GET", "/chat")
+    );
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert_eq!(seen.header("connection"), Some("upgrade"));
+    assert_eq!(
+        seen.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+    assert_eq!(seen.header("sec-websocket-protocol"), Some("chat"));
+    assert!(
+        seen.header("via")
+            .is_some_and(|v| v.contains("porthole-shim")),
+        "{:?}",
+        seen.header("via")
+    );
+
+    let mut refused = TcpStream::connect(shim.addr).await.unwrap();
+    refused
+        .write_all(upgrade("nowhere.test:80").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut refused).await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    // The first tunnel still echoes.
+    s.write_all(&[0x81, 0x80, 9, 9, 9, 9]).await.unwrap();
+    let mut echoed = [0u8; 6];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, [0x81, 0x80, 9, 9, 9, 9]);
+}

@@ -137,11 +137,13 @@ async fn handle(
 /// Sends the request over the link and returns the relay's answer as it is
 /// (`403` and the relay's other errors unchanged).
 async fn relay(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     authority: &str,
     path: &str,
     link: &LinkHandle,
 ) -> Response<Body> {
+    let upgrade = upgrade_to(req.method(), req.headers());
+    let local = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let uri = match format!("http://{authority}{path}").parse::<Uri>() {
         Ok(u) => u,
@@ -155,17 +157,87 @@ async fn relay(
         .append(header::VIA, HeaderValue::from_static(VIA));
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
-    let out = Request::from_parts(parts, body.boxed());
-    match link.send(out).await {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            Response::from_parts(parts, body.boxed())
+    let body = match &upgrade {
+        // RFC 8441: the upgrade travels as an extended CONNECT, whose stream
+        // becomes the tunnel once the relay answers 200.
+        Some(protocol) => {
+            parts.method = Method::CONNECT;
+            parts
+                .extensions
+                .insert(hyper::ext::Protocol::from(protocol.as_str()));
+            crate::link::empty()
         }
+        None => body.boxed(),
+    };
+    let out = Request::from_parts(parts, body);
+    match link.send(out).await {
+        Ok(resp) => match (local, upgrade) {
+            (Some(local), Some(protocol)) if resp.status() == StatusCode::OK => {
+                switched(local, resp, &protocol)
+            }
+            _ => {
+                let (parts, body) = resp.into_parts();
+                Response::from_parts(parts, body.boxed())
+            }
+        },
         Err(e) => {
             tracing::warn!(error = %e, "request not relayed");
             plain(StatusCode::BAD_GATEWAY, &e.to_string())
         }
     }
+}
+
+/// The one protocol an HTTP/1 `Upgrade` request asks for (`Connection:
+/// upgrade` and `Upgrade: websocket`), when it is a `GET` that HTTP/2 can
+/// carry as an extended `CONNECT` (RFC 8441). Several protocols offered at
+/// once, or `h2c` (a protocol of this hop only), are not passed on: such a
+/// request goes as a plain request, its `Upgrade` dropped as hop-by-hop.
+fn upgrade_to(method: &Method, headers: &http::HeaderMap) -> Option<String> {
+    if method != Method::GET {
+        return None;
+    }
+    let words = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    };
+    if !words(header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        return None;
+    }
+    let mut offered = words(header::UPGRADE);
+    let protocol = offered.next()?;
+    if offered.next().is_some() || protocol.eq_ignore_ascii_case("h2c") {
+        return None;
+    }
+    Some(protocol.to_string())
+}
+
+/// The relay's `200` to an upgrade: answered `101 Switching Protocols` with
+/// the relay's fields (the server's `Sec-WebSocket-Accept` among them), and
+/// the application's connection spliced to the stream.
+fn switched(
+    local: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+    protocol: &str,
+) -> Response<Body> {
+    let remote = hyper::upgrade::on(&mut resp);
+    let mut answer = Response::new(crate::link::empty());
+    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = answer.headers_mut();
+    *headers = std::mem::take(resp.headers_mut());
+    strip_hop_by_hop_map(headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    match HeaderValue::from_str(protocol) {
+        Ok(token) => headers.insert(header::UPGRADE, token),
+        Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid Upgrade"),
+    };
+    tokio::spawn(porthole_relay::h2::splice(local, remote, TUNNEL_IDLE).in_current_span());
+    answer
 }
 
 /// Opens a `CONNECT` stream; on `200`, answers the application `200` and
@@ -195,6 +267,64 @@ async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrades_carried_as_extended_connect_by_table() {
+        let cases: &[(Method, &[(&str, &str)], Option<&str>)] = &[
+            (
+                Method::GET,
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                Some("websocket"),
+            ),
+            (
+                Method::GET,
+                &[
+                    ("connection", "keep-alive, upgrade"),
+                    ("upgrade", "WebSocket"),
+                ],
+                Some("WebSocket"),
+            ),
+            (
+                Method::GET,
+                &[
+                    ("connection", "keep-alive"),
+                    ("connection", "Upgrade"),
+                    ("upgrade", "websocket"),
+                ],
+                Some("websocket"),
+            ),
+            // Not an upgrade without the Connection token.
+            (Method::GET, &[("upgrade", "websocket")], None),
+            (Method::GET, &[("connection", "upgrade")], None),
+            // One protocol only; h2c is this hop's own.
+            (
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "websocket, foo/2")],
+                None,
+            ),
+            (
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "h2c")],
+                None,
+            ),
+            (
+                Method::POST,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                None,
+            ),
+        ];
+        for (method, fields, want) in cases {
+            let mut headers = http::HeaderMap::new();
+            for (n, v) in *fields {
+                headers.append(*n, HeaderValue::from_static(v));
+            }
+            assert_eq!(
+                upgrade_to(method, &headers).as_deref(),
+                *want,
+                "{method} {fields:?}"
+            );
+        }
+    }
 
     #[test]
     fn request_forms_by_table() {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
@@ -88,6 +88,7 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .max_frame_size(MAX_FRAME_SIZE)
+        .enable_connect_protocol()
         .keep_alive_interval(Some(PEER_PING_INTERVAL))
         .keep_alive_timeout(PEER_PING_TIMEOUT);
     let stream_ctx = ctx.clone();
@@ -189,15 +190,99 @@ impl Drop for Busy {
 /// path. The stream counts as open until its response body is done, or its
 /// tunnel.
 async fn stream(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ctx: ConnCtx,
     legs: Legs<Incoming>,
     busy: Busy,
 ) -> Response<Body> {
     if req.method() == Method::CONNECT {
+        if let Some(protocol) = req.extensions_mut().remove::<hyper::ext::Protocol>() {
+            return upgrade(req, protocol, ctx, busy).await;
+        }
         return connect(req, ctx, busy).await;
     }
     relay(req, ctx, legs, busy).await
+}
+
+/// An extended `CONNECT` (RFC 8441: `:protocol`, such as `websocket`), the
+/// HTTP/2 form of an HTTP/1 `Upgrade` request. It goes through the HTTP path
+/// as `GET` with `Connection: upgrade` and `Upgrade: <protocol>`, on a leg of
+/// its own, which the upgrade turns into the tunnel: routing, refusals, `Via`
+/// and the access line are the HTTP/1 upgrade's. The server's `101` is
+/// answered `200` on the stream, whose body then carries the upgraded bytes
+/// both ways; any other answer is passed on as it is.
+///
+/// A WebSocket request without `Sec-WebSocket-Key` (RFC 8441 has none) gets
+/// a fresh one for the server; the shim sends its application's key, so the
+/// server's `Sec-WebSocket-Accept`, passed back on the `200`, is the one the
+/// application checks.
+async fn upgrade(
+    mut req: Request<Incoming>,
+    protocol: hyper::ext::Protocol,
+    ctx: ConnCtx,
+    busy: Busy,
+) -> Response<Body> {
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, _) = req.into_parts();
+    parts.method = Method::GET;
+    let name = ctx.shared.config().relay.name.clone();
+    let mut h1 = match to_http1(Request::from_parts(parts, Empty::<Bytes>::new()), &name) {
+        Ok(r) => r,
+        Err(why) => return plain(StatusCode::BAD_REQUEST, why),
+    };
+    let Ok(token) = HeaderValue::from_str(protocol.as_str()) else {
+        return plain(StatusCode::BAD_REQUEST, "invalid :protocol");
+    };
+    let headers = h1.headers_mut();
+    strip_hop_by_hop_map(headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, token);
+    if protocol.as_str().eq_ignore_ascii_case("websocket")
+        && !headers.contains_key(header::SEC_WEBSOCKET_KEY)
+    {
+        match websocket_key() {
+            Some(key) => headers.insert(header::SEC_WEBSOCKET_KEY, key),
+            None => return plain(StatusCode::INTERNAL_SERVER_ERROR, "no randomness for a key"),
+        };
+    }
+    let sent = match open_leg(&ctx).await {
+        Ok(mut leg) => leg.send_request(h1).await.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("cannot open a leg: {e}")),
+    };
+    let mut resp = match sent {
+        Ok(resp) => resp,
+        Err(why) => {
+            tracing::warn!(error = %why, "h2 upgrade: internal HTTP/1 leg failed");
+            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop_map(&mut parts.headers);
+        return Response::from_parts(parts, LegBody::<Incoming>::new(body, None, busy).boxed());
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    let mut answer = Response::new(empty());
+    *answer.headers_mut() = std::mem::take(resp.headers_mut());
+    strip_hop_by_hop_map(answer.headers_mut());
+    let idle = ctx.shared.config().limits.idle_timeout;
+    tokio::spawn(
+        async move {
+            splice(downstream, upstream, idle).await;
+            drop(busy);
+        }
+        .in_current_span(),
+    );
+    answer
+}
+
+/// A `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 4.1).
+fn websocket_key() -> Option<HeaderValue> {
+    use base64::Engine;
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce).ok()?;
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key).ok()
 }
 
 /// Serves one request stream through the HTTP/1 path. An answer the relay
@@ -359,7 +444,12 @@ fn refused(err: &RelayError, mut access: Access, ctx: &ConnCtx) -> Response<Body
 
 /// Opens an internal HTTP/1 leg: an in-memory pipe whose far end is served
 /// by the relay's HTTP path as a connection of this stream's client.
-async fn open_leg(ctx: &ConnCtx) -> hyper::Result<SendRequest<Incoming>> {
+async fn open_leg<B>(ctx: &ConnCtx) -> hyper::Result<SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (near, far) = tokio::io::duplex(PIPE_BUF);
     let span = tracing::Span::current();
     tokio::spawn(http1::serve(Conn::new(far), ctx.clone()).instrument(span.clone()));
