@@ -828,14 +828,22 @@ async fn read_head(s: &mut TcpStream) -> String {
 /// relay's `403`, and the shim keeps serving.
 #[tokio::test]
 async fn websocket_through_the_shim() {
-    let origin = Origin::start(|_| Reply::UpgradeEcho).await;
+    let origin = Origin::start(|r| {
+        if r.target == "/old" {
+            Reply::Raw(response(426, &[("Upgrade", "websocket")], b"too old"))
+        } else {
+            Reply::UpgradeEcho
+        }
+    })
+    .await;
     let (_relay, shim) = relay_and_shim("ws.test", origin.port(), "").await;
     wait_state(&shim, true, Duration::from_secs(5)).await;
-    let upgrade = |authority: &str| {
+    let upgrade_at = |authority: &str, path: &str| {
         format!(
-            "GET http://{authority}/chat HTTP/1.1\r\nHost: {authority}\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+            "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
         )
     };
+    let upgrade = |authority: &str| upgrade_at(authority, "/chat");
     let authority = format!("ws.test:{}", origin.port());
     let mut s = TcpStream::connect(shim.addr).await.unwrap();
     s.write_all(upgrade(&authority).as_bytes()).await.unwrap();
@@ -856,7 +864,7 @@ async fn websocket_through_the_shim() {
         s.read_exact(&mut echoed).await.unwrap();
         assert_eq!(echoed, frame);
     }
-    let seen = origin.single();
+    let seen = origin.received().remove(0);
     assert_eq!(
         (seen.method.as_str(), seen.target.as_str()),
         ("GET", "/chat")
@@ -883,6 +891,18 @@ async fn websocket_through_the_shim() {
         .unwrap();
     let head = read_head(&mut refused).await;
     assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    // A server that declines the upgrade: its answer, body and all.
+    let mut declined = TcpStream::connect(shim.addr).await.unwrap();
+    declined
+        .write_all(upgrade_at(&authority, "/old").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut declined).await;
+    assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+    let mut body = [0u8; 7];
+    declined.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"too old");
+    assert_eq!(origin.received().len(), 2);
     // The first tunnel still echoes.
     s.write_all(&[0x81, 0x80, 9, 9, 9, 9]).await.unwrap();
     let mut echoed = [0u8; 6];
