@@ -270,7 +270,12 @@ mod tests {
 
     #[test]
     fn upgrades_carried_as_extended_connect_by_table() {
-        let cases: &[(Method, &[(&str, &str)], Option<&str>)] = &[
+        type Case = (
+            Method,
+            &'static [(&'static str, &'static str)],
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
             (
                 Method::GET,
                 &[("connection", "Upgrade"), ("upgrade", "websocket")],
