@@ -596,3 +596,77 @@ async fn signals_right_after_the_listening_line_are_handled_not_fatal() {
         relay.log_text()
     );
 }
+
+/// A relay whose standard error nobody reads (a full pipe, a stuck journal)
+/// keeps serving: its log lines queue for a writer thread of their own.
+/// Before, a worker blocked in write(2) once the pipe held 64 KiB (about
+/// 260 access lines) and every request behind it waited.
+#[tokio::test]
+async fn a_relay_whose_stderr_is_not_read_keeps_serving() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let origin = Origin::ok().await;
+    let path = app_config("stderr", &origin, "");
+    let (addr, admin) = (free_addr(), free_addr());
+    let mut child = tokio::process::Command::new(binary("porthole-relay"))
+        .arg("--config")
+        .arg(&path)
+        .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
+        .env("PORTHOLE__RELAY__ADMIN_LISTEN", admin.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Held open, never read.
+    let _unread = child.stderr.take();
+    porthole_suite::wait_for_port(addr, Duration::from_secs(10)).await;
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let requests = 2000;
+    for i in 0..requests {
+        let req = format!(
+            "GET http://app.test:{}/{i} HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            origin.port()
+        );
+        write.write_all(req.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            let (mut status, mut length) = (String::new(), 0usize);
+            read.read_line(&mut status).await.unwrap();
+            loop {
+                let mut line = String::new();
+                read.read_line(&mut line).await.unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0u8; length];
+            read.read_exact(&mut body).await.unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("request {i} of {requests}: no answer in 5 s"));
+        assert!(
+            answer.0.starts_with("HTTP/1.1 200 "),
+            "request {i}: {answer:?}"
+        );
+        assert_eq!(answer.1, format!("ok /{i}"));
+    }
+    // Nothing was dropped yet (the queue holds 64 Ki lines), and /metrics says so.
+    let metrics = raw_exchange(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        metrics.contains("\nporthole_log_lines_dropped_total 0\n"),
+        "{metrics}"
+    );
+}

@@ -15,7 +15,6 @@ use porthole_relay::config::ConfigError;
 use porthole_shim::config::{RawConfig, DEFAULT_LISTEN};
 use porthole_shim::control;
 use porthole_shim::watch::{self, WatchConfig};
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc, as in the relay: every proxied request allocates a few small
 /// objects on both legs, and glibc's malloc was ~10% of the shim's CPU in a
@@ -99,11 +98,8 @@ enum ForwardAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Held to the end of main: dropping it writes out the queued lines.
+    let _logging = porthole_relay::logging::init(porthole_relay::logging::Format::Text);
 
     let mut raw = match cli.config.as_deref().map(RawConfig::load_file).transpose() {
         Ok(raw) => raw.unwrap_or_default(),

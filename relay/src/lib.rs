@@ -52,6 +52,7 @@ pub mod http1;
 pub mod keepalive;
 pub mod listener;
 pub mod local;
+pub mod logging;
 pub mod metrics;
 pub mod pac;
 pub mod ratelimit;

@@ -2,12 +2,10 @@
 //! configuration (exit 64 before binding anything if it is bad), binds, and
 //! runs the relay until SIGTERM or SIGINT.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use porthole_relay::config::{Config, ConfigError, EMBEDDED_DEFAULT};
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: the request path allocates a few small
 /// objects per request, and glibc spent ~8% of the relay's CPU on them
@@ -72,19 +70,11 @@ fn main() -> ExitCode {
     if let Some(Command::Passwd { name }) = &cli.command {
         return passwd(name);
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    // Held to the end of main: dropping it writes out the queued lines.
+    let _logging = porthole_relay::logging::init(match cli.log_format {
+        LogFormat::Text => porthole_relay::logging::Format::Text,
+        LogFormat::Json => porthole_relay::logging::Format::Json,
+    });
     let source = cli.config.as_deref().unwrap_or("embedded conf/relay.toml");
 
     let config = match load(cli.config.as_deref()) {

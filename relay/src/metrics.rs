@@ -83,6 +83,8 @@ pub struct Metrics {
     pub events_delivered: Family<TopicLabels, Counter>,
     pub uplinks_connected: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
+    /// Copied from [`crate::logging::dropped_lines`] when scraped.
+    log_dropped: Counter,
     /// Per-route handles into the families above, so counting a request is a
     /// few atomic adds rather than four labelled look-ups.
     by_route: std::sync::RwLock<foldhash::HashMap<Arc<str>, Arc<RouteHandles>>>,
@@ -124,6 +126,7 @@ impl Metrics {
             events_delivered: Family::default(),
             uplinks_connected: Gauge::default(),
             reloads: Family::default(),
+            log_dropped: Counter::default(),
             by_route: Default::default(),
             registry: Registry::default(),
         };
@@ -197,11 +200,20 @@ impl Metrics {
             "Configuration reloads by result",
             m.reloads.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because standard error was not read fast enough",
+            m.log_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.log_dropped.inner().store(
+            crate::logging::dropped_lines(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
