@@ -381,8 +381,32 @@ impl Relay {
     }
 
     pub async fn start_config(config: porthole_relay::Config) -> Relay {
-        init_tracing();
         let aggregate = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        Relay::start_on(config, aggregate).await
+    }
+
+    /// Starts a relay from TOML text on `addr` as soon as that address is
+    /// free (a predecessor releases it when its drain begins); waits up to 5 s.
+    pub async fn start_at(toml_text: &str, addr: SocketAddr) -> Relay {
+        let config = porthole_relay::Config::from_toml(toml_text).expect("test config is valid");
+        let start = Instant::now();
+        let aggregate = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(5),
+                        "{addr} still taken: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        Relay::start_on(config, aggregate).await
+    }
+
+    async fn start_on(config: porthole_relay::Config, aggregate: TcpListener) -> Relay {
+        init_tracing();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = aggregate.local_addr().expect("relay addr");
         let admin = admin_listener.local_addr().expect("admin addr");

@@ -909,3 +909,60 @@ async fn websocket_through_the_shim() {
     s.read_exact(&mut echoed).await.unwrap();
     assert_eq!(echoed, [0x81, 0x80, 9, 9, 9, 9]);
 }
+
+/// A relay that drains (SIGTERM) lets open streams finish, through the shim
+/// too: its GOAWAY stops new streams on the link, but a tunnel open on it
+/// keeps carrying bytes until it ends, while new requests go to the relay's
+/// successor on the same address over a new link session. Before, the first
+/// new request made the shim drop the link, and the tunnel with it.
+#[tokio::test]
+async fn a_drain_keeps_the_shims_open_tunnels_while_a_successor_takes_new_requests() {
+    let echo = EchoServer::start().await;
+    let origin = Origin::ok().await;
+    let routes = format!(
+        "{}{}",
+        route("echo.test", "127.0.0.1", &[echo.port()], ""),
+        route("app.test", "127.0.0.1", &[origin.port()], "")
+    );
+    let relay = Relay::start(&config_with(&routes, "")).await;
+    let addr = relay.addr;
+    let shim = start_shim(shim_config(addr, "")).await;
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    let (mut tunnel, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    let mut back = [0u8; 5];
+    tunnel.write_all(b"first").await.unwrap();
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"first");
+
+    // Drain: GOAWAY on the link; the relay waits up to drain_timeout (5 s)
+    // for the tunnel. Its successor takes the address.
+    let drained = tokio::spawn(relay.shutdown());
+    let _successor = Relay::start_at(&config_with(&routes, ""), addr).await;
+    let app = format!("http://app.test:{}/", origin.port());
+    for word in [b"after", b"again", b"third"] {
+        let out = Curl::new(&app)
+            .proxy(&format!("http://{}", shim.addr))
+            .args(&["-m", "4"])
+            .run()
+            .await;
+        assert_eq!(
+            (out.status, out.text()),
+            (200, "ok /".to_string()),
+            "{out:?}"
+        );
+        tunnel.write_all(word).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(3), tunnel.read_exact(&mut back)).await;
+        assert!(
+            matches!(read, Ok(Ok(5))),
+            "the tunnel during the drain: {read:?}"
+        );
+        assert_eq!(&back, word);
+    }
+    assert!(!drained.is_finished(), "the relay waited for the tunnel");
+    drop(tunnel);
+    tokio::time::timeout(Duration::from_secs(5), drained)
+        .await
+        .expect("the relay stopped once the tunnel ended")
+        .unwrap();
+    assert_eq!(origin.received().len(), 3);
+}

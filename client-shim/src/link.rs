@@ -116,18 +116,23 @@ impl LinkHandle {
         &self.relay_name
     }
 
-    /// The connection to send on, waiting up to `link_wait` for it.
-    async fn sender(&self) -> Result<SendRequest<Body>, LinkError> {
+    /// The connection to send on and its session, waiting up to `link_wait`
+    /// for one (other than session `not`, which could not take a request).
+    async fn sender(&self, not: Option<u64>) -> Result<(SendRequest<Body>, u64), LinkError> {
         let mut state = self.state.clone();
+        let usable = |s: &LinkState| match s {
+            LinkState::Up { session, .. } => s.is_up() && Some(*session) != not,
+            LinkState::Connecting { .. } => false,
+        };
         let waited = tokio::time::timeout(self.wait, async {
-            match &*state.wait_for(LinkState::is_up).await.ok()? {
-                LinkState::Up { sender, .. } => Some(sender.clone()),
+            match &*state.wait_for(usable).await.ok()? {
+                LinkState::Up { sender, session } => Some((sender.clone(), *session)),
                 LinkState::Connecting { .. } => None,
             }
         })
         .await;
-        if let Ok(Some(sender)) = waited {
-            return Ok(sender);
+        if let Ok(Some(up)) = waited {
+            return Ok(up);
         }
         let reason = match &*state.borrow() {
             LinkState::Connecting {
@@ -142,14 +147,41 @@ impl LinkHandle {
     }
 
     /// Sends one request (one stream) over the link.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
-        let mut sender = self.sender().await?;
-        let lost = |e: hyper::Error| LinkError::Lost {
+    ///
+    /// A request the connection never took (the relay sent GOAWAY as it
+    /// drains, so the connection takes no new stream) goes once more, on the
+    /// next session; one that went out and failed is not repeated.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
+        let lost = |e: &hyper::Error| LinkError::Lost {
             relay: self.relay.to_string(),
             reason: e.to_string(),
         };
-        sender.ready().await.map_err(lost)?;
-        sender.send_request(req).await.map_err(lost)
+        let mut not = None;
+        loop {
+            let (mut sender, session) = self.sender(not).await?;
+            // A connection that is going away fails `ready`; the request is
+            // still ours then.
+            let sent = match sender.ready().await {
+                Ok(()) => sender.try_send_request(req).await,
+                Err(e) if not.is_none() => {
+                    tracing::debug!(session, error = %e, "link session takes no request; next one");
+                    not = Some(session);
+                    continue;
+                }
+                Err(e) => return Err(lost(&e)),
+            };
+            match sent {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if not.is_none() => {
+                        tracing::debug!(session, error = %e.error(), "request not taken; next session");
+                        req = unsent;
+                        not = Some(session);
+                    }
+                    _ => return Err(lost(e.error())),
+                },
+            }
+        }
     }
 }
 
@@ -238,10 +270,11 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
         Err(e) => return format!("HTTP/2 handshake failed: {e}"),
     };
     let conn = tokio::spawn(conn);
-    // When the session ends, however it ends: fail the socket's IO (hyper's
-    // own connection task then ends and every open stream gets an error)
-    // and stop the request dispatcher.
-    let _kill = KillOnDrop(meter.clone());
+    // When the session fails: fail the socket's IO (hyper's own connection
+    // task then ends and every open stream gets an error) and stop the
+    // request dispatcher. When the relay closes it (GOAWAY, as it drains),
+    // the streams still open (tunnels, downloads) go on to their end.
+    let mut kill = KillOnDrop(Some(meter.clone()));
     let _close = AbortOnDrop(conn.abort_handle());
     tokio::pin!(conn);
 
@@ -285,7 +318,10 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
         tokio::select! {
             ended = &mut conn => {
                 return match ended {
-                    Ok(Ok(())) => "the relay closed the link".to_string(),
+                    Ok(Ok(())) => {
+                        kill.disarm();
+                        "the relay closed the link (its open streams go on)".to_string()
+                    }
                     Ok(Err(e)) => format!("link failed: {e}"),
                     Err(e) => format!("link task failed: {e}"),
                 };
@@ -297,11 +333,20 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
     }
 }
 
-struct KillOnDrop(Arc<Meter>);
+struct KillOnDrop(Option<Arc<Meter>>);
+
+impl KillOnDrop {
+    /// The socket is left to hyper's connection task, which ends with it.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        self.0.kill();
+        if let Some(meter) = &self.0 {
+            meter.kill();
+        }
     }
 }
 
