@@ -252,19 +252,18 @@ async fn serve_origin(
                 }
             }
             Reply::UpgradeEcho => {
-                // The accept names the key it answers (a test stand-in for
-                // RFC 6455's hash), so a test sees whose key reached the server.
-                let accept = head
-                    .fields
-                    .get("sec-websocket-key")
-                    .map(|k| {
-                        format!(
-                            "Sec-WebSocket-Accept: accept-{}\r\n",
-                            String::from_utf8_lossy(k)
-                        )
-                    })
-                    .unwrap_or_default();
-                let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n");
+                // RFC 6455's answer to the key, and the first subprotocol offered.
+                let mut fields = String::new();
+                if let Some(key) = head.fields.get("sec-websocket-key") {
+                    let accept = porthole_relay::h2::websocket_accept(key);
+                    fields.push_str(&format!("Sec-WebSocket-Accept: {accept}\r\n"));
+                }
+                if let Some(offered) = head.fields.get("sec-websocket-protocol") {
+                    let first = String::from_utf8_lossy(offered);
+                    let first = first.split(',').next().unwrap_or("").trim();
+                    fields.push_str(&format!("Sec-WebSocket-Protocol: {first}\r\n"));
+                }
+                let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{fields}\r\n");
                 if conn.io.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }

@@ -322,22 +322,32 @@ async fn websocket_upgrade_becomes_a_tunnel() {
 
 /// RFC 8441: an extended CONNECT (`:protocol websocket`) on HTTP/2 is the
 /// relay's HTTP/1 upgrade. The server gets a GET with `Upgrade` and a fresh
-/// key (HTTP/2 has none), its `101` comes back as `200` on the stream with
-/// its accept, and bytes echo both ways; an unrouted one gets `403`.
+/// key (HTTP/2 has none); its `101`, once the relay has checked its accept,
+/// comes back as `200` on the stream, and bytes echo both ways. An unrouted
+/// one gets `403`; a server that answers `200` without switching, or with an
+/// accept that does not answer the key, gets the client a `502`, not a
+/// tunnel.
 #[tokio::test]
 async fn websocket_over_http2_is_an_extended_connect() {
     use base64::Engine;
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let origin = Origin::start(|_| Reply::UpgradeEcho).await;
+    let origin = Origin::start(|r| match r.target.as_str() {
+        "/page" => Reply::Raw(response(200, &[], b"a page")),
+        "/wrong" => Reply::Raw(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: d3Jvbmc=\r\n\r\n".to_vec(),
+        ),
+        _ => Reply::UpgradeEcho,
+    })
+    .await;
     let relay = relay_to(&origin, "ws.test", "").await;
     let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
     let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
         .await
         .unwrap();
     tokio::spawn(conn);
-    let extended = |authority: &str| {
-        let mut req = http::Request::connect(format!("http://{authority}/chat?room=1"))
+    let extended = |authority: &str, path: &str| {
+        let mut req = http::Request::connect(format!("http://{authority}{path}"))
             .header("sec-websocket-version", "13")
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
@@ -348,25 +358,29 @@ async fn websocket_over_http2_is_an_extended_connect() {
     // The first stream is unrouted: refused like any request. Its answer
     // also means the relay's SETTINGS (extended CONNECT enabled) have come.
     let resp = sender
-        .send_request(extended("nowhere.test:80"))
+        .send_request(extended("nowhere.test:80", "/"))
         .await
         .unwrap();
     assert_eq!(resp.status(), 403);
 
+    let authority = format!("ws.test:{}", origin.port());
     let resp = sender
-        .send_request(extended(&format!("ws.test:{}", origin.port())))
+        .send_request(extended(&authority, "/chat?room=1"))
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let accept = resp.headers()["sec-websocket-accept"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    // The accept answered the relay's own key: checked and kept back.
     assert!(
-        resp.headers().get("upgrade").is_none(),
+        resp.headers().get("sec-websocket-accept").is_none(),
         "{:?}",
         resp.headers()
     );
+    assert!(
+        resp.headers().get("content-length").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    assert_eq!(resp.headers()["via"], "1.1 relay.test (porthole)");
     let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
     let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
     tunnel.write_all(&frame).await.unwrap();
@@ -382,8 +396,7 @@ async fn websocket_over_http2_is_an_extended_connect() {
     assert_eq!(seen.header("upgrade"), Some("websocket"));
     assert_eq!(seen.header("connection"), Some("upgrade"));
     assert_eq!(seen.header("sec-websocket-version"), Some("13"));
-    let host = format!("ws.test:{}", origin.port());
-    assert_eq!(seen.header("host"), Some(host.as_str()));
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
     let key = seen
         .header("sec-websocket-key")
         .expect("a key for the server");
@@ -391,7 +404,20 @@ async fn websocket_over_http2_is_an_extended_connect() {
         .decode(key)
         .unwrap();
     assert_eq!(nonce.len(), 16, "{key}");
-    assert_eq!(accept, format!("accept-{key}"));
+
+    for (path, why) in [
+        ("/page", "did not switch protocols (it answered 200 OK)"),
+        ("/wrong", "Sec-WebSocket-Accept does not answer the key"),
+    ] {
+        let resp = sender
+            .send_request(extended(&authority, path))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{path}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(why), "{path}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -593,3 +593,58 @@ async fn request_rate_per_client_gives_429_and_serves_others() {
         "another client is still served: {other:?}"
     );
 }
+
+/// An HTTP/2 extended CONNECT (a WebSocket, RFC 8441) passes the same gate
+/// as any request: `407` without credentials, through with them (they are
+/// for the relay, so the server does not see them).
+#[tokio::test]
+async fn a_websocket_over_http2_passes_the_gate_with_its_credentials() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = Dir::new();
+    let origin = Origin::start(|_| porthole_suite::Reply::UpgradeEcho).await;
+    let users = users_file(&dir, &[("alice", "secret")]);
+    let routes = route("ws.test", "127.0.0.1", &[origin.port()], "");
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
+    let relay = Relay::start(&config_with(&routes, &auth)).await;
+    let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let extended = |credentials: Option<&str>| {
+        let mut req = http::Request::connect(format!("http://ws.test:{}/chat", origin.port()))
+            .header("sec-websocket-version", "13");
+        if let Some(c) = credentials {
+            req = req.header("proxy-authorization", c);
+        }
+        let mut req = req.body(Empty::<bytes::Bytes>::new()).unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // A plain stream first, so the relay's SETTINGS have arrived.
+    let get = http::Request::get("http://nowhere.test/")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(get).await.unwrap().status(), 407);
+
+    let resp = sender.send_request(extended(None)).await.unwrap();
+    assert_eq!(resp.status(), 407);
+    assert_eq!(resp.headers()["proxy-authenticate"], "Basic realm=\"corp\"");
+    assert!(origin.received().is_empty());
+
+    let resp = sender
+        .send_request(extended(Some("Basic YWxpY2U6c2VjcmV0"))) // alice:secret
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    tunnel.write_all(&[0x81, 0x80, 5, 5, 5, 5]).await.unwrap();
+    let mut echoed = [0u8; 6];
+    tunnel.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, [0x81, 0x80, 5, 5, 5, 5]);
+    let seen = origin.single();
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert!(seen.header("proxy-authorization").is_none());
+}

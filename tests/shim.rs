@@ -852,9 +852,14 @@ async fn websocket_through_the_shim() {
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{head}");
     assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    // RFC 6455 1.3's accept for the application's key, from the server.
     assert!(
-        head.contains("accept-dGhlIHNhbXBsZSBub25jZQ=="),
+        head.contains("\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
         "the server's accept for the application's key: {head}"
+    );
+    assert!(
+        lower.contains("\r\nsec-websocket-protocol: chat\r\n"),
+        "{head}"
     );
     for word in [&b"hi"[..], b"again"] {
         let mut frame = vec![0x81u8, 0x80 | word.len() as u8, 1, 2, 3, 4];
@@ -903,6 +908,30 @@ async fn websocket_through_the_shim() {
     declined.read_exact(&mut body).await.unwrap();
     assert_eq!(&body, b"too old");
     assert_eq!(origin.received().len(), 2);
+    // Origin form: an application pointed at the shim as if it were the server.
+    let mut direct = TcpStream::connect(shim.addr).await.unwrap();
+    let origin_form =
+        upgrade_at(&authority, "/chat").replacen(&format!("http://{authority}"), "", 1);
+    direct.write_all(origin_form.as_bytes()).await.unwrap();
+    let head = read_head(&mut direct).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    direct.write_all(&[0x81, 0x80, 7, 7, 7, 7]).await.unwrap();
+    let mut echoed = [0u8; 6];
+    direct.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, [0x81, 0x80, 7, 7, 7, 7]);
+    assert_eq!(origin.received()[2].target, "/chat");
+    // Origin form: an application pointed at the shim as if it were the server.
+    let mut direct = TcpStream::connect(shim.addr).await.unwrap();
+    let origin_form =
+        upgrade_at(&authority, "/chat").replacen(&format!("http://{authority}"), "", 1);
+    direct.write_all(origin_form.as_bytes()).await.unwrap();
+    let head = read_head(&mut direct).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    direct.write_all(&[0x81, 0x80, 7, 7, 7, 7]).await.unwrap();
+    let mut echoed = [0u8; 6];
+    direct.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, [0x81, 0x80, 7, 7, 7, 7]);
+    assert_eq!(origin.received()[2].target, "/chat");
     // The first tunnel still echoes.
     s.write_all(&[0x81, 0x80, 9, 9, 9, 9]).await.unwrap();
     let mut echoed = [0u8; 6];
@@ -965,4 +994,44 @@ async fn a_drain_keeps_the_shims_open_tunnels_while_a_successor_takes_new_reques
         .expect("the relay stopped once the tunnel ended")
         .unwrap();
     assert_eq!(origin.received().len(), 3);
+}
+
+/// A relay that does not take extended CONNECT (one older than the shim,
+/// here a bare HTTP/2 server that answers every request `404`): an upgrade
+/// through the shim gets a `502` that says so, not "link lost", and the link
+/// stays up for everything else.
+#[tokio::test]
+async fn an_upgrade_through_a_relay_without_extended_connect_says_why() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let old = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_addr = old.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = old.accept().await {
+            let service = hyper::service::service_fn(|_req| async {
+                let mut resp = http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"no"),
+                ));
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    let shim = start_shim(shim_config(old_addr, "")).await;
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    let mut s = TcpStream::connect(shim.addr).await.unwrap();
+    s.write_all(b"GET http://ws.test/chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    let mut body = vec![0u8; 512];
+    let n = s.read(&mut body).await.unwrap();
+    let body = String::from_utf8_lossy(&body[..n]);
+    assert!(body.contains("refused the stream"), "{body}");
+    assert!(body.contains("RFC 8441"), "{body}");
+    assert!(shim.link.is_up(), "the link is fine");
 }

@@ -60,6 +60,25 @@ pub enum LinkError {
     Unavailable { relay: String, reason: String },
     #[error("link to relay {relay} lost: {reason}")]
     Lost { relay: String, reason: String },
+    /// The relay reset this one stream; the link itself is fine.
+    #[error("relay {relay} refused the stream ({reason})")]
+    Refused { relay: String, reason: h2::Reason },
+}
+
+/// The reason of a stream reset by the relay, when that is what `e` is.
+fn reset_by_relay(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2
+                .is_reset()
+                .then_some(h2.reason())
+                .flatten()
+                .filter(|_| h2.is_remote());
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// The handle shared by every local connection; cheap to clone.
@@ -152,9 +171,15 @@ impl LinkHandle {
     /// drains, so the connection takes no new stream) goes once more, on the
     /// next session; one that went out and failed is not repeated.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
-        let lost = |e: &hyper::Error| LinkError::Lost {
-            relay: self.relay.to_string(),
-            reason: e.to_string(),
+        let lost = |e: &hyper::Error| match reset_by_relay(e) {
+            Some(reason) => LinkError::Refused {
+                relay: self.relay.to_string(),
+                reason,
+            },
+            None => LinkError::Lost {
+                relay: self.relay.to_string(),
+                reason: e.to_string(),
+            },
         };
         let mut not = None;
         loop {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use porthole_relay::dispatch::Identity;
@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::link::{connect_request, LinkHandle};
+use crate::link::{connect_request, LinkError, LinkHandle};
 use crate::{control, plain, Ctx};
 
 /// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
@@ -143,6 +143,9 @@ async fn relay(
     link: &LinkHandle,
 ) -> Response<Body> {
     let upgrade = upgrade_to(req.method(), req.headers());
+    if upgrade.is_some() && !req.body().is_end_stream() {
+        return plain(StatusCode::BAD_REQUEST, "an Upgrade request with a body");
+    }
     let local = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let uri = match format!("http://{authority}{path}").parse::<Uri>() {
@@ -162,6 +165,7 @@ async fn relay(
         // becomes the tunnel once the relay answers 200.
         Some(protocol) => {
             parts.method = Method::CONNECT;
+            parts.headers.remove(header::CONTENT_LENGTH);
             parts
                 .extensions
                 .insert(hyper::ext::Protocol::from(protocol.as_str()));
@@ -180,6 +184,11 @@ async fn relay(
                 Response::from_parts(parts, body.boxed())
             }
         },
+        Err(e @ LinkError::Refused { .. }) if upgrade.is_some() => {
+            tracing::warn!(error = %e, "upgrade not relayed");
+            let why = format!("{e}: a relay older than this shim takes no upgrade (RFC 8441 extended CONNECT) over its link");
+            plain(StatusCode::BAD_GATEWAY, &why)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "request not relayed");
             plain(StatusCode::BAD_GATEWAY, &e.to_string())
@@ -213,6 +222,8 @@ fn upgrade_to(method: &Method, headers: &http::HeaderMap) -> Option<String> {
     if offered.next().is_some() || protocol.eq_ignore_ascii_case("h2c") {
         return None;
     }
+    // It goes back in the `101`'s `Upgrade` field.
+    HeaderValue::from_str(protocol).ok()?;
     Some(protocol.to_string())
 }
 
@@ -232,10 +243,10 @@ fn switched(
     strip_hop_by_hop_map(headers);
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    match HeaderValue::from_str(protocol) {
-        Ok(token) => headers.insert(header::UPGRADE, token),
-        Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid Upgrade"),
-    };
+    if let Ok(token) = HeaderValue::from_str(protocol) {
+        // Always: `upgrade_to` took it from a header value.
+        headers.insert(header::UPGRADE, token);
+    }
     tokio::spawn(porthole_relay::h2::splice(local, remote, TUNNEL_IDLE).in_current_span());
     answer
 }

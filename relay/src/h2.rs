@@ -207,15 +207,18 @@ async fn stream(
 /// An extended `CONNECT` (RFC 8441: `:protocol`, such as `websocket`), the
 /// HTTP/2 form of an HTTP/1 `Upgrade` request. It goes through the HTTP path
 /// as `GET` with `Connection: upgrade` and `Upgrade: <protocol>`, on a leg of
-/// its own, which the upgrade turns into the tunnel: routing, refusals, `Via`
-/// and the access line are the HTTP/1 upgrade's. The server's `101` is
-/// answered `200` on the stream, whose body then carries the upgraded bytes
-/// both ways; any other answer is passed on as it is.
+/// its own, which the upgrade turns into the tunnel: admission, routing,
+/// refusals, `Via` and the access line are the HTTP/1 upgrade's. The
+/// server's `101` is answered `200` on the stream, whose body then carries
+/// the upgraded bytes both ways; a refusal is passed on as it is. A `2xx`
+/// that did not switch protocols (a server ignoring `Upgrade`) would read as
+/// a tunnel established, so it is a `502`.
 ///
 /// A WebSocket request without `Sec-WebSocket-Key` (RFC 8441 has none) gets
-/// a fresh one for the server; the shim sends its application's key, so the
-/// server's `Sec-WebSocket-Accept`, passed back on the `200`, is the one the
-/// application checks.
+/// a fresh one for the server, whose `Sec-WebSocket-Accept` the relay then
+/// checks as the WebSocket client it is on that side (RFC 6455 4.1). The
+/// shim sends its application's key, whose accept goes back on the `200`
+/// for the application to check.
 async fn upgrade(
     mut req: Request<Incoming>,
     protocol: hyper::ext::Protocol,
@@ -223,27 +226,35 @@ async fn upgrade(
     busy: Busy,
 ) -> Response<Body> {
     let downstream = hyper::upgrade::on(&mut req);
+    let target = req.uri().to_string();
+    let own = |status, why: &str| own_answer(&ctx, "GET", &target, status, why);
     let (mut parts, _) = req.into_parts();
     parts.method = Method::GET;
     let name = ctx.shared.config().relay.name.clone();
     let mut h1 = match to_http1(Request::from_parts(parts, Empty::<Bytes>::new()), &name) {
         Ok(r) => r,
-        Err(why) => return plain(StatusCode::BAD_REQUEST, why),
+        Err(why) => return own(StatusCode::BAD_REQUEST, why),
     };
     let Ok(token) = HeaderValue::from_str(protocol.as_str()) else {
-        return plain(StatusCode::BAD_REQUEST, "invalid :protocol");
+        return own(StatusCode::BAD_REQUEST, "invalid :protocol");
     };
+    // An HTTP/2 request carries no connection-specific fields (RFC 9113
+    // 8.2.2): nothing to strip, and `Proxy-Authorization` is for the gate.
     let headers = h1.headers_mut();
-    strip_hop_by_hop_map(headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, token);
+    let mut own_key = None;
     if protocol.as_str().eq_ignore_ascii_case("websocket")
         && !headers.contains_key(header::SEC_WEBSOCKET_KEY)
     {
-        match websocket_key() {
-            Some(key) => headers.insert(header::SEC_WEBSOCKET_KEY, key),
-            None => return plain(StatusCode::INTERNAL_SERVER_ERROR, "no randomness for a key"),
+        let Some(key) = websocket_key() else {
+            return own(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no randomness for a WebSocket key",
+            );
         };
+        own_key = Some(websocket_accept(key.as_bytes()));
+        headers.insert(header::SEC_WEBSOCKET_KEY, key);
     }
     let sent = match open_leg(&ctx).await {
         Ok(mut leg) => leg.send_request(h1).await.map_err(|e| e.to_string()),
@@ -253,18 +264,41 @@ async fn upgrade(
         Ok(resp) => resp,
         Err(why) => {
             tracing::warn!(error = %why, "h2 upgrade: internal HTTP/1 leg failed");
-            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+            return own(StatusCode::BAD_GATEWAY, "relay internal error");
         }
     };
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    let status = resp.status();
+    // The HTTP path has logged the server's answer; a 502 made of it here
+    // is said in the relay's log.
+    let not_switched = |why: String| {
+        tracing::warn!(%target, %status, "h2 upgrade: {why}; answered 502");
+        plain(StatusCode::BAD_GATEWAY, &why)
+    };
+    if status.is_success() {
+        return not_switched(format!(
+            "{target}: the server did not switch protocols (it answered {status})"
+        ));
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop_map(&mut parts.headers);
         return Response::from_parts(parts, LegBody::<Incoming>::new(body, None, busy).boxed());
     }
+    let mut fields = std::mem::take(resp.headers_mut());
+    strip_hop_by_hop_map(&mut fields);
+    fields.remove(header::CONTENT_LENGTH);
+    if let Some(expected) = own_key {
+        // The accept answered the relay's key: no use to the client.
+        let accept = fields.remove(header::SEC_WEBSOCKET_ACCEPT);
+        if accept.as_ref().map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
+            return not_switched(format!(
+                "{target}: the server's Sec-WebSocket-Accept does not answer the key"
+            ));
+        }
+    }
     let upstream = hyper::upgrade::on(&mut resp);
     let mut answer = Response::new(empty());
-    *answer.headers_mut() = std::mem::take(resp.headers_mut());
-    strip_hop_by_hop_map(answer.headers_mut());
+    *answer.headers_mut() = fields;
     let idle = ctx.shared.config().limits.idle_timeout;
     tokio::spawn(
         async move {
@@ -276,6 +310,26 @@ async fn upgrade(
     answer
 }
 
+/// An answer the relay makes itself to a stream it could not pass on, with
+/// its access line.
+fn own_answer(
+    ctx: &ConnCtx,
+    method: &str,
+    target: &str,
+    status: StatusCode,
+    why: &str,
+) -> Response<Body> {
+    let mut access = Access::new(
+        Cow::Owned(method.to_string()),
+        target,
+        0,
+        Access::logged(ctx),
+    );
+    access.status = status.as_u16();
+    access.finish(ctx);
+    plain(status, why)
+}
+
 /// A `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 4.1).
 fn websocket_key() -> Option<HeaderValue> {
     use base64::Engine;
@@ -283,6 +337,17 @@ fn websocket_key() -> Option<HeaderValue> {
     getrandom::getrandom(&mut nonce).ok()?;
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
     HeaderValue::from_str(&key).ok()
+}
+
+/// The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 4.2.2):
+/// base64(SHA-1(key + the protocol's GUID)).
+pub fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    use sha1::{Digest, Sha1};
+    let mut hash = Sha1::new();
+    hash.update(key);
+    hash.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(hash.finalize())
 }
 
 /// Serves one request stream through the HTTP/1 path. An answer the relay
@@ -294,9 +359,11 @@ async fn relay(
     busy: Busy,
 ) -> Response<Body> {
     let name = ctx.shared.config().relay.name.clone();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let own = |status, why: &str| own_answer(&ctx, method.as_str(), &uri.to_string(), status, why);
     let h1 = match to_http1(req, &name) {
         Ok(r) => r,
-        Err(why) => return plain(StatusCode::BAD_REQUEST, why),
+        Err(why) => return own(StatusCode::BAD_REQUEST, why),
     };
     // Only a stream that sent its whole request with its head may share a
     // leg: an upload keeps its leg busy past the response head. A draining
@@ -311,7 +378,7 @@ async fn relay(
         Ok(sent) => sent,
         Err(why) => {
             tracing::warn!(error = %why, "h2 stream: internal HTTP/1 leg failed");
-            return plain(StatusCode::BAD_GATEWAY, "relay internal error");
+            return own(StatusCode::BAD_GATEWAY, "relay internal error");
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -871,6 +938,15 @@ mod tests {
             req.uri(),
             fields.join(", ")
         ))
+    }
+
+    #[test]
+    fn websocket_accept_is_rfc_6455s() {
+        // RFC 6455 1.3's example.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
