@@ -275,6 +275,65 @@ async fn refused_reload_shows_on_status_page_and_in_metrics() {
     );
 }
 
+/// A reload applies what it can (a new route serves at once) and says which
+/// changed settings wait for a restart: in its answer, in the log and on the
+/// status page, not silently.
+#[tokio::test]
+async fn a_reload_names_the_changes_that_wait_for_a_restart() {
+    let origin = Origin::ok().await;
+    let dir = std::env::temp_dir().join(format!("porthole-ops-later-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.toml");
+    let first = config_with(&route("app.test", "127.0.0.1", &[origin.port()], ""), "");
+    std::fs::write(&path, &first).unwrap();
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    let reload = || async {
+        Curl::new(&format!("{}/reload", relay.admin_url()))
+            .args(&["-X", "POST"])
+            .run()
+            .await
+    };
+    // Nothing that needs a restart: a plain "reloaded".
+    let out = reload().await;
+    assert_eq!((out.status, out.text()), (200, "reloaded\n".to_string()));
+
+    let second = config_with(
+        &format!(
+            "{}{}",
+            route("app.test", "127.0.0.1", &[origin.port()], ""),
+            route("new.test", "127.0.0.1", &[origin.port()], "")
+        ),
+        "[limits]\nmax_connections = 500\n[events]\nretain = 10\n",
+    );
+    std::fs::write(&path, &second).unwrap();
+    let out = reload().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.text(),
+        "reloaded; these changed settings take effect at the next restart: limits.max_connections, [events]\n"
+    );
+    let got = Curl::new(&format!("http://new.test:{}/x", origin.port()))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!((got.status, got.text()), (200, "ok /x".to_string()));
+    let page = Curl::new(&format!("{}/status", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        page.contains("<code id=\"needs-restart\">limits.max_connections, [events]</code>"),
+        "{page}"
+    );
+    assert!(
+        relay
+            .log_text()
+            .contains("changed settings take effect at the next restart"),
+        "{}",
+        relay.log_text()
+    );
+}
+
 #[tokio::test]
 async fn access_log_file_is_reopened_on_sigusr1() {
     let origin = Origin::ok().await;

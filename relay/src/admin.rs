@@ -86,7 +86,14 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
             resp
         }
         (&Method::POST, "/reload") => match shared.reload() {
-            Ok(()) => text(StatusCode::OK, "reloaded\n"),
+            Ok(later) if later.is_empty() => text(StatusCode::OK, "reloaded\n"),
+            Ok(later) => text(
+                StatusCode::OK,
+                format!(
+                    "reloaded; these changed settings take effect at the next restart: {}\n",
+                    later.join(", ")
+                ),
+            ),
             Err(e) => text(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("reload refused: {e}\n"),

@@ -389,7 +389,7 @@ pub struct Config {
 }
 
 /// `[uplink]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UplinkSettings {
     /// `host:port` of the outside relay.
     pub to: String,
@@ -472,7 +472,7 @@ impl Default for Limits {
 }
 
 /// `[events]` as the relay uses it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventSettings {
     pub store: StoreKind,
     pub retain: usize,
@@ -1077,6 +1077,43 @@ mod tests {
                 "route[0].ports"
             ]
         );
+    }
+
+    #[test]
+    fn needs_restart_names_what_a_reload_cannot_apply() {
+        let base = "[relay]\nlisten = \"127.0.0.1:8080\"\n[[route]]\nhost = \"a.test\"\nto = \"10.0.0.1\"\n";
+        let old = Config::from_toml(base).unwrap();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "0123456789abcdef0123\n").unwrap();
+        let uplink = format!(
+            "[uplink]\nto = \"o.test:8080\"\nid = \"plant\"\nsecret_file = \"{}\"\noffer = [\"a.test\"]\n",
+            secret.path().display()
+        );
+        let cases: &[(&str, &[&str])] = &[
+            ("", &[]),
+            // Applied by a reload: routes, per-request limits, rules.
+            (
+                "[[route]]\nhost = \"b.test\"\nto = \"10.0.0.2\"\n[limits]\nmax_headers = 50\n",
+                &[],
+            ),
+            (
+                "[limits]\nmax_connections = 10\n",
+                &["limits.max_connections"],
+            ),
+            (
+                "[limits]\nmax_connections_per_client = 10\n",
+                &["limits.max_connections_per_client"],
+            ),
+            ("[events]\nmax_wait = \"5s\"\n", &["[events]"]),
+            ("[log]\naccess = \"/tmp/a.log\"\n", &["log.access"]),
+            (&uplink, &["[uplink]"]),
+        ];
+        for (extra, want) in cases {
+            let new = Config::from_toml(&format!("{base}{extra}")).unwrap();
+            assert_eq!(crate::needs_restart(&old, &new), *want, "{extra}");
+        }
+        let moved = Config::from_toml(&base.replace("8080", "8081")).unwrap();
+        assert_eq!(crate::needs_restart(&old, &moved), ["relay.listen"]);
     }
 
     #[test]

@@ -178,24 +178,24 @@ impl Shared {
     /// replaces routes, rules, users, TLS certificates and limits for new
     /// requests (open connections, tunnels and long-polls keep going); an
     /// invalid one is refused and the old one stays. The password cache
-    /// belongs to the configuration, so it starts empty. Listen addresses and
-    /// connection limits need a restart.
-    pub fn reload(&self) -> Result<(), config::ConfigError> {
+    /// belongs to the configuration, so it starts empty. What only a restart
+    /// applies ([`needs_restart`]) is returned, logged and shown on the status
+    /// page.
+    pub fn reload(&self) -> Result<Vec<&'static str>, config::ConfigError> {
         let current = self.config();
         let outcome = match current.source.load() {
             Ok(new) => {
-                if new.relay.listen != current.relay.listen
-                    || new.relay.admin_listen != current.relay.admin_listen
-                    || new.relay.workers != current.relay.workers
-                {
+                let later = needs_restart(&current, &new);
+                if !later.is_empty() {
                     tracing::warn!(
-                        "listen addresses or workers changed: they take effect at the next restart"
+                        settings = %later.join(", "),
+                        "changed settings take effect at the next restart; the rest is applied"
                     );
                 }
                 let routes = new.routes.routes().len();
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(source = %current.source.describe(), routes, "configuration reloaded");
-                Ok(())
+                Ok(later)
             }
             Err(e) => {
                 tracing::error!(source = %current.source.describe(), error = %e, "reload refused; the old configuration stays");
@@ -203,6 +203,10 @@ impl Shared {
             }
         };
         let result = if outcome.is_ok() { "ok" } else { "refused" };
+        let later = match &outcome {
+            Ok(later) => later.clone(),
+            Err(_) => Vec::new(),
+        };
         self.metrics
             .reloads
             .get_or_create(&metrics::ResultLabels { result })
@@ -210,6 +214,7 @@ impl Shared {
         let record = ReloadOutcome {
             at: std::time::SystemTime::now(),
             error: outcome.as_ref().err().map(|e| e.to_string()),
+            needs_restart: later,
         };
         *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
         outcome
@@ -229,6 +234,39 @@ impl Shared {
 pub struct ReloadOutcome {
     pub at: std::time::SystemTime,
     pub error: Option<String>,
+    /// Changed settings that wait for a restart ([`needs_restart`]).
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// The settings `new` changes that a running relay cannot take: what it
+/// bound, opened or started once (its sockets and workers, the connection
+/// limits' counters, the access-log file, the event store, the uplink).
+/// Everything else a reload applies to new requests.
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let changes = [
+        (old.relay.listen != new.relay.listen, "relay.listen"),
+        (
+            old.relay.admin_listen != new.relay.admin_listen,
+            "relay.admin_listen",
+        ),
+        (old.relay.workers != new.relay.workers, "relay.workers"),
+        (
+            old.limits.max_connections != new.limits.max_connections,
+            "limits.max_connections",
+        ),
+        (
+            old.limits.max_connections_per_client != new.limits.max_connections_per_client,
+            "limits.max_connections_per_client",
+        ),
+        (old.access_log != new.access_log, "log.access"),
+        (old.events != new.events, "[events]"),
+        (old.uplink != new.uplink, "[uplink]"),
+    ];
+    changes
+        .into_iter()
+        .filter(|(changed, _)| *changed)
+        .map(|(_, key)| key)
+        .collect()
 }
 
 /// What a connection knows about itself.

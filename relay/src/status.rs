@@ -171,6 +171,13 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
                         html,
                         "last reload <span class=\"ok\">applied</span> at {at}."
                     );
+                    if !r.needs_restart.is_empty() {
+                        let _ = write!(
+                            html,
+                            " Changed, and waiting for a restart: <code id=\"needs-restart\">{}</code>.",
+                            escape(&r.needs_restart.join(", "))
+                        );
+                    }
                 }
                 Some(e) => {
                     let _ = write!(
