@@ -1092,3 +1092,43 @@ pub async fn connect_via(proxy: SocketAddr, target: &str) -> (tokio::net::TcpStr
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     (s, head)
 }
+
+/// An HTTP/2 client on a plain connection to `addr` (h2c, prior knowledge),
+/// its connection driven by a task of its own.
+pub async fn h2c(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An RFC 8441 WebSocket request over HTTP/2 for `uri`: an extended CONNECT
+/// (`:protocol websocket`), without `Sec-WebSocket-Key` as RFC 8441 sends it.
+pub fn websocket_h2(uri: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::connect(uri)
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    req
+}
+
+/// Writes a masked WebSocket text frame ("hi") and expects it echoed back
+/// (the test origin's upgrade echoes every byte).
+pub async fn websocket_echo<S>(s: &mut S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    s.write_all(&frame).await.expect("write a frame");
+    let mut echoed = [0u8; 8];
+    s.read_exact(&mut echoed).await.expect("the frame back");
+    assert_eq!(echoed, frame);
+}

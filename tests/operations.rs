@@ -239,20 +239,31 @@ async fn status_page_renders_in_chromium_and_counts_requests() {
     );
 }
 
+/// `POST /reload` on the relay's admin listener.
+async fn post_reload(relay: &RelayProcess) -> porthole_suite::CurlOutput {
+    Curl::new(&format!("{}/reload", relay.admin_url()))
+        .args(&["-X", "POST"])
+        .run()
+        .await
+}
+
+/// A fresh directory of this test process for configuration and log files.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("porthole-ops-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[tokio::test]
 async fn refused_reload_shows_on_status_page_and_in_metrics() {
     let origin = Origin::ok().await;
-    let dir = std::env::temp_dir().join(format!("porthole-ops-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("reload");
     let path = dir.join("relay.toml");
     let good = config_with(&route("app.test", "127.0.0.1", &[origin.port()], ""), "");
     std::fs::write(&path, &good).unwrap();
     let relay = RelayProcess::spawn(&path, &[]).await;
     std::fs::write(&path, format!("{good}\n[limits]\nmax_headers = 0\n")).unwrap();
-    let out = Curl::new(&format!("{}/reload", relay.admin_url()))
-        .args(&["-X", "POST"])
-        .run()
-        .await;
+    let out = post_reload(&relay).await;
     assert_eq!(out.status, 422);
     let page = Curl::new(&format!("{}/status", relay.admin_url()))
         .run()
@@ -281,20 +292,13 @@ async fn refused_reload_shows_on_status_page_and_in_metrics() {
 #[tokio::test]
 async fn a_reload_names_the_changes_that_wait_for_a_restart() {
     let origin = Origin::ok().await;
-    let dir = std::env::temp_dir().join(format!("porthole-ops-later-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("later");
     let path = dir.join("relay.toml");
     let first = config_with(&route("app.test", "127.0.0.1", &[origin.port()], ""), "");
     std::fs::write(&path, &first).unwrap();
     let relay = RelayProcess::spawn(&path, &[]).await;
-    let reload = || async {
-        Curl::new(&format!("{}/reload", relay.admin_url()))
-            .args(&["-X", "POST"])
-            .run()
-            .await
-    };
     // Nothing that needs a restart: a plain "reloaded".
-    let out = reload().await;
+    let out = post_reload(&relay).await;
     assert_eq!((out.status, out.text()), (200, "reloaded\n".to_string()));
 
     let second = config_with(
@@ -306,7 +310,7 @@ async fn a_reload_names_the_changes_that_wait_for_a_restart() {
         "[limits]\nmax_connections = 500\n[events]\nretain = 10\n",
     );
     std::fs::write(&path, &second).unwrap();
-    let out = reload().await;
+    let out = post_reload(&relay).await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(
         out.text(),
@@ -337,8 +341,7 @@ async fn a_reload_names_the_changes_that_wait_for_a_restart() {
 #[tokio::test]
 async fn access_log_file_is_reopened_on_sigusr1() {
     let origin = Origin::ok().await;
-    let dir = std::env::temp_dir().join(format!("porthole-ops-access-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("access");
     let log = dir.join("access.log");
     let _ = std::fs::remove_file(&log);
     let path = dir.join("relay.toml");

@@ -309,12 +309,8 @@ async fn websocket_upgrade_becomes_a_tunnel() {
         head.to_ascii_lowercase().contains("upgrade: websocket"),
         "{head}"
     );
-    // A masked text frame "hi" both ways through the echo.
-    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
-    s.write_all(&frame).await.unwrap();
-    let mut echoed = [0u8; 8];
-    s.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(echoed, frame);
+    // A masked text frame both ways through the echo.
+    porthole_suite::websocket_echo(&mut s).await;
     let seen = origin.single();
     assert_eq!(seen.header("upgrade"), Some("websocket"));
     assert_eq!(seen.header("connection"), Some("upgrade"));
@@ -330,8 +326,8 @@ async fn websocket_upgrade_becomes_a_tunnel() {
 #[tokio::test]
 async fn websocket_over_http2_is_an_extended_connect() {
     use base64::Engine;
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
     let origin = Origin::start(|r| match r.target.as_str() {
         "/page" => Reply::Raw(response(200, &[], b"a page")),
         "/wrong" => Reply::Raw(
@@ -341,19 +337,9 @@ async fn websocket_over_http2_is_an_extended_connect() {
     })
     .await;
     let relay = relay_to(&origin, "ws.test", "").await;
-    let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = porthole_suite::h2c(relay.addr).await;
     let extended = |authority: &str, path: &str| {
-        let mut req = http::Request::connect(format!("http://{authority}{path}"))
-            .header("sec-websocket-version", "13")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        req
+        porthole_suite::websocket_h2(&format!("http://{authority}{path}"))
     };
     // The first stream is unrouted: refused like any request. Its answer
     // also means the relay's SETTINGS (extended CONNECT enabled) have come.
@@ -382,11 +368,7 @@ async fn websocket_over_http2_is_an_extended_connect() {
     );
     assert_eq!(resp.headers()["via"], "1.1 relay.test (porthole)");
     let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
-    let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
-    tunnel.write_all(&frame).await.unwrap();
-    let mut echoed = [0u8; 8];
-    tunnel.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(echoed, frame);
+    porthole_suite::websocket_echo(&mut tunnel).await;
 
     let seen = origin.single();
     assert_eq!(

@@ -600,27 +600,20 @@ async fn request_rate_per_client_gives_429_and_serves_others() {
 #[tokio::test]
 async fn a_websocket_over_http2_passes_the_gate_with_its_credentials() {
     use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let dir = Dir::new();
     let origin = Origin::start(|_| porthole_suite::Reply::UpgradeEcho).await;
     let users = users_file(&dir, &[("alice", "secret")]);
     let routes = route("ws.test", "127.0.0.1", &[origin.port()], "");
     let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
     let relay = Relay::start(&config_with(&routes, &auth)).await;
-    let io = TokioIo::new(TcpStream::connect(relay.addr).await.unwrap());
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let extended = |credentials: Option<&str>| {
-        let mut req = http::Request::connect(format!("http://ws.test:{}/chat", origin.port()))
-            .header("sec-websocket-version", "13");
+    let mut sender = porthole_suite::h2c(relay.addr).await;
+    let extended = |credentials: Option<&'static str>| {
+        let mut req =
+            porthole_suite::websocket_h2(&format!("http://ws.test:{}/chat", origin.port()));
         if let Some(c) = credentials {
-            req = req.header("proxy-authorization", c);
+            let value = http::HeaderValue::from_static(c);
+            req.headers_mut().insert("proxy-authorization", value);
         }
-        let mut req = req.body(Empty::<bytes::Bytes>::new()).unwrap();
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
         req
     };
     // A plain stream first, so the relay's SETTINGS have arrived.
@@ -639,11 +632,8 @@ async fn a_websocket_over_http2_passes_the_gate_with_its_credentials() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
-    tunnel.write_all(&[0x81, 0x80, 5, 5, 5, 5]).await.unwrap();
-    let mut echoed = [0u8; 6];
-    tunnel.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(echoed, [0x81, 0x80, 5, 5, 5, 5]);
+    let mut tunnel = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    porthole_suite::websocket_echo(&mut tunnel).await;
     let seen = origin.single();
     assert_eq!(seen.header("upgrade"), Some("websocket"));
     assert!(seen.header("proxy-authorization").is_none());

@@ -920,18 +920,6 @@ async fn websocket_through_the_shim() {
     direct.read_exact(&mut echoed).await.unwrap();
     assert_eq!(echoed, [0x81, 0x80, 7, 7, 7, 7]);
     assert_eq!(origin.received()[2].target, "/chat");
-    // Origin form: an application pointed at the shim as if it were the server.
-    let mut direct = TcpStream::connect(shim.addr).await.unwrap();
-    let origin_form =
-        upgrade_at(&authority, "/chat").replacen(&format!("http://{authority}"), "", 1);
-    direct.write_all(origin_form.as_bytes()).await.unwrap();
-    let head = read_head(&mut direct).await;
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    direct.write_all(&[0x81, 0x80, 7, 7, 7, 7]).await.unwrap();
-    let mut echoed = [0u8; 6];
-    direct.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(echoed, [0x81, 0x80, 7, 7, 7, 7]);
-    assert_eq!(origin.received()[2].target, "/chat");
     // The first tunnel still echoes.
     s.write_all(&[0x81, 0x80, 9, 9, 9, 9]).await.unwrap();
     let mut echoed = [0u8; 6];
