@@ -373,11 +373,12 @@ async fn reload_replaces_routes_keeps_tunnels_and_refuses_bad_files() {
     assert_eq!(out.status, 422, "{}", out.text());
     assert!(out.text().contains("limits.head_timeout"), "{}", out.text());
     assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
-    assert!(
-        relay.log_text().contains("reload refused"),
-        "{}",
-        relay.log_text()
-    );
+    let logged = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("reload refused") }
+    })
+    .await;
+    assert!(logged, "{}", relay.log_text());
 }
 
 #[tokio::test]

@@ -329,13 +329,27 @@ async fn a_reload_names_the_changes_that_wait_for_a_restart() {
         page.contains("<code id=\"needs-restart\">limits.max_connections, [events]</code>"),
         "{page}"
     );
+    let logged = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("changed settings take effect at the next restart") }
+    })
+    .await;
+    assert!(logged, "{}", relay.log_text());
+    // Against what runs, which is what the relay started with: the same
+    // file again still waits; the first one again waits for nothing.
+    let out = post_reload(&relay).await;
     assert!(
-        relay
-            .log_text()
-            .contains("changed settings take effect at the next restart"),
-        "{}",
-        relay.log_text()
+        out.text().ends_with("limits.max_connections, [events]\n"),
+        "{out:?}"
     );
+    std::fs::write(&path, &first).unwrap();
+    let out = post_reload(&relay).await;
+    assert_eq!((out.status, out.text()), (200, "reloaded\n".to_string()));
+    let page = Curl::new(&format!("{}/status", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(!page.contains("needs-restart"), "{page}");
 }
 
 #[tokio::test]
@@ -405,6 +419,14 @@ async fn access_log_file_is_reopened_on_sigusr1() {
         new.contains("/second\"") && new.contains("route=\"app.test\""),
         "{new}"
     );
+    // The main log has caught up (its reopen line is there), and no access
+    // line went to it.
+    let caught_up = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("access log reopened") }
+    })
+    .await;
+    assert!(caught_up, "{}", relay.log_text());
     assert!(
         !relay.log_text().contains("porthole::access"),
         "access lines leaked into the main log"

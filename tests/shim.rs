@@ -941,7 +941,11 @@ async fn a_drain_keeps_the_shims_open_tunnels_while_a_successor_takes_new_reques
         route("echo.test", "127.0.0.1", &[echo.port()], ""),
         route("app.test", "127.0.0.1", &[origin.port()], "")
     );
-    let relay = Relay::start(&config_with(&routes, "")).await;
+    // A drain long enough for the steps below on a loaded machine.
+    let config =
+        config_with(&routes, "").replace("drain_timeout = \"5s\"", "drain_timeout = \"60s\"");
+    assert!(config.contains("drain_timeout = \"60s\""), "{config}");
+    let relay = Relay::start(&config).await;
     let addr = relay.addr;
     let shim = start_shim(shim_config(addr, "")).await;
     wait_state(&shim, true, Duration::from_secs(5)).await;
@@ -951,8 +955,8 @@ async fn a_drain_keeps_the_shims_open_tunnels_while_a_successor_takes_new_reques
     tunnel.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"first");
 
-    // Drain: GOAWAY on the link; the relay waits up to drain_timeout (5 s)
-    // for the tunnel. Its successor takes the address.
+    // Drain: GOAWAY on the link; the relay waits up to drain_timeout for
+    // the tunnel. Its successor takes the address.
     let drained = tokio::spawn(relay.shutdown());
     let _successor = Relay::start_at(&config_with(&routes, ""), addr).await;
     let app = format!("http://app.test:{}/", origin.port());

@@ -289,7 +289,13 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE);
+        .max_frame_size(MAX_FRAME_SIZE)
+        // HTTP/2 PINGs from hyper's own connection task: they outlive this
+        // session, so a connection the relay closed (GOAWAY) whose streams
+        // go on is still dropped if the relay stops answering.
+        .keep_alive_interval(s.keepalive.idle_ping)
+        .keep_alive_timeout(s.keepalive.ping_timeout)
+        .keep_alive_while_idle(true);
     let (sender, conn) = match builder.handshake::<_, Body>(io).await {
         Ok(pair) => pair,
         Err(e) => return format!("HTTP/2 handshake failed: {e}"),
@@ -345,7 +351,7 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
                 return match ended {
                     Ok(Ok(())) => {
                         kill.disarm();
-                        "the relay closed the link (its open streams go on)".to_string()
+                        "the relay closed the link".to_string()
                     }
                     Ok(Err(e)) => format!("link failed: {e}"),
                     Err(e) => format!("link task failed: {e}"),

@@ -184,7 +184,9 @@ async fn relay(
                 Response::from_parts(parts, body.boxed())
             }
         },
-        Err(e @ LinkError::Refused { .. }) if upgrade.is_some() => {
+        Err(e @ LinkError::Refused { reason, .. })
+            if upgrade.is_some() && reason == h2::Reason::PROTOCOL_ERROR =>
+        {
             tracing::warn!(error = %e, "upgrade not relayed");
             let why = format!("{e}: a relay older than this shim takes no upgrade (RFC 8441 extended CONNECT) over its link");
             plain(StatusCode::BAD_GATEWAY, &why)

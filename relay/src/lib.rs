@@ -85,6 +85,9 @@ pub use config::Config;
 /// State shared by every connection of a running relay.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    /// The configuration the relay started with: what a reload cannot
+    /// change is compared against it ([`needs_restart`]).
+    at_start: Arc<Config>,
     /// The outcome of the last reload, for the status page.
     last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
     /// Idle keep-alive connections to internal servers.
@@ -126,11 +129,13 @@ impl Shared {
         let events = events::Hub::open(&config.events)
             .map_err(|e| std::io::Error::other(format!("cannot open the event store: {e}")))?;
         let workers = config.relay.workers;
+        let config = Arc::new(config);
         Ok(Shared {
             events,
             uplinks: uplink::outside::Registry::default(),
             access_file,
-            config: RwLock::new(Arc::new(config)),
+            at_start: config.clone(),
+            config: RwLock::new(config),
             last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::new(workers),
             workers,
@@ -185,7 +190,7 @@ impl Shared {
         let current = self.config();
         let outcome = match current.source.load() {
             Ok(new) => {
-                let later = needs_restart(&current, &new);
+                let later = needs_restart(&self.at_start, &new);
                 if !later.is_empty() {
                     tracing::warn!(
                         settings = %later.join(", "),
@@ -325,7 +330,6 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let drain_timeout = config.relay.drain_timeout;
     let shared = Arc::new(Shared::new(config)?);
     let aggregate = listeners.aggregate.local_addr().ok();
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -368,6 +372,8 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining");
     shared.start_draining();
+    // As configured now: a reload applies to the next drain.
+    let drain_timeout = shared.config().relay.drain_timeout;
     workers.accepting_ended().await;
     tracker.close();
     if tokio::time::timeout(drain_timeout, tracker.wait())

@@ -42,11 +42,13 @@ const PARKED_SHORT: Duration = Duration::from_secs(1);
 
 /// Runs the uplink until the relay shuts down.
 pub async fn run(shared: Arc<Shared>) {
+    // As configured at start: a reload does not change the uplink (it says
+    // so, [`crate::needs_restart`]).
+    let Some(settings) = shared.config().uplink.clone() else {
+        return;
+    };
     let mut backoff = BACKOFF_START;
     loop {
-        let Some(settings) = shared.config().uplink.clone() else {
-            return;
-        };
         let started = Instant::now();
         let ended = tokio::select! {
             ended = session(&shared, &settings) => ended,
