@@ -336,7 +336,15 @@ async fn websocket_over_http2_is_an_extended_connect() {
         _ => Reply::UpgradeEcho,
     })
     .await;
-    let relay = relay_to(&origin, "ws.test", "").await;
+    let dir = std::env::temp_dir().join(format!("porthole-core-ws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let relay = Relay::start(&config_with(
+        &route("ws.test", "127.0.0.1", &[origin.port()], ""),
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    ))
+    .await;
     let mut sender = porthole_suite::h2c(relay.addr).await;
     let extended = |authority: &str, path: &str| {
         porthole_suite::websocket_h2(&format!("http://{authority}{path}"))
@@ -369,6 +377,27 @@ async fn websocket_over_http2_is_an_extended_connect() {
     assert_eq!(resp.headers()["via"], "1.1 relay.test (porthole)");
     let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
     porthole_suite::websocket_echo(&mut tunnel).await;
+    // The upgrade's access line, written when its tunnel ends: the HTTP
+    // path's (status 101, the route, the frames' bytes on top of the heads).
+    drop(tunnel);
+    let upgraded = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("status=101"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let written = || async { !upgraded().is_empty() };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), written).await,
+        "no upgrade line in {:?}",
+        std::fs::read_to_string(&log)
+    );
+    porthole_suite::assert_some_line(
+        &upgraded(),
+        &["method=GET", "/chat?room=1", "route=\"ws.test\""],
+    );
 
     let seen = origin.single();
     assert_eq!(
