@@ -1007,6 +1007,17 @@ impl LinkProxy {
     }
 }
 
+/// The lines of the file at `path` (an access log, say) that contain
+/// `needle`; none while the file does not exist yet.
+pub fn lines_with(path: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Asserts that `line` (an access line, say) contains every field in `fields`.
 pub fn assert_fields(line: &str, fields: &[&str]) {
     for field in fields {

@@ -380,14 +380,7 @@ async fn websocket_over_http2_is_an_extended_connect() {
     // The upgrade's access line, written when its tunnel ends: the HTTP
     // path's (status 101, the route, the frames' bytes on top of the heads).
     drop(tunnel);
-    let upgraded = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("status=101"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let upgraded = || porthole_suite::lines_with(&log, "status=101");
     let written = || async { !upgraded().is_empty() };
     assert!(
         porthole_suite::eventually(Duration::from_secs(5), written).await,

@@ -365,14 +365,7 @@ async fn connect_streams_are_routed_refused_and_logged_like_http1_ones() {
             out.stderr
         );
     }
-    let lines = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("CONNECT"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let lines = || porthole_suite::lines_with(&log, "CONNECT");
     let all_three = || async { lines().len() == 3 };
     assert!(
         porthole_suite::eventually(Duration::from_secs(10), all_three).await,
