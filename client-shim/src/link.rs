@@ -184,18 +184,9 @@ impl LinkHandle {
         let mut not = None;
         loop {
             let (mut sender, session) = self.sender(not).await?;
-            // A connection that is going away fails `ready`; the request is
-            // still ours then.
-            let sent = match sender.ready().await {
-                Ok(()) => sender.try_send_request(req).await,
-                Err(e) if not.is_none() => {
-                    tracing::debug!(session, error = %e, "link session takes no request; next one");
-                    not = Some(session);
-                    continue;
-                }
-                Err(e) => return Err(lost(&e)),
-            };
-            match sent {
+            // An HTTP/2 sender is ready unless its connection is closing;
+            // then the request comes back here, unsent.
+            match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if not.is_none() => {

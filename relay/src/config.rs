@@ -1082,7 +1082,7 @@ mod tests {
     #[test]
     fn needs_restart_names_what_a_reload_cannot_apply() {
         let base = "[relay]\nlisten = \"127.0.0.1:8080\"\n[[route]]\nhost = \"a.test\"\nto = \"10.0.0.1\"\n";
-        let old = Config::from_toml(base).unwrap();
+        let running = crate::AtStart::of(&Config::from_toml(base).unwrap());
         let secret = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(secret.path(), "0123456789abcdef0123\n").unwrap();
         let uplink = format!(
@@ -1110,10 +1110,10 @@ mod tests {
         ];
         for (extra, want) in cases {
             let new = Config::from_toml(&format!("{base}{extra}")).unwrap();
-            assert_eq!(crate::needs_restart(&old, &new), *want, "{extra}");
+            assert_eq!(crate::needs_restart(&running, &new), *want, "{extra}");
         }
         let moved = Config::from_toml(&base.replace("8080", "8081")).unwrap();
-        assert_eq!(crate::needs_restart(&old, &moved), ["relay.listen"]);
+        assert_eq!(crate::needs_restart(&running, &moved), ["relay.listen"]);
     }
 
     #[test]

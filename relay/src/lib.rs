@@ -85,9 +85,9 @@ pub use config::Config;
 /// State shared by every connection of a running relay.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
-    /// The configuration the relay started with: what a reload cannot
-    /// change is compared against it ([`needs_restart`]).
-    at_start: Arc<Config>,
+    /// What the relay took from its configuration at start: a reload is
+    /// compared against it ([`needs_restart`]).
+    at_start: AtStart,
     /// The outcome of the last reload, for the status page.
     last_reload: std::sync::Mutex<Option<ReloadOutcome>>,
     /// Idle keep-alive connections to internal servers.
@@ -134,7 +134,7 @@ impl Shared {
             events,
             uplinks: uplink::outside::Registry::default(),
             access_file,
-            at_start: config.clone(),
+            at_start: AtStart::of(&config),
             config: RwLock::new(config),
             last_reload: std::sync::Mutex::new(None),
             pool: upstream::Pool::new(workers),
@@ -243,24 +243,50 @@ pub struct ReloadOutcome {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// The settings `new` changes that a running relay cannot take: what it
-/// bound, opened or started once (its sockets and workers, the connection
-/// limits' counters, the access-log file, the event store, the uplink).
-/// Everything else a reload applies to new requests.
-pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+/// The settings a running relay takes once, at start: what it binds, opens
+/// or starts (its sockets and workers, the connection limits' counters, the
+/// access-log file, the event store, the uplink). A reload applies
+/// everything else to new requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtStart {
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+    workers: usize,
+    max_connections: usize,
+    max_connections_per_client: usize,
+    access_log: Option<std::path::PathBuf>,
+    events: config::EventSettings,
+    uplink: Option<config::UplinkSettings>,
+}
+
+impl AtStart {
+    pub fn of(c: &Config) -> AtStart {
+        AtStart {
+            listen: c.relay.listen,
+            admin_listen: c.relay.admin_listen,
+            workers: c.relay.workers,
+            max_connections: c.limits.max_connections,
+            max_connections_per_client: c.limits.max_connections_per_client,
+            access_log: c.access_log.clone(),
+            events: c.events.clone(),
+            uplink: c.uplink.clone(),
+        }
+    }
+}
+
+/// The settings taken at start ([`AtStart`]) that `new` changes, by key.
+pub fn needs_restart(running: &AtStart, new: &Config) -> Vec<&'static str> {
+    let (old, new) = (running, &AtStart::of(new));
     let changes = [
-        (old.relay.listen != new.relay.listen, "relay.listen"),
+        (old.listen != new.listen, "relay.listen"),
+        (old.admin_listen != new.admin_listen, "relay.admin_listen"),
+        (old.workers != new.workers, "relay.workers"),
         (
-            old.relay.admin_listen != new.relay.admin_listen,
-            "relay.admin_listen",
-        ),
-        (old.relay.workers != new.relay.workers, "relay.workers"),
-        (
-            old.limits.max_connections != new.limits.max_connections,
+            old.max_connections != new.max_connections,
             "limits.max_connections",
         ),
         (
-            old.limits.max_connections_per_client != new.limits.max_connections_per_client,
+            old.max_connections_per_client != new.max_connections_per_client,
             "limits.max_connections_per_client",
         ),
         (old.access_log != new.access_log, "log.access"),
