@@ -1020,3 +1020,148 @@ async fn an_upgrade_through_a_relay_without_extended_connect_says_why() {
     assert!(body.contains("RFC 8441"), "{body}");
     assert!(shim.link.is_up(), "the link is fine");
 }
+
+/// What a hand-made HTTP/2 "relay" does with the first request after the
+/// shim's probe on its first connection (RFC 9113 8.7: both say the request
+/// was not processed).
+#[derive(Clone, Copy, PartialEq)]
+enum NotProcessed {
+    /// `RST_STREAM` with `REFUSED_STREAM`; so is every request with a body.
+    Refuse,
+    /// A graceful `GOAWAY` whose last stream id is the probe's.
+    GoAway,
+}
+
+/// A relay that speaks just enough HTTP/2 by hand to control its stream ids:
+/// it answers every request `200` with no body, except as `mode` says.
+/// Returns its address and the (connection, stream id) of each request's
+/// HEADERS, in arrival order.
+async fn unprocessing_relay(
+    mode: NotProcessed,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(u32, u32)>>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut bodyless_refused = false;
+        for conn in 0u32.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut preface = [0u8; 24];
+            if s.read_exact(&mut preface).await.is_err() {
+                continue;
+            }
+            s.write_all(&frame(4, 0, 0, &[])).await.unwrap(); // SETTINGS
+            let mut probe_answered = false;
+            let mut last = 0u32;
+            loop {
+                let mut h = [0u8; 9];
+                if s.read_exact(&mut h).await.is_err() {
+                    break;
+                }
+                let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                let (kind, flags) = (h[3], h[4]);
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                let mut payload = vec![0u8; len];
+                if s.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                let reply = match kind {
+                    4 if flags & 1 == 0 => frame(4, 1, 0, &[]), // SETTINGS ack
+                    1 => {
+                        log.lock().unwrap().push((conn, stream));
+                        let has_body = flags & 1 == 0;
+                        let first_request = conn == 0 && probe_answered;
+                        probe_answered = true;
+                        match mode {
+                            NotProcessed::Refuse
+                                if first_request && (has_body || !bodyless_refused) =>
+                            {
+                                bodyless_refused |= !has_body;
+                                frame(3, 0, stream, &7u32.to_be_bytes())
+                            }
+                            NotProcessed::GoAway if first_request && last < stream => {
+                                let mut p = last.to_be_bytes().to_vec();
+                                p.extend_from_slice(&0u32.to_be_bytes());
+                                frame(7, 0, 0, &p)
+                            }
+                            // `:status: 200` (static table index 8), END_STREAM | END_HEADERS.
+                            _ => {
+                                last = stream;
+                                frame(1, 5, stream, &[0x88])
+                            }
+                        }
+                    }
+                    _ => continue,
+                };
+                if s.write_all(&reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// A request the relay did not process (a `REFUSED_STREAM` reset, or a
+/// `GOAWAY` below its stream, as a relay that begins to drain sends) goes
+/// once more, on the same connection or on the next session, if it has no
+/// body; one with a body gets a `502` that says the relay refused it, and is
+/// not sent twice.
+#[tokio::test]
+async fn requests_the_relay_did_not_process_are_sent_again() {
+    let quiet = "[keepalive]\nidle_ping = \"60s\"\ngap_probe = \"60s\"\n";
+
+    let (addr, seen) = unprocessing_relay(NotProcessed::Refuse).await;
+    let shim = start_shim(shim_config(addr, quiet)).await;
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    let proxy = format!("http://{}", shim.addr);
+    let posted = Curl::new("http://app.test/form")
+        .proxy(&proxy)
+        .args(&["--data-binary", "x=1"])
+        .run()
+        .await;
+    assert_eq!(posted.status, 502, "{posted:?}");
+    assert!(
+        posted.text().contains("refused the stream"),
+        "{}",
+        posted.text()
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(0, 1), (0, 3)],
+        "the POST went once"
+    );
+    let got = Curl::new("http://app.test/page").proxy(&proxy).run().await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(0, 1), (0, 3), (0, 5), (0, 7)],
+        "the GET was refused once and went again on the same connection"
+    );
+    assert!(shim.link.is_up());
+
+    let (addr, seen) = unprocessing_relay(NotProcessed::GoAway).await;
+    let shim = start_shim(shim_config(addr, quiet)).await;
+    wait_state(&shim, true, Duration::from_secs(5)).await;
+    let proxy = format!("http://{}", shim.addr);
+    let got = Curl::new("http://app.test/page").proxy(&proxy).run().await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(0, 1), (0, 3), (1, 1), (1, 3)],
+        "the GET came again on the next connection, after its probe"
+    );
+}

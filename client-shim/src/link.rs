@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use porthole_relay::h2::{Body, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
@@ -65,20 +65,45 @@ pub enum LinkError {
     Refused { relay: String, reason: h2::Reason },
 }
 
-/// The reason of a stream reset by the relay, when that is what `e` is.
-fn reset_by_relay(e: &hyper::Error) -> Option<h2::Reason> {
+/// The HTTP/2 error under `e`, if that is what it is.
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2
-                .is_reset()
-                .then_some(h2.reason())
-                .flatten()
-                .filter(|_| h2.is_remote());
+            return Some(h2);
         }
         source = err.source();
     }
     None
+}
+
+/// The reason of a stream reset by the relay, when that is what `e` is.
+fn reset_by_relay(e: &hyper::Error) -> Option<h2::Reason> {
+    h2_error(e)
+        .filter(|h2| h2.is_reset() && h2.is_remote())
+        .and_then(h2::Error::reason)
+}
+
+/// Whether the relay said it did not process the stream (RFC 9113 8.7): a
+/// `REFUSED_STREAM` reset, or a graceful GOAWAY whose last stream id is
+/// below it (h2 reports only those streams with the GOAWAY's `NO_ERROR`;
+/// the streams it kept end normally or with a broken pipe). Either way the
+/// request can go again; for a GOAWAY, on the next session.
+fn unprocessed(e: &hyper::Error) -> Option<Unprocessed> {
+    let h2 = h2_error(e).filter(|h2| h2.is_remote())?;
+    match h2.reason()? {
+        h2::Reason::REFUSED_STREAM if h2.is_reset() => Some(Unprocessed::Refused),
+        h2::Reason::NO_ERROR if h2.is_go_away() => Some(Unprocessed::GoneAway),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unprocessed {
+    /// The relay refused this stream; its connection goes on.
+    Refused,
+    /// The relay closed the connection before this stream.
+    GoneAway,
 }
 
 /// The handle shared by every local connection; cheap to clone.
@@ -169,7 +194,10 @@ impl LinkHandle {
     ///
     /// A request the connection never took (the relay sent GOAWAY as it
     /// drains, so the connection takes no new stream) goes once more, on the
-    /// next session; one that went out and failed is not repeated.
+    /// next session. So does a request without a body that the relay says it
+    /// did not process ([`unprocessed`]), from a copy of its head. One that
+    /// went out and failed otherwise is not repeated: the relay may have
+    /// passed it on.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
         let lost = |e: &hyper::Error| match reset_by_relay(e) {
             Some(reason) => LinkError::Refused {
@@ -181,23 +209,66 @@ impl LinkHandle {
                 reason: e.to_string(),
             },
         };
+        let mut again = req.body().is_end_stream().then(|| Head::of(&req));
         let mut not = None;
+        let mut retried = false;
         loop {
             let (mut sender, session) = self.sender(not).await?;
             // An HTTP/2 sender is ready unless its connection is closing;
             // then the request comes back here, unsent.
-            match sender.try_send_request(req).await {
+            let mut e = match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if not.is_none() => {
-                        tracing::debug!(session, error = %e.error(), "request not taken; next session");
-                        req = unsent;
-                        not = Some(session);
-                    }
-                    _ => return Err(lost(e.error())),
-                },
+                Err(e) if retried => return Err(lost(e.error())),
+                Err(e) => e,
+            };
+            retried = true;
+            if let Some(unsent) = e.take_message() {
+                tracing::debug!(session, error = %e.error(), "request not taken; next session");
+                req = unsent;
+                not = Some(session);
+                continue;
+            }
+            match (unprocessed(e.error()), again.take()) {
+                (Some(why), Some(head)) => {
+                    tracing::debug!(session, ?why, error = %e.error(), "request not processed by the relay; sending it again");
+                    req = head.request();
+                    // A refused stream can go again on the same connection.
+                    not = (why == Unprocessed::GoneAway).then_some(session);
+                }
+                _ => return Err(lost(e.error())),
             }
         }
+    }
+}
+
+/// A copy of a bodyless request's head, to send it again.
+struct Head {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+}
+
+impl Head {
+    fn of(req: &Request<Body>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            extensions: req.extensions().clone(),
+        }
+    }
+
+    fn request(self) -> Request<Body> {
+        let mut req = Request::new(empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        *req.extensions_mut() = self.extensions;
+        req
     }
 }
 
