@@ -421,6 +421,16 @@ async fn websocket_over_http2_is_an_extended_connect() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains(why), "{path}: {body}");
+        // Logged as what the client got, once.
+        let line = || porthole_suite::lines_with(&log, path);
+        let written = || async { !line().is_empty() };
+        assert!(
+            porthole_suite::eventually(Duration::from_secs(5), written).await,
+            "no line for {path} in {:?}",
+            std::fs::read_to_string(&log)
+        );
+        assert_eq!(line().len(), 1, "{:?}", line());
+        porthole_suite::assert_some_line(&line(), &["method=GET", "status=502"]);
     }
 }
 

@@ -271,6 +271,13 @@ pub async fn relay<S: Io>(
             _ => break head,
         }
     };
+    if let Some(why) = ctx
+        .must_switch
+        .as_ref()
+        .and_then(|must| must.refuses(resp.status, resp.fields.get("sec-websocket-accept")))
+    {
+        return Err(bad_response(why));
+    }
     access.status = resp.status;
 
     if resp.status == 101 {

@@ -256,7 +256,16 @@ async fn upgrade(
         own_key = Some(websocket_accept(key.as_bytes()));
         headers.insert(header::SEC_WEBSOCKET_KEY, key);
     }
-    let sent = match open_leg(&ctx).await {
+    // The HTTP path checks the server's answer on the leg, so that the
+    // access line has the 502 it makes of a wrong one.
+    let must_switch = Arc::new(MustSwitch {
+        accept: own_key.clone(),
+    });
+    let leg_ctx = ConnCtx {
+        must_switch: Some(must_switch.clone()),
+        ..ctx.clone()
+    };
+    let sent = match open_leg(&leg_ctx).await {
         Ok(mut leg) => leg.send_request(h1).await.map_err(|e| e.to_string()),
         Err(e) => Err(format!("cannot open a leg: {e}")),
     };
@@ -268,16 +277,12 @@ async fn upgrade(
         }
     };
     let status = resp.status();
-    // The HTTP path has logged the server's answer; a 502 made of it here
-    // is said in the relay's log.
-    let not_switched = |why: String| {
+    let accept = resp.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+    // Only an answer the relay made itself (its own endpoints) can still be
+    // wrong here: the HTTP path checked the server's, and logged its 502.
+    if let Some(why) = must_switch.refuses(status.as_u16(), accept.map(HeaderValue::as_bytes)) {
         tracing::warn!(%target, %status, "h2 upgrade: {why}; answered 502");
-        plain(StatusCode::BAD_GATEWAY, &why)
-    };
-    if status.is_success() {
-        return not_switched(format!(
-            "{target}: the server did not switch protocols (it answered {status})"
-        ));
+        return own(StatusCode::BAD_GATEWAY, &format!("{target}: {why}"));
     }
     if status != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = resp.into_parts();
@@ -287,14 +292,9 @@ async fn upgrade(
     let mut fields = std::mem::take(resp.headers_mut());
     strip_hop_by_hop_map(&mut fields);
     fields.remove(header::CONTENT_LENGTH);
-    if let Some(expected) = own_key {
+    if own_key.is_some() {
         // The accept answered the relay's key: no use to the client.
-        let accept = fields.remove(header::SEC_WEBSOCKET_ACCEPT);
-        if accept.as_ref().map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
-            return not_switched(format!(
-                "{target}: the server's Sec-WebSocket-Accept does not answer the key"
-            ));
-        }
+        fields.remove(header::SEC_WEBSOCKET_ACCEPT);
     }
     let upstream = hyper::upgrade::on(&mut resp);
     let mut answer = Response::new(empty());
@@ -308,6 +308,34 @@ async fn upgrade(
         .in_current_span(),
     );
     answer
+}
+
+/// What the answer to an extended `CONNECT`'s upgrade must be: `101` (a
+/// `2xx` would read as a tunnel established), with the `Sec-WebSocket-Accept`
+/// that answers the key, when the relay made the key (RFC 6455 4.1).
+#[derive(Debug)]
+pub struct MustSwitch {
+    pub accept: Option<String>,
+}
+
+impl MustSwitch {
+    /// Why an answer with `status` and `accept` does not complete the
+    /// upgrade, if it does not; other refusals (`4xx`, `5xx`) pass as they are.
+    pub fn refuses(&self, status: u16, accept: Option<&[u8]>) -> Option<String> {
+        match status {
+            101 => match &self.accept {
+                Some(expected) if accept != Some(expected.as_bytes()) => {
+                    Some("the server's Sec-WebSocket-Accept does not answer the key".into())
+                }
+                _ => None,
+            },
+            200..=299 => Some(format!(
+                "the server did not switch protocols (it answered {})",
+                StatusCode::from_u16(status).map_or_else(|_| status.to_string(), |s| s.to_string())
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// An answer the relay makes itself to a stream it could not pass on, with
@@ -947,6 +975,33 @@ mod tests {
             websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn an_upgrade_must_switch_with_the_accept_for_the_relays_key() {
+        let made_key = MustSwitch {
+            accept: Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".into()),
+        };
+        let their_key = MustSwitch { accept: None };
+        let right = Some(&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..]);
+        assert_eq!(made_key.refuses(101, right), None);
+        for wrong in [None, Some(&b"x"[..])] {
+            let why = made_key.refuses(101, wrong).unwrap();
+            assert!(why.contains("does not answer the key"), "{why}");
+        }
+        // The application checks its own key's accept.
+        assert_eq!(their_key.refuses(101, None), None);
+        for (status, text) in [(200, "200 OK"), (204, "204 No Content")] {
+            let why = their_key.refuses(status, None).unwrap();
+            assert!(
+                why.contains(&format!("did not switch protocols (it answered {text})")),
+                "{why}"
+            );
+        }
+        // Refusals pass as they are.
+        for status in [301, 401, 403, 426, 502] {
+            assert_eq!(made_key.refuses(status, None), None, "{status}");
+        }
     }
 
     #[test]

@@ -310,6 +310,9 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     /// The subject common name of the client's verified TLS certificate.
     pub cert_user: Option<String>,
+    /// Set on the internal leg of an HTTP/2 extended `CONNECT`: the upgrade
+    /// must be answered `101` ([`h2::MustSwitch`]).
+    pub must_switch: Option<Arc<h2::MustSwitch>>,
 }
 
 /// The sockets a relay serves: the aggregate port and, optionally, the admin listener.
