@@ -361,8 +361,7 @@ fn own_answer(
 /// A `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 4.1).
 fn websocket_key() -> Option<HeaderValue> {
     use base64::Engine;
-    let mut nonce = [0u8; 16];
-    getrandom::getrandom(&mut nonce).ok()?;
+    let nonce = crate::secret::random::<16>().ok()?;
     let key = base64::engine::general_purpose::STANDARD.encode(nonce);
     HeaderValue::from_str(&key).ok()
 }

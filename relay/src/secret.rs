@@ -27,10 +27,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// `N` bytes from the operating system's random source (salts, ids, keys).
+pub fn random<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Hashes a secret with a fresh random salt (argon2id, default parameters).
 pub fn hash(secret: &str) -> Result<String, String> {
-    let mut random = [0u8; 16];
-    getrandom::getrandom(&mut random).map_err(|e| format!("no randomness for a salt: {e}"))?;
+    let random = random::<16>().map_err(|e| format!("no randomness for a salt: {e}"))?;
     let salt = SaltString::encode_b64(&random).map_err(|e| format!("salt: {e}"))?;
     Argon2::default()
         .hash_password(secret.as_bytes(), &salt)
@@ -72,14 +78,13 @@ pub fn verify(phc: &str, secret: &str) -> bool {
 
 /// A fresh random identifier (128 bits, hex): session ids.
 pub fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::getrandom(&mut bytes).is_err() {
-        // No OS randomness: fall back to time and address entropy; ids stay unique.
-        let nanos = std::time::SystemTime::now()
+    let bytes = random::<16>().unwrap_or_else(|_| {
+        // No OS randomness: the clock's nanoseconds keep ids unique.
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        bytes.copy_from_slice(&nanos.to_le_bytes());
-    }
+            .map_or(0, |d| d.as_nanos())
+            .to_le_bytes()
+    });
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
