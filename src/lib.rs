@@ -404,7 +404,8 @@ impl Relay {
         Relay::start_on(config, aggregate).await
     }
 
-    async fn start_on(config: porthole_relay::Config, aggregate: TcpListener) -> Relay {
+    /// Starts a relay on a listener the test bound (to know its port first).
+    pub async fn start_on(config: porthole_relay::Config, aggregate: TcpListener) -> Relay {
         init_tracing();
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = aggregate.local_addr().expect("relay addr");

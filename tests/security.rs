@@ -183,6 +183,56 @@ async fn alpn_h2_is_served_through_the_same_gate() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
+/// HTTP/2 over TLS addressed to the relay as to the server itself
+/// (`:scheme https`, as a browser talks to a reverse proxy) is the HTTP/1
+/// request in origin form over TLS: routed by its authority, or answered by
+/// the relay for its own name. Over cleartext an `https` URI is still refused.
+#[tokio::test]
+async fn h2_over_tls_in_origin_form_is_routed_by_its_authority() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let port = addr.port();
+    let to = format!("127.0.0.1:{}", origin.port());
+    let routes = route("app-a.test", &to, &[port], "");
+    let tls = tls_section(&dir, &ca.server(&["relay.test", "app-a.test"]), "");
+    let config = porthole_relay::Config::from_toml(&config_with(&routes, &tls)).unwrap();
+    let _relay = Relay::start_on(config, listener).await;
+    let https = |host: &str, path: &str| {
+        Curl::new(&format!("https://{host}:{port}{path}")).args(&[
+            "--http2",
+            "--cacert",
+            &ca_pem,
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+        ])
+    };
+
+    let routed = https("app-a.test", "/h2tls?q=1").run().await;
+    assert!(routed.head.starts_with("HTTP/2 200"), "{routed:?}");
+    assert_eq!(routed.text(), "ok /h2tls?q=1");
+    let seen = origin.single();
+    assert_eq!(seen.target, "/h2tls?q=1");
+    assert_eq!(
+        seen.header("host"),
+        Some(format!("app-a.test:{port}").as_str())
+    );
+
+    let pac = https("relay.test", "/proxy.pac").run().await;
+    assert!(pac.head.starts_with("HTTP/2 200"), "{pac:?}");
+    assert!(pac.text().contains("FindProxyForURL"), "{}", pac.text());
+
+    let mut cleartext = porthole_suite::h2c(addr).await;
+    let req = http::Request::get(format!("https://app-a.test:{port}/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = cleartext.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(origin.received().len(), 1);
+}
+
 #[tokio::test]
 async fn a_stalled_handshake_is_closed_after_head_timeout() {
     let (dir, ca) = (Dir::new(), Ca::new("relay ca"));

@@ -231,7 +231,11 @@ async fn upgrade(
     let (mut parts, _) = req.into_parts();
     parts.method = Method::GET;
     let name = ctx.shared.config().relay.name.clone();
-    let mut h1 = match to_http1(Request::from_parts(parts, Empty::<Bytes>::new()), &name) {
+    let mut h1 = match to_http1(
+        Request::from_parts(parts, Empty::<Bytes>::new()),
+        &name,
+        ctx.tls,
+    ) {
         Ok(r) => r,
         Err(why) => return own(StatusCode::BAD_REQUEST, why),
     };
@@ -388,7 +392,7 @@ async fn relay(
     let name = ctx.shared.config().relay.name.clone();
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let own = |status, why: &str| own_answer(&ctx, method.as_str(), &uri.to_string(), status, why);
-    let h1 = match to_http1(req, &name) {
+    let h1 = match to_http1(req, &name, ctx.tls) {
         Ok(r) => r,
         Err(why) => return own(StatusCode::BAD_REQUEST, why),
     };
@@ -671,7 +675,11 @@ impl<B> Drop for LegBody<B> {
 /// Translates an HTTP/2 request (not a `CONNECT`, which [`connect`] serves)
 /// into the HTTP/1.1 request the relay's HTTP path understands. `Err` is the
 /// reason for a `400`.
-pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'static str> {
+pub fn to_http1<B>(
+    req: Request<B>,
+    relay_name: &str,
+    tls: bool,
+) -> Result<Request<B>, &'static str> {
     let (parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -682,7 +690,16 @@ pub fn to_http1<B>(req: Request<B>, relay_name: &str) -> Result<Request<B>, &'st
             host.to_str().ok().map(str::to_string)
         })
         .ok_or("missing :authority")?;
-    let scheme = parts.uri.scheme_str().unwrap_or("http");
+    // Over TLS the client addresses the relay as the origin: `:scheme https`
+    // there means what an HTTP/1 request in origin form over TLS means (RFC
+    // 9112 3.3), and is relayed the same way, to the route for the authority.
+    // Over cleartext it asks the relay to fetch an https URI, which is
+    // refused as in HTTP/1 (use CONNECT).
+    let scheme = match parts.uri.scheme_str() {
+        Some("https") if tls => "http",
+        Some(scheme) => scheme,
+        None => "http",
+    };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = format!("{scheme}://{authority}{path}");
     let mut out = Request::builder()
@@ -952,7 +969,7 @@ mod tests {
         for (n, v) in headers {
             b = b.header(*n, *v);
         }
-        let req = to_http1(b.body(()).unwrap(), "relay.test")?;
+        let req = to_http1(b.body(()).unwrap(), "relay.test", false)?;
         let mut fields: Vec<String> = req
             .headers()
             .iter()

@@ -310,6 +310,8 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     /// The subject common name of the client's verified TLS certificate.
     pub cert_user: Option<String>,
+    /// Whether the client's connection is TLS (the relay terminated it).
+    pub tls: bool,
     /// Set on the internal leg of an HTTP/2 extended `CONNECT`: the upgrade
     /// must be answered `101` ([`h2::MustSwitch`]).
     pub must_switch: Option<Arc<h2::MustSwitch>>,

@@ -94,6 +94,7 @@ pub async fn accept_loop(
             peer,
             local,
             cert_user: None,
+            tls: false,
             must_switch: None,
         };
         let span = tracing::info_span!("conn", client = %peer);

@@ -219,6 +219,7 @@ pub async fn serve(conn: Conn<TcpStream>, mut ctx: ConnCtx, tls: &Tls) {
         Err(_) => return tracing::debug!(?head_timeout, "TLS handshake timed out"),
     };
     let (_, session) = stream.get_ref();
+    ctx.tls = true;
     ctx.cert_user = session
         .peer_certificates()
         .and_then(|chain| chain.first())

@@ -211,7 +211,7 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
                 seen.last_rx = Instant::now();
                 match incoming {
                     Ok(Some(Message::Open { session, host, port })) => {
-                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local, cert_user: None, must_switch: None };
+                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local, cert_user: None, tls: false, must_switch: None };
                         tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
                     }
                     Ok(Some(Message::Pong { .. })) => {}
@@ -385,6 +385,7 @@ async fn park(
         peer: outside,
         local,
         cert_user: None,
+        tls: false,
         must_switch: None,
     };
     crate::http1::serve(conn, ctx).await;
