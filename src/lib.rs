@@ -727,7 +727,11 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = free_port();
+        RedisServer::start_on(free_port()).await
+    }
+
+    /// A redis-server on `port` (a relay already points at it).
+    pub async fn start_on(port: u16) -> RedisServer {
         let child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])

@@ -431,6 +431,32 @@ async fn redis_store_is_shared_by_two_relays() {
     assert_eq!(from_one, from_two);
 }
 
+/// With redis down, polls and publishes get a prompt `503` with
+/// `Retry-After: 1` (not an answer after the client gave up), and the store
+/// connects as soon as redis is there.
+#[tokio::test]
+async fn redis_down_is_a_prompt_503_and_served_once_it_is_back() {
+    let port = porthole_suite::free_port();
+    let relay = relay_with(&redis_events(&format!("redis://127.0.0.1:{port}/0"))).await;
+    let started = Instant::now();
+    let polled = poll(&relay.url(), "plant-3", "after=0&wait=20").run().await;
+    assert_eq!(polled.status, 503, "{polled:?}");
+    assert_eq!(polled.header("retry-after"), ["1"]);
+    assert!(polled.text().contains("redis"), "{}", polled.text());
+    let published = publish(&relay.admin_url(), "plant-3", "1").await;
+    assert_eq!(published.status, 503, "{published:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    let _redis = RedisServer::start_on(port).await;
+    assert_eq!(publish_ok(&relay.admin_url(), "plant-3", "1").await, 1);
+    let answer = json(&poll(&relay.url(), "plant-3", "after=0").run().await);
+    assert_eq!(ids(&answer), vec![1]);
+}
+
 #[tokio::test]
 async fn redis_store_conformance() {
     let redis = RedisServer::start().await;

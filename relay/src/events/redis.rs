@@ -108,16 +108,30 @@ impl RedisStore {
         })
     }
 
+    /// The connection, made on first use; a poll or publish waits at most
+    /// [`TIMEOUT`] for it (the next one tries again).
     async fn conn(&self, topic: &str) -> Result<ConnectionManager, StoreError> {
+        // redis-rs hands `factor` to backon as a multiplier of a 1 s first
+        // delay: its default of 100 made a refused first connection wait
+        // about 100 s before the retry. One retry, after at most 1 s.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(TIMEOUT)
             .set_response_timeout(TIMEOUT)
-            .set_number_of_retries(2);
-        self.conn
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
-            .await
-            .cloned()
-            .map_err(|e| StoreError::new(KIND, topic, e))
+            .set_number_of_retries(1)
+            .set_factor(1)
+            .set_max_delay(1_000);
+        let connect = self
+            .conn
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config));
+        match tokio::time::timeout(TIMEOUT, connect).await {
+            Ok(Ok(conn)) => Ok(conn.clone()),
+            Ok(Err(e)) => Err(StoreError::new(KIND, topic, e)),
+            Err(_) => Err(StoreError::new(
+                KIND,
+                topic,
+                format!("no connection to redis within {TIMEOUT:?}"),
+            )),
+        }
     }
 }
 
