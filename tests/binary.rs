@@ -176,6 +176,15 @@ async fn access_log_has_one_line_per_request_and_tunnel() {
     );
     porthole_suite::assert_some_line(&lines, &["method=CONNECT", "status=200"]);
     porthole_suite::assert_some_line(&lines, &["status=403"]);
+    // Milliseconds with at most three decimals (not 0.023334999999999998).
+    for line in &lines {
+        let ms = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("duration_ms="))
+            .expect("duration_ms");
+        let decimals = ms.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(ms.parse::<f64>().is_ok() && decimals <= 3, "{line}");
+    }
 }
 
 #[tokio::test]

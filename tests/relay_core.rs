@@ -935,3 +935,51 @@ async fn a_keep_alive_connection_quiet_past_the_head_timeout_still_serves_and_id
     );
     assert_eq!(origin.received().len(), 3);
 }
+
+/// A tunnel still open when the drain timeout ends it has its access line
+/// too, with the bytes it moved (one line per request or tunnel).
+#[tokio::test]
+async fn a_tunnel_cut_by_the_drain_timeout_is_logged() {
+    let echo = EchoServer::start().await;
+    let dir = std::env::temp_dir().join(format!("porthole-core-cut-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let relay = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"relay.test\"\ndrain_timeout = \"1s\"\n[log]\naccess = \"{}\"\n{}",
+        log.display(),
+        route("db.test", "127.0.0.1", &[echo.port()], "")
+    ))
+    .await;
+    let (mut s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+
+    relay.shutdown().await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel outlived the relay");
+    let lines = || porthole_suite::lines_with(&log, "method=CONNECT");
+    let written = || async { !lines().is_empty() };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), written).await,
+        "no line for the cut tunnel in {:?}",
+        std::fs::read_to_string(&log)
+    );
+    // The heads count too: connect_via's CONNECT, the relay's 200.
+    let target = format!("db.test:{}", echo.port());
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let answer = "HTTP/1.1 200 Connection established\r\n\r\n";
+    porthole_suite::assert_some_line(
+        &lines(),
+        &[
+            "status=200",
+            "route=\"db.test\"",
+            &format!("bytes_in={} ", request.len() + 4),
+            &format!("bytes_out={} ", answer.len() + 4),
+        ],
+    );
+}

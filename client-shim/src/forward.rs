@@ -133,6 +133,7 @@ async fn tunnel(local: TcpStream, target: String, link: LinkHandle) {
         Conn::new(local),
         Conn::new(TokioIo::new(upgraded)),
         crate::proxy::TUNNEL_IDLE,
+        &porthole_relay::tunnel::Counts::default(),
     )
     .await;
     tracing::debug!(

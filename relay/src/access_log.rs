@@ -100,7 +100,8 @@ impl Access {
             status = self.status,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = seconds * 1000.0,
+            // Microseconds: a number with at most three decimals, in text and JSON.
+            duration_ms = (seconds * 1_000_000.0).round() / 1000.0,
             "access"
         );
     }

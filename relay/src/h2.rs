@@ -750,6 +750,7 @@ pub async fn splice(downstream: OnUpgrade, upstream: OnUpgrade, idle: Duration) 
         Conn::new(TokioIo::new(down)),
         Conn::new(TokioIo::new(up)),
         idle,
+        &tunnel::Counts::default(),
     )
     .await;
     tracing::debug!(sent = moved.up, received = moved.down, "h2 tunnel closed");

@@ -24,6 +24,15 @@ use crate::ConnCtx;
 /// size as the HTTP/2 tunnels' (16 KiB made one uplink stream 25% slower).
 const COPY_BUF: usize = crate::h2::TUNNEL_BUF;
 
+/// Bytes moved by a tunnel, counted as they move.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Client to upstream.
+    pub up: AtomicU64,
+    /// Upstream to client.
+    pub down: AtomicU64,
+}
+
 /// Bytes moved by a tunnel.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Moved {
@@ -102,34 +111,72 @@ pub struct Spliced {
 }
 
 impl Spliced {
-    /// Moves bytes until the tunnel ends, then writes the access line.
+    /// Moves bytes until the tunnel ends, then writes the access line (also
+    /// when the task is dropped: a tunnel the drain timeout cuts is logged).
     /// Takes `&mut self` so that the future holds a reference, not a copy.
     pub async fn run(&mut self, ctx: &ConnCtx) {
-        if let Err(e) = (&mut self.tunnel).await {
+        let ending = SplicedEnds { spliced: self, ctx };
+        if let Err(e) = (&mut ending.spliced.tunnel).await {
             tracing::debug!(error = %e, "tunnel ended");
         }
-        let (up, down) = self.tunnel.moved();
-        drop(self.open.take());
-        self.access.bytes_in += up;
-        self.access.bytes_out += down;
-        tracing::debug!(elapsed = ?self.access.started.elapsed(), "tunnel closed");
-        self.access.finish(ctx);
+    }
+}
+
+/// Writes a spliced tunnel's access line when its run ends or is dropped.
+struct SplicedEnds<'a> {
+    spliced: &'a mut Spliced,
+    ctx: &'a ConnCtx,
+}
+
+impl Drop for SplicedEnds<'_> {
+    fn drop(&mut self) {
+        let s = &mut *self.spliced;
+        let (up, down) = s.tunnel.moved();
+        closed(&mut s.access, s.open.take(), up, down, self.ctx);
     }
 }
 
 /// Moves bytes between the client and a standing tunnel until it ends, then
-/// writes the access line.
+/// writes the access line (also when the task is dropped, as above).
 pub async fn run<S: Io>(client: Conn<S>, tunnel: Standing, ctx: &ConnCtx) {
     let Standing {
         server,
         idle,
-        mut access,
+        access,
         open,
     } = tunnel;
-    let moved = relay_bytes(client, server, idle).await;
+    let ending = RunEnds {
+        access,
+        open: Some(open),
+        counts: Counts::default(),
+        ctx,
+    };
+    relay_bytes(client, server, idle, &ending.counts).await;
+}
+
+/// Writes a tunnel's access line when [`run`] ends or is dropped.
+struct RunEnds<'a> {
+    access: Access,
+    open: Option<GaugeGuard>,
+    counts: Counts,
+    ctx: &'a ConnCtx,
+}
+
+impl Drop for RunEnds<'_> {
+    fn drop(&mut self) {
+        let (up, down) = (
+            self.counts.up.load(Ordering::Relaxed),
+            self.counts.down.load(Ordering::Relaxed),
+        );
+        closed(&mut self.access, self.open.take(), up, down, self.ctx);
+    }
+}
+
+/// A tunnel has closed: no longer counted open, and its access line.
+fn closed(access: &mut Access, open: Option<GaugeGuard>, up: u64, down: u64, ctx: &ConnCtx) {
     drop(open);
-    access.bytes_in += moved.up;
-    access.bytes_out += moved.down;
+    access.bytes_in += up;
+    access.bytes_out += down;
     tracing::debug!(elapsed = ?access.started.elapsed(), "tunnel closed");
     access.finish(ctx);
 }
@@ -393,9 +440,13 @@ pub fn open_tunnel(ctx: &ConnCtx, route: &str) -> GaugeGuard {
 
 /// Moves bytes both ways between `a` and `b` (first replaying what each has
 /// buffered) until both directions end, one fails, or the tunnel idles out.
-pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -> Moved {
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+pub async fn relay_bytes<A: Io, B: Io>(
+    a: Conn<A>,
+    b: Conn<B>,
+    idle: Duration,
+    counts: &Counts,
+) -> Moved {
+    let Counts { up, down } = counts;
     let start = Instant::now();
     let last = AtomicU64::new(0);
     // Bytes read ahead are copied out and the read buffers freed here: an
@@ -427,8 +478,8 @@ pub async fn relay_bytes<A: Io, B: Io>(a: Conn<A>, b: Conn<B>, idle: Duration) -
             };
             let (ar, aw) = tokio::io::split(a.map_or_else(Either::Other, Either::Tcp));
             let (br, bw) = tokio::io::split(b.map_or_else(Either::Other, Either::Tcp));
-            let a_to_b = pump(ar, bw, a_first, &up, &last, start);
-            let b_to_a = pump(br, aw, b_first, &down, &last, start);
+            let a_to_b = pump(ar, bw, a_first, up, &last, start);
+            let b_to_a = pump(br, aw, b_first, down, &last, start);
             Box::pin(async {
                 tokio::select! {
                     result = futures_util::future::try_join(a_to_b, b_to_a) => result.map(|_| ()),
