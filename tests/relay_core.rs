@@ -936,11 +936,13 @@ async fn a_keep_alive_connection_quiet_past_the_head_timeout_still_serves_and_id
     assert_eq!(origin.received().len(), 3);
 }
 
-/// A tunnel still open when the drain timeout ends it has its access line
-/// too, with the bytes it moved (one line per request or tunnel).
+/// A tunnel and a download still open when the drain timeout ends them
+/// have their access lines too, with the status sent and the bytes moved
+/// (one line per request or tunnel).
 #[tokio::test]
-async fn a_tunnel_cut_by_the_drain_timeout_is_logged() {
+async fn a_tunnel_and_a_download_cut_by_the_drain_timeout_are_logged() {
     let echo = EchoServer::start().await;
+    let origin = Origin::start(|_| Reply::Generated { len: 64 << 20 }).await;
     let dir = std::env::temp_dir().join(format!("porthole-core-cut-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
@@ -949,8 +951,22 @@ async fn a_tunnel_cut_by_the_drain_timeout_is_logged() {
         "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"relay.test\"\ndrain_timeout = \"1s\"\n[log]\naccess = \"{}\"\n{}",
         log.display(),
         route("db.test", "127.0.0.1", &[echo.port()], "")
+            + &route("app-a.test", "127.0.0.1", &[origin.port()], "")
     ))
     .await;
+    let url = format!("http://app-a.test:{}/big", origin.port());
+    let proxy = relay.url();
+    let download = tokio::spawn(async move {
+        Curl::new(&url)
+            .proxy(&proxy)
+            .args(&["--limit-rate", "1M"])
+            .discard_body()
+            .run()
+            .await
+    });
+    while origin.received().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (mut s, head) = connect_via(relay.addr, &format!("db.test:{}", echo.port())).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(b"ping").await.unwrap();
@@ -959,6 +975,8 @@ async fn a_tunnel_cut_by_the_drain_timeout_is_logged() {
     assert_eq!(&back, b"ping");
 
     relay.shutdown().await;
+    let cut = download.await.unwrap();
+    assert!(cut.size_download < 64 << 20, "{cut:?}");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the tunnel outlived the relay");
@@ -982,4 +1000,12 @@ async fn a_tunnel_cut_by_the_drain_timeout_is_logged() {
             &format!("bytes_out={} ", answer.len() + 4),
         ],
     );
+    let got = porthole_suite::lines_with(&log, "method=GET");
+    porthole_suite::assert_some_line(&got, &["/big", "status=200", "route=\"app-a.test\""]);
+    let bytes_out: u64 = got[0]
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("bytes_out="))
+        .and_then(|n| n.parse().ok())
+        .expect("bytes_out");
+    assert!(bytes_out > 0 && bytes_out < 64 << 20, "{got:?}");
 }

@@ -112,8 +112,9 @@ impl Access {
 pub const CLIENT_GONE: u16 = 499;
 
 /// An access record whose line is written even when its request is dropped
-/// before it ends, as when an HTTP/2 client resets its stream while the relay
-/// dials: then with status [`CLIENT_GONE`].
+/// before it ends: with the status already sent (a download the drain
+/// timeout cut), or [`CLIENT_GONE`] before any (an HTTP/2 client resets its
+/// stream while the relay dials).
 pub struct Pending<'a> {
     access: Option<Access>,
     ctx: &'a ConnCtx,
@@ -158,8 +159,10 @@ impl std::ops::DerefMut for Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(mut access) = self.access.take() {
-            tracing::debug!(target = %access.target, "the client went away before its answer");
-            access.status = CLIENT_GONE;
+            tracing::debug!(target = %access.target, status = access.status, "request ended early");
+            if access.status == 0 {
+                access.status = CLIENT_GONE;
+            }
             access.finish(self.ctx);
         }
     }

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::access_log::Access;
+use crate::access_log::{Access, Pending};
 use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, RequestHead};
 use crate::deadline::Deadline;
 use crate::dispatch::{classify_request, Identity, RequestKind};
@@ -139,11 +139,16 @@ async fn next_request<S: Io>(
         }
     };
 
-    let mut access = Access::new(
-        head.method_text(),
-        head.target(),
-        head.wire_len(),
-        Access::logged(ctx),
+    // Logged also if the request is dropped before it ends (the drain
+    // timeout closing a download): with the status sent, if any.
+    let mut access = Pending::new(
+        Access::new(
+            head.method_text(),
+            head.target(),
+            head.wire_len(),
+            Access::logged(ctx),
+        ),
+        ctx,
     );
     let me = Identity {
         name: &config.relay.name,
@@ -153,7 +158,7 @@ async fn next_request<S: Io>(
         Ok(kind) => kind,
         Err(why) => {
             let err = RelayError::new(ErrorKind::BadRequest(why));
-            return answer_error(conn, ctx, err, &mut access).await;
+            return answer_error(conn, ctx, err, access).await;
         }
     };
     let target = match &kind {
@@ -167,7 +172,7 @@ async fn next_request<S: Io>(
         let authorization = head.fields.get("proxy-authorization");
         match gate::admit(ctx, &config, authorization, target).await {
             Ok(user) => access.user = user,
-            Err(err) => return answer_error(conn, ctx, err, &mut access).await,
+            Err(err) => return answer_error(conn, ctx, err, access).await,
         }
     }
     match kind {
@@ -175,7 +180,7 @@ async fn next_request<S: Io>(
             // The head shares the read buffer's allocation: both go before
             // the tunnel, which may idle for long.
             drop(head);
-            return match tunnel::establish(conn, host, port, ctx, access).await {
+            return match tunnel::establish(conn, host, port, ctx, access.take()).await {
                 Some(standing) => Next::Tunnel(standing),
                 None => Next::Close,
             };
@@ -187,7 +192,7 @@ async fn next_request<S: Io>(
         Ok(f) => f,
         Err(why) => {
             let err = RelayError::new(ErrorKind::BadRequest(why));
-            return answer_error(conn, ctx, err, &mut access).await;
+            return answer_error(conn, ctx, err, access).await;
         }
     };
     let keep_alive = wants_keep_alive(&head);
@@ -213,7 +218,7 @@ async fn next_request<S: Io>(
                     let close = err.closes_connection() || framing != Framing::Empty || !keep_alive;
                     access.status = err.status();
                     access.bytes_out += write_error(&mut conn.io, &err, close).await.unwrap_or(0);
-                    access.finish(ctx);
+                    access.take().finish(ctx);
                     return if close { Next::Close } else { Next::KeepAlive };
                 }
             }
@@ -221,18 +226,18 @@ async fn next_request<S: Io>(
     };
     match after {
         After::KeepAlive => {
-            access.finish(ctx);
+            access.take().finish(ctx);
             Next::KeepAlive
         }
         After::Close => {
-            access.finish(ctx);
+            access.take().finish(ctx);
             Next::Close
         }
         After::Upgrade(server) => Next::Tunnel(tunnel::Standing::new(
             ctx,
             server,
             limits.idle_timeout,
-            access,
+            access.take(),
         )),
     }
 }
@@ -259,12 +264,12 @@ async fn answer_error<S: Io>(
     conn: &mut Conn<S>,
     ctx: &ConnCtx,
     err: RelayError,
-    access: &mut Access,
+    mut access: Pending<'_>,
 ) -> Next {
     forward::log_error(ctx, &err);
     access.status = err.status();
     access.bytes_out += write_error(&mut conn.io, &err, true).await.unwrap_or(0);
-    access.finish(ctx);
+    access.take().finish(ctx);
     Next::Close
 }
 
