@@ -612,23 +612,89 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::one("config", e.to_string()))?;
-        let raw: RawConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
-            let path = e.path().to_string();
-            let message = e.inner().to_string();
+        let (raw, mut problems) = deserialize_all(merged);
+        let Some(raw) = raw else {
+            return Err(ConfigError { problems });
+        };
+        match raw.validate(source) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError { problems }),
+            Err(e) => {
+                problems.extend(e.problems);
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// Parses TOML text alone (no environment).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, Some(HashMap::new()))
+    }
+}
+
+/// Deserializes the merged configuration, reporting every unknown key and
+/// every value of the wrong type, not only the first: each one found is
+/// noted with its key and taken out, and the rest deserialized again. The
+/// configuration, if what is left deserializes (for the remaining checks).
+fn deserialize_all(mut merged: serde_json::Value) -> (Option<RawConfig>, Vec<Problem>) {
+    let mut problems: Vec<Problem> = Vec::new();
+    // Bounded: each round removes one key of the file.
+    for _ in 0..100 {
+        let e = match serde_path_to_error::deserialize::<_, RawConfig>(&merged) {
+            Ok(raw) => return (Some(raw), problems),
+            Err(e) => e,
+        };
+        let path = e.path().to_string();
+        let message = e.inner().to_string();
+        // A required key this loop took out for its type: said already.
+        let said = problems.iter().any(|p| {
+            message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .is_some_and(|(field, _)| p.key == format!("{path}.{field}"))
+        });
+        if !said {
             // The path already ends in the offending key (unknown ones included).
             let key = if path == "." {
                 "config".to_string()
             } else {
                 path
             };
-            ConfigError::one(&key, message)
-        })?;
-        raw.validate(source)
+            problems.push(Problem { key, message });
+        }
+        if said || !remove_at(&mut merged, e.path()) {
+            break;
+        }
     }
+    (None, problems)
+}
 
-    /// Parses TOML text alone (no environment).
-    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Config::from_toml_with_env(text, Some(HashMap::new()))
+/// Takes the value at `path` out of `tree`; whether there was one.
+fn remove_at(tree: &mut serde_json::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = tree;
+    for segment in parents {
+        let next = match (segment, node) {
+            (Segment::Map { key }, serde_json::Value::Object(map)) => map.get_mut(key),
+            (Segment::Seq { index }, serde_json::Value::Array(list)) => list.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Map { key }, serde_json::Value::Object(map)) => map.remove(key).is_some(),
+        (Segment::Seq { index }, serde_json::Value::Array(list)) if *index < list.len() => {
+            list.remove(*index);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -1052,6 +1118,40 @@ mod tests {
     fn unknown_key_is_named() {
         let keys = problem_keys("[relay]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n");
         assert_eq!(keys, vec!["relay.listne"]);
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_named_with_the_other_problems() {
+        let text = r#"
+            [relay]
+            listen = "127.0.0.1:1"
+            bogus = 1
+            [limits]
+            idle_timeout = 5
+            max_headers = 0
+            [[route]]
+            host = "a.test"
+            to = "10.0.0.1"
+            connect_timeout = 5
+            colour = "red"
+            ports = [80, "x"]
+        "#;
+        let mut keys = problem_keys(text);
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                "limits.idle_timeout",
+                "limits.max_headers",
+                "relay.bogus",
+                "route[0].colour",
+                "route[0].connect_timeout",
+                "route[0].ports[1]",
+            ]
+        );
+        // A required key of the wrong type is said once (not also "missing").
+        let keys = problem_keys("[relay]\nbogus = 1\n[[route]]\nhost = \"a.test\"\nto = 7\n");
+        assert_eq!(keys, vec!["relay.bogus", "route[0].to"]);
     }
 
     #[test]
