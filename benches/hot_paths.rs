@@ -58,6 +58,7 @@ fn route(host: &str, to: &str) -> Route {
         transparent: false,
         decompress: false,
         tls: None,
+        via: None,
     }
 }
 
@@ -99,6 +100,7 @@ fn parse_and_rewrite(c: &mut Criterion) {
                         body: BodyHeader::AsReceived,
                         upgrade: false,
                         transparent: false,
+                        proxy_authorization: None,
                     },
                 )
             })
@@ -119,6 +121,7 @@ fn parse_and_rewrite(c: &mut Criterion) {
                         body: BodyHeader::AsReceived,
                         upgrade: false,
                         transparent: false,
+                        proxy_authorization: None,
                     },
                 )
             })

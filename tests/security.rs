@@ -692,3 +692,80 @@ async fn a_websocket_over_http2_passes_the_gate_with_its_credentials() {
     assert_eq!(seen.header("upgrade"), Some("websocket"));
     assert!(seen.header("proxy-authorization").is_none());
 }
+
+/// Chaining (PRODUCT 8): a route with `via` goes through the next relay,
+/// which authenticates this relay by the credentials in
+/// `via_credentials_file`: HTTP in absolute form, and CONNECT. The next
+/// hop's routes decide and its refusals pass on; its `407` (wrong
+/// credentials) is this relay's `502`, not a challenge to the client.
+#[tokio::test]
+async fn a_route_via_the_next_relay_with_credentials() {
+    let dir = Dir::new();
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let users = users_file(&dir, &[("edge", "hop-secret")]);
+    let hop = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[auth]\nusers_file = \"{users}\"\nrequired = true\n{}{}",
+        route("app.test", "127.0.0.1", &[origin.port()], ""),
+        route("db.test", "127.0.0.1", &[echo.port()], ""),
+    ))
+    .await;
+    let good = dir.write("hop.cred", "edge:hop-secret\n");
+    let bad = dir.write("bad.cred", "edge:wrong\n");
+    let via = |host: &str, port: u16, credentials: &str| {
+        format!(
+            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_credentials_file = \"{credentials}\"\nports = [{port}]\n",
+            hop.addr
+        )
+    };
+    let routes = via("app.test", origin.port(), &good)
+        + &via("db.test", echo.port(), &good)
+        + &via("nowhere.test", origin.port(), &good)
+        + &via("bad.test", origin.port(), &bad);
+    let front = Relay::start(&config_with(&routes, "")).await;
+
+    let url = format!("http://app.test:{}/chained?x=1", origin.port());
+    let out = Curl::new(&url).proxy(&front.url()).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /chained?x=1");
+    let seen = origin.single();
+    assert_eq!(seen.target, "/chained?x=1");
+    let authority = format!("app.test:{}", origin.port());
+    assert_eq!(seen.header("host"), Some(authority.as_str()));
+    assert!(seen.header("proxy-authorization").is_none());
+    let via_seen = seen.all("via").join(", ");
+    assert_eq!(
+        via_seen,
+        "1.1 relay.test (porthole), 1.1 hop.test (porthole)"
+    );
+
+    let (tunnel, head) =
+        porthole_suite::connect_via(front.addr, &format!("db.test:{}", echo.port())).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        porthole_suite::echo_round(tunnel, b"through two relays").await,
+        b"through two relaysbye\n",
+        "the echo, then the server's goodbye after the half-close"
+    );
+
+    let refused = Curl::new(&format!("http://nowhere.test:{}/x", origin.port()))
+        .proxy(&front.url())
+        .run()
+        .await;
+    assert_eq!(refused.status, 403, "the hop's refusal: {refused:?}");
+
+    let wrong = Curl::new(&format!("http://bad.test:{}/x", origin.port()))
+        .proxy(&front.url())
+        .run()
+        .await;
+    assert_eq!(wrong.status, 502, "{wrong:?}");
+    assert!(wrong.text().contains("credentials"), "{}", wrong.text());
+    assert!(wrong.header("proxy-authenticate").is_empty());
+    assert!(!wrong.text().contains("wrong"), "no secret in the page");
+    let target = format!("bad.test:{}", origin.port());
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let answer = raw_exchange(front.addr, connect.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("credentials"), "{answer}");
+    assert_eq!(origin.received().len(), 1);
+}

@@ -151,8 +151,9 @@ impl Default for RawRelay {
 struct RawRoute {
     /// Exact host name, or `*.suffix` for every name under `suffix`.
     host: String,
-    /// Internal address or name; with a port, every request goes to that port.
-    to: String,
+    /// Internal address or name; with a port, every request goes to that
+    /// port. Not with `via`: the next hop is asked for the requested host.
+    to: Option<String>,
     /// Ports a request may name.
     #[serde(default = "default_ports")]
     ports: Vec<u16>,
@@ -173,6 +174,11 @@ struct RawRoute {
     tls: bool,
     /// PEM CA certificates for the internal server's certificate; default: system roots.
     ca: Option<String>,
+    /// The next hop (`HOST:PORT` of another relay or any HTTP proxy) that
+    /// HTTP and CONNECT for this route go through.
+    via: Option<String>,
+    /// A file holding `user:password` for the next hop (Basic).
+    via_credentials_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -537,6 +543,36 @@ pub struct Route {
     pub decompress: bool,
     /// TLS to the internal server; `None`: plain TCP.
     pub tls: Option<UpstreamTls>,
+    /// The next hop this route's requests and tunnels go through.
+    pub via: Option<Via>,
+}
+
+/// A next hop: another relay or any HTTP proxy (PRODUCT 8, chaining).
+#[derive(Debug, Clone)]
+pub struct Via {
+    pub host: String,
+    pub port: u16,
+    /// The `Proxy-Authorization` value for the hop (`Basic ...`).
+    pub authorization: Option<Secret>,
+}
+
+impl Via {
+    /// The hop's `Proxy-Authorization` from a file of one `user:password` line.
+    fn credentials(path: &str) -> Result<Secret, String> {
+        use base64::Engine;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let line = text.lines().next().unwrap_or("").trim_end();
+        if !line.contains(':') {
+            return Err(format!("{path}: one line `user:password` expected"));
+        }
+        let encoded = base64::engine::general_purpose::STANDARD.encode(line);
+        Ok(Secret::new(format!("Basic {encoded}")))
+    }
+
+    /// `host:port`, for errors and logs.
+    pub fn addr(&self) -> String {
+        crate::upstream::display_addr(&self.host, self.port)
+    }
 }
 
 // ---------------------------------------------------------------- errors
@@ -620,7 +656,9 @@ impl Config {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError { problems }),
             Err(e) => {
-                problems.extend(e.problems);
+                // A key taken out for its type is said once, not also as missing.
+                let said: HashSet<String> = problems.iter().map(|p| p.key.clone()).collect();
+                problems.extend(e.problems.into_iter().filter(|p| !said.contains(&p.key)));
                 Err(ConfigError { problems })
             }
         }
@@ -843,12 +881,27 @@ impl RawConfig {
                 c.push(key("host"), format!("`{host}` is routed twice"));
             }
             // `https://host` speaks TLS, to port 443 unless it names one.
-            let https =
-                r.to.trim()
-                    .get(..8)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
-            let to_text = if https { &r.to.trim()[8..] } else { &r.to };
+            let to_text = match (&r.to, &r.via) {
+                (Some(to), None) => to.trim(),
+                (None, Some(_)) => "",
+                (Some(_), Some(_)) => {
+                    c.push(
+                        key("to"),
+                        "not with via: the next hop is asked for the requested host and port",
+                    );
+                    ""
+                }
+                (None, None) => {
+                    c.push(key("to"), "missing: the internal server (or set via)");
+                    ""
+                }
+            };
+            let https = to_text
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+            let to_text = if https { &to_text[8..] } else { to_text };
             let to = match Target::parse(to_text) {
+                _ if to_text.is_empty() => Target::placeholder(),
                 Ok(t) if https => Target {
                     port: t.port.or(Some(443)),
                     ..t
@@ -873,6 +926,42 @@ impl RawConfig {
                 }
                 None
             };
+            let via = match &r.via {
+                None => {
+                    if r.via_credentials_file.is_some() {
+                        c.push(key("via_credentials_file"), "needs via");
+                    }
+                    None
+                }
+                Some(text) => match Target::parse(text) {
+                    Ok(Target {
+                        host,
+                        port: Some(port),
+                    }) => {
+                        if tls.is_some() {
+                            c.push(key("via"), "TLS to the internal server through a next hop is not supported; remove tls/ca or via");
+                        }
+                        let authorization = r.via_credentials_file.as_deref().and_then(|path| {
+                            Via::credentials(path)
+                                .map_err(|e| c.push(key("via_credentials_file"), e))
+                                .ok()
+                        });
+                        Some(Via {
+                            host,
+                            port,
+                            authorization,
+                        })
+                    }
+                    Ok(_) => {
+                        c.push(key("via"), format!("`{text}` needs a port (HOST:PORT)"));
+                        None
+                    }
+                    Err(e) => {
+                        c.push(key("via"), e);
+                        None
+                    }
+                },
+            };
             if r.ports.is_empty() {
                 c.push(key("ports"), "must name at least one port");
             }
@@ -888,6 +977,7 @@ impl RawConfig {
                 transparent: r.transparent,
                 decompress: r.decompress,
                 tls,
+                via,
             });
         }
 
@@ -1152,6 +1242,37 @@ mod tests {
         // A required key of the wrong type is said once (not also "missing").
         let keys = problem_keys("[relay]\nbogus = 1\n[[route]]\nhost = \"a.test\"\nto = 7\n");
         assert_eq!(keys, vec!["relay.bogus", "route[0].to"]);
+    }
+
+    #[test]
+    fn via_routes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("cred");
+        std::fs::write(&good, "edge:s3cret\n").unwrap();
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "no colon\n").unwrap();
+        let ok = format!(
+            "[[route]]\nhost = \"a.test\"\nvia = \"hop.test:8080\"\nvia_credentials_file = \"{}\"\n",
+            good.display()
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        let via = c.routes.routes()[0].via.clone().unwrap();
+        assert_eq!(
+            (via.addr().as_str(), via.authorization.unwrap().expose()),
+            ("hop.test:8080", "Basic ZWRnZTpzM2NyZXQ=")
+        );
+        let cases = [
+            ("[[route]]\nhost = \"a.test\"\n".to_string(), "route[0].to"),
+            ("[[route]]\nhost = \"a.test\"\nto = \"x\"\nvia = \"h:1\"\n".to_string(), "route[0].to"),
+            ("[[route]]\nhost = \"a.test\"\nvia = \"h\"\n".to_string(), "route[0].via"),
+            ("[[route]]\nhost = \"a.test\"\nto = \"x\"\nvia_credentials_file = \"/x\"\n".to_string(), "route[0].via_credentials_file"),
+            (format!("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_credentials_file = \"{}\"\n", bad.display()), "route[0].via_credentials_file"),
+            ("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_credentials_file = \"/nonexistent/x\"\n".to_string(), "route[0].via_credentials_file"),
+            ("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\ntls = true\n".to_string(), "route[0].via"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(problem_keys(&text), vec![key], "{text}");
+        }
     }
 
     #[test]

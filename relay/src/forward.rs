@@ -21,6 +21,7 @@ use crate::dispatch::RelayTarget;
 use crate::error::{ErrorKind, Fault, RelayError};
 use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
 use crate::routes::{Decision, Refusal};
+use crate::secret::Secret;
 use crate::upstream::{self, display_addr, Upstream};
 use crate::{splice, tunnel, ConnCtx};
 
@@ -113,19 +114,34 @@ pub async fn relay<S: Io>(
         Framing::Chunked => BodyHeader::Chunked,
         _ => BodyHeader::AsReceived,
     };
+    // Through a next hop: the absolute form, and this relay's credentials
+    // for the hop.
+    let absolute;
+    let (path, proxy_authorization) = match &route.via {
+        Some(via) => {
+            let authority = display_addr(decision.upstream_host(), decision.upstream_port);
+            absolute = format!("http://{authority}{}", req.target.path);
+            (
+                absolute.as_str(),
+                via.authorization.as_ref().map(Secret::expose),
+            )
+        }
+        None => (req.target.path.as_ref(), None),
+    };
     let head_out = rewrite::request_head(
         req.head,
         &RequestRewrite {
             name,
-            path: &req.target.path,
+            path,
             host: req.target.authority.as_deref(),
             body: body_header,
             upgrade,
             transparent: route.transparent,
+            proxy_authorization,
         },
     );
 
-    let (uh, up) = (decision.upstream_host(), decision.upstream_port);
+    let (uh, up) = decision.dial();
     // Only errors name the upstream: no string is built for a request that succeeds.
     let upstream_name = || display_addr(uh, up);
     let bad_response = |cause: String| {
@@ -215,62 +231,68 @@ pub async fn relay<S: Io>(
     }
 
     // The final response head, relaying interim responses.
-    let resp = loop {
-        let head = match early.take() {
-            Some(h) => h,
-            None => {
-                match timer
-                    .run(read_response_head(
-                        &mut server,
-                        MAX_RESPONSE_HEAD,
-                        MAX_RESPONSE_FIELDS,
-                    ))
-                    .await
-                {
-                    Err(_) => {
-                        return Err(RelayError::on_route(
-                            ErrorKind::ResponseTimeout {
-                                upstream: upstream_name(),
-                            },
-                            &route.host,
+    let resp =
+        loop {
+            let head = match early.take() {
+                Some(h) => h,
+                None => {
+                    match timer
+                        .run(read_response_head(
+                            &mut server,
+                            MAX_RESPONSE_HEAD,
+                            MAX_RESPONSE_FIELDS,
                         ))
-                    }
-                    // A pooled connection the server closed meanwhile: one
-                    // retry on a fresh connection, when no body was sent.
-                    Ok(Err(HeadError::Eof { partial: false } | HeadError::Io(_)))
-                        if reused && !has_body =>
+                        .await
                     {
-                        reused = false;
-                        server = send_fresh(ctx, &decision, &head_out).await?;
-                        continue;
+                        Err(_) => {
+                            return Err(RelayError::on_route(
+                                ErrorKind::ResponseTimeout {
+                                    upstream: upstream_name(),
+                                },
+                                &route.host,
+                            ))
+                        }
+                        // A pooled connection the server closed meanwhile: one
+                        // retry on a fresh connection, when no body was sent.
+                        Ok(Err(HeadError::Eof { partial: false } | HeadError::Io(_)))
+                            if reused && !has_body =>
+                        {
+                            reused = false;
+                            server = send_fresh(ctx, &decision, &head_out).await?;
+                            continue;
+                        }
+                        Ok(Err(e)) => return Err(bad_response(head_error_text(&e))),
+                        Ok(Ok(h)) => h,
                     }
-                    Ok(Err(e)) => return Err(bad_response(head_error_text(&e))),
-                    Ok(Ok(h)) => h,
                 }
+            };
+            match head.status {
+                101 if upgrade => break head,
+                100..=199 if head.status != 101 => {
+                    if req.head.minor == 1 && head.status != 100 {
+                        let interim = rewrite::response_head(
+                            &head,
+                            &ResponseRewrite {
+                                name,
+                                body: ResponseBody::AsReceived,
+                                decoded: false,
+                                upgrade: false,
+                                keep_alive: true,
+                                client_minor: 1,
+                            },
+                        );
+                        let _ = write_flush(&mut client.io, &interim).await;
+                    }
+                }
+                101 => return Err(bad_response("101 without an upgrade request".into())),
+                // The hop's challenge is for this relay, not for its client.
+                407 if route.via.is_some() => return Err(bad_response(
+                    "the next hop refused this relay's credentials (407); see via_credentials_file"
+                        .into(),
+                )),
+                _ => break head,
             }
         };
-        match head.status {
-            101 if upgrade => break head,
-            100..=199 if head.status != 101 => {
-                if req.head.minor == 1 && head.status != 100 {
-                    let interim = rewrite::response_head(
-                        &head,
-                        &ResponseRewrite {
-                            name,
-                            body: ResponseBody::AsReceived,
-                            decoded: false,
-                            upgrade: false,
-                            keep_alive: true,
-                            client_minor: 1,
-                        },
-                    );
-                    let _ = write_flush(&mut client.io, &interim).await;
-                }
-            }
-            101 => return Err(bad_response("101 without an upgrade request".into())),
-            _ => break head,
-        }
-    };
     if let Some(why) = ctx
         .must_switch
         .as_ref()
@@ -416,6 +438,7 @@ pub fn choose(
                 transparent: false,
                 decompress: false,
                 tls: None,
+                via: None,
             };
             Ok(Decision {
                 route: std::sync::Arc::new(route),
@@ -443,8 +466,8 @@ pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>
                 .await
         }
         None => upstream::connect(
-            d.upstream_host(),
-            d.upstream_port,
+            d.dial().0,
+            d.dial().1,
             d.route.connect_timeout,
             &d.route.host,
         )
@@ -461,18 +484,19 @@ async fn send_fresh(
     head: &[u8],
 ) -> Result<Conn<Upstream>, RelayError> {
     let route = &d.route;
+    let (host, port) = d.dial();
     let mut server = match &d.uplink {
         Some(_) => open_upstream(ctx, d).await?,
-        None => Conn::new(upstream::open(d.upstream_host(), d.upstream_port, route).await?),
+        None => Conn::new(upstream::open(host, port, route).await?),
     };
     write_flush(&mut server.io, head).await.map_err(|cause| {
         let kind = match &d.uplink {
             Some(_) => ErrorKind::BadResponse {
-                upstream: display_addr(d.upstream_host(), d.upstream_port),
+                upstream: display_addr(host, port),
                 cause: format!("sending the request: {cause}"),
             },
             None => ErrorKind::Connect {
-                upstream: display_addr(d.upstream_host(), d.upstream_port),
+                upstream: display_addr(host, port),
                 cause,
             },
         };

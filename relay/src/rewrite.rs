@@ -113,6 +113,9 @@ pub struct RequestRewrite<'a> {
     pub upgrade: bool,
     /// Strip Porthole's `Via` entries and add none.
     pub transparent: bool,
+    /// This relay's `Proxy-Authorization` for the next hop (the client's
+    /// never goes on: it is hop-by-hop).
+    pub proxy_authorization: Option<&'a str>,
 }
 
 /// Builds the head the relay sends to the internal server.
@@ -169,6 +172,9 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     }
     if rw.body == BodyHeader::Chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if let Some(credentials) = rw.proxy_authorization {
+        push_field(&mut out, b"Proxy-Authorization", credentials.as_bytes());
     }
     if !rw.transparent {
         via_line(&mut out, req.minor, rw.name);
@@ -316,6 +322,7 @@ mod tests {
             body: BodyHeader::AsReceived,
             upgrade: false,
             transparent: false,
+            proxy_authorization: None,
         }
     }
 
@@ -364,6 +371,7 @@ mod tests {
         let rw = RequestRewrite {
             host: None,
             transparent: true,
+            proxy_authorization: None,
             ..plain()
         };
         let got = rewrite(

@@ -110,9 +110,18 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The host to dial (or to name to the uplinked relay).
+    /// The internal server's host (named to the next hop or the uplinked
+    /// relay when there is one).
     pub fn upstream_host(&self) -> &str {
         self.upstream_name.as_deref().unwrap_or(&self.route.to.host)
+    }
+
+    /// The address to dial: the route's next hop, or the internal server.
+    pub fn dial(&self) -> (&str, u16) {
+        match &self.route.via {
+            Some(via) => (&via.host, via.port),
+            None => (self.upstream_host(), self.upstream_port),
+        }
     }
 }
 
@@ -170,9 +179,11 @@ impl RouteTable {
                 port,
             });
         }
+        // Through a next hop, the hop is asked for what the client asked.
+        let upstream_name = route.via.as_ref().map(|_| host.to_string());
         Ok(Decision {
             route: route.clone(),
-            upstream_name: None,
+            upstream_name,
             upstream_port: route.to.port.unwrap_or(port),
             uplink: None,
         })
@@ -193,6 +204,7 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             transparent: false,
             decompress: false,
+            via: None,
             tls: None,
         }
     }

@@ -80,9 +80,10 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
     for (i, name) in rows.iter().enumerate() {
         let (to, ports) = match config.routes.routes().get(i) {
             Some(r) => {
-                let to = match r.to.port {
-                    Some(p) => crate::upstream::display_addr(&r.to.host, p),
-                    None => r.to.host.clone(),
+                let to = match (&r.via, r.to.port) {
+                    (Some(via), _) => format!("via {}", via.addr()),
+                    (None, Some(p)) => crate::upstream::display_addr(&r.to.host, p),
+                    (None, None) => r.to.host.clone(),
                 };
                 let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
                 (to, ports.join(", "))

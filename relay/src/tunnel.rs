@@ -259,28 +259,59 @@ pub async fn open(
     let mut server = crate::forward::open_upstream(ctx, &decision)
         .await
         .inspect_err(|err| crate::forward::log_error(ctx, err))?;
-    let inside = match decision.uplink {
-        None => None,
-        Some(_) => forward_connect(&mut server, host, port, route.response_timeout)
-            .await
-            .map(Some)
-            .map_err(|err| {
-                crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
-                RelayError::on_route(
-                    ErrorKind::BadResponse {
-                        upstream: route.to.host.clone(),
-                        cause: "no answer to CONNECT".into(),
-                    },
-                    &route.host,
-                )
-            })?,
+    // Through an uplink or a next hop, the CONNECT goes on and the far side
+    // answers it.
+    let through = match (&decision.uplink, &route.via) {
+        (Some(id), _) => Some((format!("uplink {id}"), None)),
+        (None, Some(via)) => Some((
+            format!("next hop {}", via.addr()),
+            via.authorization.as_ref(),
+        )),
+        (None, None) => None,
     };
-    if let Some(answer) = inside.as_ref().filter(|a| a.status < 200) {
+    let inside = match &through {
+        None => None,
+        Some((name, credentials)) => forward_connect(
+            &mut server,
+            host,
+            port,
+            *credentials,
+            route.response_timeout,
+        )
+        .await
+        .map(Some)
+        .map_err(|err| {
+            crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
+            RelayError::on_route(
+                ErrorKind::BadResponse {
+                    upstream: name.clone(),
+                    cause: "no answer to CONNECT".into(),
+                },
+                &route.host,
+            )
+        })?,
+    };
+    let far = || {
+        through
+            .as_ref()
+            .map_or("", |(name, _)| name.as_str())
+            .to_string()
+    };
+    if let Some(answer) = inside
+        .as_ref()
+        .filter(|a| a.status < 200 || (a.status == 407 && route.via.is_some()))
+    {
         // A CONNECT is answered with its final status at once; an interim
-        // answer from the inside relay is not one.
+        // answer from the far side is not one. A next hop's challenge is for
+        // this relay, not for its client.
+        let cause = match answer.status {
+            407 => "the next hop refused this relay's credentials (407); see via_credentials_file"
+                .to_string(),
+            status => format!("interim answer {status} to CONNECT"),
+        };
         let err = ErrorKind::BadResponse {
-            upstream: route.to.host.clone(),
-            cause: format!("interim answer {} to CONNECT", answer.status),
+            upstream: far(),
+            cause,
         };
         let err = RelayError::on_route(err, &route.host);
         crate::forward::log_error(ctx, &err);
@@ -402,11 +433,15 @@ async fn forward_connect(
     server: &mut Conn<crate::upstream::Upstream>,
     host: &str,
     port: u16,
+    credentials: Option<&crate::secret::Secret>,
     timeout: Duration,
 ) -> Result<crate::codec::ResponseHead, ErrorKind> {
     let authority = crate::upstream::display_addr(host, port);
-    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-    let upstream = format!("uplink session for {authority}");
+    let authorization = credentials.map_or(String::new(), |c| {
+        format!("Proxy-Authorization: {}\r\n", c.expose())
+    });
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{authorization}\r\n");
+    let upstream = format!("session for {authority}");
     server
         .io
         .write_all(req.as_bytes())
