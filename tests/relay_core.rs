@@ -1009,3 +1009,124 @@ async fn a_tunnel_and_a_download_cut_by_the_drain_timeout_are_logged() {
         .expect("bytes_out");
     assert!(bytes_out > 0 && bytes_out < 64 << 20, "{got:?}");
 }
+
+/// Reads from `io` until a whole capsule arrived; its UDP payload.
+async fn next_datagram<R: tokio::io::AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> Vec<u8> {
+    use porthole_relay::udp::{capsule, Capsule};
+    loop {
+        match capsule(buf) {
+            Capsule::Datagram(payload, used) => {
+                let payload = payload.to_vec();
+                buf.drain(..used);
+                return payload;
+            }
+            Capsule::Other(used) => {
+                buf.drain(..used);
+            }
+            Capsule::Bad => panic!("bad capsule {buf:?}"),
+            Capsule::Partial => {
+                let mut more = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), io.read(&mut more))
+                    .await
+                    .expect("a datagram within 5 s")
+                    .unwrap();
+                assert!(n > 0, "closed before a datagram");
+                buf.extend_from_slice(&more[..n]);
+            }
+        }
+    }
+}
+
+/// CONNECT-UDP (RFC 9298): datagrams to a routed UDP server and back, as
+/// capsules, over HTTP/1.1 and over HTTP/2 (extended CONNECT); unknown
+/// capsules are skipped; an unrouted target is 403; one access line per
+/// session.
+#[tokio::test]
+async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
+    use porthole_relay::udp::datagram_capsule;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let uport = udp.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut b = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut b).await {
+            let mut out = b"echo:".to_vec();
+            out.extend_from_slice(&b[..n]);
+            let _ = udp.send_to(&out, from).await;
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("porthole-core-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let relay = Relay::start(&config_with(
+        &route("dns.test", "127.0.0.1", &[uport], ""),
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    ))
+    .await;
+    let path = format!("/.well-known/masque/udp/dns.test/{uport}/");
+
+    let mut s = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\nCapsule-Protocol: ?1\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "closed in the head: {buf:?}"
+        );
+        buf.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(head.contains("Capsule-Protocol: ?1"), "{head}");
+    assert!(head.contains("Upgrade: connect-udp"), "{head}");
+    let mut buf = Vec::new();
+    for msg in [&b"one"[..], b"two"] {
+        s.write_all(&datagram_capsule(msg)).await.unwrap();
+        assert_eq!(
+            next_datagram(&mut s, &mut buf).await,
+            [b"echo:", msg].concat()
+        );
+    }
+    // An unknown capsule type is skipped; the session goes on.
+    s.write_all(&[0x17, 2, 1, 2]).await.unwrap();
+    s.write_all(&datagram_capsule(b"three")).await.unwrap();
+    assert_eq!(next_datagram(&mut s, &mut buf).await, b"echo:three");
+    drop(s);
+
+    let mut sender = porthole_suite::h2c(relay.addr).await;
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("http://relay.test{path}"))
+        .header("capsule-protocol", "?1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["capsule-protocol"], "?1");
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(&datagram_capsule(b"over h2")).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(next_datagram(&mut io, &mut buf).await, b"echo:over h2");
+    drop(io);
+
+    let refused = b"GET /.well-known/masque/udp/other.test/53/ HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n";
+    let answer = raw_exchange(relay.addr, refused, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+
+    let sessions = || porthole_suite::lines_with(&log, "status=101");
+    let written = || async { sessions().len() == 2 };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), written).await,
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    porthole_suite::assert_some_line(
+        &sessions(),
+        &["method=GET", "route=\"dns.test\"", "masque/udp/dns.test"],
+    );
+}

@@ -77,6 +77,11 @@ pub enum RequestKind {
     Uplink {
         data: bool,
     },
+    /// CONNECT-UDP (RFC 9298) to `host:port`, asked of the relay itself.
+    Udp {
+        host: String,
+        port: u16,
+    },
     Relay(RelayTarget),
 }
 
@@ -186,6 +191,12 @@ fn own(head: &RequestHead, path: &str) -> RequestKind {
         crate::uplink::DATA_PATH if protocol(crate::uplink::DATA_PROTOCOL) => {
             RequestKind::Uplink { data: true }
         }
+        _ if protocol(crate::udp::PROTOCOL) => match crate::udp::target(path) {
+            Some((host, port)) => RequestKind::Udp { host, port },
+            None => RequestKind::Own {
+                path: path.to_string(),
+            },
+        },
         _ => RequestKind::Own {
             path: path.to_string(),
         },

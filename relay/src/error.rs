@@ -64,6 +64,9 @@ pub enum ErrorKind {
     TooManyRequests { retry_after: u64 },
     /// Plain HTTP on a port with `[tls] require = true`.
     TlsRequired,
+    /// A request this relay does not carry this way (UDP through an uplink
+    /// or a next hop).
+    NotImplemented(&'static str),
 }
 
 /// A failed request: the kind, and the route it was for when one was chosen.
@@ -94,6 +97,7 @@ impl RelayError {
             HeadTooLarge => 431,
             HeadTimeout => 408,
             BadRequest(_) | TlsRequired => 400,
+            NotImplemented(_) => 501,
             NotFound => 404,
             ProxyAuthRequired { .. } => 407,
             TooManyRequests { .. } => 429,
@@ -153,9 +157,11 @@ impl RelayError {
             | EventTooLarge { .. }
             | PollersFull { .. } => Fault::Client,
             EventStore(_) => Fault::Internal,
-            ProxyAuthRequired { .. } | Forbidden(_) | TooManyRequests { .. } | TlsRequired => {
-                Fault::Client
-            }
+            ProxyAuthRequired { .. }
+            | Forbidden(_)
+            | TooManyRequests { .. }
+            | TlsRequired
+            | NotImplemented(_) => Fault::Client,
             Resolve { .. }
             | Connect { .. }
             | ConnectTimeout { .. }
@@ -232,6 +238,7 @@ impl fmt::Display for RelayError {
                 "too many requests from your address; retry in {retry_after} s"
             ),
             TlsRequired => write!(f, "this port requires TLS: use https:// for the proxy"),
+            NotImplemented(what) => write!(f, "not implemented: {what}"),
         }
     }
 }
@@ -256,6 +263,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -317,6 +325,7 @@ mod tests {
             (ErrorKind::Forbidden(Denial::NoRule), 403),
             (ErrorKind::TooManyRequests { retry_after: 1 }, 429),
             (ErrorKind::TlsRequired, 400),
+            (ErrorKind::NotImplemented("x"), 501),
         ];
         for (kind, status) in cases {
             assert_eq!(RelayError::new(kind).status(), status);

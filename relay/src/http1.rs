@@ -164,6 +164,7 @@ async fn next_request<S: Io>(
     let target = match &kind {
         RequestKind::Connect { host, port } => Some((host.as_str(), *port)),
         RequestKind::Relay(t) => Some((t.host.as_str(), t.port)),
+        RequestKind::Udp { host, port } => Some((host.as_str(), *port)),
         RequestKind::Own { .. } | RequestKind::Uplink { .. } => None,
     };
     // Uplink control and data connections authenticate with their own
@@ -186,6 +187,16 @@ async fn next_request<S: Io>(
             };
         }
         RequestKind::Uplink { data } => return Next::Uplink { head, data },
+        RequestKind::Udp { host, port } => {
+            drop(head);
+            return match crate::udp::open(&host, port, ctx, &mut access).await {
+                Ok(socket) => {
+                    crate::udp::run(conn, socket, ctx, access.take()).await;
+                    Next::Close
+                }
+                Err(err) => answer_error(conn, ctx, err, access).await,
+            };
+        }
         _ => {}
     }
     let framing = match codec::request_framing(&head) {
@@ -198,7 +209,9 @@ async fn next_request<S: Io>(
     let keep_alive = wants_keep_alive(&head);
 
     let after = match kind {
-        RequestKind::Connect { .. } | RequestKind::Uplink { .. } => return Next::Close,
+        RequestKind::Connect { .. } | RequestKind::Uplink { .. } | RequestKind::Udp { .. } => {
+            return Next::Close
+        }
         RequestKind::Own { path } => {
             local::serve(conn, head, &path, framing, keep_alive, ctx, &mut access).await
         }

@@ -64,6 +64,7 @@ pub mod splice;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
+pub mod udp;
 pub mod uplink;
 pub mod upstream;
 pub mod workers;

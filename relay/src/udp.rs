@@ -1,0 +1,327 @@
+//! UDP through the relay: CONNECT-UDP (RFC 9298). A client asks the relay
+//! itself for `/.well-known/masque/udp/{host}/{port}/` with `Upgrade:
+//! connect-udp` (HTTP/1.1; over HTTP/2 an extended CONNECT with `:protocol
+//! connect-udp`, which the HTTP/2 side serves through the same HTTP path).
+//! The target is checked like a `CONNECT`'s (route, `ports`, rules); the
+//! relay binds a UDP socket connected to it and answers `101`. From then on
+//! the stream carries capsules (RFC 9297): each `DATAGRAM` capsule with
+//! context 0 is one UDP payload, both ways. Unknown capsules are skipped.
+//! The session ends when the client closes, or after `idle_timeout` without
+//! a datagram either way; one access line for the whole session.
+
+use std::time::Duration;
+
+use bytes::Buf;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use crate::access_log::Access;
+use crate::codec::{Conn, Io};
+use crate::error::{ErrorKind, RelayError};
+use crate::upstream::display_addr;
+use crate::ConnCtx;
+
+/// The URI template's fixed part (RFC 9298 section 2, the default template).
+pub const PATH_PREFIX: &str = "/.well-known/masque/udp/";
+
+/// The `Upgrade` token.
+pub const PROTOCOL: &str = "connect-udp";
+
+/// The largest capsule accepted: a UDP payload and its framing.
+const MAX_CAPSULE: u64 = 65_535 + 64;
+
+/// The capsule type of an HTTP Datagram (RFC 9297 section 3.5).
+const DATAGRAM: u64 = 0;
+
+/// The target of a CONNECT-UDP path: `(host, port)`, host lower case, an
+/// IPv6 literal percent-encoded (`2001%3Adb8%3A%3A1`) or in brackets.
+pub fn target(path: &str) -> Option<(String, u16)> {
+    let rest = path.strip_prefix(PATH_PREFIX)?;
+    let (host, port) = rest.split_once('/')?;
+    let port = port.strip_suffix('/').unwrap_or(port);
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host.replace("%3A", ":").replace("%3a", ":");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+    valid.then(|| (host.to_ascii_lowercase(), port))
+}
+
+/// Appends a QUIC variable-length integer (RFC 9000 section 16).
+pub fn put_varint(out: &mut Vec<u8>, v: u64) {
+    match v {
+        0..=63 => out.push(v as u8),
+        64..=16_383 => out.extend_from_slice(&(v as u16 | 0x4000).to_be_bytes()),
+        16_384..=1_073_741_823 => out.extend_from_slice(&(v as u32 | 0x8000_0000).to_be_bytes()),
+        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
+    }
+}
+
+/// Reads a QUIC variable-length integer: the value and its length, or `None`
+/// when `buf` does not hold all of it yet.
+pub fn get_varint(buf: &[u8]) -> Option<(u64, usize)> {
+    let first = *buf.first()?;
+    let len = 1usize << (first >> 6);
+    let bytes = buf.get(..len)?;
+    let mut v = u64::from(first & 0x3f);
+    for b in &bytes[1..] {
+        v = (v << 8) | u64::from(*b);
+    }
+    Some((v, len))
+}
+
+/// A `DATAGRAM` capsule with context 0 carrying `payload`.
+pub fn datagram_capsule(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 8);
+    put_varint(&mut out, DATAGRAM);
+    put_varint(&mut out, payload.len() as u64 + 1);
+    out.push(0); // context id 0: a UDP payload
+    out.extend_from_slice(payload);
+    out
+}
+
+/// One capsule at the start of `buf`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Capsule<'a> {
+    /// More bytes are needed.
+    Partial,
+    /// A UDP payload (a `DATAGRAM` capsule with context 0), and the capsule's length.
+    Datagram(&'a [u8], usize),
+    /// Any other capsule, skipped: its length.
+    Other(usize),
+    /// Longer than [`MAX_CAPSULE`], or an unreadable one.
+    Bad,
+}
+
+/// Parses the capsule at the start of `buf`.
+pub fn capsule(buf: &[u8]) -> Capsule<'_> {
+    let Some((kind, a)) = get_varint(buf) else {
+        return Capsule::Partial;
+    };
+    let Some((len, b)) = get_varint(&buf[a..]) else {
+        return Capsule::Partial;
+    };
+    if len > MAX_CAPSULE {
+        return Capsule::Bad;
+    }
+    let start = a + b;
+    let end = start + len as usize;
+    let Some(value) = buf.get(start..end) else {
+        return Capsule::Partial;
+    };
+    if kind != DATAGRAM {
+        return Capsule::Other(end);
+    }
+    match get_varint(value) {
+        Some((0, n)) => Capsule::Datagram(&value[n..], end),
+        // Another context (not defined for UDP proxying): dropped.
+        Some(_) => Capsule::Other(end),
+        None => Capsule::Bad,
+    }
+}
+
+/// Checks the target like a `CONNECT`'s and binds a UDP socket connected to
+/// it. The route goes on the access record.
+pub async fn open(
+    host: &str,
+    port: u16,
+    ctx: &ConnCtx,
+    access: &mut Access,
+) -> Result<UdpSocket, RelayError> {
+    let config = ctx.shared.config();
+    let decision = crate::forward::choose(ctx, &config, host, port)?;
+    let route = &decision.route;
+    access.route = Some(route.clone());
+    if decision.uplink.is_some() || route.via.is_some() {
+        return Err(RelayError::on_route(
+            ErrorKind::NotImplemented("UDP through an uplink or a next hop"),
+            &route.host,
+        ));
+    }
+    let (host, port) = decision.dial();
+    let upstream = display_addr(host, port);
+    let dial = async {
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|cause| ErrorKind::Resolve {
+                upstream: upstream.clone(),
+                cause,
+            })?
+            .next()
+            .ok_or_else(|| ErrorKind::Resolve {
+                upstream: upstream.clone(),
+                cause: std::io::Error::other("name has no addresses"),
+            })?;
+        let local: std::net::SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let connect = |cause| ErrorKind::Connect {
+            upstream: upstream.clone(),
+            cause,
+        };
+        let socket = UdpSocket::bind(local).await.map_err(connect)?;
+        socket.connect(addr).await.map_err(connect)?;
+        Ok(socket)
+    };
+    match tokio::time::timeout(route.connect_timeout, dial).await {
+        Ok(Ok(socket)) => Ok(socket),
+        Ok(Err(kind)) => Err(RelayError::on_route(kind, &route.host)),
+        Err(_) => Err(RelayError::on_route(
+            ErrorKind::ConnectTimeout {
+                upstream: upstream.clone(),
+            },
+            &route.host,
+        )),
+    }
+}
+
+/// Answers `101` and carries datagrams until the client closes or the
+/// session idles for `idle_timeout`; then writes the access line.
+pub async fn run<S: Io>(conn: &mut Conn<S>, socket: UdpSocket, ctx: &ConnCtx, mut access: Access) {
+    let name = ctx.shared.config().relay.name.clone();
+    let idle = ctx.shared.config().limits.idle_timeout;
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\nVia: 1.1 {name} (porthole)\r\n\r\n"
+    );
+    access.status = 101;
+    access.tunnel = true;
+    if conn.io.write_all(head.as_bytes()).await.is_err() {
+        access.finish(ctx);
+        return;
+    }
+    access.bytes_out += head.len() as u64;
+    let open = crate::tunnel::open_tunnel(ctx, access.route_name());
+    let (up, down) = carry(conn, &socket, idle).await;
+    drop(open);
+    access.bytes_in += up;
+    access.bytes_out += down;
+    access.finish(ctx);
+}
+
+/// Moves datagrams both ways; the capsule bytes read from and written to
+/// the client.
+async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration) -> (u64, u64) {
+    let (mut up, mut down) = (0u64, 0u64);
+    let mut datagram = vec![0u8; 65_535];
+    let mut last = Instant::now();
+    loop {
+        // Every whole capsule read so far goes out as a datagram.
+        loop {
+            let used = match capsule(&conn.buf) {
+                Capsule::Partial => break,
+                Capsule::Bad => {
+                    tracing::debug!("CONNECT-UDP: a capsule too long or unreadable; closing");
+                    return (up, down);
+                }
+                Capsule::Other(used) => used,
+                Capsule::Datagram(payload, used) => {
+                    // A datagram the socket cannot take now is dropped, as UDP would.
+                    let _ = socket.try_send(payload);
+                    used
+                }
+            };
+            up += used as u64;
+            conn.buf.advance(used);
+            last = Instant::now();
+        }
+        tokio::select! {
+            read = conn.fill() => match read {
+                Ok(n) if n > 0 => {}
+                _ => return (up, down),
+            },
+            received = socket.recv(&mut datagram) => {
+                // An ICMP error (the port is closed) is not the session's end.
+                let Ok(n) = received else { continue };
+                let out = datagram_capsule(&datagram[..n]);
+                if conn.io.write_all(&out).await.is_err() {
+                    return (up, down);
+                }
+                down += out.len() as u64;
+                last = Instant::now();
+            }
+            () = tokio::time::sleep_until(last + idle) => {
+                tracing::debug!(?idle, "CONNECT-UDP session idle; closing");
+                return (up, down);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_at_every_length() {
+        for v in [
+            0,
+            63,
+            64,
+            16_383,
+            16_384,
+            1_073_741_823,
+            1_073_741_824,
+            (1 << 62) - 1,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(get_varint(&out), Some((v, out.len())), "{v}");
+            assert_eq!(get_varint(&out[..out.len() - 1]), None, "{v} cut");
+        }
+        // RFC 9000 appendix A.1's examples.
+        assert_eq!(get_varint(&[0x25]), Some((37, 1)));
+        assert_eq!(get_varint(&[0x7b, 0xbd]), Some((15_293, 2)));
+        assert_eq!(
+            get_varint(&[0x9d, 0x7f, 0x3e, 0x7d]),
+            Some((494_878_333, 4))
+        );
+    }
+
+    #[test]
+    fn capsules_parse_whole_partial_other_and_too_long() {
+        let c = datagram_capsule(b"hello");
+        assert_eq!(c, [0, 6, 0, b'h', b'e', b'l', b'l', b'o']);
+        assert_eq!(capsule(&c), Capsule::Datagram(b"hello", 8));
+        assert_eq!(capsule(&c[..5]), Capsule::Partial);
+        assert_eq!(capsule(&[]), Capsule::Partial);
+        // An unknown capsule type, skipped whole.
+        assert_eq!(capsule(&[0x17, 2, 1, 2, 9]), Capsule::Other(4));
+        // A datagram with another context id: dropped.
+        assert_eq!(capsule(&[0, 2, 2, 7]), Capsule::Other(4));
+        let mut long = vec![0];
+        put_varint(&mut long, 1 << 20);
+        assert_eq!(capsule(&long), Capsule::Bad);
+    }
+
+    #[test]
+    fn targets_follow_the_default_template() {
+        let t = |p: &str| target(p);
+        assert_eq!(
+            t("/.well-known/masque/udp/DNS.corp/53/"),
+            Some(("dns.corp".into(), 53))
+        );
+        assert_eq!(
+            t("/.well-known/masque/udp/192.0.2.6/443/"),
+            Some(("192.0.2.6".into(), 443))
+        );
+        assert_eq!(
+            t("/.well-known/masque/udp/2001%3Adb8%3A%3A42/53/"),
+            Some(("2001:db8::42".into(), 53))
+        );
+        for bad in [
+            "/.well-known/masque/udp/dns.corp/0/",
+            "/.well-known/masque/udp/dns.corp/x/",
+            "/.well-known/masque/udp//53/",
+            "/.well-known/masque/udp/a b/53/",
+            "/.well-known/masque/udp/dns.corp/53/extra/",
+            "/.well-known/masque/ip/dns.corp/53/",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
+}
