@@ -16,7 +16,7 @@ use crate::auth::{Auth, RawAuth};
 use crate::routes::{RouteTable, Target};
 use crate::rules::{self, RawRule, Rules};
 use crate::secret::Secret;
-use crate::tls::{RawTls, Tls, UpstreamTls};
+use crate::tls::{ClientTls, RawTls, Tls};
 
 /// The example configuration shipped in `conf/relay.toml`; used when no
 /// `--config` is given.
@@ -536,7 +536,7 @@ pub struct Route {
     pub transparent: bool,
     pub decompress: bool,
     /// TLS to the internal server; `None`: plain TCP.
-    pub tls: Option<UpstreamTls>,
+    pub tls: Option<ClientTls>,
 }
 
 // ---------------------------------------------------------------- errors
@@ -794,7 +794,7 @@ impl RawConfig {
                 }
             };
             let tls = if https || r.tls {
-                match UpstreamTls::new(r.ca.as_deref()) {
+                match ClientTls::new(r.ca.as_deref()) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         c.push(key(if r.ca.is_some() { "ca" } else { "tls" }), e);
