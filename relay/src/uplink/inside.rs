@@ -1,12 +1,12 @@
 //! The inside relay's side of uplinks: an actor that keeps the control
 //! connection to the outside relay (dialled out, through an outbound HTTP
-//! proxy when configured, over TLS with `tls = true`), registers the offered names, keeps the link alive
-//! adaptively, reconnects with backoff, and opens a new outbound data
-//! connection for every session, served like any client connection (kept
-//! alive between requests, which the outside relay reuses it for, until
-//! `limits.idle_timeout`). With
-//! `pool = N` it keeps N data connections parked at the outside relay ahead
-//! of the sessions (S4p) and replaces each one a session takes (S7p).
+//! proxy when configured, over TLS with `tls = true`), registers the offered
+//! names, keeps the link alive adaptively, reconnects with backoff, and opens
+//! a new outbound data connection for every session, served like any client
+//! connection (kept alive between requests, which the outside relay reuses it
+//! for, until `limits.idle_timeout`). With `pool = N` it keeps N data
+//! connections parked at the outside relay ahead of the sessions (S4p) and
+//! replaces each one a session takes (S7p).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
