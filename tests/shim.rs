@@ -1,7 +1,8 @@
 //! The shim, driven by the real curl: both request forms through the system
 //! proxy, CONNECT, forwarded ports, many tunnels over one relay connection,
 //! a link failure healed without restarting anything, h2c on the relay
-//! itself, and the real `porthole-shim` binary with `conf/shim.toml`.
+//! itself, the real `porthole-shim` binary with `conf/shim.toml`, and the
+//! link over TLS (a relay that requires it, a wrong CA, no ALPN `h2`).
 //! Every test starts its own relay, shim and internal servers on free ports.
 
 use std::net::SocketAddr;
@@ -15,11 +16,19 @@ use porthole_suite::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+// The certificate fixtures of the security tests (a CA made per test).
+#[allow(dead_code)]
+mod security_support;
+use security_support::{Ca, Dir, TlsFront};
+
 fn shim_config(relay: SocketAddr, extra: &str) -> ShimConfig {
-    let text = format!(
+    shim_config_text(&format!(
         "relay = \"{relay}\"\nrelay_name = \"relay.test\"\nlisten = \"127.0.0.1:0\"\n{extra}"
-    );
-    RawConfig::from_toml(&text).unwrap().validate().unwrap()
+    ))
+}
+
+fn shim_config_text(text: &str) -> ShimConfig {
+    RawConfig::from_toml(text).unwrap().validate().unwrap()
 }
 
 async fn start_shim(config: ShimConfig) -> Shim {
@@ -1164,4 +1173,176 @@ async fn requests_the_relay_did_not_process_are_sent_again() {
         [(0, 1), (0, 3), (1, 1), (1, 3)],
         "the GET came again on the next connection, after its probe"
     );
+}
+
+// ---------------------------------------------------------------- TLS link
+
+/// A relay that requires TLS, with a certificate from `ca` for 127.0.0.1,
+/// routing `app-a.test` to `origin` and `echo.test` to `echo`.
+async fn tls_relay(dir: &Dir, ca: &Ca, origin: &Origin, echo: &EchoServer) -> Relay {
+    let leaf = ca.server(&["127.0.0.1", "localhost"]);
+    let cert = dir.write("relay.pem", &leaf.cert);
+    let key = dir.write("relay.key", &leaf.key);
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
+        + &route("echo.test", "127.0.0.1", &[echo.port()], "");
+    let tls = format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nrequire = true\n");
+    Relay::start(&config_with(&routes, &tls)).await
+}
+
+#[tokio::test]
+async fn the_link_runs_over_tls_to_a_relay_that_requires_it() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let relay = tls_relay(&dir, &ca, &origin, &echo).await;
+    let shim = start_shim(shim_config(
+        relay.addr,
+        &format!("tls = true\nca = \"{ca_file}\"\n"),
+    ))
+    .await;
+    wait_state(&shim, true, Duration::from_secs(10)).await;
+
+    // A request in proxy form, and HTTP inside a CONNECT tunnel.
+    let proxy = format!("http://{}", shim.addr);
+    let out = Curl::new(&format!("http://app-a.test:{}/over-tls", origin.port()))
+        .proxy(&proxy)
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /over-tls");
+    let out = Curl::new(&format!("http://app-a.test:{}/tunnelled", origin.port()))
+        .proxy(&proxy)
+        .arg("-p")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tunnelled");
+    // Raw bytes both ways through a CONNECT stream, half-close included.
+    let (s, _) = connect_via(shim.addr, &format!("echo.test:{}", echo.port())).await;
+    assert_eq!(echo_round(s, b"ping").await, b"pingbye\n");
+
+    // The `https://` form of `relay` is the same link, through a reconnect:
+    // the relay restarts on its address and the shim links again.
+    let shim2 = start_shim(shim_config_text(&format!(
+        "relay = \"https://{}\"\nrelay_name = \"relay.test\"\nlisten = \"127.0.0.1:0\"\nca = \"{ca_file}\"\n",
+        relay.addr
+    )))
+    .await;
+    wait_state(&shim2, true, Duration::from_secs(10)).await;
+    let addr = relay.addr;
+    relay.shutdown().await;
+    wait_state(&shim2, false, Duration::from_secs(10)).await;
+    let leaf = ca.server(&["127.0.0.1"]);
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        dir.write("relay2.pem", &leaf.cert),
+        dir.write("relay2.key", &leaf.key)
+    );
+    let _relay = Relay::start_at(&config_with(&routes, &tls), addr).await;
+    let out = Curl::new(&format!("http://app-a.test:{}/again", origin.port()))
+        .proxy(&format!("http://{}", shim2.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /again");
+}
+
+/// The reason the link's first session failed.
+async fn link_error(shim: &Shim) -> String {
+    let mut watch = shim.link.watch();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|s| {
+            matches!(
+                s,
+                LinkState::Connecting {
+                    last_error: Some(_)
+                }
+            )
+        }),
+    )
+    .await
+    .expect("no link error within 10 s")
+    .unwrap()
+    .clone();
+    match failed {
+        LinkState::Connecting {
+            last_error: Some(why),
+        } => why,
+        _ => unreachable!("waited for an error"),
+    }
+}
+
+#[tokio::test]
+async fn a_relay_certificate_from_another_ca_keeps_the_link_down_and_says_why() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let other = dir.write("other-ca.pem", &Ca::new("another ca").pem());
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let relay = tls_relay(&dir, &ca, &origin, &echo).await;
+    let shim = start_shim(shim_config(
+        relay.addr,
+        &format!("tls = true\nca = \"{other}\"\nlink_wait = \"300ms\"\n"),
+    ))
+    .await;
+
+    // The link never comes up; its state names the certificate problem.
+    let why = link_error(&shim).await;
+    assert!(
+        why.contains(&format!("TLS with {} failed", relay.addr)),
+        "{why}"
+    );
+    assert!(
+        why.contains("certificate verify failed: UnknownIssuer"),
+        "{why}"
+    );
+    assert!(!shim.link.is_up());
+
+    // The status endpoint and a request's 502 say the same.
+    let path = format!("{}status", control::PREFIX);
+    let (_, status) = control::call(shim.addr, http::Method::GET, &path, String::new())
+        .await
+        .unwrap();
+    assert!(status.contains("UnknownIssuer"), "{status}");
+    let out = Curl::new(&format!("http://app-a.test:{}/x", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 502, "{out:?}");
+    let text = out.text();
+    assert!(
+        text.contains(&format!("relay {} unreachable", relay.addr)),
+        "{text}"
+    );
+    assert!(
+        text.contains("certificate verify failed: UnknownIssuer"),
+        "{text}"
+    );
+    assert!(origin.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_tls_server_that_does_not_choose_h2_is_no_link() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    // TLS without ALPN in front of a plain HTTP/1 server.
+    let backend: SocketAddr = format!("127.0.0.1:{}", origin.port()).parse().unwrap();
+    let front = TlsFront::start(&ca.server(&["127.0.0.1"]), backend).await;
+    let shim = start_shim(shim_config(
+        front.addr,
+        &format!("tls = true\nca = \"{ca_file}\"\n"),
+    ))
+    .await;
+    let why = link_error(&shim).await;
+    assert!(
+        why.contains(&format!(
+            "TLS with {} failed: ALPN: the relay chose nothing, not h2",
+            front.addr
+        )),
+        "{why}"
+    );
+    assert!(origin.received().is_empty());
 }

@@ -15,6 +15,11 @@ use porthole_suite::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+// The certificate fixtures of the security tests (a CA made per test).
+#[allow(dead_code)]
+mod security_support;
+use security_support::{Ca, Dir};
+
 fn secret_file(tag: &str, secret: &str) -> PathBuf {
     // One file per call: tests run in parallel with the same ids and other secrets.
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -1219,4 +1224,100 @@ async fn an_http2_connect_reset_while_dialling_is_logged_as_499() {
         &lines(),
         &["status=499", "target=\"db.mute:5432\"", "route=\"db.mute\""],
     );
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// O requires TLS on its aggregate port; two inside relays reach it over
+/// TLS, one directly with a parked data connection (`pool = 1`), one
+/// through an outbound HTTP proxy (TLS inside the proxy's CONNECT tunnel).
+/// Clients reach O over TLS too (`--proxy https://`).
+#[tokio::test]
+async fn uplinks_over_tls_to_an_outside_relay_that_requires_it() {
+    let (dir, ca) = (Dir::new(), Ca::new("outside ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        dir.write("o.pem", &leaf.cert),
+        dir.write("o.key", &leaf.key)
+    );
+    let accepted =
+        accept("plant-3", "s3", &["*.plant3"], "") + &accept("plant-4", "s4", &["*.plant4"], "");
+    let o = Relay::start(&config_with("", &format!("{tls}\n{accepted}"))).await;
+    // An ordinary relay as the inside network's outbound HTTP proxy.
+    let outbound = Relay::start(&config_with(
+        &route("127.0.0.1", "127.0.0.1", &[o.addr.port()], ""),
+        "",
+    ))
+    .await;
+
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let uplink_tls = format!("tls = true\nca = \"{ca_file}\"\n");
+    let routes3 = route("erp.plant3", "127.0.0.1", &[origin.port()], "")
+        + &route("db.plant3", "127.0.0.1", &[echo.port()], "");
+    let _i3 = Relay::start(&format!(
+        "{}{uplink_tls}pool = 1\n",
+        inside(
+            &o.addr.to_string(),
+            "plant-3",
+            "s3",
+            &["erp.plant3", "db.plant3"],
+            &routes3
+        )
+    ))
+    .await;
+    let routes4 = route("erp.plant4", "127.0.0.1", &[origin.port()], "");
+    let _i4 = Relay::start(&format!(
+        "{}{uplink_tls}proxy = \"{}\"\n",
+        inside(
+            &o.addr.to_string(),
+            "plant-4",
+            "s4",
+            &["erp.plant4"],
+            &routes4
+        ),
+        outbound.addr
+    ))
+    .await;
+
+    let o_proxy = format!("https://{}", o.addr);
+    let get = |url: String| {
+        let (o_proxy, ca_file) = (o_proxy.clone(), ca_file.clone());
+        async move {
+            Curl::new(&url)
+                .proxy(&o_proxy)
+                .args(&["--proxy-cacert", &ca_file])
+                .run()
+                .await
+        }
+    };
+    for plant in ["plant3", "plant4"] {
+        let url = format!("http://erp.{plant}:{}/{plant}", origin.port());
+        let up = eventually(Duration::from_secs(15), || async {
+            get(url.clone()).await.status == 200
+        })
+        .await;
+        assert!(
+            up,
+            "erp.{plant} never answered: {:?}",
+            get(url.clone()).await
+        );
+        let out = get(url).await;
+        assert_eq!(out.text(), format!("ok /{plant}"), "{out:?}");
+    }
+
+    // plant-4's control and data connections went through the outbound proxy.
+    let through = metric(&outbound, "porthole_connections_accepted_total").await;
+    assert!(through >= 2.0, "{through}");
+
+    // A CONNECT tunnel through O and the TLS data connection to I.
+    let out = Curl::new(&format!("http://erp.plant3:{}/tunnelled", origin.port()))
+        .proxy(&o_proxy)
+        .args(&["--proxy-cacert", &ca_file, "-p"])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tunnelled");
 }

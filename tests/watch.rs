@@ -2,7 +2,8 @@
 //! events printed once each and in order across a restart of the watcher
 //! (state file), `missed` on stderr when the state is behind the retention,
 //! a relay that goes away and comes back on the same port, `503` with
-//! `Retry-After`, and bad topics and state files refused before any request.
+//! `Retry-After`, bad topics and state files refused before any request, and
+//! a relay that requires TLS (`--relay https://... --ca`).
 //! The watcher's stdout is read line by line with a timeout.
 
 use std::net::SocketAddr;
@@ -18,6 +19,11 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
+
+// The certificate fixtures of the security tests (a CA made per test).
+#[allow(dead_code)]
+mod security_support;
+use security_support::{Ca, Dir};
 
 const LINE_WAIT: Duration = Duration::from_secs(20);
 
@@ -56,10 +62,16 @@ struct Watcher {
 
 impl Watcher {
     fn spawn(conf: &Path, relay: SocketAddr, topic: &str, state: &Path) -> Watcher {
+        Watcher::spawn_with(conf, &[&relay.to_string()], topic, state)
+    }
+
+    /// `relay`: the `--relay` value, then further global flags.
+    fn spawn_with(conf: &Path, relay: &[&str], topic: &str, state: &Path) -> Watcher {
         let mut child = Command::new(binary("porthole-shim"))
             .arg("--config")
             .arg(conf)
-            .args(["--relay", &relay.to_string()])
+            .arg("--relay")
+            .args(relay)
             .args(["events", "watch", topic, "--wait", "5", "--state"])
             .arg(state)
             .env("RUST_LOG", "info")
@@ -341,4 +353,27 @@ async fn a_full_relay_is_asked_again_after_retry_after() {
     );
     let (status, _, stderr) = watcher.stop("TERM").await;
     assert!(status.success(), "{status:?}\n{stderr}");
+}
+
+#[tokio::test]
+async fn the_watcher_polls_a_relay_that_requires_tls() {
+    let (files, ca) = (Dir::new(), Ca::new("relay ca"));
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        files.write("relay.pem", &leaf.cert),
+        files.write("relay.key", &leaf.key)
+    );
+    let relay = Relay::start(&config_with("", &tls)).await;
+    let ca_file = files.write("ca.pem", &ca.pem());
+    let (dir, conf) = workdir();
+    let state = dir.path().join("t.last");
+    let https = format!("https://{}", relay.addr);
+    let mut watcher = Watcher::spawn_with(&conf, &[&https, "--ca", &ca_file], "t", &state);
+    let id = publish_ok(&relay.admin_url(), "t", "\"over tls\"").await;
+    let event = watcher.next_event().await;
+    assert_eq!(
+        (&event["id"], &event["data"]),
+        (&id.into(), &"over tls".into())
+    );
 }

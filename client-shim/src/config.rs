@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use porthole_relay::config::{parse_duration, ConfigError, Problem};
 use porthole_relay::routes::parse_authority;
+use porthole_relay::tls::{ClientTls, RelayTls};
 use serde::Deserialize;
 
 use crate::keepalive;
@@ -20,8 +21,18 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// The relay's aggregate port, `HOST:PORT`.
+    /// The relay's aggregate port, `HOST:PORT`; `https://HOST:PORT` is the
+    /// same with `tls = true`.
     pub relay: Option<String>,
+    /// Speak TLS to the relay (the link with ALPN `h2`, and `events watch`).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM CA certificates for the relay's certificate; default: the system
+    /// roots. Needs TLS.
+    pub ca: Option<String>,
+    /// The name the relay's certificate must carry (and SNI); default: the
+    /// host of `relay`. Needs TLS.
+    pub server_name: Option<String>,
     /// The relay's `name` (its pseudonym): the host of the shim's own requests
     /// to the relay (PAC, probes). Default: the `relay` address.
     pub relay_name: Option<String>,
@@ -55,6 +66,8 @@ pub struct RawKeepalive {
 pub struct ShimConfig {
     /// `HOST:PORT` of the relay, dialled as given.
     pub relay: String,
+    /// TLS to the relay; `None` for plain TCP (h2c on the link).
+    pub tls: Option<ShimTls>,
     /// The authority of the shim's own requests to the relay.
     pub relay_name: String,
     pub listen: SocketAddr,
@@ -62,6 +75,14 @@ pub struct ShimConfig {
     pub link_wait: Duration,
     pub connect_timeout: Duration,
     pub keepalive: keepalive::Settings,
+}
+
+/// TLS to the relay: the link offers only `h2` in ALPN (it is HTTP/2), the
+/// event watcher only `http/1.1` (its polls are HTTP/1.1).
+#[derive(Debug, Clone)]
+pub struct ShimTls {
+    pub link: RelayTls,
+    pub watch: RelayTls,
 }
 
 /// A forwarded port: a local listener whose connections tunnel to `host:port`.
@@ -134,18 +155,24 @@ impl RawConfig {
                 message,
             })
         };
-        let relay = match self.relay.as_deref().map(str::trim) {
+        let relay_text = self.relay.as_deref().map(str::trim);
+        let https = relay_text.and_then(strip_https);
+        let relay = match https.or(relay_text) {
             None | Some("") => {
                 problem("relay", "required: the relay's HOST:PORT".into());
                 String::new()
             }
             Some(r) => {
                 if !matches!(parse_authority(r, 0), Some((_, port)) if port != 0) {
-                    problem("relay", format!("`{r}` is not HOST:PORT"));
+                    problem(
+                        "relay",
+                        format!("`{r}` is not HOST:PORT (or https://HOST:PORT)"),
+                    );
                 }
                 r.to_string()
             }
         };
+        let tls = self.tls(https.is_some(), &relay, &mut problem);
         let relay_name = match self.relay_name.as_deref().map(str::trim) {
             Some(n) if n.is_empty() || n.contains(['/', ' ', '@']) => {
                 problem("relay_name", format!("`{n}` is not a host name"));
@@ -202,6 +229,7 @@ impl RawConfig {
         }
         Ok(ShimConfig {
             relay,
+            tls,
             relay_name,
             listen,
             forwards,
@@ -210,6 +238,57 @@ impl RawConfig {
             keepalive,
         })
     }
+}
+
+impl RawConfig {
+    /// `tls`, `ca` and `server_name` (with `https` from the `relay` form),
+    /// checked; the CA file is read here, so a bad one is a config error.
+    fn tls(
+        &self,
+        https: bool,
+        relay: &str,
+        problem: &mut impl FnMut(&str, String),
+    ) -> Option<ShimTls> {
+        if !(self.tls || https) {
+            for (set, key) in [
+                (self.ca.is_some(), "ca"),
+                (self.server_name.is_some(), "server_name"),
+            ] {
+                if set {
+                    problem(
+                        key,
+                        "needs tls = true (or relay = \"https://HOST:PORT\")".into(),
+                    );
+                }
+            }
+            return None;
+        }
+        let name = match self.server_name.as_deref().map(str::trim) {
+            Some(name) => name.to_string(),
+            // A bad `relay` is reported on its own.
+            None => parse_authority(relay, 0)?.0,
+        };
+        let key = if self.ca.is_some() { "ca" } else { "tls" };
+        let build = |alpn: &[u8]| {
+            let client = ClientTls::with_alpn(self.ca.as_deref(), &[alpn]).map_err(|e| (key, e))?;
+            RelayTls::new(client, &name).map_err(|e| ("server_name", e))
+        };
+        match (build(b"h2"), build(b"http/1.1")) {
+            (Ok(link), Ok(watch)) => Some(ShimTls { link, watch }),
+            (Err((key, e)), _) | (_, Err((key, e))) => {
+                problem(key, e);
+                None
+            }
+        }
+    }
+}
+
+/// `HOST:PORT` of `https://HOST:PORT` (scheme in any case, an optional `/`).
+fn strip_https(relay: &str) -> Option<&str> {
+    let scheme = relay.get(..8)?;
+    scheme
+        .eq_ignore_ascii_case("https://")
+        .then(|| relay[8..].trim_end_matches('/'))
 }
 
 fn one(key: &str, message: String) -> ConfigError {
@@ -261,9 +340,66 @@ mod tests {
             ),
             ("relay = \"r:1\"\nlisten_on = \"x\"\n", "listen_on"),
             ("relay = 5\n", "relay"),
+            ("relay = \"http://r:1\"\n", "relay"),
+            ("relay = \"r:1\"\nca = \"ca.pem\"\n", "ca"),
+            ("relay = \"r:1\"\nserver_name = \"r\"\n", "server_name"),
+            (
+                "relay = \"r:1\"\ntls = true\nca = \"/nonexistent/ca.pem\"\n",
+                "ca",
+            ),
+            (
+                "relay = \"https://r:1\"\nca = \"/nonexistent/ca.pem\"\n",
+                "ca",
+            ),
+            (
+                "relay = \"https://r:1\"\nserver_name = \"a b\"\n",
+                "server_name",
+            ),
         ];
         for (text, key) in bad {
             assert_eq!(check(text).err().as_deref(), Some(*key), "{text}");
         }
+    }
+
+    #[test]
+    fn tls_to_the_relay_by_key_or_by_https_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        // Any certificate will do as a root here; the relay crate's own
+        // test CA is not at hand, so one is made with rcgen.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let ca = ca.display();
+
+        let plain = check("relay = \"r.test:1\"\n").unwrap();
+        assert!(plain.tls.is_none());
+        let keyed = check(&format!(
+            "relay = \"r.test:1\"\ntls = true\nca = \"{ca}\"\n"
+        ))
+        .unwrap();
+        let https = check(&format!("relay = \"HTTPS://r.test:1/\"\nca = \"{ca}\"\n")).unwrap();
+        for c in [&keyed, &https] {
+            assert_eq!(c.relay, "r.test:1");
+            assert_eq!(c.relay_name, "r.test:1");
+            let tls = c.tls.as_ref().unwrap();
+            assert_eq!(tls.link.server_name, "r.test");
+            assert_eq!(tls.watch.server_name, "r.test");
+        }
+        let named = check(&format!(
+            "relay = \"10.0.0.5:8443\"\ntls = true\nca = \"{ca}\"\nserver_name = \"relay.corp\"\n"
+        ))
+        .unwrap();
+        assert_eq!(named.tls.unwrap().link.server_name, "relay.corp");
+        // The error names the file.
+        let e = RawConfig::from_toml("relay = \"r:1\"\ntls = true\nca = \"/nonexistent/ca.pem\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.problems[0].message.contains("/nonexistent/ca.pem"),
+            "{e:?}"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //! - [`proxy`]: the system-proxy listener: proxy form, origin form, `CONNECT`;
 //! - [`forward`]: forwarded ports, each connection a `CONNECT` stream;
 //! - [`control`]: the shim's own endpoints: PAC file, status, forward control;
-//! - [`link`]: the one HTTP/2 connection to the relay, an actor with a handle;
+//! - [`link`]: the one HTTP/2 connection to the relay (h2c, or over TLS with
+//!   ALPN `h2`), an actor with a handle;
 //! - [`keepalive`]: the adaptive keepalive decision (pure, clock as a parameter);
 //! - [`meter`]: records when bytes last crossed the link;
 //! - [`config`]: raw, then validated configuration;
@@ -17,8 +18,8 @@
 //!
 //! Shared with the relay (crate `porthole_relay`): the HTTP/2 link settings
 //! and tunnel splice (`h2`), hop-by-hop rewriting (`rewrite`), authority
-//! parsing (`routes`), identity (`dispatch`), the PAC generator (`pac`) and
-//! configuration errors (`config`).
+//! parsing (`routes`), identity (`dispatch`), the PAC generator (`pac`),
+//! client-side TLS to the relay (`tls`) and configuration errors (`config`).
 #![forbid(unsafe_code)]
 
 pub mod config;

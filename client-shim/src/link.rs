@@ -18,6 +18,8 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use porthole_relay::h2::{Body, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use porthole_relay::tls::RelayTls;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -120,6 +122,7 @@ pub struct LinkHandle {
 #[derive(Clone)]
 struct Session {
     relay: String,
+    tls: Option<RelayTls>,
     relay_name: String,
     connect_timeout: Duration,
     keepalive: Settings,
@@ -132,6 +135,7 @@ impl LinkHandle {
         let stop = CancellationToken::new();
         let session = Session {
             relay: config.relay.clone(),
+            tls: config.tls.as_ref().map(|t| t.link.clone()),
             relay_name: config.relay_name.clone(),
             connect_timeout: config.connect_timeout,
             keepalive: config.keepalive,
@@ -344,8 +348,35 @@ async fn run_session(s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> Str
         Err(_) => return format!("no connection within {:?}", s.connect_timeout),
     };
     let _ = tcp.set_nodelay(true);
+    let Some(tls) = &s.tls else {
+        return serve_session(tcp, s, tx, id).await;
+    };
+    let stream = match tls.connect(tcp, &s.relay, s.connect_timeout).await {
+        Ok(stream) => stream,
+        Err(e) => return e,
+    };
+    // The link is HTTP/2: a relay that did not choose it cannot carry it.
+    match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => serve_session(stream, s, tx, id).await,
+        other => {
+            let chose = other.map_or("nothing".into(), |p| {
+                format!("`{}`", String::from_utf8_lossy(p))
+            });
+            format!(
+                "TLS with {} failed: ALPN: the relay chose {chose}, not h2 (HTTP/2)",
+                s.relay
+            )
+        }
+    }
+}
+
+/// The HTTP/2 link over a dialled connection (plain TCP or TLS), until it ends.
+async fn serve_session<S>(io: S, s: &Session, tx: &watch::Sender<LinkState>, id: u64) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let meter = Meter::new();
-    let io = TokioIo::new(Metered::new(tcp, meter.clone()));
+    let io = TokioIo::new(Metered::new(io, meter.clone()));
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

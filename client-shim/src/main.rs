@@ -35,9 +35,12 @@ struct Cli {
     /// Configuration file (keys relay, listen, forward, ...).
     #[arg(long, short, global = true)]
     config: Option<String>,
-    /// The relay's aggregate port, HOST:PORT.
+    /// The relay's aggregate port, HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(long, global = true)]
     relay: Option<String>,
+    /// PEM CA certificates for the relay's certificate (TLS; default: the system roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<String>,
     /// The system-proxy listener (default 127.0.0.1:3128).
     #[arg(long, global = true)]
     listen: Option<String>,
@@ -112,6 +115,9 @@ fn main() -> ExitCode {
     if cli.listen.is_some() {
         raw.listen = cli.listen.clone();
     }
+    if cli.ca.is_some() {
+        raw.ca = cli.ca.clone();
+    }
     raw.forward.extend(cli.forwards.iter().cloned());
 
     // One thread: the link is one HTTP/2 connection, whose task every
@@ -175,6 +181,7 @@ fn main() -> ExitCode {
             };
             let config = WatchConfig {
                 relay: config.relay,
+                tls: config.tls.map(|t| t.watch),
                 relay_name: config.relay_name,
                 topic: topic.clone(),
                 state,
@@ -195,8 +202,9 @@ fn main() -> ExitCode {
         Some(Command::Check) => match raw.validate() {
             Ok(c) => {
                 println!(
-                    "ok: relay {}, listen {}, {} forwards",
+                    "ok: relay {}{}, listen {}, {} forwards",
                     c.relay,
+                    if c.tls.is_some() { " (TLS)" } else { "" },
                     c.listen,
                     c.forwards.len()
                 );

@@ -24,8 +24,10 @@ use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use porthole_relay::tls::RelayTls;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::link::Backoff;
@@ -48,6 +50,8 @@ const MIN_POLL: Duration = Duration::from_millis(500);
 pub struct WatchConfig {
     /// `HOST:PORT` of the relay's aggregate port, dialled as given.
     pub relay: String,
+    /// TLS to the relay (ALPN `http/1.1`); `None` for plain TCP.
+    pub tls: Option<RelayTls>,
     /// The relay's `name`: the host of the poll's URI and `Host`.
     pub relay_name: String,
     /// A valid topic name (see [`porthole_relay::events::valid_topic`]).
@@ -288,7 +292,24 @@ async fn connect(config: &WatchConfig) -> Result<Sender, String> {
         })?
         .map_err(|e| format!("relay {relay} unreachable: cannot connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    match &config.tls {
+        None => handshake(stream, relay).await,
+        Some(tls) => {
+            let stream = tls
+                .connect(stream, relay, config.connect_timeout)
+                .await
+                .map_err(|e| format!("relay {relay} unreachable: {e}"))?;
+            handshake(stream, relay).await
+        }
+    }
+}
+
+/// HTTP/1.1 over a dialled connection (plain TCP or TLS).
+async fn handshake<S>(io: S, relay: &str) -> Result<Sender, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("relay {relay}: {e}"))?;
     tokio::spawn(async move {

@@ -16,7 +16,7 @@ use crate::auth::{Auth, RawAuth};
 use crate::routes::{RouteTable, Target};
 use crate::rules::{self, RawRule, Rules};
 use crate::secret::Secret;
-use crate::tls::{RawTls, Tls, UpstreamTls};
+use crate::tls::{ClientTls, RawTls, RelayTls, Tls};
 
 /// The example configuration shipped in `conf/relay.toml`; used when no
 /// `--config` is given.
@@ -74,6 +74,16 @@ struct RawUplink {
     /// Outbound HTTP proxy (`host:port`) to reach `to` through, with CONNECT.
     #[serde(default)]
     proxy: Option<String>,
+    /// Speak TLS to the outside relay (inside the proxy's tunnel when
+    /// `proxy` is set), on the control and every data connection.
+    #[serde(default)]
+    tls: bool,
+    /// PEM CA certificates for the outside relay's certificate; default:
+    /// the system roots. Needs `tls = true`.
+    ca: Option<String>,
+    /// The name the outside relay's certificate must carry (and SNI);
+    /// default: the host of `to`. Needs `tls = true`.
+    server_name: Option<String>,
     /// Keepalive: ping after this much silence.
     #[serde(default = "default_idle_ping")]
     idle_ping: String,
@@ -403,6 +413,8 @@ pub struct UplinkSettings {
     pub secret: Secret,
     pub offer: Vec<String>,
     pub proxy: Option<String>,
+    /// TLS to the outside relay; `None` for plain TCP.
+    pub tls: Option<RelayTls>,
     pub keepalive: Keepalive,
     /// Idle pre-opened data connections to keep (0..=[`MAX_UPLINK_POOL`]).
     pub pool: usize,
@@ -542,7 +554,7 @@ pub struct Route {
     pub transparent: bool,
     pub decompress: bool,
     /// TLS to the internal server; `None`: plain TCP.
-    pub tls: Option<UpstreamTls>,
+    pub tls: Option<ClientTls>,
     /// The next hop this route's requests and tunnels go through.
     pub via: Option<Via>,
 }
@@ -913,7 +925,7 @@ impl RawConfig {
                 }
             };
             let tls = if https || r.tls {
-                match UpstreamTls::new(r.ca.as_deref()) {
+                match ClientTls::new(r.ca.as_deref()) {
                     Ok(t) => Some(t),
                     Err(e) => {
                         c.push(key(if r.ca.is_some() { "ca" } else { "tls" }), e);
@@ -1044,6 +1056,7 @@ impl RawConfig {
                     c.push(key("proxy"), format!("`{p}` is not host:port"));
                 }
             }
+            let tls = uplink_tls(&u, &mut c);
             if u.pool > MAX_UPLINK_POOL {
                 c.push(
                     key("pool"),
@@ -1056,6 +1069,7 @@ impl RawConfig {
                 secret,
                 offer,
                 proxy: u.proxy,
+                tls,
                 keepalive: Keepalive {
                     idle_ping: c.duration(&key("idle_ping"), &u.idle_ping),
                     gap_probe: c.duration(&key("gap_probe"), &u.gap_probe),
@@ -1172,6 +1186,39 @@ impl RawEvents {
 
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'
+}
+
+/// `[uplink] tls`, `ca` and `server_name`, checked; problems name their key.
+fn uplink_tls(u: &RawUplink, c: &mut Collector) -> Option<RelayTls> {
+    if !u.tls {
+        for (set, field) in [
+            (u.ca.is_some(), "ca"),
+            (u.server_name.is_some(), "server_name"),
+        ] {
+            if set {
+                c.push(format!("uplink.{field}"), "needs uplink.tls = true");
+            }
+        }
+        return None;
+    }
+    let host = crate::routes::parse_authority(u.to.trim(), 0).map(|(host, _)| host);
+    let name = match (u.server_name.as_deref().map(str::trim), host) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(host)) => host,
+        // `to` itself is reported.
+        (None, None) => return None,
+    };
+    let key = if u.ca.is_some() {
+        "uplink.ca"
+    } else {
+        "uplink.tls"
+    };
+    let client = ClientTls::with_alpn(u.ca.as_deref(), &[b"http/1.1"])
+        .map_err(|e| c.push(key, e))
+        .ok()?;
+    RelayTls::new(client, &name)
+        .map_err(|e| c.push("uplink.server_name", e))
+        .ok()
 }
 
 pub(crate) fn valid_host_pattern(host: &str) -> bool {
@@ -1335,6 +1382,47 @@ mod tests {
         }
         let moved = Config::from_toml(&base.replace("8080", "8081")).unwrap();
         assert_eq!(crate::needs_restart(&running, &moved), ["relay.listen"]);
+    }
+
+    #[test]
+    fn uplink_tls_keys_are_checked() {
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "0123456789abcdef0123\n").unwrap();
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), "not a certificate\n").unwrap();
+        let uplink = |extra: &str| {
+            format!(
+                "[[route]]\nhost = \"a.test\"\nto = \"10.0.0.1\"\n[uplink]\nto = \"o.test:8080\"\nid = \"plant\"\nsecret_file = \"{}\"\noffer = [\"a.test\"]\n{extra}",
+                secret.path().display()
+            )
+        };
+        let plain = Config::from_toml(&uplink("")).unwrap();
+        assert!(plain.uplink.unwrap().tls.is_none());
+        let ca_path = ca.path().display().to_string();
+        let cases: &[(String, &str)] = &[
+            (format!("ca = \"{ca_path}\"\n"), "uplink.ca"),
+            ("server_name = \"o.test\"\n".into(), "uplink.server_name"),
+            (
+                "tls = true\nca = \"/nonexistent/ca.pem\"\n".into(),
+                "uplink.ca",
+            ),
+            (format!("tls = true\nca = \"{ca_path}\"\n"), "uplink.ca"),
+            (
+                "tls = true\nserver_name = \"a b\"\n".into(),
+                "uplink.server_name",
+            ),
+        ];
+        for (extra, key) in cases {
+            let found = problem_keys(&uplink(extra));
+            assert_eq!(found, vec![key.to_string()], "{extra}");
+        }
+        // The error names the file.
+        let e =
+            Config::from_toml(&uplink("tls = true\nca = \"/nonexistent/ca.pem\"\n")).unwrap_err();
+        assert!(
+            e.problems[0].message.contains("/nonexistent/ca.pem"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! - [`workers`]: one thread and runtime per core, each with its accept loop;
 //! - [`listener`]: accept loop, connection limits, first-bytes detection;
-//! - [`tls`]: TLS on the aggregate port (client certificates) and to internal servers;
+//! - [`tls`]: TLS on the aggregate port (client certificates), and the one
+//!   client side for internal servers, the shim's link and uplinks;
 //! - [`dispatch`]: pure decisions: which protocol, and what a request head asks for;
 //! - [`http1`]: the HTTP/1 server side of a client connection (request loop);
 //! - [`deadline`]: per-connection timeouts without a timer operation per request;

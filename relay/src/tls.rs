@@ -4,8 +4,12 @@
 //!   record is decrypted here and served as HTTP/2 when ALPN chose `h2`,
 //!   otherwise as HTTP/1.1; a verified client certificate's subject common
 //!   name becomes the connection's user;
-//! - internal servers (route `tls = true` or `to = "https://..."`): verified
-//!   against the route's `ca` or the system roots, SNI from the upstream host.
+//! - the client side, [`ClientTls`], for every connection Porthole dials with
+//!   TLS: internal servers (route `tls = true` or `to = "https://..."`, SNI
+//!   from the upstream host), and, as [`RelayTls`], the shim's link to its
+//!   relay (ALPN `h2`) and an inside relay's uplink to the outside relay
+//!   (ALPN `http/1.1`); verified against a configured `ca` or the system
+//!   roots.
 //!
 //! Certificates and keys are read when the configuration is validated, so a
 //! reload (SIGHUP) picks up renewed files for new connections.
@@ -249,53 +253,126 @@ pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
     usable.then(|| cn.to_string())
 }
 
-// ---------------------------------------------------------------- upstream
+// ---------------------------------------------------------------- client side
 
-/// How a route speaks TLS to its internal server.
+/// Client-side TLS: the one builder for every connection Porthole dials
+/// with TLS (a route's internal server, the shim's link to its relay, an
+/// inside relay's uplink to the outside relay). Verifies against a PEM `ca`
+/// or the system roots; offers the given ALPN protocols.
 #[derive(Clone)]
-pub struct UpstreamTls {
-    /// The route's `ca`, or `None` for the system roots.
+pub struct ClientTls {
+    /// The `ca` file, or `None` for the system roots.
     pub ca: Option<PathBuf>,
+    alpn: Vec<Vec<u8>>,
     connector: TlsConnector,
 }
 
-impl fmt::Debug for UpstreamTls {
+impl fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamTls").field("ca", &self.ca).finish()
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca)
+            .field("alpn", &self.alpn)
+            .finish_non_exhaustive()
     }
 }
 
-impl UpstreamTls {
-    /// Client settings verifying against `ca` (a PEM file) or the system roots.
-    pub fn new(ca: Option<&str>) -> Result<UpstreamTls, String> {
+/// Same settings (a reload compares them); a CA file renewed in place
+/// counts as the same.
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca == other.ca && self.alpn == other.alpn
+    }
+}
+
+impl ClientTls {
+    /// Client settings verifying against `ca` (a PEM file) or the system
+    /// roots, without ALPN (a route's internal server).
+    pub fn new(ca: Option<&str>) -> Result<ClientTls, String> {
+        ClientTls::with_alpn(ca, &[])
+    }
+
+    /// As [`ClientTls::new`], offering `alpn` (preferred first).
+    pub fn with_alpn(ca: Option<&str>, alpn: &[&[u8]]) -> Result<ClientTls, String> {
         let roots = match ca {
             Some(path) => Arc::new(read_roots(path)?),
             None => system_roots()?,
         };
-        let config = ClientConfig::builder_with_provider(provider())
+        let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(UpstreamTls {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        config.alpn_protocols = alpn.clone();
+        Ok(ClientTls {
             ca: ca.map(PathBuf::from),
+            alpn,
             connector: TlsConnector::from(Arc::new(config)),
         })
     }
 
-    /// The TLS handshake on a dialled connection; `Err` explains the failure
+    /// The TLS handshake on a dialled connection, verifying `host` (a DNS
+    /// name or an IP address; also the SNI); `Err` explains the failure
     /// (`certificate verify failed: UnknownIssuer`).
     pub async fn handshake(
         &self,
         tcp: TcpStream,
         host: &str,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|_| format!("`{host}` is not a name TLS can verify"))?;
+        let name = tls_name(host)?;
         self.connector
             .connect(name, tcp)
             .await
             .map_err(|e| failure_text(&e))
+    }
+}
+
+/// `host` as the name a certificate must carry: a DNS name or an IP address
+/// (IPv6 with or without brackets).
+pub fn tls_name(host: &str) -> Result<ServerName<'static>, String> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    ServerName::try_from(bare.to_string())
+        .map_err(|_| format!("`{host}` is not a name TLS can verify"))
+}
+
+/// TLS to another relay that Porthole dials (the shim's link, an uplink):
+/// the client settings and the name the relay's certificate must carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayTls {
+    /// The name verified in the relay's certificate, and sent as SNI.
+    pub server_name: String,
+    pub client: ClientTls,
+}
+
+impl RelayTls {
+    /// `server_name` must be a DNS name or an IP address.
+    pub fn new(client: ClientTls, server_name: &str) -> Result<RelayTls, String> {
+        tls_name(server_name)?;
+        Ok(RelayTls {
+            server_name: server_name.to_string(),
+            client,
+        })
+    }
+
+    /// The handshake with the relay at `relay` (for the error text) within
+    /// `timeout`; `Err` says which relay and why (`TLS with relay.example:8080
+    /// failed: certificate verify failed: UnknownIssuer`).
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        relay: &str,
+        timeout: std::time::Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        match tokio::time::timeout(timeout, self.client.handshake(tcp, &self.server_name)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(why)) => Err(format!("TLS with {relay} failed: {why}")),
+            Err(_) => Err(format!(
+                "TLS with {relay} failed: no handshake within {timeout:?}"
+            )),
+        }
     }
 }
 
@@ -308,7 +385,7 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
             let mut roots = RootCertStore::empty();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err("no system root certificates found; set the route's ca".into());
+                return Err("no system root certificates found; name a CA file in `ca`".into());
             }
             Ok(Arc::new(roots))
         })

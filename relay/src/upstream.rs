@@ -120,6 +120,8 @@ pub fn display_addr(host: &str, port: u16) -> String {
 
 /// A connection towards an internal server: dialled directly (in plain TCP
 /// or TLS, as the route says), or a data connection an uplinked relay opened.
+/// An inside relay's own connections to its outside relay are `Tcp` or `Tls`
+/// too ([`crate::uplink::inside`]), so a plain one still splices.
 pub enum Upstream {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),

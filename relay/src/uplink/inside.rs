@@ -1,12 +1,12 @@
 //! The inside relay's side of uplinks: an actor that keeps the control
 //! connection to the outside relay (dialled out, through an outbound HTTP
-//! proxy when configured), registers the offered names, keeps the link alive
-//! adaptively, reconnects with backoff, and opens a new outbound data
-//! connection for every session, served like any client connection (kept
-//! alive between requests, which the outside relay reuses it for, until
-//! `limits.idle_timeout`). With
-//! `pool = N` it keeps N data connections parked at the outside relay ahead
-//! of the sessions (S4p) and replaces each one a session takes (S7p).
+//! proxy when configured, over TLS with `tls = true`), registers the offered
+//! names, keeps the link alive adaptively, reconnects with backoff, and opens
+//! a new outbound data connection for every session, served like any client
+//! connection (kept alive between requests, which the outside relay reuses it
+//! for, until `limits.idle_timeout`). With `pool = N` it keeps N data
+//! connections parked at the outside relay ahead of the sessions (S4p) and
+//! replaces each one a session takes (S7p).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use super::{
 use crate::codec::{read_response_head, Conn};
 use crate::config::UplinkSettings;
 use crate::keepalive::{Action, Activity, Keepalive};
+use crate::upstream::Upstream;
 use crate::{ConnCtx, Shared};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -66,14 +67,29 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Dials the outside relay, directly or through `proxy` with CONNECT.
-async fn dial(u: &UplinkSettings) -> Result<Conn<TcpStream>, String> {
+/// A connection dialled to the outside relay: its addresses, and the
+/// connection itself, plain TCP or TLS in an [`Upstream`] (whose plain form
+/// tunnels still splice).
+struct Dialled {
+    conn: Conn<Upstream>,
+    /// The outside relay (or the proxy), as seen from here.
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+/// Dials the outside relay, directly or through `proxy` with CONNECT, then
+/// the TLS handshake when `[uplink] tls` is set (inside the proxy's tunnel).
+async fn dial(u: &UplinkSettings) -> Result<Dialled, String> {
     let target = u.proxy.as_deref().unwrap_or(&u.to);
     let stream = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target))
         .await
         .map_err(|_| format!("dialling {target} timed out"))?
         .map_err(|e| format!("dialling {target}: {e}"))?;
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let local = stream.local_addr().unwrap_or(peer);
     let mut conn = Conn::new(stream);
     if let Some(proxy) = &u.proxy {
         let req = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", u.to);
@@ -91,14 +107,39 @@ async fn dial(u: &UplinkSettings) -> Result<Conn<TcpStream>, String> {
             ));
         }
     }
-    Ok(conn)
+    let Some(tls) = &u.tls else {
+        let Conn { io, buf } = conn;
+        return Ok(Dialled {
+            conn: Conn {
+                io: Upstream::Tcp(io),
+                buf,
+            },
+            peer,
+            local,
+        });
+    };
+    // The relay speaks only after the ClientHello: bytes already here came
+    // from the proxy, after its answer.
+    if !conn.buf.is_empty() {
+        return Err(format!(
+            "proxy {} sent bytes after its 200 to CONNECT {}",
+            u.proxy.as_deref().unwrap_or("-"),
+            u.to
+        ));
+    }
+    let stream = tls.connect(conn.io, &u.to, DIAL_TIMEOUT).await?;
+    Ok(Dialled {
+        conn: Conn::new(Upstream::Tls(Box::new(stream))),
+        peer,
+        local,
+    })
 }
 
 /// Sends an upgrade request and expects `101`.
 /// `extra` carries further header lines; the control connection sends the
 /// credentials, a data connection its session id (a one-time capability).
 async fn upgrade(
-    conn: &mut Conn<TcpStream>,
+    conn: &mut Conn<Upstream>,
     u: &UplinkSettings,
     path: &str,
     protocol: &str,
@@ -130,15 +171,14 @@ async fn upgrade(
 
 /// One control connection, from dial to its end; returns why it ended.
 async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
-    let mut conn = match dial(u).await {
-        Ok(c) => c,
+    let Dialled {
+        mut conn,
+        peer: outside,
+        local,
+    } = match dial(u).await {
+        Ok(d) => d,
         Err(e) => return e,
     };
-    let outside: SocketAddr = conn
-        .io
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let local: SocketAddr = conn.io.local_addr().unwrap_or(outside);
     let credentials =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", u.id, u.secret.expose()));
     let auth = format!("Authorization: Basic {credentials}\r\n");
@@ -304,12 +344,16 @@ async fn park(
     report: mpsc::Sender<Parked>,
 ) {
     let parked = async {
-        let mut conn = dial(&u).await?;
+        let mut dialled = dial(&u).await?;
         let extra = format!("Porthole-Pool: {key}\r\n");
-        upgrade(&mut conn, &u, DATA_PATH, DATA_PROTOCOL, &extra).await?;
-        Ok::<_, String>(conn)
+        upgrade(&mut dialled.conn, &u, DATA_PATH, DATA_PROTOCOL, &extra).await?;
+        Ok::<_, String>(dialled)
     };
-    let mut conn = tokio::select! {
+    let Dialled {
+        mut conn,
+        peer: outside,
+        local,
+    } = tokio::select! {
         () = stop.cancelled() => return,
         parked = parked => match parked {
             Ok(conn) => conn,
@@ -359,11 +403,6 @@ async fn park(
     };
     // Replace it at once; this session goes on without the pool.
     let _ = report.send(Parked::Claimed).await;
-    let outside: SocketAddr = conn
-        .io
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let local: SocketAddr = conn.io.local_addr().unwrap_or(outside);
     if shared.config().routes.lookup(&host).is_none() {
         // The held request follows on this connection: answer it here.
         let reason = format!("uplink {}: no route for {host} on the inside relay\n", u.id);
@@ -407,7 +446,7 @@ async fn open_data(
         return;
     }
     let mut conn = match dial(&u).await {
-        Ok(c) => c,
+        Ok(d) => d.conn,
         Err(reason) => {
             let _ = report.send(Message::Failed { session, reason }).await;
             return;

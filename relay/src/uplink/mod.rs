@@ -4,7 +4,10 @@
 //!
 //! The inside relay (I) only ever dials out, to the outside relay's (O)
 //! aggregate port, with ordinary HTTP requests that upgrade the connection,
-//! so it passes outbound HTTP filters and proxies.
+//! so it passes outbound HTTP filters and proxies. With `[uplink] tls` every
+//! connection it dials is TLS (ALPN `http/1.1`, inside the proxy's tunnel when
+//! there is one); O serves it as any TLS client connection of its aggregate
+//! port, so everything below runs unchanged inside TLS.
 //!
 //! ## Control protocol
 //!
