@@ -1090,6 +1090,78 @@ pub async fn echo_round(mut s: tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
     back
 }
 
+/// A UDP echo server on 127.0.0.1 (answers each datagram with `echo:` and
+/// the datagram); its port.
+pub async fn udp_echo() -> u16 {
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind udp");
+    let port = udp.local_addr().expect("udp addr").port();
+    tokio::spawn(async move {
+        let mut b = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut b).await {
+            let mut out = b"echo:".to_vec();
+            out.extend_from_slice(&b[..n]);
+            let _ = udp.send_to(&out, from).await;
+        }
+    });
+    port
+}
+
+/// A CONNECT-UDP request (RFC 9298, HTTP/1.1) to the relay `relay.test` at
+/// `relay` for `target` (`host:port`): the stream and the answer's head.
+pub async fn connect_udp(relay: SocketAddr, target: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, port) = target.rsplit_once(':').expect("host:port");
+    let mut s = tokio::net::TcpStream::connect(relay)
+        .await
+        .expect("connect");
+    let req = format!("GET /.well-known/masque/udp/{host}/{port}/ HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\nCapsule-Protocol: ?1\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.expect("read") == 0 {
+            break;
+        }
+        buf.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Reads from `io` until a whole capsule arrived; its UDP payload.
+pub async fn next_datagram<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+) -> Vec<u8> {
+    use porthole_relay::udp::{capsule, Capsule};
+    loop {
+        match capsule(buf) {
+            Capsule::Datagram(payload, used) => {
+                let payload = payload.to_vec();
+                buf.drain(..used);
+                return payload;
+            }
+            Capsule::Other(used) => {
+                buf.drain(..used);
+            }
+            Capsule::Bad => panic!("bad capsule {buf:?}"),
+            Capsule::Partial => {
+                let mut more = [0u8; 4096];
+                let n = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::io::AsyncReadExt::read(io, &mut more),
+                )
+                .await
+                .expect("a datagram within 5 s")
+                .unwrap();
+                assert!(n > 0, "closed before a datagram");
+                buf.extend_from_slice(&more[..n]);
+            }
+        }
+    }
+}
+
 /// Opens a `CONNECT target` tunnel through the proxy at `proxy` (a relay or
 /// the shim): the connection, and the proxy's answer head, which must be a
 /// `200`.

@@ -1010,33 +1010,6 @@ async fn a_tunnel_and_a_download_cut_by_the_drain_timeout_are_logged() {
     assert!(bytes_out > 0 && bytes_out < 64 << 20, "{got:?}");
 }
 
-/// Reads from `io` until a whole capsule arrived; its UDP payload.
-async fn next_datagram<R: tokio::io::AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> Vec<u8> {
-    use porthole_relay::udp::{capsule, Capsule};
-    loop {
-        match capsule(buf) {
-            Capsule::Datagram(payload, used) => {
-                let payload = payload.to_vec();
-                buf.drain(..used);
-                return payload;
-            }
-            Capsule::Other(used) => {
-                buf.drain(..used);
-            }
-            Capsule::Bad => panic!("bad capsule {buf:?}"),
-            Capsule::Partial => {
-                let mut more = [0u8; 4096];
-                let n = tokio::time::timeout(Duration::from_secs(5), io.read(&mut more))
-                    .await
-                    .expect("a datagram within 5 s")
-                    .unwrap();
-                assert!(n > 0, "closed before a datagram");
-                buf.extend_from_slice(&more[..n]);
-            }
-        }
-    }
-}
-
 /// CONNECT-UDP (RFC 9298): datagrams to a routed UDP server and back, as
 /// capsules, over HTTP/1.1 and over HTTP/2 (extended CONNECT); unknown
 /// capsules are skipped; an unrouted target is 403; one access line per
@@ -1044,16 +1017,8 @@ async fn next_datagram<R: tokio::io::AsyncRead + Unpin>(io: &mut R, buf: &mut Ve
 #[tokio::test]
 async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     use porthole_relay::udp::datagram_capsule;
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let uport = udp.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut b = [0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut b).await {
-            let mut out = b"echo:".to_vec();
-            out.extend_from_slice(&b[..n]);
-            let _ = udp.send_to(&out, from).await;
-        }
-    });
+    use porthole_suite::{connect_udp, next_datagram, udp_echo};
+    let uport = udp_echo().await;
     let dir = std::env::temp_dir().join(format!("porthole-core-udp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
@@ -1065,20 +1030,7 @@ async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     .await;
     let path = format!("/.well-known/masque/udp/dns.test/{uport}/");
 
-    let mut s = TcpStream::connect(relay.addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\nCapsule-Protocol: ?1\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(
-            s.read(&mut b).await.unwrap(),
-            1,
-            "closed in the head: {buf:?}"
-        );
-        buf.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
+    let (mut s, head) = connect_udp(relay.addr, &format!("dns.test:{uport}")).await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     assert!(head.contains("Capsule-Protocol: ?1"), "{head}");
     assert!(head.contains("Upgrade: connect-udp"), "{head}");

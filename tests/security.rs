@@ -704,10 +704,12 @@ async fn a_route_via_the_next_relay_with_credentials() {
     let origin = Origin::ok().await;
     let echo = EchoServer::start().await;
     let users = users_file(&dir, &[("edge", "hop-secret")]);
+    let voice = porthole_suite::udp_echo().await;
     let hop = Relay::start(&format!(
-        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[auth]\nusers_file = \"{users}\"\nrequired = true\n{}{}",
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[auth]\nusers_file = \"{users}\"\nrequired = true\n{}{}{}",
         route("app.test", "127.0.0.1", &[origin.port()], ""),
         route("db.test", "127.0.0.1", &[echo.port()], ""),
+        route("voice.test", "127.0.0.1", &[voice], ""),
     ))
     .await;
     let good = dir.write("hop.cred", "edge:hop-secret\n");
@@ -720,6 +722,7 @@ async fn a_route_via_the_next_relay_with_credentials() {
     };
     let routes = via("app.test", origin.port(), &good)
         + &via("db.test", echo.port(), &good)
+        + &via("voice.test", voice, &good)
         + &via("nowhere.test", origin.port(), &good)
         + &via("bad.test", origin.port(), &bad);
     let front = Relay::start(&config_with(&routes, "")).await;
@@ -746,6 +749,28 @@ async fn a_route_via_the_next_relay_with_credentials() {
         porthole_suite::echo_round(tunnel, b"through two relays").await,
         b"through two relaysbye\n",
         "the echo, then the server's goodbye after the half-close"
+    );
+
+    // CONNECT-UDP through both relays: datagrams as capsules, end to end.
+    let (mut udp, head) =
+        porthole_suite::connect_udp(front.addr, &format!("voice.test:{voice}")).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let mut buf = Vec::new();
+    for msg in [&b"hello"[..], b"again"] {
+        udp.write_all(&porthole_relay::udp::datagram_capsule(msg))
+            .await
+            .unwrap();
+        assert_eq!(
+            porthole_suite::next_datagram(&mut udp, &mut buf).await,
+            [b"echo:", msg].concat()
+        );
+    }
+    drop(udp);
+    let (_, head) =
+        porthole_suite::connect_udp(front.addr, &format!("nowhere.test:{}", origin.port())).await;
+    assert!(
+        head.starts_with("HTTP/1.1 403 "),
+        "the hop's refusal: {head}"
     );
 
     let refused = Curl::new(&format!("http://nowhere.test:{}/x", origin.port()))

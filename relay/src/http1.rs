@@ -189,13 +189,7 @@ async fn next_request<S: Io>(
         RequestKind::Uplink { data } => return Next::Uplink { head, data },
         RequestKind::Udp { host, port } => {
             drop(head);
-            return match crate::udp::open(&host, port, ctx, &mut access).await {
-                Ok(socket) => {
-                    crate::udp::run(conn, socket, ctx, access.take()).await;
-                    Next::Close
-                }
-                Err(err) => answer_error(conn, ctx, err, access).await,
-            };
+            return udp(conn, &host, port, ctx, access).await;
         }
         _ => {}
     }
@@ -252,6 +246,41 @@ async fn next_request<S: Io>(
             limits.idle_timeout,
             access.take(),
         )),
+    }
+}
+
+/// A CONNECT-UDP session: carried here with this relay's UDP socket, or a
+/// tunnel to the next hop that answered its own.
+async fn udp<S: Io>(
+    conn: &mut Conn<S>,
+    host: &str,
+    port: u16,
+    ctx: &ConnCtx,
+    mut access: Pending<'_>,
+) -> Next {
+    use crate::udp::{Failure, Session};
+    match crate::udp::open(host, port, ctx, &mut access).await {
+        Ok(Session::Socket(socket)) => {
+            crate::udp::run(conn, socket, ctx, access.take()).await;
+            Next::Close
+        }
+        Ok(Session::Hop(server)) => {
+            let head = crate::udp::switched(&ctx.shared.config().relay.name);
+            access.status = 101;
+            if conn.io.write_all(head.as_bytes()).await.is_err() {
+                return Next::Close;
+            }
+            access.bytes_out += head.len() as u64;
+            let idle = ctx.shared.config().limits.idle_timeout;
+            Next::Tunnel(tunnel::Standing::new(ctx, server, idle, access.take()))
+        }
+        Err(Failure::Error(err)) => answer_error(conn, ctx, err, access).await,
+        Err(Failure::Refused(refusal)) => {
+            access.status = refusal.status;
+            access.bytes_out += write_refusal(&mut conn.io, &refusal).await.unwrap_or(0);
+            access.take().finish(ctx);
+            Next::Close
+        }
     }
 }
 

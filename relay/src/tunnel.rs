@@ -362,26 +362,34 @@ impl Opened {
     /// stand), with its body, read within a second.
     pub async fn refusal(&mut self) -> Refusal {
         let status = self.status();
-        let Some(head) = self.inside.as_ref() else {
-            return Refusal {
+        match self.inside.as_ref() {
+            Some(head) => Refusal::read(&mut self.server, head).await,
+            None => Refusal {
                 status,
                 fields: http::HeaderMap::new(),
                 body: Bytes::new(),
-            };
-        };
+            },
+        }
+    }
+}
+
+impl Refusal {
+    /// The far side's refusal `head` (an inside relay's, a next hop's),
+    /// with its body from `server`, read within a second.
+    pub async fn read(server: &mut Conn<Upstream>, head: &crate::codec::ResponseHead) -> Refusal {
         let mut body = bytes::BytesMut::new();
-        let read = refusal_body(&mut self.server, head, &mut body);
+        let read = refusal_body(server, head, &mut body);
         if tokio::time::timeout(Duration::from_secs(1), read)
             .await
             .is_err()
         {
             tracing::debug!(
                 received = body.len(),
-                "the inside relay's refusal body did not end within 1 s; passed on as far as it came"
+                "a refusal's body did not end within 1 s; passed on as far as it came"
             );
         }
         Refusal {
-            status,
+            status: head.status,
             fields: end_to_end_fields(&head.fields),
             body: body.freeze(),
         }

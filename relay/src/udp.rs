@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use crate::access_log::Access;
 use crate::codec::{Conn, Io};
 use crate::error::{ErrorKind, RelayError};
-use crate::upstream::display_addr;
+use crate::tunnel::Refusal;
+use crate::upstream::{display_addr, Upstream};
 use crate::ConnCtx;
 
 /// The URI template's fixed part (RFC 9298 section 2, the default template).
@@ -123,24 +124,118 @@ pub fn capsule(buf: &[u8]) -> Capsule<'_> {
     }
 }
 
-/// Checks the target like a `CONNECT`'s and binds a UDP socket connected to
-/// it. The route goes on the access record.
+/// Where a CONNECT-UDP session's datagrams go.
+pub enum Session {
+    /// A UDP socket of this relay's, connected to the target.
+    Socket(UdpSocket),
+    /// A route's next hop, which answered its own CONNECT-UDP with `101`:
+    /// the capsules pass through it untouched, as a tunnel's bytes.
+    Hop(Conn<Upstream>),
+}
+
+/// Why a CONNECT-UDP session did not open.
+pub enum Failure {
+    /// This relay's error.
+    Error(RelayError),
+    /// The next hop's refusal, passed on as it is.
+    Refused(Refusal),
+}
+
+impl From<RelayError> for Failure {
+    fn from(e: RelayError) -> Self {
+        Failure::Error(e)
+    }
+}
+
+/// Checks the target like a `CONNECT`'s, then binds a UDP socket connected
+/// to it, or, for a route with `via`, asks the next hop for the same
+/// session. The route goes on the access record.
 pub async fn open(
     host: &str,
     port: u16,
     ctx: &ConnCtx,
     access: &mut Access,
-) -> Result<UdpSocket, RelayError> {
+) -> Result<Session, Failure> {
     let config = ctx.shared.config();
     let decision = crate::forward::choose(ctx, &config, host, port)?;
     let route = &decision.route;
     access.route = Some(route.clone());
-    if decision.uplink.is_some() || route.via.is_some() {
+    if decision.uplink.is_some() {
         return Err(RelayError::on_route(
-            ErrorKind::NotImplemented("UDP through an uplink or a next hop"),
+            ErrorKind::NotImplemented("UDP through an uplink"),
             &route.host,
-        ));
+        )
+        .into());
     }
+    if let Some(via) = &route.via {
+        return through_hop(&decision, via, &config.relay.name, ctx).await;
+    }
+    bind(&decision)
+        .await
+        .map(Session::Socket)
+        .map_err(Failure::Error)
+}
+
+/// Asks the next hop for the session: its own CONNECT-UDP (HTTP/1.1), with
+/// this relay's credentials for it.
+async fn through_hop(
+    decision: &crate::routes::Decision,
+    via: &crate::config::Via,
+    name: &str,
+    ctx: &ConnCtx,
+) -> Result<Session, Failure> {
+    let route = &decision.route;
+    let hop = via.addr();
+    let failed = |cause: String| {
+        Failure::Error(RelayError::on_route(
+            ErrorKind::BadResponse {
+                upstream: hop.clone(),
+                cause,
+            },
+            &route.host,
+        ))
+    };
+    let mut server = crate::forward::open_upstream(ctx, decision).await?;
+    // The template's host: an IPv6 literal's colons percent-encoded.
+    let target = decision.upstream_host().replace(':', "%3A");
+    let credentials = via.authorization.as_ref().map_or(String::new(), |c| {
+        format!("Proxy-Authorization: {}\r\n", c.expose())
+    });
+    let req = format!(
+        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{credentials}Via: 1.1 {name} (porthole)\r\n\r\n",
+        decision.upstream_port
+    );
+    if let Err(e) = server.io.write_all(req.as_bytes()).await {
+        return Err(failed(format!("sending CONNECT-UDP: {e}")));
+    }
+    let answer = tokio::time::timeout(
+        route.response_timeout,
+        crate::codec::read_response_head(&mut server, 64 * 1024, 100),
+    )
+    .await;
+    let head = match answer {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => return Err(failed(format!("no answer to CONNECT-UDP ({e:?})"))),
+        Err(_) => {
+            return Err(Failure::Error(RelayError::on_route(
+                ErrorKind::ResponseTimeout { upstream: hop },
+                &route.host,
+            )))
+        }
+    };
+    match head.status {
+        101 => Ok(Session::Hop(server)),
+        // The hop's challenge is for this relay, not for its client.
+        407 => Err(failed(
+            "the next hop refused this relay's credentials (407); see via_credentials_file".into(),
+        )),
+        _ => Err(Failure::Refused(Refusal::read(&mut server, &head).await)),
+    }
+}
+
+/// Binds a UDP socket connected to the decision's target.
+async fn bind(decision: &crate::routes::Decision) -> Result<UdpSocket, RelayError> {
+    let route = &decision.route;
     let (host, port) = decision.dial();
     let upstream = display_addr(host, port);
     let dial = async {
@@ -180,14 +275,18 @@ pub async fn open(
     }
 }
 
+/// This relay's `101` to a CONNECT-UDP request.
+pub fn switched(name: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\nVia: 1.1 {name} (porthole)\r\n\r\n"
+    )
+}
+
 /// Answers `101` and carries datagrams until the client closes or the
 /// session idles for `idle_timeout`; then writes the access line.
 pub async fn run<S: Io>(conn: &mut Conn<S>, socket: UdpSocket, ctx: &ConnCtx, mut access: Access) {
-    let name = ctx.shared.config().relay.name.clone();
+    let head = switched(&ctx.shared.config().relay.name);
     let idle = ctx.shared.config().limits.idle_timeout;
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\nVia: 1.1 {name} (porthole)\r\n\r\n"
-    );
     access.status = 101;
     access.tunnel = true;
     if conn.io.write_all(head.as_bytes()).await.is_err() {
