@@ -794,3 +794,87 @@ async fn a_route_via_the_next_relay_with_credentials() {
     assert!(answer.contains("credentials"), "{answer}");
     assert_eq!(origin.received().len(), 1);
 }
+
+/// A next hop over TLS that requires a client certificate (`via_ca`,
+/// `via_cert`, `via_key`): HTTP, CONNECT and CONNECT-UDP go through it; the
+/// hop's rules see the certificate's user. Without a certificate the
+/// handshake fails: `502` naming the hop.
+#[tokio::test]
+async fn a_next_hop_over_tls_with_a_client_certificate() {
+    let (dir, ca, clients) = (Dir::new(), Ca::new("relay ca"), Ca::new("client ca"));
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let voice = porthole_suite::udp_echo().await;
+    let client_ca = dir.write("client-ca.pem", &clients.pem());
+    let tls = tls_section(
+        &dir,
+        &relay_leaf(&ca),
+        &format!("require = true\nclient_ca = \"{client_ca}\"\nclient_auth = \"required\"\n"),
+    );
+    // Only the certificate user `edge` may use the hop's routes.
+    let rules = "[[rule]]\nusers = [\"edge\"]\nallow = true\n";
+    let hop = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n{tls}{rules}{}{}{}",
+        route("app.test", "127.0.0.1", &[origin.port()], ""),
+        route("db.test", "127.0.0.1", &[echo.port()], ""),
+        route("voice.test", "127.0.0.1", &[voice], ""),
+    ))
+    .await;
+    let ca_pem = dir.write("ca.pem", &ca.pem());
+    let edge = clients.client("edge");
+    let cert = dir.write("edge.pem", &edge.cert);
+    let key = dir.write("edge.key", &edge.key);
+    let via = |host: &str, port: u16, identity: bool| {
+        let identity = if identity {
+            format!("via_cert = \"{cert}\"\nvia_key = \"{key}\"\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_ca = \"{ca_pem}\"\n{identity}ports = [{port}]\n",
+            hop.addr
+        )
+    };
+    let routes = via("app.test", origin.port(), true)
+        + &via("db.test", echo.port(), true)
+        + &via("voice.test", voice, true)
+        + &via("anon.test", origin.port(), false);
+    let front = Relay::start(&config_with(&routes, "")).await;
+
+    let out = Curl::new(&format!("http://app.test:{}/tls-hop", origin.port()))
+        .proxy(&front.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tls-hop");
+    let (tunnel, head) =
+        porthole_suite::connect_via(front.addr, &format!("db.test:{}", echo.port())).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        porthole_suite::echo_round(tunnel, b"over tls").await,
+        b"over tlsbye\n"
+    );
+    let (mut udp, head) =
+        porthole_suite::connect_udp(front.addr, &format!("voice.test:{voice}")).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    udp.write_all(&porthole_relay::udp::datagram_capsule(b"rtp"))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(
+        porthole_suite::next_datagram(&mut udp, &mut buf).await,
+        b"echo:rtp"
+    );
+
+    let anon = Curl::new(&format!("http://anon.test:{}/x", origin.port()))
+        .proxy(&front.url())
+        .run()
+        .await;
+    assert_eq!(anon.status, 502, "{anon:?}");
+    assert!(
+        anon.text().contains(&hop.addr.to_string()),
+        "{}",
+        anon.text()
+    );
+    assert_eq!(origin.received().len(), 1);
+}

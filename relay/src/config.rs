@@ -189,6 +189,14 @@ struct RawRoute {
     via: Option<String>,
     /// A file holding `user:password` for the next hop (Basic).
     via_credentials_file: Option<String>,
+    /// Speak TLS to the next hop (implied by `via_ca` or `via_cert`).
+    #[serde(default)]
+    via_tls: bool,
+    /// PEM CA certificates for the next hop's certificate; default: system roots.
+    via_ca: Option<String>,
+    /// A client certificate chain (PEM) for the next hop, with `via_key`.
+    via_cert: Option<String>,
+    via_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -566,6 +574,8 @@ pub struct Via {
     pub port: u16,
     /// The `Proxy-Authorization` value for the hop (`Basic ...`).
     pub authorization: Option<Secret>,
+    /// TLS to the hop (with a client certificate when configured).
+    pub tls: Option<ClientTls>,
 }
 
 impl Via {
@@ -938,10 +948,17 @@ impl RawConfig {
                 }
                 None
             };
+            let via_tls =
+                r.via_tls || r.via_ca.is_some() || r.via_cert.is_some() || r.via_key.is_some();
             let via = match &r.via {
                 None => {
-                    if r.via_credentials_file.is_some() {
-                        c.push(key("via_credentials_file"), "needs via");
+                    for (set, field) in [
+                        (r.via_credentials_file.is_some(), "via_credentials_file"),
+                        (via_tls, "via_tls"),
+                    ] {
+                        if set {
+                            c.push(key(field), "needs via");
+                        }
                     }
                     None
                 }
@@ -962,6 +979,7 @@ impl RawConfig {
                             host,
                             port,
                             authorization,
+                            tls: None,
                         })
                     }
                     Ok(_) => {
@@ -974,6 +992,32 @@ impl RawConfig {
                     }
                 },
             };
+            // TLS to the next hop: the connection the relay dials is the
+            // hop's, so it is the route's dialled TLS (the hop's name verified).
+            let via = via.map(|mut via| {
+                if via_tls {
+                    let identity = match (&r.via_cert, &r.via_key) {
+                        (Some(cert), Some(key_file)) => Some((cert.as_str(), key_file.as_str())),
+                        (None, None) => None,
+                        _ => {
+                            c.push(key("via_cert"), "via_cert and via_key go together");
+                            None
+                        }
+                    };
+                    match ClientTls::with_identity(r.via_ca.as_deref(), &[], identity) {
+                        Ok(t) => via.tls = Some(t),
+                        Err(e) => c.push(
+                            key(if identity.is_some() {
+                                "via_cert"
+                            } else {
+                                "via_ca"
+                            }),
+                            e,
+                        ),
+                    }
+                }
+                via
+            });
             if r.ports.is_empty() {
                 c.push(key("ports"), "must name at least one port");
             }
@@ -1316,6 +1360,9 @@ mod tests {
             (format!("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_credentials_file = \"{}\"\n", bad.display()), "route[0].via_credentials_file"),
             ("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_credentials_file = \"/nonexistent/x\"\n".to_string(), "route[0].via_credentials_file"),
             ("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\ntls = true\n".to_string(), "route[0].via"),
+            ("[[route]]\nhost = \"a.test\"\nto = \"x\"\nvia_tls = true\n".to_string(), "route[0].via_tls"),
+            ("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_ca = \"/nonexistent/ca.pem\"\n".to_string(), "route[0].via_ca"),
+            (format!("[[route]]\nhost = \"a.test\"\nvia = \"h:1\"\nvia_cert = \"{}\"\n", good.display()), "route[0].via_cert"),
         ];
         for (text, key) in cases {
             assert_eq!(problem_keys(&text), vec![key], "{text}");

@@ -465,6 +465,13 @@ pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>
                 )
                 .await
         }
+        // A next hop, in TLS when it is configured so.
+        None if d.route.via.is_some() => {
+            let (host, port) = d.dial();
+            upstream::open(host, port, &d.route).await.map(Conn::new)
+        }
+        // A tunnel's internal server: plain TCP (the client speaks its own
+        // TLS through the tunnel, whatever the route's `tls`).
         None => upstream::connect(
             d.dial().0,
             d.dial().1,

@@ -293,15 +293,36 @@ impl ClientTls {
 
     /// As [`ClientTls::new`], offering `alpn` (preferred first).
     pub fn with_alpn(ca: Option<&str>, alpn: &[&[u8]]) -> Result<ClientTls, String> {
+        ClientTls::with_identity(ca, alpn, None)
+    }
+
+    /// As [`ClientTls::with_alpn`], presenting the client certificate chain
+    /// and key in `identity` (PEM files `(cert, key)`) when the server asks.
+    pub fn with_identity(
+        ca: Option<&str>,
+        alpn: &[&[u8]],
+        identity: Option<(&str, &str)>,
+    ) -> Result<ClientTls, String> {
         let roots = match ca {
             Some(path) => Arc::new(read_roots(path)?),
             None => system_roots()?,
         };
-        let mut config = ClientConfig::builder_with_provider(provider())
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
             .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = read_certs(cert)?;
+                // The key file's content never goes into an error: only its path.
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("cannot read a PEM private key from {key}: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| format!("{cert} and {key} do not make a client identity: {e}"))?
+            }
+        };
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
         config.alpn_protocols = alpn.clone();
         Ok(ClientTls {

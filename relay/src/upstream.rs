@@ -87,10 +87,15 @@ pub async fn connect(
     }
 }
 
-/// Dials `host:port` for `route`, with the TLS handshake when the route has `tls`.
+/// Dials `host:port` for `route`, with the TLS handshake when the route has
+/// `tls` (with `via`: when the next hop has, `host:port` being the hop).
 pub async fn open(host: &str, port: u16, route: &Route) -> Result<Upstream, RelayError> {
     let tcp = connect(host, port, route.connect_timeout, &route.host).await?;
-    let Some(tls) = &route.tls else {
+    let tls = match &route.via {
+        Some(via) => via.tls.as_ref(),
+        None => route.tls.as_ref(),
+    };
+    let Some(tls) = tls else {
         return Ok(Upstream::Tcp(tcp));
     };
     let failed = |cause: String| {
@@ -186,9 +191,13 @@ pub enum Scope {
 impl Scope {
     /// The scope of a connection dialled for `route`.
     pub fn of_route(route: &Route) -> Scope {
-        match &route.tls {
-            Some(_) => Scope::Tls(route.host.clone()),
-            None => Scope::Plain,
+        let tls = match &route.via {
+            Some(via) => via.tls.is_some(),
+            None => route.tls.is_some(),
+        };
+        match tls {
+            true => Scope::Tls(route.host.clone()),
+            false => Scope::Plain,
         }
     }
 
