@@ -1082,3 +1082,33 @@ async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
         &["method=GET", "route=\"dns.test\"", "masque/udp/dns.test"],
     );
 }
+
+/// A refusal with a request body the relay did not read still reaches the
+/// client: the relay closes gracefully (its side first, then reads and drops
+/// what the client still sends), so the client gets the 403, not a reset.
+#[tokio::test]
+async fn an_error_page_survives_an_unread_request_body() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(relay.addr).await.unwrap();
+        let body = vec![b'x'; 32 * 1024];
+        let mut req = format!(
+            "POST http://nowhere.test/upload HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        s.write_all(&req).await.unwrap();
+        let mut back = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await;
+        let read = read.expect("closed within 5 s");
+        assert!(
+            read.is_ok(),
+            "{read:?} after {:?}",
+            String::from_utf8_lossy(&back)
+        );
+        let back = String::from_utf8_lossy(&back);
+        assert!(back.starts_with("HTTP/1.1 403 "), "{back}");
+    }
+}

@@ -51,7 +51,10 @@ pub async fn serve_until_tunnel<S: Io>(
         let next = next_request(&mut conn, ctx, first, &mut timer);
         match Box::pin(next).await {
             Next::KeepAlive => first = false,
-            Next::Close => return None,
+            Next::Close => {
+                linger(conn).await;
+                return None;
+            }
             Next::Tunnel(t) => return Some((conn, t)),
             Next::Uplink { head, data: false } => {
                 Box::pin(uplink::outside::serve_control(conn, head, ctx.clone())).await;
@@ -63,6 +66,30 @@ pub async fn serve_until_tunnel<S: Io>(
             }
         }
     }
+}
+
+/// Closes the connection gracefully (RFC 9112 section 9.6): the write side
+/// first, then what the client still sends (a request body the relay did not
+/// read, a pipelined request) is read and dropped until it closes too, for at
+/// most a second and 64 KiB. Closing with unread bytes would send a reset,
+/// which can destroy the answer (an error page) before the client reads it.
+async fn linger<S: Io>(mut conn: Conn<S>) {
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+    const LINGER_BYTES: usize = 64 * 1024;
+    if conn.io.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut dropped = 0;
+        while dropped < LINGER_BYTES {
+            conn.buf.clear();
+            match conn.fill().await {
+                Ok(n) if n > 0 => dropped += n,
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// What a connection does after one request.
