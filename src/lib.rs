@@ -6,6 +6,8 @@
 //! - [`Origin`]: an internal HTTP/1.1 server that records every request it
 //!   receives (raw head, fields, body, trailers) and answers with a [`Reply`];
 //! - [`EchoServer`]: a TCP server for tunnels: echoes, and reports half-closes;
+//! - [`UdpEcho`]: a UDP server that answers `echo:` + each datagram, and
+//!   records the addresses it heard from;
 //! - [`Relay`]: the relay started through `porthole_relay::run`;
 //! - [`RelayProcess`]: the `porthole-relay` binary with a config file;
 //! - [`Curl`]: one run of the real `curl` binary;
@@ -357,6 +359,59 @@ impl EchoServer {
 
     pub fn half_closes(&self) -> usize {
         self.half_closes.load(Ordering::SeqCst)
+    }
+}
+
+/// A UDP server on 127.0.0.1: answers each datagram with `echo:` and the
+/// datagram, to its sender, and records each distinct sender.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    senders: Arc<Mutex<Vec<SocketAddr>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl UdpEcho {
+    pub async fn start() -> UdpEcho {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind UDP echo");
+        let addr = socket.local_addr().expect("UDP echo addr");
+        let senders = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let seen = senders.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            loop {
+                let received = tokio::select! {
+                    _ = &mut stopped => return,
+                    r = socket.recv_from(&mut buf) => r,
+                };
+                let Ok((n, from)) = received else { continue };
+                {
+                    let mut seen = seen.lock().expect("UDP echo lock");
+                    if !seen.contains(&from) {
+                        seen.push(from);
+                    }
+                }
+                let mut out = b"echo:".to_vec();
+                out.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&out, from).await;
+            }
+        });
+        UdpEcho {
+            addr,
+            senders,
+            _stop: stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The distinct addresses datagrams came from, in order of first arrival.
+    pub fn senders(&self) -> Vec<SocketAddr> {
+        self.senders.lock().expect("UDP echo lock").clone()
     }
 }
 
@@ -1088,24 +1143,6 @@ pub async fn echo_round(mut s: tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
         .expect("echo answered in time")
         .unwrap();
     back
-}
-
-/// A UDP echo server on 127.0.0.1 (answers each datagram with `echo:` and
-/// the datagram); its port.
-pub async fn udp_echo() -> u16 {
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind udp");
-    let port = udp.local_addr().expect("udp addr").port();
-    tokio::spawn(async move {
-        let mut b = [0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut b).await {
-            let mut out = b"echo:".to_vec();
-            out.extend_from_slice(&b[..n]);
-            let _ = udp.send_to(&out, from).await;
-        }
-    });
-    port
 }
 
 /// A CONNECT-UDP request (RFC 9298, HTTP/1.1) to the relay `relay.test` at

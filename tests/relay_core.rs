@@ -1017,8 +1017,9 @@ async fn a_tunnel_and_a_download_cut_by_the_drain_timeout_are_logged() {
 #[tokio::test]
 async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     use porthole_relay::udp::datagram_capsule;
-    use porthole_suite::{connect_udp, next_datagram, udp_echo};
-    let uport = udp_echo().await;
+    use porthole_suite::{connect_udp, next_datagram, UdpEcho};
+    let udp_echo = UdpEcho::start().await;
+    let uport = udp_echo.port();
     let dir = std::env::temp_dir().join(format!("porthole-core-udp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");

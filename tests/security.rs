@@ -704,7 +704,8 @@ async fn a_route_via_the_next_relay_with_credentials() {
     let origin = Origin::ok().await;
     let echo = EchoServer::start().await;
     let users = users_file(&dir, &[("edge", "hop-secret")]);
-    let voice = porthole_suite::udp_echo().await;
+    let voice_echo = porthole_suite::UdpEcho::start().await;
+    let voice = voice_echo.port();
     let hop = Relay::start(&format!(
         "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[auth]\nusers_file = \"{users}\"\nrequired = true\n{}{}{}",
         route("app.test", "127.0.0.1", &[origin.port()], ""),
@@ -804,7 +805,8 @@ async fn a_next_hop_over_tls_with_a_client_certificate() {
     let (dir, ca, clients) = (Dir::new(), Ca::new("relay ca"), Ca::new("client ca"));
     let origin = Origin::ok().await;
     let echo = EchoServer::start().await;
-    let voice = porthole_suite::udp_echo().await;
+    let voice_echo = porthole_suite::UdpEcho::start().await;
+    let voice = voice_echo.port();
     let client_ca = dir.write("client-ca.pem", &clients.pem());
     let tls = tls_section(
         &dir,

@@ -715,8 +715,14 @@ async fn the_real_binary_runs_conf_shim_toml() {
 
     let origin = Origin::ok().await;
     let echo = EchoServer::start().await;
+    let udp_echo = porthole_suite::UdpEcho::start().await;
     let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "")
-        + &route("localhost", "127.0.0.1", &[echo.port()], "");
+        + &route(
+            "localhost",
+            "127.0.0.1",
+            &[echo.port(), udp_echo.port()],
+            "",
+        );
     let text = config_with(&routes, "").replace("relay.test", "relay.corp.example");
     let relay = Relay::start(&text).await;
 
@@ -746,6 +752,8 @@ async fn the_real_binary_runs_conf_shim_toml() {
             &relay.addr.to_string(),
             "--listen",
             &listen.to_string(),
+            "--forward-udp",
+            &format!("127.0.0.1:0=localhost:{}", udp_echo.port()),
         ])
         .env("RUST_LOG", "info")
         .stderr(log)
@@ -796,6 +804,20 @@ async fn the_real_binary_runs_conf_shim_toml() {
     let (ok, out) = cli(vec!["forward".into(), "remove".into(), port.to_string()]).await;
     assert!(ok, "{out}");
     assert_refused(format!("127.0.0.1:{port}").parse().unwrap()).await;
+
+    // --forward-udp: listed as `udp LISTEN=HOST:PORT`, and carrying datagrams.
+    let udp_line = list
+        .lines()
+        .find_map(|l| l.strip_prefix("udp "))
+        .unwrap_or_else(|| panic!("no UDP forward listed: {list}"));
+    let (udp_listen, target) = udp_line.split_once('=').unwrap();
+    assert_eq!(target, format!("localhost:{}", udp_echo.port()));
+    let s = udp_client(udp_listen.parse().unwrap()).await;
+    s.send(b"bin udp").await.unwrap();
+    assert_eq!(
+        udp_recv(&s, Duration::from_secs(5)).await.as_deref(),
+        Some("echo:bin udp")
+    );
 
     // env prints the four proxy variables pointing at the shim.
     let (ok, env) = cli(vec!["env".into()]).await;
@@ -1345,4 +1367,148 @@ async fn a_tls_server_that_does_not_choose_h2_is_no_link() {
         "{why}"
     );
     assert!(origin.received().is_empty());
+}
+
+/// The next datagram on `s`, or `None` after `limit`.
+async fn udp_recv(s: &tokio::net::UdpSocket, limit: Duration) -> Option<String> {
+    let mut buf = vec![0u8; 65_535];
+    let n = tokio::time::timeout(limit, s.recv(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A local UDP socket connected to `to`.
+async fn udp_client(to: SocketAddr) -> tokio::net::UdpSocket {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.connect(to).await.unwrap();
+    s
+}
+
+fn udp_forward(shim: &Shim, host: &str) -> porthole_shim::udp::UdpForwardState {
+    shim.udp_forwards
+        .states()
+        .into_iter()
+        .find(|f| f.spec.host == host)
+        .unwrap_or_else(|| panic!("no UDP forward to {host}"))
+}
+
+/// `forward_udp`: datagrams from two local sockets to the shim's UDP port,
+/// sent before any stream is open (they wait in their flow's queue), each
+/// get their own echoes: one CONNECT-UDP flow per source, which the echo
+/// server sees as two senders (the relay's socket of each flow). An idle
+/// flow ends after `udp_idle`; the source's next datagram opens a new one.
+#[tokio::test]
+async fn udp_forwards_carry_each_local_sources_datagrams_on_its_own_flow() {
+    let echo = porthole_suite::UdpEcho::start().await;
+    let relay = Relay::start(&config_with(
+        &route("dns.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let extra = format!(
+        "forward_udp = [\"127.0.0.1:0=dns.test:{}\"]\nudp_idle = \"500ms\"\n",
+        echo.port()
+    );
+    let shim = start_shim(shim_config(relay.addr, &extra)).await;
+    let local = udp_forward(&shim, "dns.test").spec.listen;
+    assert_ne!(local.port(), 0);
+    let (a, b) = (udp_client(local).await, udp_client(local).await);
+
+    for round in 0..2 {
+        for (name, s) in [("a", &a), ("b", &b)] {
+            for i in 0..3 {
+                s.send(format!("{name}{round}{i}").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+        for (name, s) in [("a", &a), ("b", &b)] {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let answer = udp_recv(s, Duration::from_secs(5)).await;
+                got.push(answer.unwrap_or_else(|| panic!("{name}: no answer, got {got:?}")));
+            }
+            got.sort();
+            let want: Vec<String> = (0..3).map(|i| format!("echo:{name}{round}{i}")).collect();
+            assert_eq!(got, want, "{name} round {round}");
+        }
+    }
+    assert_eq!(echo.senders().len(), 2, "{:?}", echo.senders());
+    assert_eq!(udp_forward(&shim, "dns.test").flows, 2);
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+
+    // Both flows idle out; a's next datagram opens a third.
+    let idle = porthole_suite::eventually(Duration::from_secs(5), || async {
+        udp_forward(&shim, "dns.test").flows == 0
+    })
+    .await;
+    assert!(idle, "flows still open: {:?}", shim.udp_forwards.states());
+    a.send(b"again").await.unwrap();
+    assert_eq!(
+        udp_recv(&a, Duration::from_secs(5)).await.as_deref(),
+        Some("echo:again")
+    );
+    assert_eq!(echo.senders().len(), 3, "{:?}", echo.senders());
+    assert_eq!(udp_forward(&shim, "dns.test").flows, 1);
+}
+
+/// A UDP forward to a target the relay has no route for: the relay answers
+/// the CONNECT-UDP stream `403` (and logs it), the shim records the
+/// refusal with the relay's reason, the datagram gets no answer, and the
+/// shim's other UDP forward keeps working.
+#[tokio::test]
+async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
+    let echo = porthole_suite::UdpEcho::start().await;
+    let dir = std::env::temp_dir().join(format!("porthole-shim-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let relay = Relay::start(&config_with(
+        &route("dns.test", "127.0.0.1", &[echo.port()], ""),
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    ))
+    .await;
+    let extra = format!(
+        "forward_udp = [\"127.0.0.1:0=other.test:53\", \"127.0.0.1:0=dns.test:{}\"]\n",
+        echo.port()
+    );
+    let shim = start_shim(shim_config(relay.addr, &extra)).await;
+    let refused = udp_client(udp_forward(&shim, "other.test").spec.listen).await;
+    let good = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
+
+    refused.send(b"lost").await.unwrap();
+    let recorded = porthole_suite::eventually(Duration::from_secs(5), || async {
+        udp_forward(&shim, "other.test").last_error.is_some()
+    })
+    .await;
+    assert!(recorded, "{:?}", shim.udp_forwards.states());
+    let error = udp_forward(&shim, "other.test").last_error.unwrap();
+    assert!(error.contains("403"), "{error}");
+    // The relay's own reason names the host it has no route for.
+    assert!(error.contains("other.test"), "{error}");
+    let refusals = || porthole_suite::lines_with(&log, "status=403");
+    let logged =
+        porthole_suite::eventually(Duration::from_secs(5), || async { !refusals().is_empty() })
+            .await;
+    assert!(logged, "{:?}", std::fs::read_to_string(&log));
+    porthole_suite::assert_some_line(&refusals(), &["masque/udp/other.test/53"]);
+    assert_eq!(udp_recv(&refused, Duration::from_millis(300)).await, None);
+
+    good.send(b"still here").await.unwrap();
+    assert_eq!(
+        udp_recv(&good, Duration::from_secs(5)).await.as_deref(),
+        Some("echo:still here")
+    );
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+    // Listed with the TCP forwards on the control endpoint.
+    let path = format!("{}forwards", control::PREFIX);
+    let (status, list) = control::call(shim.addr, http::Method::GET, &path, String::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let good_spec = udp_forward(&shim, "dns.test").spec;
+    assert!(list.contains(&format!("udp {good_spec}")), "{list}");
+    assert!(list.contains("=other.test:53"), "{list}");
 }

@@ -16,6 +16,11 @@ use crate::keepalive;
 /// The listen address when none is given: the usual system-proxy port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 
+/// How long a UDP flow lives without a datagram either way, when `udp_idle`
+/// is not set: longer than a DNS or STUN exchange, shorter than the relay's
+/// own `idle_timeout` (5 min by default), so the shim ends its flows first.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+
 /// `shim.toml` as written; every field is optional so the command line can
 /// fill in or override what the file leaves out.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -41,6 +46,12 @@ pub struct RawConfig {
     /// Forwarded ports, `LISTEN=HOST:PORT`.
     #[serde(default)]
     pub forward: Vec<String>,
+    /// Forwarded UDP ports, `LISTEN=HOST:PORT` (CONNECT-UDP through the link).
+    #[serde(default)]
+    pub forward_udp: Vec<String>,
+    /// A UDP flow (one local source) ends after this long without a
+    /// datagram either way (default `60s`).
+    pub udp_idle: Option<String>,
     /// How long a new local connection waits for the link before `502` (default `10s`).
     pub link_wait: Option<String>,
     /// Dialling the relay, and its first answer on a new link (default `5s`).
@@ -72,6 +83,11 @@ pub struct ShimConfig {
     pub relay_name: String,
     pub listen: SocketAddr,
     pub forwards: Vec<ForwardSpec>,
+    /// Forwarded UDP ports: a local UDP socket each, its datagrams carried
+    /// over CONNECT-UDP streams.
+    pub udp_forwards: Vec<ForwardSpec>,
+    /// How long a UDP flow lives without a datagram either way.
+    pub udp_idle: Duration,
     pub link_wait: Duration,
     pub connect_timeout: Duration,
     pub keepalive: keepalive::Settings,
@@ -193,6 +209,23 @@ impl RawConfig {
                 Err(e) => problem(&format!("forward[{i}]"), e),
             }
         }
+        let mut udp_forwards: Vec<ForwardSpec> = Vec::new();
+        for (i, text) in self.forward_udp.iter().enumerate() {
+            match ForwardSpec::parse(text) {
+                // Two sockets cannot share a local address (port 0 is any free port).
+                Ok(spec)
+                    if spec.listen.port() != 0
+                        && udp_forwards.iter().any(|f| f.listen == spec.listen) =>
+                {
+                    problem(
+                        &format!("forward_udp[{i}]"),
+                        format!("{} is already a UDP forward", spec.listen),
+                    )
+                }
+                Ok(spec) => udp_forwards.push(spec),
+                Err(e) => problem(&format!("forward_udp[{i}]"), e),
+            }
+        }
         let mut duration = |key: &str, value: &Option<String>, default: Duration| match value {
             None => default,
             Some(v) => match parse_duration(v) {
@@ -219,6 +252,7 @@ impl RawConfig {
             ),
         };
         let link_wait = duration("link_wait", &self.link_wait, Duration::from_secs(10));
+        let udp_idle = duration("udp_idle", &self.udp_idle, DEFAULT_UDP_IDLE);
         let connect_timeout = duration(
             "connect_timeout",
             &self.connect_timeout,
@@ -233,6 +267,8 @@ impl RawConfig {
             relay_name,
             listen,
             forwards,
+            udp_forwards,
+            udp_idle,
             link_wait,
             connect_timeout,
             keepalive,
@@ -359,6 +395,63 @@ mod tests {
         for (text, key) in bad {
             assert_eq!(check(text).err().as_deref(), Some(*key), "{text}");
         }
+    }
+
+    #[test]
+    fn udp_forwards_and_their_idle_time_are_checked() {
+        let ok = check(
+            "relay = \"r:1\"\nforward_udp = [\"5353=dns.corp:53\", \"127.0.0.2:5353=[2001:db8::1]:53\"]\nudp_idle = \"20s\"\n",
+        )
+        .unwrap();
+        let specs: Vec<String> = ok.udp_forwards.iter().map(|f| f.to_string()).collect();
+        assert_eq!(
+            specs,
+            [
+                "127.0.0.1:5353=dns.corp:53",
+                "127.0.0.2:5353=[2001:db8::1]:53"
+            ]
+        );
+        assert_eq!(ok.udp_idle, Duration::from_secs(20));
+        assert!(ok.forwards.is_empty());
+        let plain = check("relay = \"r:1\"\n").unwrap();
+        assert!(plain.udp_forwards.is_empty());
+        assert_eq!(plain.udp_idle, DEFAULT_UDP_IDLE);
+        // The same port for TCP and UDP is two different sockets.
+        let both = check(
+            "relay = \"r:1\"\nforward = [\"5353=dns.corp:53\"]\nforward_udp = [\"5353=dns.corp:53\"]\n",
+        )
+        .unwrap();
+        assert_eq!(both.udp_forwards.len(), 1);
+
+        let bad: &[(&str, &str)] = &[
+            ("forward_udp = [\"5353\"]\n", "forward_udp[0]"),
+            ("forward_udp = [\"5353=dns.corp\"]\n", "forward_udp[0]"),
+            ("forward_udp = [\"5353=dns.corp:0\"]\n", "forward_udp[0]"),
+            ("forward_udp = [\"x=dns.corp:53\"]\n", "forward_udp[0]"),
+            (
+                "forward_udp = [\"5353=dns.corp:53\", \"=dns.corp:53\"]\n",
+                "forward_udp[1]",
+            ),
+            (
+                "forward_udp = [\"5353=a:53\", \"127.0.0.1:5353=b:53\"]\n",
+                "forward_udp[1]",
+            ),
+            ("forward_udp = \"5353=dns.corp:53\"\n", "forward_udp"),
+            ("udp_idle = \"0s\"\n", "udp_idle"),
+            ("udp_idle = \"a while\"\n", "udp_idle"),
+            ("udp_timeout = \"1s\"\n", "udp_timeout"),
+        ];
+        for (text, key) in bad {
+            let text = format!("relay = \"r:1\"\n{text}");
+            assert_eq!(check(&text).err().as_deref(), Some(*key), "{text}");
+        }
+        // The message says what is wrong with which entry.
+        let e =
+            RawConfig::from_toml("relay = \"r:1\"\nforward_udp = [\"5353=a:53\", \"5353=b:53\"]\n")
+                .unwrap()
+                .validate()
+                .unwrap_err();
+        assert!(e.problems[0].message.contains("127.0.0.1:5353"), "{e:?}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! - `GET /proxy.pac`: the relay's PAC file, pointing at the shim;
 //! - `GET /.porthole-shim/status`: `up` or `connecting: <reason>`;
-//! - `GET /.porthole-shim/forwards`: one `LISTEN=HOST:PORT` per line;
+//! - `GET /.porthole-shim/forwards`: one `LISTEN=HOST:PORT` per line, then
+//!   the UDP forwards as `udp LISTEN=HOST:PORT`;
 //! - `POST /.porthole-shim/forwards` with body `LISTEN=HOST:PORT`: add one;
 //! - `DELETE /.porthole-shim/forwards/LISTEN`: remove one (closes its listener).
 
@@ -62,7 +63,13 @@ pub async fn serve(
             plain(StatusCode::OK, &text)
         }
         (Method::GET, "forwards") => {
-            let lines: Vec<String> = ctx.forwards.list().iter().map(|f| f.to_string()).collect();
+            let tcp = ctx.forwards.list().into_iter().map(|f| f.to_string());
+            let udp = ctx
+                .udp_forwards
+                .list()
+                .into_iter()
+                .map(|f| format!("udp {f}"));
+            let lines: Vec<String> = tcp.chain(udp).collect();
             text(StatusCode::OK, lines.join("\n"))
         }
         (Method::POST, "forwards") => {

@@ -7,6 +7,8 @@
 //!
 //! - [`proxy`]: the system-proxy listener: proxy form, origin form, `CONNECT`;
 //! - [`forward`]: forwarded ports, each connection a `CONNECT` stream;
+//! - [`udp`]: forwarded UDP ports, each local source a CONNECT-UDP stream
+//!   (RFC 9298) carrying its datagrams as capsules;
 //! - [`control`]: the shim's own endpoints: PAC file, status, forward control;
 //! - [`link`]: the one HTTP/2 connection to the relay (h2c, or over TLS with
 //!   ALPN `h2`), an actor with a handle;
@@ -30,6 +32,7 @@ pub use porthole_relay::keepalive;
 pub mod link;
 pub mod meter;
 pub mod proxy;
+pub mod udp;
 pub mod watch;
 
 use std::future::Future;
@@ -41,12 +44,14 @@ use tokio_util::sync::CancellationToken;
 pub use config::{ForwardSpec, RawConfig, ShimConfig};
 pub use forward::Forwards;
 pub use link::{LinkHandle, LinkState};
+pub use udp::UdpForwards;
 
 /// What every local connection shares.
 #[derive(Clone)]
 pub struct Ctx {
     pub link: LinkHandle,
     pub forwards: Forwards,
+    pub udp_forwards: UdpForwards,
     /// The system-proxy listener's address.
     pub listen: SocketAddr,
 }
@@ -57,12 +62,13 @@ pub struct Shim {
     pub addr: SocketAddr,
     pub link: LinkHandle,
     pub forwards: Forwards,
+    pub udp_forwards: UdpForwards,
     stop: CancellationToken,
 }
 
 impl Shim {
-    /// Starts the link, the configured forwards and the system-proxy
-    /// listener on `listener`. Fails if a forward cannot listen.
+    /// Starts the link, the configured forwards (TCP and UDP) and the
+    /// system-proxy listener on `listener`. Fails if a forward cannot listen.
     pub async fn start(config: ShimConfig, listener: TcpListener) -> Result<Shim, String> {
         let addr = listener.local_addr().map_err(|e| format!("listen: {e}"))?;
         let link = LinkHandle::spawn(&config);
@@ -73,10 +79,18 @@ impl Shim {
                 .await
                 .map_err(|e| format!("forward {spec}: {e}"))?;
         }
+        let udp_forwards = UdpForwards::new(link.clone(), config.udp_idle);
+        for spec in &config.udp_forwards {
+            udp_forwards
+                .add(spec.clone())
+                .await
+                .map_err(|e| format!("forward_udp {spec}: {e}"))?;
+        }
         let stop = CancellationToken::new();
         let ctx = Ctx {
             link: link.clone(),
             forwards: forwards.clone(),
+            udp_forwards: udp_forwards.clone(),
             listen: addr,
         };
         tokio::spawn(proxy::serve(listener, ctx, stop.clone()));
@@ -84,6 +98,7 @@ impl Shim {
             addr,
             link,
             forwards,
+            udp_forwards,
             stop,
         })
     }
@@ -93,6 +108,7 @@ impl Drop for Shim {
     fn drop(&mut self) {
         self.stop.cancel();
         self.forwards.clear();
+        self.udp_forwards.clear();
     }
 }
 

@@ -47,6 +47,9 @@ struct Cli {
     /// A forwarded port, LISTEN=HOST:PORT (repeatable).
     #[arg(long = "forward", global = true)]
     forwards: Vec<String>,
+    /// A forwarded UDP port, LISTEN=HOST:PORT (repeatable; CONNECT-UDP through the relay).
+    #[arg(long = "forward-udp", global = true, value_name = "LISTEN=HOST:PORT")]
+    udp_forwards: Vec<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
         raw.ca = cli.ca.clone();
     }
     raw.forward.extend(cli.forwards.iter().cloned());
+    raw.forward_udp.extend(cli.udp_forwards.iter().cloned());
 
     // One thread: the link is one HTTP/2 connection, whose task every
     // request and tunnel passes through anyway. Against a multi-thread
@@ -202,11 +206,12 @@ fn main() -> ExitCode {
         Some(Command::Check) => match raw.validate() {
             Ok(c) => {
                 println!(
-                    "ok: relay {}{}, listen {}, {} forwards",
+                    "ok: relay {}{}, listen {}, {} forwards, {} UDP forwards",
                     c.relay,
                     if c.tls.is_some() { " (TLS)" } else { "" },
                     c.listen,
-                    c.forwards.len()
+                    c.forwards.len(),
+                    c.udp_forwards.len()
                 );
                 ExitCode::SUCCESS
             }
@@ -225,8 +230,15 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                tracing::info!(listen = %config.listen, relay = %config.relay, forwards = config.forwards.len(), "listening");
-                match porthole_shim::run(config, listener, porthole_relay::shutdown_signal()).await {
+                tracing::info!(
+                    listen = %config.listen,
+                    relay = %config.relay,
+                    forwards = config.forwards.len(),
+                    udp_forwards = config.udp_forwards.len(),
+                    "listening"
+                );
+                match porthole_shim::run(config, listener, porthole_relay::shutdown_signal()).await
+                {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = %e, "shim failed");

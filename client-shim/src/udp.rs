@@ -1,0 +1,480 @@
+//! Forwarded UDP ports (`forward_udp`): a local UDP socket per forward. Each
+//! local source address (`ADDR:PORT` of the application's socket) is one
+//! flow, and each flow is one CONNECT-UDP stream (RFC 9298) over the link:
+//! an extended `CONNECT` with `:protocol connect-udp` for the relay's
+//! `/.well-known/masque/udp/HOST/PORT/`, opened on the source's first
+//! datagram. The source's datagrams go up as `DATAGRAM` capsules (context 0);
+//! capsules coming back are sent to that source from the forward's socket,
+//! so the application sees its answers come from the address it wrote to.
+//!
+//! Datagrams that arrive while the stream is being opened wait in the
+//! flow's queue ([`QUEUE`] of them; more are dropped, with a debug line). A
+//! flow ends after `udp_idle` without a datagram either way, or when the
+//! relay ends the stream; the source's next datagram opens a new one. A
+//! refusal (the relay's `403`, `502`, `501`, or no link) is logged with the
+//! relay's reason and ends the flow after [`REFUSED_PAUSE`], dropping what
+//! arrived meanwhile: a source that keeps sending retries once per pause,
+//! not in a loop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header::HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper_util::rt::TokioIo;
+use porthole_relay::udp::{capsule, datagram_capsule, Capsule, PATH_PREFIX, PROTOCOL};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::config::ForwardSpec;
+use crate::link::{empty, LinkHandle};
+use crate::AbortOnDrop;
+
+/// Datagrams a flow holds while its stream is being opened (or written).
+pub const QUEUE: usize = 64;
+/// After a refusal, the flow stays (dropping datagrams) this long before
+/// the source's next datagram may try again.
+pub const REFUSED_PAUSE: Duration = Duration::from_secs(1);
+/// The most of a refusal's body read for its reason.
+const MAX_REASON: usize = 4096;
+/// How long a refusal's body may take to arrive.
+const REASON_WAIT: Duration = Duration::from_secs(2);
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// The UDP forwards in force; cheap to clone.
+#[derive(Clone)]
+pub struct UdpForwards {
+    // A plain mutex: sections are map updates and never await.
+    inner: Arc<Mutex<BTreeMap<SocketAddr, Entry>>>,
+    link: LinkHandle,
+    idle: Duration,
+}
+
+struct Entry {
+    spec: ForwardSpec,
+    status: Arc<Status>,
+    /// Dropping it stops the receive loop, which closes the socket once
+    /// its flows have ended (they end as their queues close).
+    _serve: AbortOnDrop,
+}
+
+/// What a forward's tasks report.
+#[derive(Default)]
+struct Status {
+    flows: AtomicUsize,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A UDP forward as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpForwardState {
+    pub spec: ForwardSpec,
+    /// Flows (local sources) open now.
+    pub flows: usize,
+    /// The last refusal or failure of a flow, with the relay's reason.
+    pub last_error: Option<String>,
+}
+
+impl UdpForwards {
+    /// Forwards whose flows end after `idle` without a datagram.
+    pub fn new(link: LinkHandle, idle: Duration) -> UdpForwards {
+        UdpForwards {
+            inner: Arc::default(),
+            link,
+            idle,
+        }
+    }
+
+    /// Binds the local UDP socket and starts forwarding; returns the spec
+    /// with the bound address (a port 0 is replaced by the one chosen).
+    pub async fn add(&self, mut spec: ForwardSpec) -> Result<ForwardSpec, String> {
+        if self.lock().contains_key(&spec.listen) {
+            return Err(format!("{} is already a UDP forward", spec.listen));
+        }
+        let socket = UdpSocket::bind(spec.listen)
+            .await
+            .map_err(|e| format!("cannot bind UDP {}: {e}", spec.listen))?;
+        spec.listen = socket
+            .local_addr()
+            .map_err(|e| format!("UDP {}: {e}", spec.listen))?;
+        let status = Arc::new(Status::default());
+        let forward = Forward {
+            socket: Arc::new(socket),
+            spec: spec.clone(),
+            link: self.link.clone(),
+            idle: self.idle,
+            status: status.clone(),
+        };
+        let span =
+            tracing::info_span!("udp_forward", listen = %spec.listen, to = %spec.authority());
+        let task = tokio::spawn(forward.serve().instrument(span));
+        let entry = Entry {
+            spec: spec.clone(),
+            status,
+            _serve: AbortOnDrop(task.abort_handle()),
+        };
+        let mut map = self.lock();
+        if map.contains_key(&spec.listen) {
+            return Err(format!("{} is already a UDP forward", spec.listen));
+        }
+        map.insert(spec.listen, entry);
+        tracing::info!(forward = %spec, idle = ?self.idle, "UDP forward added");
+        Ok(spec)
+    }
+
+    /// Stops a forward; `false` if there was none.
+    pub fn remove(&self, listen: SocketAddr) -> bool {
+        let removed = self.lock().remove(&listen);
+        if let Some(entry) = &removed {
+            tracing::info!(forward = %entry.spec, "UDP forward removed");
+        }
+        removed.is_some()
+    }
+
+    /// Stops every forward.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    pub fn list(&self) -> Vec<ForwardSpec> {
+        self.lock().values().map(|e| e.spec.clone()).collect()
+    }
+
+    /// Each forward with its open flows and last error.
+    pub fn states(&self) -> Vec<UdpForwardState> {
+        self.lock()
+            .values()
+            .map(|e| UdpForwardState {
+                spec: e.spec.clone(),
+                flows: e.status.flows.load(Relaxed),
+                last_error: e
+                    .status
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One forward's receive loop and what its flows share.
+#[derive(Clone)]
+struct Forward {
+    socket: Arc<UdpSocket>,
+    spec: ForwardSpec,
+    link: LinkHandle,
+    idle: Duration,
+    status: Arc<Status>,
+}
+
+/// A flow as the receive loop sees it: its queue.
+struct FlowQueue {
+    id: u64,
+    queue: mpsc::Sender<Bytes>,
+    /// Datagrams dropped because the queue was full.
+    dropped: u64,
+}
+
+impl Forward {
+    /// Receives datagrams and hands each to its source's flow, opening one
+    /// for a source without a flow.
+    async fn serve(self) {
+        let mut flows: HashMap<SocketAddr, FlowQueue> = HashMap::new();
+        let (ended_tx, mut ended) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
+        let mut next_id = 0u64;
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let (n, source) = tokio::select! {
+                Some((source, id)) = ended.recv() => {
+                    // Only the flow that ended: a newer one may have its place.
+                    if flows.get(&source).is_some_and(|f| f.id == id) {
+                        flows.remove(&source);
+                        self.status.flows.store(flows.len(), Relaxed);
+                    }
+                    continue;
+                }
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok(r) => {
+                        backoff = Duration::from_millis(5);
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "UDP receive failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            let mut payload = Bytes::copy_from_slice(&buf[..n]);
+            loop {
+                let flow = flows.entry(source).or_insert_with(|| {
+                    next_id += 1;
+                    self.open(source, next_id, ended_tx.clone())
+                });
+                match flow.queue.try_send(payload) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(_)) => {
+                        flow.dropped += 1;
+                        tracing::debug!(
+                            %source,
+                            dropped = flow.dropped,
+                            "UDP flow queue full ({QUEUE}); datagram dropped"
+                        );
+                        break;
+                    }
+                    // The flow ended and its notice is still on its way:
+                    // the datagram opens the next one.
+                    Err(TrySendError::Closed(back)) => {
+                        payload = back;
+                        flows.remove(&source);
+                    }
+                }
+            }
+            self.status.flows.store(flows.len(), Relaxed);
+        }
+    }
+
+    /// Starts the flow task for `source`.
+    fn open(
+        &self,
+        source: SocketAddr,
+        id: u64,
+        ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    ) -> FlowQueue {
+        let (queue, datagrams) = mpsc::channel(QUEUE);
+        let flow = self.clone();
+        let span = tracing::info_span!("udp_flow", %source);
+        tokio::spawn(
+            async move {
+                flow.flow(source, datagrams).await;
+                let _ = ended.send((source, id));
+            }
+            .instrument(span),
+        );
+        FlowQueue {
+            id,
+            queue,
+            dropped: 0,
+        }
+    }
+
+    /// One flow, from opening its stream to its end.
+    async fn flow(&self, source: SocketAddr, mut datagrams: mpsc::Receiver<Bytes>) {
+        let stream = match self.connect_udp().await {
+            Ok(stream) => stream,
+            Err(why) => {
+                tracing::warn!(
+                    forward = %self.spec,
+                    error = %why,
+                    retry_after = ?REFUSED_PAUSE,
+                    "UDP flow not opened"
+                );
+                self.set_error(why);
+                tokio::time::sleep(REFUSED_PAUSE).await;
+                datagrams.close();
+                let mut dropped = 0u64;
+                while datagrams.try_recv().is_ok() {
+                    dropped += 1;
+                }
+                if dropped > 0 {
+                    tracing::debug!(dropped, "datagrams of the refused UDP flow dropped");
+                }
+                return;
+            }
+        };
+        tracing::debug!(forward = %self.spec, "UDP flow opened");
+        let (end, up, down) = self.carry(stream, source, &mut datagrams).await;
+        match end {
+            Ok(why) => tracing::debug!(up, down, "UDP flow ended: {why}"),
+            Err(why) => {
+                tracing::warn!(forward = %self.spec, up, down, error = %why, "UDP flow failed");
+                self.set_error(why);
+            }
+        }
+    }
+
+    /// Opens the CONNECT-UDP stream; `Err` is why not, with the relay's reason.
+    async fn connect_udp(&self) -> Result<hyper::upgrade::Upgraded, String> {
+        let req = udp_request(self.link.relay_name(), &self.spec.host, self.spec.port)
+            .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
+        let resp = self
+            .link
+            .send(req)
+            .await
+            .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let reason = tokio::time::timeout(
+                REASON_WAIT,
+                Limited::new(resp.into_body(), MAX_REASON).collect(),
+            )
+            .await;
+            let reason = match reason {
+                Ok(Ok(body)) => {
+                    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                    text.lines().next().unwrap_or("").trim().to_string()
+                }
+                _ => String::new(),
+            };
+            return Err(format!(
+                "the relay refused CONNECT-UDP to {}: {status} {reason}",
+                self.spec.authority()
+            ));
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))
+    }
+
+    /// Carries datagrams until the flow idles, the relay ends the stream or
+    /// the forward goes; returns how it ended and the datagrams each way.
+    async fn carry(
+        &self,
+        stream: hyper::upgrade::Upgraded,
+        source: SocketAddr,
+        datagrams: &mut mpsc::Receiver<Bytes>,
+    ) -> (Result<&'static str, String>, u64, u64) {
+        let (mut rd, mut wr) = tokio::io::split(TokioIo::new(stream));
+        // Shared by the three futures below (a task must be `Send`, so no `Cell`).
+        let last = Mutex::new(Instant::now());
+        let touch = || *last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let deadline = || *last.lock().unwrap_or_else(|p| p.into_inner()) + self.idle;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let target = self.spec.authority();
+        let upward = async {
+            while let Some(payload) = datagrams.recv().await {
+                touch();
+                wr.write_all(&datagram_capsule(&payload))
+                    .await
+                    .map_err(|e| format!("CONNECT-UDP stream to {target}: {e}"))?;
+                up.fetch_add(1, Relaxed);
+            }
+            Ok("the forward was removed")
+        };
+        let downward = async {
+            let mut buf = BytesMut::with_capacity(16 * 1024);
+            loop {
+                // Every whole capsule read so far goes to the source.
+                loop {
+                    let used = match capsule(&buf) {
+                        Capsule::Partial => break,
+                        Capsule::Bad => {
+                            return Err(format!(
+                                "CONNECT-UDP stream to {target}: a capsule too long or unreadable"
+                            ))
+                        }
+                        Capsule::Other(used) => used,
+                        Capsule::Datagram(payload, used) => {
+                            // Lost like any UDP datagram if the socket cannot send it.
+                            if let Err(e) = self.socket.send_to(payload, source).await {
+                                tracing::debug!(error = %e, "UDP datagram to the source not sent");
+                            }
+                            touch();
+                            down.fetch_add(1, Relaxed);
+                            used
+                        }
+                    };
+                    buf.advance(used);
+                }
+                buf.reserve(16 * 1024);
+                let n = rd
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| format!("CONNECT-UDP stream to {target}: {e}"))?;
+                if n == 0 {
+                    return Ok("the relay ended the stream");
+                }
+            }
+        };
+        let idle = async {
+            loop {
+                tokio::time::sleep_until(deadline()).await;
+                if Instant::now() >= deadline() {
+                    return;
+                }
+            }
+        };
+        let end = tokio::select! {
+            end = upward => end,
+            end = downward => end,
+            () = idle => Ok("idle"),
+        };
+        // A clean end of the stream (END_STREAM) for the relay, if it still listens.
+        let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+        (end, up.into_inner(), down.into_inner())
+    }
+
+    fn set_error(&self, why: String) {
+        *self
+            .status
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}
+
+/// The extended `CONNECT` for a CONNECT-UDP stream to `host:port`, for the
+/// relay named `relay_name` (RFC 9298's default template; an IPv6 literal's
+/// colons percent-encoded).
+pub fn udp_request(
+    relay_name: &str,
+    host: &str,
+    port: u16,
+) -> Result<Request<porthole_relay::h2::Body>, http::Error> {
+    let host = host.replace(':', "%3A");
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .version(http::Version::HTTP_2)
+        .uri(format!("http://{relay_name}{PATH_PREFIX}{host}/{port}/"))
+        .header(
+            HeaderName::from_static("capsule-protocol"),
+            HeaderValue::from_static("?1"),
+        )
+        .body(empty())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static(PROTOCOL));
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_follow_the_default_template() {
+        let req = udp_request("relay.corp", "dns.corp", 53).unwrap();
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(
+            req.uri().to_string(),
+            "http://relay.corp/.well-known/masque/udp/dns.corp/53/"
+        );
+        assert_eq!(req.headers()["capsule-protocol"], "?1");
+        assert_eq!(
+            req.extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| p.as_str()),
+            Some("connect-udp")
+        );
+        // The relay reads back what the shim writes.
+        let v6 = udp_request("relay.corp:8080", "2001:db8::1", 5353).unwrap();
+        assert_eq!(
+            porthole_relay::udp::target(v6.uri().path()),
+            Some(("2001:db8::1".to_string(), 5353))
+        );
+    }
+}
