@@ -17,59 +17,63 @@ use crate::config::ForwardSpec;
 use crate::link::{connect_request, LinkHandle};
 use crate::AbortOnDrop;
 
-/// The forwards in force; cheap to clone.
-#[derive(Clone)]
-pub struct Forwards {
+/// Forwards by local address, TCP or UDP: the bookkeeping both kinds share.
+/// An entry's task stops when it is removed (its `AbortOnDrop`).
+pub struct Table<E> {
     // A plain mutex: sections are map updates and never await.
-    inner: Arc<Mutex<BTreeMap<SocketAddr, Entry>>>,
-    link: LinkHandle,
+    inner: Arc<Mutex<BTreeMap<SocketAddr, E>>>,
+    /// `""` or `"UDP "`, for messages.
+    kind: &'static str,
 }
 
-struct Entry {
-    spec: ForwardSpec,
-    /// Dropping it stops the accept loop, which closes the listener.
-    _accept: AbortOnDrop,
+impl<E> Clone for Table<E> {
+    fn clone(&self) -> Self {
+        Table {
+            inner: self.inner.clone(),
+            kind: self.kind,
+        }
+    }
 }
 
-impl Forwards {
-    pub fn new(link: LinkHandle) -> Forwards {
-        Forwards {
+/// An entry of a [`Table`]: what it forwards.
+pub trait Forwarded {
+    fn spec(&self) -> &ForwardSpec;
+}
+
+impl<E: Forwarded> Table<E> {
+    pub fn new(kind: &'static str) -> Table<E> {
+        Table {
             inner: Arc::default(),
-            link,
+            kind,
         }
     }
 
-    /// Binds the listener and starts forwarding; returns the spec with the
-    /// bound address (a port 0 is replaced by the one chosen).
-    pub async fn add(&self, mut spec: ForwardSpec) -> Result<ForwardSpec, String> {
-        if self.lock().contains_key(&spec.listen) {
-            return Err(format!("{} is already forwarded", spec.listen));
+    /// `Err` if `listen` is forwarded already.
+    pub fn check_free(&self, listen: SocketAddr) -> Result<(), String> {
+        match self.lock().contains_key(&listen) {
+            true => Err(format!("{} is already a {}forward", listen, self.kind)),
+            false => Ok(()),
         }
-        let listener = TcpListener::bind(spec.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", spec.listen))?;
-        spec.listen = listener.local_addr().map_err(|e| e.to_string())?;
-        let span = tracing::info_span!("forward", listen = %spec.listen, to = %spec.authority());
-        let task =
-            tokio::spawn(accept_loop(listener, spec.clone(), self.link.clone()).instrument(span));
-        let entry = Entry {
-            spec: spec.clone(),
-            _accept: AbortOnDrop(task.abort_handle()),
-        };
+    }
+
+    /// Adds a started forward (checked again: another may have been added
+    /// meanwhile, then this one is dropped, which stops it).
+    pub fn insert(&self, entry: E) -> Result<ForwardSpec, String> {
+        let spec = entry.spec().clone();
         let mut map = self.lock();
         if map.contains_key(&spec.listen) {
-            return Err(format!("{} is already forwarded", spec.listen));
+            return Err(format!("{} is already a {}forward", spec.listen, self.kind));
         }
         map.insert(spec.listen, entry);
-        tracing::info!(forward = %spec, "forward added");
+        tracing::info!(forward = %spec, "{}forward added", self.kind);
         Ok(spec)
     }
 
-    /// Stops a forward and closes its listener; `false` if there was none.
+    /// Stops a forward; `false` if there was none.
     pub fn remove(&self, listen: SocketAddr) -> bool {
         let removed = self.lock().remove(&listen);
         if let Some(entry) = &removed {
-            tracing::info!(forward = %entry.spec, "forward removed");
+            tracing::info!(forward = %entry.spec(), "{}forward removed", self.kind);
         }
         removed.is_some()
     }
@@ -80,11 +84,75 @@ impl Forwards {
     }
 
     pub fn list(&self) -> Vec<ForwardSpec> {
-        self.lock().values().map(|e| e.spec.clone()).collect()
+        self.lock().values().map(|e| e.spec().clone()).collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Entry>> {
+    /// Each entry, as `f` sees it.
+    pub fn map<T>(&self, f: impl Fn(&E) -> T) -> Vec<T> {
+        self.lock().values().map(f).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, E>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The forwards in force; cheap to clone.
+#[derive(Clone)]
+pub struct Forwards {
+    table: Table<Entry>,
+    link: LinkHandle,
+}
+
+struct Entry {
+    spec: ForwardSpec,
+    /// Dropping it stops the accept loop, which closes the listener.
+    _accept: AbortOnDrop,
+}
+
+impl Forwarded for Entry {
+    fn spec(&self) -> &ForwardSpec {
+        &self.spec
+    }
+}
+
+impl Forwards {
+    pub fn new(link: LinkHandle) -> Forwards {
+        Forwards {
+            table: Table::new(""),
+            link,
+        }
+    }
+
+    /// Binds the listener and starts forwarding; returns the spec with the
+    /// bound address (a port 0 is replaced by the one chosen).
+    pub async fn add(&self, mut spec: ForwardSpec) -> Result<ForwardSpec, String> {
+        self.table.check_free(spec.listen)?;
+        let listener = TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", spec.listen))?;
+        spec.listen = listener.local_addr().map_err(|e| e.to_string())?;
+        let span = tracing::info_span!("forward", listen = %spec.listen, to = %spec.authority());
+        let task =
+            tokio::spawn(accept_loop(listener, spec.clone(), self.link.clone()).instrument(span));
+        self.table.insert(Entry {
+            spec,
+            _accept: AbortOnDrop(task.abort_handle()),
+        })
+    }
+
+    /// Stops a forward and closes its listener; `false` if there was none.
+    pub fn remove(&self, listen: SocketAddr) -> bool {
+        self.table.remove(listen)
+    }
+
+    /// Stops every forward.
+    pub fn clear(&self) {
+        self.table.clear();
+    }
+
+    pub fn list(&self) -> Vec<ForwardSpec> {
+        self.table.list()
     }
 }
 

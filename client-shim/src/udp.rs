@@ -16,7 +16,7 @@
 //! arrived meanwhile: a source that keeps sending retries once per pause,
 //! not in a loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::ForwardSpec;
+use crate::forward::{Forwarded, Table};
 use crate::link::{empty, LinkHandle};
 use crate::AbortOnDrop;
 
@@ -52,8 +53,7 @@ const MAX_DATAGRAM: usize = 65_535;
 /// The UDP forwards in force; cheap to clone.
 #[derive(Clone)]
 pub struct UdpForwards {
-    // A plain mutex: sections are map updates and never await.
-    inner: Arc<Mutex<BTreeMap<SocketAddr, Entry>>>,
+    table: Table<Entry>,
     link: LinkHandle,
     idle: Duration,
 }
@@ -64,6 +64,12 @@ struct Entry {
     /// Dropping it stops the receive loop, which closes the socket once
     /// its flows have ended (they end as their queues close).
     _serve: AbortOnDrop,
+}
+
+impl Forwarded for Entry {
+    fn spec(&self) -> &ForwardSpec {
+        &self.spec
+    }
 }
 
 /// What a forward's tasks report.
@@ -87,7 +93,7 @@ impl UdpForwards {
     /// Forwards whose flows end after `idle` without a datagram.
     pub fn new(link: LinkHandle, idle: Duration) -> UdpForwards {
         UdpForwards {
-            inner: Arc::default(),
+            table: Table::new("UDP "),
             link,
             idle,
         }
@@ -96,9 +102,7 @@ impl UdpForwards {
     /// Binds the local UDP socket and starts forwarding; returns the spec
     /// with the bound address (a port 0 is replaced by the one chosen).
     pub async fn add(&self, mut spec: ForwardSpec) -> Result<ForwardSpec, String> {
-        if self.lock().contains_key(&spec.listen) {
-            return Err(format!("{} is already a UDP forward", spec.listen));
-        }
+        self.table.check_free(spec.listen)?;
         let socket = UdpSocket::bind(spec.listen)
             .await
             .map_err(|e| format!("cannot bind UDP {}: {e}", spec.listen))?;
@@ -116,57 +120,39 @@ impl UdpForwards {
         let span =
             tracing::info_span!("udp_forward", listen = %spec.listen, to = %spec.authority());
         let task = tokio::spawn(forward.serve().instrument(span));
-        let entry = Entry {
-            spec: spec.clone(),
+        self.table.insert(Entry {
+            spec,
             status,
             _serve: AbortOnDrop(task.abort_handle()),
-        };
-        let mut map = self.lock();
-        if map.contains_key(&spec.listen) {
-            return Err(format!("{} is already a UDP forward", spec.listen));
-        }
-        map.insert(spec.listen, entry);
-        tracing::info!(forward = %spec, idle = ?self.idle, "UDP forward added");
-        Ok(spec)
+        })
     }
 
     /// Stops a forward; `false` if there was none.
     pub fn remove(&self, listen: SocketAddr) -> bool {
-        let removed = self.lock().remove(&listen);
-        if let Some(entry) = &removed {
-            tracing::info!(forward = %entry.spec, "UDP forward removed");
-        }
-        removed.is_some()
+        self.table.remove(listen)
     }
 
     /// Stops every forward.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.table.clear();
     }
 
     pub fn list(&self) -> Vec<ForwardSpec> {
-        self.lock().values().map(|e| e.spec.clone()).collect()
+        self.table.list()
     }
 
     /// Each forward with its open flows and last error.
     pub fn states(&self) -> Vec<UdpForwardState> {
-        self.lock()
-            .values()
-            .map(|e| UdpForwardState {
-                spec: e.spec.clone(),
-                flows: e.status.flows.load(Relaxed),
-                last_error: e
-                    .status
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone(),
-            })
-            .collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Entry>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.table.map(|e| UdpForwardState {
+            spec: e.spec.clone(),
+            flows: e.status.flows.load(Relaxed),
+            last_error: e
+                .status
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        })
     }
 }
 
