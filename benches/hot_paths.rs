@@ -58,6 +58,7 @@ fn route(host: &str, to: &str) -> Route {
         transparent: false,
         decompress: false,
         tls: None,
+        udp: false,
         via: None,
     }
 }

@@ -1025,7 +1025,8 @@ async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     let log = dir.join("access.log");
     let _ = std::fs::remove_file(&log);
     let relay = Relay::start(&config_with(
-        &route("dns.test", "127.0.0.1", &[uport], ""),
+        &(route("dns.test", "127.0.0.1", &[uport], "udp = true")
+            + &route("tcp.test", "127.0.0.1", &[uport], "")),
         &format!("[log]\naccess = \"{}\"\n", log.display()),
     ))
     .await;
@@ -1070,6 +1071,9 @@ async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     let refused = b"GET /.well-known/masque/udp/other.test/53/ HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n";
     let answer = raw_exchange(relay.addr, refused, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    // UDP is not implied by a route's TCP ports: `udp = true` allows it.
+    let (_, head) = connect_udp(relay.addr, &format!("tcp.test:{uport}")).await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
 
     let sessions = || porthole_suite::lines_with(&log, "status=101");
     let written = || async { sessions().len() == 2 };

@@ -710,14 +710,14 @@ async fn a_route_via_the_next_relay_with_credentials() {
         "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[auth]\nusers_file = \"{users}\"\nrequired = true\n{}{}{}",
         route("app.test", "127.0.0.1", &[origin.port()], ""),
         route("db.test", "127.0.0.1", &[echo.port()], ""),
-        route("voice.test", "127.0.0.1", &[voice], ""),
+        route("voice.test", "127.0.0.1", &[voice], "udp = true"),
     ))
     .await;
     let good = dir.write("hop.cred", "edge:hop-secret\n");
     let bad = dir.write("bad.cred", "edge:wrong\n");
     let via = |host: &str, port: u16, credentials: &str| {
         format!(
-            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_credentials_file = \"{credentials}\"\nports = [{port}]\n",
+            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_credentials_file = \"{credentials}\"\nports = [{port}]\nudp = true\n",
             hop.addr
         )
     };
@@ -819,7 +819,7 @@ async fn a_next_hop_over_tls_with_a_client_certificate() {
         "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n{tls}{rules}{}{}{}",
         route("app.test", "127.0.0.1", &[origin.port()], ""),
         route("db.test", "127.0.0.1", &[echo.port()], ""),
-        route("voice.test", "127.0.0.1", &[voice], ""),
+        route("voice.test", "127.0.0.1", &[voice], "udp = true"),
     ))
     .await;
     let ca_pem = dir.write("ca.pem", &ca.pem());
@@ -833,7 +833,7 @@ async fn a_next_hop_over_tls_with_a_client_certificate() {
             String::new()
         };
         format!(
-            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_ca = \"{ca_pem}\"\n{identity}ports = [{port}]\n",
+            "[[route]]\nhost = \"{host}\"\nvia = \"{}\"\nvia_ca = \"{ca_pem}\"\n{identity}ports = [{port}]\nudp = true\n",
             hop.addr
         )
     };
@@ -879,4 +879,46 @@ async fn a_next_hop_over_tls_with_a_client_certificate() {
         anon.text()
     );
     assert_eq!(origin.received().len(), 1);
+}
+
+/// A chain that comes back to a relay is a loop it sees by its own name in
+/// `Via`, for CONNECT and CONNECT-UDP as for HTTP: `508`, not a tunnel that
+/// dials itself until the connections run out. A via route does not relay a
+/// request to the next hop itself, nor a CONNECT-UDP as a request.
+#[tokio::test]
+async fn a_chain_back_to_itself_is_a_loop_for_tunnels_too() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = format!(
+        "[[route]]\nhost = \"loop.test\"\nvia = \"{addr}\"\nports = [80, 53]\nudp = true\n[[route]]\nhost = \"hop.test\"\nvia = \"hop.test:8080\"\nports = [8080]\n"
+    );
+    let config = porthole_relay::Config::from_toml(&config_with(&routes, "")).unwrap();
+    let relay = Relay::start_on(config, listener).await;
+
+    let connect = b"CONNECT loop.test:80 HTTP/1.1\r\nHost: loop.test:80\r\n\r\n";
+    let answer = raw_exchange(relay.addr, connect, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 508 "), "{answer}");
+    let (_, head) = porthole_suite::connect_udp(relay.addr, "loop.test:53").await;
+    assert!(head.starts_with("HTTP/1.1 508 "), "{head}");
+    let http = Curl::new("http://loop.test/x")
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(http.status, 508, "{http:?}");
+
+    // The hop itself is not a target of its route.
+    let own = Curl::new("http://hop.test:8080/status")
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(own.status, 400, "{own:?}");
+    assert!(own.text().contains("next hop itself"), "{}", own.text());
+    let udp_as_request = "GET http://loop.test/.well-known/masque/udp/x/53/ HTTP/1.1\r\nHost: loop.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n";
+    let answer = raw_exchange(
+        relay.addr,
+        udp_as_request.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }

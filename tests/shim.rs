@@ -721,7 +721,7 @@ async fn the_real_binary_runs_conf_shim_toml() {
             "localhost",
             "127.0.0.1",
             &[echo.port(), udp_echo.port()],
-            "",
+            "udp = true",
         );
     let text = config_with(&routes, "").replace("relay.test", "relay.corp.example");
     let relay = Relay::start(&text).await;
@@ -1403,7 +1403,7 @@ fn udp_forward(shim: &Shim, host: &str) -> porthole_shim::udp::UdpForwardState {
 async fn udp_forwards_carry_each_local_sources_datagrams_on_its_own_flow() {
     let echo = porthole_suite::UdpEcho::start().await;
     let relay = Relay::start(&config_with(
-        &route("dns.test", "127.0.0.1", &[echo.port()], ""),
+        &route("dns.test", "127.0.0.1", &[echo.port()], "udp = true"),
         "",
     ))
     .await;
@@ -1466,7 +1466,7 @@ async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
     let log = dir.join("access.log");
     let _ = std::fs::remove_file(&log);
     let relay = Relay::start(&config_with(
-        &route("dns.test", "127.0.0.1", &[echo.port()], ""),
+        &route("dns.test", "127.0.0.1", &[echo.port()], "udp = true"),
         &format!("[log]\naccess = \"{}\"\n", log.display()),
     ))
     .await;

@@ -1224,6 +1224,8 @@ async fn an_http2_connect_reset_while_dialling_is_logged_as_499() {
         &lines(),
         &["status=499", "target=\"db.mute:5432\"", "route=\"db.mute\""],
     );
+    // The uplink's control connection is not a request: no line of its own.
+    assert_eq!(lines().lines().count(), 1, "{}", lines());
 }
 
 // ---------------------------------------------------------------- TLS

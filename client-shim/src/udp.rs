@@ -43,6 +43,9 @@ pub const QUEUE: usize = 64;
 /// After a refusal, the flow stays (dropping datagrams) this long before
 /// the source's next datagram may try again.
 pub const REFUSED_PAUSE: Duration = Duration::from_secs(1);
+/// The most flows (local sources, each a CONNECT-UDP stream) a forward
+/// keeps open; datagrams from further sources are dropped, with a warning.
+pub const MAX_FLOWS: usize = 256;
 /// The most of a refusal's body read for its reason.
 const MAX_REASON: usize = 4096;
 /// How long a refusal's body may take to arrive.
@@ -183,6 +186,7 @@ impl Forward {
         let mut next_id = 0u64;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut backoff = Duration::from_millis(5);
+        let mut refused_sources = 0u64;
         loop {
             let (n, source) = tokio::select! {
                 Some((source, id)) = ended.recv() => {
@@ -206,6 +210,19 @@ impl Forward {
                     }
                 },
             };
+            // Each flow is a stream on the link and a session on the relay:
+            // a new source past the cap waits until a flow ends.
+            if !flows.contains_key(&source) && flows.len() >= MAX_FLOWS {
+                refused_sources += 1;
+                if refused_sources.is_power_of_two() {
+                    tracing::warn!(
+                        %source,
+                        refused = refused_sources,
+                        "UDP forward has {MAX_FLOWS} flows open; datagram from a new source dropped"
+                    );
+                }
+                continue;
+            }
             let mut payload = Bytes::copy_from_slice(&buf[..n]);
             loop {
                 let flow = flows.entry(source).or_insert_with(|| {

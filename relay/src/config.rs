@@ -179,6 +179,9 @@ struct RawRoute {
     /// Decode gzip responses for clients that did not offer gzip.
     #[serde(default)]
     decompress: bool,
+    /// Allow CONNECT-UDP (RFC 9298) to this route's host and ports.
+    #[serde(default)]
+    udp: bool,
     /// Speak TLS to the internal server (also implied by `to = "https://..."`).
     #[serde(default)]
     tls: bool,
@@ -563,6 +566,9 @@ pub struct Route {
     pub decompress: bool,
     /// TLS to the internal server; `None`: plain TCP.
     pub tls: Option<ClientTls>,
+    /// CONNECT-UDP is allowed (off unless configured: UDP is not implied by
+    /// the TCP ports).
+    pub udp: bool,
     /// The next hop this route's requests and tunnels go through.
     pub via: Option<Via>,
 }
@@ -706,6 +712,7 @@ fn deserialize_all(mut merged: serde_json::Value) -> (Option<RawConfig>, Vec<Pro
         };
         let path = e.path().to_string();
         let message = e.inner().to_string();
+        let missing = message.starts_with("missing field");
         // A required key this loop took out for its type: said already.
         let said = problems.iter().any(|p| {
             message
@@ -722,7 +729,9 @@ fn deserialize_all(mut merged: serde_json::Value) -> (Option<RawConfig>, Vec<Pro
             };
             problems.push(Problem { key, message });
         }
-        if said || !remove_at(&mut merged, e.path()) {
+        // A missing key's path is its parent's: nothing to take out, and
+        // what follows cannot be read without it.
+        if said || missing || !remove_at(&mut merged, e.path()) {
             break;
         }
     }
@@ -1033,6 +1042,7 @@ impl RawConfig {
                 transparent: r.transparent,
                 decompress: r.decompress,
                 tls,
+                udp: r.udp,
                 via,
             });
         }

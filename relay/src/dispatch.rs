@@ -191,12 +191,15 @@ fn own(head: &RequestHead, path: &str) -> RequestKind {
         crate::uplink::DATA_PATH if protocol(crate::uplink::DATA_PROTOCOL) => {
             RequestKind::Uplink { data: true }
         }
-        _ if protocol(crate::udp::PROTOCOL) => match crate::udp::target(path) {
-            Some((host, port)) => RequestKind::Udp { host, port },
-            None => RequestKind::Own {
-                path: path.to_string(),
-            },
-        },
+        // RFC 9298 section 3.2: a GET.
+        _ if protocol(crate::udp::PROTOCOL) && head.method() == "GET" => {
+            match crate::udp::target(path) {
+                Some((host, port)) => RequestKind::Udp { host, port },
+                None => RequestKind::Own {
+                    path: path.to_string(),
+                },
+            }
+        }
         _ => RequestKind::Own {
             path: path.to_string(),
         },

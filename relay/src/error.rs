@@ -232,7 +232,7 @@ impl fmt::Display for RelayError {
             EventStore(e) => write!(f, "{e}"),
             UpstreamTls { upstream, cause } => write!(f, "TLS with {upstream} failed: {cause}"),
             ProxyAuthRequired { why, .. } => write!(f, "proxy authentication required: {why}"),
-            Forbidden(denial) => write!(f, "access {denial}"),
+            Forbidden(denial) => write!(f, "{denial}"),
             TooManyRequests { retry_after } => write!(
                 f,
                 "too many requests from your address; retry in {retry_after} s"

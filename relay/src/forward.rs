@@ -110,6 +110,20 @@ pub async fn relay<S: Io>(
     }
     let upgrade = req.head.fields.get("upgrade").is_some()
         && req.head.fields.has_token("connection", "upgrade");
+    if let Some(via) = &route.via {
+        // The hop's own endpoints are not a route's target: this relay's
+        // credentials would open them to the client. Nor is CONNECT-UDP
+        // relayed as a request: it is asked of a relay itself, and goes to
+        // the hop as its own (see udp.rs).
+        let to_hop = decision.upstream_port == via.port
+            && decision.upstream_host().eq_ignore_ascii_case(&via.host);
+        if to_hop || (upgrade && req.head.fields.has_token("upgrade", crate::udp::PROTOCOL)) {
+            return Err(RelayError::on_route(
+                ErrorKind::BadRequest("not relayed to the next hop itself: ask this relay"),
+                &route.host,
+            ));
+        }
+    }
     let body_header = match req.framing {
         Framing::Chunked => BodyHeader::Chunked,
         _ => BodyHeader::AsReceived,
@@ -120,7 +134,11 @@ pub async fn relay<S: Io>(
     let (path, proxy_authorization) = match &route.via {
         Some(via) => {
             let authority = display_addr(decision.upstream_host(), decision.upstream_port);
-            absolute = format!("http://{authority}{}", req.target.path);
+            // `OPTIONS *` is the authority alone in absolute form (RFC 9112 3.2.4).
+            absolute = match req.target.path.as_str() {
+                "*" => format!("http://{authority}"),
+                path => format!("http://{authority}{path}"),
+            };
             (
                 absolute.as_str(),
                 via.authorization.as_ref().map(Secret::expose),
@@ -438,6 +456,7 @@ pub fn choose(
                 transparent: false,
                 decompress: false,
                 tls: None,
+                udp: false,
                 via: None,
             };
             Ok(Decision {
@@ -550,7 +569,10 @@ async fn splice_body<R: Io, W: Io>(
 
 /// Writes and flushes: a TLS stream may otherwise hold the bytes while the
 /// relay waits for an answer to them.
-async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
 }

@@ -470,6 +470,15 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Respon
         }
     };
     let config = ctx.shared.config();
+    let vias = || {
+        req.headers()
+            .get_all(header::VIA)
+            .iter()
+            .map(HeaderValue::as_bytes)
+    };
+    if crate::rewrite::via_values_contain(vias(), &config.relay.name) {
+        return refused(&RelayError::new(ErrorKind::Loop), access.take(), &ctx);
+    }
     let authorization = req
         .headers()
         .get(header::PROXY_AUTHORIZATION)
@@ -478,7 +487,8 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Respon
         Ok(user) => access.user = user,
         Err(err) => return refused(&err, access.take(), &ctx),
     }
-    let mut opened = match tunnel::open(&host, port, &ctx, &mut access).await {
+    let via = crate::rewrite::arrived_via(vias());
+    let mut opened = match tunnel::open(&host, port, &via, &ctx, &mut access).await {
         Ok(opened) => opened,
         Err(err) => return refused(&err, access.take(), &ctx),
     };

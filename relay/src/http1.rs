@@ -76,10 +76,10 @@ pub async fn serve_until_tunnel<S: Io>(
 async fn linger<S: Io>(mut conn: Conn<S>) {
     const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
     const LINGER_BYTES: usize = 64 * 1024;
-    if conn.io.shutdown().await.is_err() {
-        return;
-    }
     let drain = async {
+        if conn.io.shutdown().await.is_err() {
+            return;
+        }
         let mut dropped = 0;
         while dropped < LINGER_BYTES {
             conn.buf.clear();
@@ -203,20 +203,34 @@ async fn next_request<S: Io>(
             Err(err) => return answer_error(conn, ctx, err, access).await,
         }
     }
+    // A tunnel that came back through a chain of relays (`via`) is a loop,
+    // as an HTTP request is (that one is checked on its route).
+    if matches!(kind, RequestKind::Connect { .. } | RequestKind::Udp { .. })
+        && crate::rewrite::via_contains(&head.fields, &config.relay.name)
+    {
+        let err = RelayError::new(ErrorKind::Loop);
+        return answer_error(conn, ctx, err, access).await;
+    }
     match kind {
         RequestKind::Connect { host, port } => {
             // The head shares the read buffer's allocation: both go before
             // the tunnel, which may idle for long.
+            let via = crate::rewrite::arrived_via(head.fields.get_all("via"));
             drop(head);
-            return match tunnel::establish(conn, host, port, ctx, access.take()).await {
+            return match tunnel::establish(conn, host, port, &via, ctx, access.take()).await {
                 Some(standing) => Next::Tunnel(standing),
                 None => Next::Close,
             };
         }
-        RequestKind::Uplink { data } => return Next::Uplink { head, data },
+        RequestKind::Uplink { data } => {
+            // Uplink connections are not requests: no access line.
+            drop(access.take());
+            return Next::Uplink { head, data };
+        }
         RequestKind::Udp { host, port } => {
+            let via = crate::rewrite::arrived_via(head.fields.get_all("via"));
             drop(head);
-            return udp(conn, &host, port, ctx, access).await;
+            return udp(conn, &host, port, &via, ctx, access).await;
         }
         _ => {}
     }
@@ -282,19 +296,23 @@ async fn udp<S: Io>(
     conn: &mut Conn<S>,
     host: &str,
     port: u16,
+    via: &str,
     ctx: &ConnCtx,
     mut access: Pending<'_>,
 ) -> Next {
     use crate::udp::{Failure, Session};
-    match crate::udp::open(host, port, ctx, &mut access).await {
+    match crate::udp::open(host, port, via, ctx, &mut access).await {
         Ok(Session::Socket(socket)) => {
-            crate::udp::run(conn, socket, ctx, access.take()).await;
+            crate::udp::run(conn, socket, ctx, access).await;
             Next::Close
         }
         Ok(Session::Hop(server)) => {
             let head = crate::udp::switched(&ctx.shared.config().relay.name);
             access.status = 101;
-            if conn.io.write_all(head.as_bytes()).await.is_err() {
+            if forward::write_flush(&mut conn.io, head.as_bytes())
+                .await
+                .is_err()
+            {
                 return Next::Close;
             }
             access.bytes_out += head.len() as u64;

@@ -51,8 +51,38 @@ pub fn strip_hop_by_hop_map(headers: &mut http::HeaderMap) {
 
 /// Whether `name` (our pseudonym) is already a `received-by` in `Via`: a loop.
 pub fn via_contains(fields: &Fields, name: &str) -> bool {
-    fields
-        .get_all("via")
+    via_values_contain(fields.get_all("via"), name)
+}
+
+/// The `Via` a tunnel request (`CONNECT`, CONNECT-UDP) carries to a next
+/// hop: the entries it arrived with, then this relay's, so that a chain that
+/// comes back to a relay is a loop it can see (`508`).
+/// `arrived` is [`arrived_via`]'s.
+pub fn hop_via(arrived: &str, name: &str) -> String {
+    let mut out = String::from("Via: ");
+    if !arrived.is_empty() {
+        out.push_str(arrived);
+        out.push_str(", ");
+    }
+    out.push_str("1.1 ");
+    out.push_str(name);
+    out.push_str(" (porthole)\r\n");
+    out
+}
+
+/// The values of the `Via` fields a request arrived with, joined (`""` for
+/// none): what a tunnel request carries on to a next hop.
+pub fn arrived_via<'a>(values: impl Iterator<Item = &'a [u8]>) -> String {
+    let values: Vec<String> = values
+        .map(|v| String::from_utf8_lossy(v).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    values.join(", ")
+}
+
+/// [`via_contains`] over the values of the `Via` fields (HTTP/2's too).
+pub fn via_values_contain<'a>(values: impl Iterator<Item = &'a [u8]>, name: &str) -> bool {
+    values
         .flat_map(|v| v.split(|b| *b == b','))
         .filter_map(|entry| {
             let mut words = trim(entry)

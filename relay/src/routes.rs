@@ -204,6 +204,7 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             transparent: false,
             decompress: false,
+            udp: false,
             via: None,
             tls: None,
         }

@@ -48,13 +48,16 @@ pub enum Denial {
     Rule(usize),
     /// Rules exist and none matched.
     NoRule,
+    /// CONNECT-UDP to a route without `udp = true`.
+    NoUdp,
 }
 
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denial::Rule(i) => write!(f, "refused by rule[{i}]"),
-            Denial::NoRule => write!(f, "no rule allows it"),
+            Denial::Rule(i) => write!(f, "access refused by rule[{i}]"),
+            Denial::NoRule => write!(f, "access refused: no rule allows it"),
+            Denial::NoUdp => write!(f, "UDP refused: the route does not allow it (udp = true)"),
         }
     }
 }
@@ -500,7 +503,14 @@ mod tests {
 
     #[test]
     fn denial_texts_reveal_nothing_else() {
-        assert_eq!(Denial::Rule(2).to_string(), "refused by rule[2]");
-        assert_eq!(Denial::NoRule.to_string(), "no rule allows it");
+        assert_eq!(Denial::Rule(2).to_string(), "access refused by rule[2]");
+        assert_eq!(
+            Denial::NoRule.to_string(),
+            "access refused: no rule allows it"
+        );
+        assert_eq!(
+            Denial::NoUdp.to_string(),
+            "UDP refused: the route does not allow it (udp = true)"
+        );
     }
 }

@@ -188,10 +188,11 @@ pub async fn establish<S: Io>(
     client: &mut Conn<S>,
     host: String,
     port: u16,
+    via: &str,
     ctx: &ConnCtx,
     mut access: Access,
 ) -> Option<Standing> {
-    match dial(client, &host, port, ctx, &mut access).await {
+    match dial(client, &host, port, via, ctx, &mut access).await {
         Some((server, idle)) => Some(Standing::new(ctx, server, idle, access)),
         None => {
             access.finish(ctx);
@@ -204,10 +205,11 @@ async fn dial<S: Io>(
     client: &mut Conn<S>,
     host: &str,
     port: u16,
+    via: &str,
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Option<(Conn<Upstream>, Duration)> {
-    match open(host, port, ctx, access).await {
+    match open(host, port, via, ctx, access).await {
         Ok(mut opened) if !opened.stands() => {
             // Through an uplink: the inside relay's refusal, passed on; no tunnel.
             let refusal = opened.refusal().await;
@@ -236,8 +238,11 @@ pub struct Opened {
     pub server: Conn<Upstream>,
     /// The tunnel's idle timeout.
     pub idle: Duration,
-    /// Through an uplink: the inside relay's answer, parsed.
+    /// Through an uplink or a next hop: the far side's answer, parsed.
     pub inside: Option<crate::codec::ResponseHead>,
+    /// A next hop's `2xx` is answered with this relay's own `200` (the
+    /// hop's head may carry fields meant for this relay).
+    own_answer: bool,
 }
 
 /// This relay's own answer to a `CONNECT` whose tunnel stands.
@@ -249,6 +254,7 @@ const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 pub async fn open(
     host: &str,
     port: u16,
+    via: &str,
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Result<Opened, RelayError> {
@@ -262,34 +268,38 @@ pub async fn open(
     // Through an uplink or a next hop, the CONNECT goes on and the far side
     // answers it.
     let through = match (&decision.uplink, &route.via) {
-        (Some(id), _) => Some((format!("uplink {id}"), None)),
-        (None, Some(via)) => Some((
-            format!("next hop {}", via.addr()),
-            via.authorization.as_ref(),
-        )),
+        (Some(id), _) => Some((format!("uplink {id}"), String::new())),
+        (None, Some(hop)) => {
+            // This relay's credentials for the hop, and the Via that lets a
+            // chain that comes back here be seen as a loop.
+            let mut fields = crate::rewrite::hop_via(via, &config.relay.name);
+            if let Some(credentials) = &hop.authorization {
+                fields.push_str(&format!(
+                    "Proxy-Authorization: {}\r\n",
+                    credentials.expose()
+                ));
+            }
+            Some((format!("next hop {}", hop.addr()), fields))
+        }
         (None, None) => None,
     };
     let inside = match &through {
         None => None,
-        Some((name, credentials)) => forward_connect(
-            &mut server,
-            host,
-            port,
-            *credentials,
-            route.response_timeout,
-        )
-        .await
-        .map(Some)
-        .map_err(|err| {
-            crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
-            RelayError::on_route(
-                ErrorKind::BadResponse {
-                    upstream: name.clone(),
-                    cause: "no answer to CONNECT".into(),
-                },
-                &route.host,
-            )
-        })?,
+        Some((name, fields)) => {
+            forward_connect(&mut server, host, port, fields, route.response_timeout)
+                .await
+                .map(Some)
+                .map_err(|err| {
+                    crate::forward::log_error(ctx, &RelayError::on_route(err, &route.host));
+                    RelayError::on_route(
+                        ErrorKind::BadResponse {
+                            upstream: name.clone(),
+                            cause: "no answer to CONNECT".into(),
+                        },
+                        &route.host,
+                    )
+                })?
+        }
     };
     let far = || {
         through
@@ -321,6 +331,7 @@ pub async fn open(
         server,
         idle: config.limits.idle_timeout,
         inside,
+        own_answer: route.via.is_some(),
     };
     access.status = opened.status();
     Ok(opened)
@@ -348,9 +359,10 @@ impl Opened {
 
     /// The answer as an HTTP/1 head, as the inside relay wrote it.
     pub fn answer(&self) -> &[u8] {
-        self.inside
-            .as_ref()
-            .map_or(ESTABLISHED, |answer| answer.raw())
+        match &self.inside {
+            Some(answer) if !(self.own_answer && self.stands()) => answer.raw(),
+            _ => ESTABLISHED,
+        }
     }
 
     /// Whether the tunnel stands: any 2xx answer (RFC 9110 section 9.3.6).
@@ -441,14 +453,11 @@ async fn forward_connect(
     server: &mut Conn<crate::upstream::Upstream>,
     host: &str,
     port: u16,
-    credentials: Option<&crate::secret::Secret>,
+    fields: &str,
     timeout: Duration,
 ) -> Result<crate::codec::ResponseHead, ErrorKind> {
     let authority = crate::upstream::display_addr(host, port);
-    let authorization = credentials.map_or(String::new(), |c| {
-        format!("Proxy-Authorization: {}\r\n", c.expose())
-    });
-    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{authorization}\r\n");
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{fields}\r\n");
     let upstream = format!("session for {authority}");
     server
         .io
@@ -499,12 +508,11 @@ pub async fn relay_bytes<A: Io, B: Io>(
     let result = match (into_tcp(a), into_tcp(b)) {
         // Both plain TCP: splice(2), no copy through user space.
         (Ok(a), Ok(b)) => {
-            let mut tunnel = crate::splice::Tunnel::new(a, b, a_first, b_first, idle);
-            let result = (&mut tunnel).await;
-            let (a_to_b, b_to_a) = tunnel.moved();
-            up.store(a_to_b, Ordering::Relaxed);
-            down.store(b_to_a, Ordering::Relaxed);
-            result
+            let mut spliced = CountOnDrop {
+                tunnel: crate::splice::Tunnel::new(a, b, a_first, b_first, idle),
+                counts,
+            };
+            (&mut spliced.tunnel).await
         }
         // TLS or an uplink on one side: copies through user space. Boxed, so
         // the larger state of this path is not part of every plain tunnel.
@@ -538,6 +546,21 @@ pub async fn relay_bytes<A: Io, B: Io>(
     Moved {
         up: up.load(Ordering::Relaxed),
         down: down.load(Ordering::Relaxed),
+    }
+}
+
+/// A spliced tunnel that leaves its byte counts in `counts` when it ends or
+/// is dropped (a drain timeout cuts it: its access line has them).
+struct CountOnDrop<'a> {
+    tunnel: crate::splice::Tunnel,
+    counts: &'a Counts,
+}
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        let (a_to_b, b_to_a) = self.tunnel.moved();
+        self.counts.up.store(a_to_b, Ordering::Relaxed);
+        self.counts.down.store(b_to_a, Ordering::Relaxed);
     }
 }
 

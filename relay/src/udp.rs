@@ -16,9 +16,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use crate::access_log::Access;
+use crate::access_log::{Access, Pending};
 use crate::codec::{Conn, Io};
 use crate::error::{ErrorKind, RelayError};
+use crate::forward::write_flush;
 use crate::tunnel::Refusal;
 use crate::upstream::{display_addr, Upstream};
 use crate::ConnCtx;
@@ -153,6 +154,7 @@ impl From<RelayError> for Failure {
 pub async fn open(
     host: &str,
     port: u16,
+    via: &str,
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Result<Session, Failure> {
@@ -160,6 +162,13 @@ pub async fn open(
     let decision = crate::forward::choose(ctx, &config, host, port)?;
     let route = &decision.route;
     access.route = Some(route.clone());
+    if !route.udp {
+        return Err(RelayError::on_route(
+            ErrorKind::Forbidden(crate::rules::Denial::NoUdp),
+            &route.host,
+        )
+        .into());
+    }
     if decision.uplink.is_some() {
         return Err(RelayError::on_route(
             ErrorKind::NotImplemented("UDP through an uplink"),
@@ -167,8 +176,9 @@ pub async fn open(
         )
         .into());
     }
-    if let Some(via) = &route.via {
-        return through_hop(&decision, via, &config.relay.name, ctx).await;
+    if let Some(hop) = &route.via {
+        let via = crate::rewrite::hop_via(via, &config.relay.name);
+        return through_hop(&decision, hop, &via, ctx).await;
     }
     bind(&decision)
         .await
@@ -181,7 +191,7 @@ pub async fn open(
 async fn through_hop(
     decision: &crate::routes::Decision,
     via: &crate::config::Via,
-    name: &str,
+    via_field: &str,
     ctx: &ConnCtx,
 ) -> Result<Session, Failure> {
     let route = &decision.route;
@@ -202,7 +212,7 @@ async fn through_hop(
         format!("Proxy-Authorization: {}\r\n", c.expose())
     });
     let req = format!(
-        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{credentials}Via: 1.1 {name} (porthole)\r\n\r\n",
+        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{credentials}{via_field}\r\n",
         decision.upstream_port
     );
     if let Err(e) = server.io.write_all(req.as_bytes()).await {
@@ -225,6 +235,8 @@ async fn through_hop(
     };
     match head.status {
         101 => Ok(Session::Hop(server)),
+        // Anything else that is not a refusal would read as a session.
+        status if status < 400 => Err(failed(format!("answered {status} to CONNECT-UDP, not 101"))),
         // The hop's challenge is for this relay, not for its client.
         407 => Err(failed(
             "the next hop refused this relay's credentials (407); see via_credentials_file".into(),
@@ -284,28 +296,31 @@ pub fn switched(name: &str) -> String {
 
 /// Answers `101` and carries datagrams until the client closes or the
 /// session idles for `idle_timeout`; then writes the access line.
-pub async fn run<S: Io>(conn: &mut Conn<S>, socket: UdpSocket, ctx: &ConnCtx, mut access: Access) {
+pub async fn run<S: Io>(
+    conn: &mut Conn<S>,
+    socket: UdpSocket,
+    ctx: &ConnCtx,
+    mut access: Pending<'_>,
+) {
     let head = switched(&ctx.shared.config().relay.name);
     let idle = ctx.shared.config().limits.idle_timeout;
     access.status = 101;
     access.tunnel = true;
-    if conn.io.write_all(head.as_bytes()).await.is_err() {
-        access.finish(ctx);
+    if write_flush(&mut conn.io, head.as_bytes()).await.is_err() {
         return;
     }
     access.bytes_out += head.len() as u64;
     let open = crate::tunnel::open_tunnel(ctx, access.route_name());
-    let (up, down) = carry(conn, &socket, idle).await;
+    // The access record counts as bytes move: a session the drain timeout
+    // cuts is logged with them (the record's line is written when dropped).
+    carry(conn, &socket, idle, &mut access).await;
     drop(open);
-    access.bytes_in += up;
-    access.bytes_out += down;
-    access.finish(ctx);
+    access.take().finish(ctx);
 }
 
-/// Moves datagrams both ways; the capsule bytes read from and written to
-/// the client.
-async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration) -> (u64, u64) {
-    let (mut up, mut down) = (0u64, 0u64);
+/// Moves datagrams both ways, counting the capsule bytes read from and
+/// written to the client on `access`.
+async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration, access: &mut Access) {
     let mut datagram = vec![0u8; 65_535];
     let mut last = Instant::now();
     loop {
@@ -315,37 +330,37 @@ async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration) ->
                 Capsule::Partial => break,
                 Capsule::Bad => {
                     tracing::debug!("CONNECT-UDP: a capsule too long or unreadable; closing");
-                    return (up, down);
+                    return;
                 }
                 Capsule::Other(used) => used,
                 Capsule::Datagram(payload, used) => {
                     // A datagram the socket cannot take now is dropped, as UDP would.
                     let _ = socket.try_send(payload);
+                    last = Instant::now();
                     used
                 }
             };
-            up += used as u64;
+            access.bytes_in += used as u64;
             conn.buf.advance(used);
-            last = Instant::now();
         }
         tokio::select! {
             read = conn.fill() => match read {
                 Ok(n) if n > 0 => {}
-                _ => return (up, down),
+                _ => return,
             },
             received = socket.recv(&mut datagram) => {
                 // An ICMP error (the port is closed) is not the session's end.
                 let Ok(n) = received else { continue };
                 let out = datagram_capsule(&datagram[..n]);
-                if conn.io.write_all(&out).await.is_err() {
-                    return (up, down);
+                if write_flush(&mut conn.io, &out).await.is_err() {
+                    return;
                 }
-                down += out.len() as u64;
+                access.bytes_out += out.len() as u64;
                 last = Instant::now();
             }
             () = tokio::time::sleep_until(last + idle) => {
                 tracing::debug!(?idle, "CONNECT-UDP session idle; closing");
-                return (up, down);
+                return;
             }
         }
     }
