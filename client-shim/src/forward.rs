@@ -104,7 +104,7 @@ pub struct Forwards {
     link: LinkHandle,
 }
 
-struct Entry {
+pub struct Entry {
     spec: ForwardSpec,
     /// Dropping it stops the accept loop, which closes the listener.
     _accept: AbortOnDrop,
@@ -140,19 +140,13 @@ impl Forwards {
             _accept: AbortOnDrop(task.abort_handle()),
         })
     }
+}
 
-    /// Stops a forward and closes its listener; `false` if there was none.
-    pub fn remove(&self, listen: SocketAddr) -> bool {
-        self.table.remove(listen)
-    }
-
-    /// Stops every forward.
-    pub fn clear(&self) {
-        self.table.clear();
-    }
-
-    pub fn list(&self) -> Vec<ForwardSpec> {
-        self.table.list()
+/// `remove` (which closes the listener), `clear` and `list` are the table's.
+impl std::ops::Deref for Forwards {
+    type Target = Table<Entry>;
+    fn deref(&self) -> &Table<Entry> {
+        &self.table
     }
 }
 

@@ -61,7 +61,7 @@ pub struct UdpForwards {
     idle: Duration,
 }
 
-struct Entry {
+pub struct Entry {
     spec: ForwardSpec,
     status: Arc<Status>,
     /// Dropping it stops the receive loop, which closes the socket once
@@ -130,20 +130,6 @@ impl UdpForwards {
         })
     }
 
-    /// Stops a forward; `false` if there was none.
-    pub fn remove(&self, listen: SocketAddr) -> bool {
-        self.table.remove(listen)
-    }
-
-    /// Stops every forward.
-    pub fn clear(&self) {
-        self.table.clear();
-    }
-
-    pub fn list(&self) -> Vec<ForwardSpec> {
-        self.table.list()
-    }
-
     /// Each forward with its open flows and last error.
     pub fn states(&self) -> Vec<UdpForwardState> {
         self.table.map(|e| UdpForwardState {
@@ -156,6 +142,14 @@ impl UdpForwards {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         })
+    }
+}
+
+/// `remove`, `clear` and `list` are the table's.
+impl std::ops::Deref for UdpForwards {
+    type Target = Table<Entry>;
+    fn deref(&self) -> &Table<Entry> {
+        &self.table
     }
 }
 

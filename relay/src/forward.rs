@@ -470,6 +470,20 @@ pub fn choose(
     }
 }
 
+/// The route for a tunnel to `host:port` (`CONNECT`, CONNECT-UDP), noted on
+/// its access record, with the configuration it was chosen from.
+pub fn choose_tunnel(
+    ctx: &ConnCtx,
+    host: &str,
+    port: u16,
+    access: &mut Access,
+) -> Result<(std::sync::Arc<crate::Config>, Decision), RelayError> {
+    let config = ctx.shared.config();
+    let decision = choose(ctx, &config, host, port)?;
+    access.route = Some(decision.route.clone());
+    Ok((config, decision))
+}
+
 /// A new connection towards the decision's server: dialled, or an uplink session.
 pub async fn open_upstream(ctx: &ConnCtx, d: &Decision) -> Result<Conn<Upstream>, RelayError> {
     match &d.uplink {

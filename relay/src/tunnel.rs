@@ -258,10 +258,8 @@ pub async fn open(
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Result<Opened, RelayError> {
-    let config = ctx.shared.config();
-    let decision = crate::forward::choose(ctx, &config, host, port)?;
+    let (config, decision) = crate::forward::choose_tunnel(ctx, host, port, access)?;
     let route = &decision.route;
-    access.route = Some(route.clone());
     let mut server = crate::forward::open_upstream(ctx, &decision)
         .await
         .inspect_err(|err| crate::forward::log_error(ctx, err))?;

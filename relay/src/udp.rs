@@ -158,10 +158,8 @@ pub async fn open(
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> Result<Session, Failure> {
-    let config = ctx.shared.config();
-    let decision = crate::forward::choose(ctx, &config, host, port)?;
+    let (config, decision) = crate::forward::choose_tunnel(ctx, host, port, access)?;
     let route = &decision.route;
-    access.route = Some(route.clone());
     if !route.udp {
         return Err(RelayError::on_route(
             ErrorKind::Forbidden(crate::rules::Denial::NoUdp),
