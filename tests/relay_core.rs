@@ -432,6 +432,22 @@ async fn websocket_over_http2_is_an_extended_connect() {
         assert_eq!(line().len(), 1, "{:?}", line());
         porthole_suite::assert_some_line(&line(), &["method=GET", "status=502"]);
     }
+
+    // The relay's own endpoints do not switch protocols: 501, one line.
+    let resp = sender
+        .send_request(extended("relay.test", "/proxy.pac"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 501);
+    let line = || porthole_suite::lines_with(&log, "/proxy.pac");
+    let written = || async { !line().is_empty() };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), written).await,
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    assert_eq!(line().len(), 1, "{:?}", line());
+    porthole_suite::assert_some_line(&line(), &["method=GET", "status=501"]);
 }
 
 #[tokio::test]

@@ -247,6 +247,14 @@ async fn next_request<S: Io>(
         RequestKind::Connect { .. } | RequestKind::Uplink { .. } | RequestKind::Udp { .. } => {
             return Next::Close
         }
+        // An HTTP/2 extended CONNECT (WebSocket) to the relay's own
+        // endpoints: none of them switches protocols.
+        RequestKind::Own { .. } if ctx.must_switch.is_some() => {
+            let err = RelayError::new(ErrorKind::NotImplemented(
+                "the relay's own endpoints do not switch protocols",
+            ));
+            return answer_error(conn, ctx, err, access).await;
+        }
         RequestKind::Own { path } => {
             local::serve(conn, head, &path, framing, keep_alive, ctx, &mut access).await
         }
