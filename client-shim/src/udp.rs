@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header::HeaderName, HeaderValue, Method, Request, StatusCode};
+use http::{header::HeaderName, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 use porthole_relay::udp::{capsule, datagram_capsule, Capsule, PATH_PREFIX, PROTOCOL};
@@ -315,7 +315,7 @@ impl Forward {
             .await
             .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
         let status = resp.status();
-        if status != StatusCode::OK {
+        if !status.is_success() {
             let reason = tokio::time::timeout(
                 REASON_WAIT,
                 Limited::new(resp.into_body(), MAX_REASON).collect(),
