@@ -319,7 +319,6 @@ pub async fn run<S: Io>(
 /// Moves datagrams both ways, counting the capsule bytes read from and
 /// written to the client on `access`.
 async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration, access: &mut Access) {
-    let mut datagram = vec![0u8; 65_535];
     let mut last = Instant::now();
     loop {
         // Every whole capsule read so far goes out as a datagram.
@@ -346,10 +345,12 @@ async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration, ac
                 Ok(n) if n > 0 => {}
                 _ => return,
             },
-            received = socket.recv(&mut datagram) => {
+            ready = socket.readable() => {
+                if ready.is_err() {
+                    return;
+                }
                 // An ICMP error (the port is closed) is not the session's end.
-                let Ok(n) = received else { continue };
-                let out = datagram_capsule(&datagram[..n]);
+                let Some(out) = received_capsule(socket) else { continue };
                 if write_flush(&mut conn.io, &out).await.is_err() {
                     return;
                 }
@@ -362,6 +363,21 @@ async fn carry<S: Io>(conn: &mut Conn<S>, socket: &UdpSocket, idle: Duration, ac
             }
         }
     }
+}
+
+thread_local! {
+    /// One receive buffer per worker thread, so that a session holds none
+    /// of its own (64 KiB each, with thousands of sessions).
+    static RECEIVE_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 65_535]);
+}
+
+/// The next datagram waiting on `socket`, as a capsule; `None` when there is
+/// none after all (a spurious wake-up) or an ICMP error was read.
+fn received_capsule(socket: &UdpSocket) -> Option<Vec<u8>> {
+    RECEIVE_BUF.with_borrow_mut(|buf| {
+        let n = socket.try_recv(buf).ok()?;
+        Some(datagram_capsule(&buf[..n]))
+    })
 }
 
 #[cfg(test)]
