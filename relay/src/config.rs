@@ -1277,7 +1277,14 @@ fn uplink_tls(u: &RawUplink, c: &mut Collector) -> Option<RelayTls> {
 
 pub(crate) fn valid_host_pattern(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
-    !name.is_empty() && !name.contains('*') && name.bytes().all(is_name_byte)
+    // Labels of 1 to 63 characters, not starting or ending with `-`
+    // (RFC 1123 2.1): `a..corp` or `-bad-.corp` name no host.
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
+    name.len() <= 253
+        && !name.contains('*')
+        && name.bytes().all(is_name_byte)
+        && name.split('.').all(label_ok)
 }
 
 #[cfg(test)]
@@ -1288,6 +1295,32 @@ mod tests {
     fn embedded_default_is_valid() {
         let c = Config::from_toml(EMBEDDED_DEFAULT).expect("conf/relay.toml validates");
         assert!(!c.routes.is_empty());
+    }
+
+    #[test]
+    fn host_patterns_are_host_names() {
+        for good in [
+            "wiki.corp",
+            "*.corp",
+            "a-b.c_d.corp",
+            "127.0.0.1",
+            "localhost",
+        ] {
+            assert!(valid_host_pattern(good), "{good}");
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "*.",
+            "a..corp",
+            "-bad-.corp",
+            "corp.",
+            "a.*.corp",
+            "a b",
+            &long,
+        ] {
+            assert!(!valid_host_pattern(bad), "{bad}");
+        }
     }
 
     #[test]
