@@ -597,6 +597,19 @@ impl Via {
         Ok(Secret::new(format!("Basic {encoded}")))
     }
 
+    /// The fields a tunnel request (`CONNECT`, CONNECT-UDP) carries to the
+    /// hop: the `Via` it arrived with plus this relay's (`name`), so that a
+    /// chain that comes back here is a loop, and this relay's credentials.
+    pub fn request_fields(&self, arrived_via: &str, name: &str) -> String {
+        let mut fields = crate::rewrite::hop_via(arrived_via, name);
+        if let Some(credentials) = &self.authorization {
+            fields.push_str("Proxy-Authorization: ");
+            fields.push_str(credentials.expose());
+            fields.push_str("\r\n");
+        }
+        fields
+    }
+
     /// `host:port`, for errors and logs.
     pub fn addr(&self) -> String {
         crate::upstream::display_addr(&self.host, self.port)

@@ -123,14 +123,10 @@ impl RawTls {
                 return None;
             }
         };
-        // The key file's content never goes into an error: only its path.
-        let key_der = match PrivateKeyDer::from_pem_file(key) {
+        let key_der = match read_key(key) {
             Ok(k) => k,
             Err(e) => {
-                c.push(
-                    "tls.key",
-                    format!("cannot read a PEM private key from {key}: {e}"),
-                );
+                c.push("tls.key", e);
                 return None;
             }
         };
@@ -199,6 +195,12 @@ fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{path} holds no PEM certificate"));
     }
     Ok(certs)
+}
+
+/// A PEM private key; the error names the file, never its content.
+fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("cannot read a PEM private key from {path}: {e}"))
 }
 
 fn read_roots(path: &str) -> Result<RootCertStore, String> {
@@ -315,9 +317,7 @@ impl ClientTls {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = read_certs(cert)?;
-                // The key file's content never goes into an error: only its path.
-                let key_der = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("cannot read a PEM private key from {key}: {e}"))?;
+                let key_der = read_key(key)?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| format!("{cert} and {key} do not make a client identity: {e}"))?

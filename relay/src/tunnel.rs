@@ -267,18 +267,10 @@ pub async fn open(
     // answers it.
     let through = match (&decision.uplink, &route.via) {
         (Some(id), _) => Some((format!("uplink {id}"), String::new())),
-        (None, Some(hop)) => {
-            // This relay's credentials for the hop, and the Via that lets a
-            // chain that comes back here be seen as a loop.
-            let mut fields = crate::rewrite::hop_via(via, &config.relay.name);
-            if let Some(credentials) = &hop.authorization {
-                fields.push_str(&format!(
-                    "Proxy-Authorization: {}\r\n",
-                    credentials.expose()
-                ));
-            }
-            Some((format!("next hop {}", hop.addr()), fields))
-        }
+        (None, Some(hop)) => Some((
+            format!("next hop {}", hop.addr()),
+            hop.request_fields(via, &config.relay.name),
+        )),
         (None, None) => None,
     };
     let inside = match &through {
@@ -456,15 +448,21 @@ async fn forward_connect(
 ) -> Result<crate::codec::ResponseHead, ErrorKind> {
     let authority = crate::upstream::display_addr(host, port);
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{fields}\r\n");
-    let upstream = format!("session for {authority}");
-    server
-        .io
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|cause| ErrorKind::Connect {
-            upstream: upstream.clone(),
-            cause,
-        })?;
+    ask(server, &req, format!("session for {authority}"), timeout).await
+}
+
+/// Sends a request head to the far side of a tunnel (an uplinked relay, a
+/// next hop) and reads its answer head within `timeout`; `upstream` names it
+/// in errors.
+pub async fn ask(
+    server: &mut Conn<crate::upstream::Upstream>,
+    request: &str,
+    upstream: String,
+    timeout: Duration,
+) -> Result<crate::codec::ResponseHead, ErrorKind> {
+    if let Err(cause) = server.io.write_all(request.as_bytes()).await {
+        return Err(ErrorKind::Connect { upstream, cause });
+    }
     match tokio::time::timeout(
         timeout,
         crate::codec::read_response_head(&mut *server, 64 * 1024, 100),

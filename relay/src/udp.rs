@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use bytes::Buf;
-use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
@@ -175,8 +174,8 @@ pub async fn open(
         .into());
     }
     if let Some(hop) = &route.via {
-        let via = crate::rewrite::hop_via(via, &config.relay.name);
-        return through_hop(&decision, hop, &via, ctx).await;
+        let fields = hop.request_fields(via, &config.relay.name);
+        return through_hop(&decision, hop, &fields, ctx).await;
     }
     bind(&decision)
         .await
@@ -189,7 +188,7 @@ pub async fn open(
 async fn through_hop(
     decision: &crate::routes::Decision,
     via: &crate::config::Via,
-    via_field: &str,
+    fields: &str,
     ctx: &ConnCtx,
 ) -> Result<Session, Failure> {
     let route = &decision.route;
@@ -206,31 +205,13 @@ async fn through_hop(
     let mut server = crate::forward::open_upstream(ctx, decision).await?;
     // The template's host: an IPv6 literal's colons percent-encoded.
     let target = decision.upstream_host().replace(':', "%3A");
-    let credentials = via.authorization.as_ref().map_or(String::new(), |c| {
-        format!("Proxy-Authorization: {}\r\n", c.expose())
-    });
     let req = format!(
-        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{credentials}{via_field}\r\n",
+        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{fields}\r\n",
         decision.upstream_port
     );
-    if let Err(e) = server.io.write_all(req.as_bytes()).await {
-        return Err(failed(format!("sending CONNECT-UDP: {e}")));
-    }
-    let answer = tokio::time::timeout(
-        route.response_timeout,
-        crate::codec::read_response_head(&mut server, 64 * 1024, 100),
-    )
-    .await;
-    let head = match answer {
-        Ok(Ok(head)) => head,
-        Ok(Err(e)) => return Err(failed(format!("no answer to CONNECT-UDP ({e:?})"))),
-        Err(_) => {
-            return Err(Failure::Error(RelayError::on_route(
-                ErrorKind::ResponseTimeout { upstream: hop },
-                &route.host,
-            )))
-        }
-    };
+    let head = crate::tunnel::ask(&mut server, &req, hop.clone(), route.response_timeout)
+        .await
+        .map_err(|kind| Failure::Error(RelayError::on_route(kind, &route.host)))?;
     match head.status {
         101 => Ok(Session::Hop(server)),
         // Anything else that is not a refusal would read as a session.
