@@ -45,6 +45,7 @@ fn me() -> Identity<'static> {
     Identity {
         name: "relay.corp.example",
         local: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        uplink_session: false,
     }
 }
 

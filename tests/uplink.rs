@@ -201,6 +201,79 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     assert!(metric(&o, "porthole_uplinks_connected").await >= 1.0);
 }
 
+/// CONNECT-UDP (RFC 9298) to a name the inside relay offers: the outside
+/// relay opens a session and asks the inside relay for the same CONNECT-UDP,
+/// and the capsules pass through both, over HTTP/1.1 and as an HTTP/2
+/// extended CONNECT. The inside relay's route decides: without `udp = true`
+/// its 403 comes back with its reason.
+#[tokio::test]
+async fn udp_datagrams_reach_a_server_behind_a_relay_that_only_dials_out() {
+    use porthole_relay::udp::datagram_capsule;
+    use porthole_suite::{connect_udp, next_datagram, UdpEcho};
+    let voice_echo = UdpEcho::start().await;
+    let voice = voice_echo.port();
+    let o = Relay::start(&config_with(
+        "",
+        &accept("plant-3", "s3cret", &["*.plant3"], ""),
+    ))
+    .await;
+    let routes = route("voice.plant3", "127.0.0.1", &[voice], "udp = true")
+        + &route("tcp.plant3", "127.0.0.1", &[voice], "");
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s3cret",
+        &["voice.plant3", "tcp.plant3"],
+        &routes,
+    ))
+    .await;
+    wait_state(&o, "voice.plant3", "connected").await;
+
+    let (mut s, head) = connect_udp(o.addr, &format!("voice.plant3:{voice}")).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(head.contains("Capsule-Protocol: ?1"), "{head}");
+    let mut buf = Vec::new();
+    for msg in [&b"rtp 1"[..], b"rtp 2"] {
+        s.write_all(&datagram_capsule(msg)).await.unwrap();
+        assert_eq!(
+            next_datagram(&mut s, &mut buf).await,
+            [b"echo:", msg].concat()
+        );
+    }
+    drop(s);
+
+    let mut sender = porthole_suite::h2c(o.addr).await;
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!(
+            "http://relay.test/.well-known/masque/udp/voice.plant3/{voice}/"
+        ))
+        .header("capsule-protocol", "?1")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(&datagram_capsule(b"over h2")).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(next_datagram(&mut io, &mut buf).await, b"echo:over h2");
+    drop(io);
+    // Two sessions, two sockets of the inside relay's.
+    assert_eq!(voice_echo.senders().len(), 2, "{:?}", voice_echo.senders());
+
+    // The inside relay's route has no `udp = true`: its refusal, passed on.
+    let refused = format!("GET /.well-known/masque/udp/tcp.plant3/{voice}/ HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n");
+    let answer = raw_exchange(o.addr, refused.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(
+        answer
+            .ends_with("route tcp.plant3: UDP refused: the route does not allow it (udp = true)\n"),
+        "the inside relay's reason: {answer}"
+    );
+}
+
 #[tokio::test]
 async fn registration_refuses_wrong_secrets_foreign_names_and_taken_names() {
     let origin = Origin::ok().await;

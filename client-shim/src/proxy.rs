@@ -125,6 +125,7 @@ async fn handle(
     let me = Identity {
         name: SHIM_NAME,
         local,
+        uplink_session: false,
     };
     match classify(req.method(), req.uri(), host.as_deref(), me) {
         Err(why) => plain(StatusCode::BAD_REQUEST, why),
@@ -349,6 +350,7 @@ mod tests {
         let me = Identity {
             name: SHIM_NAME,
             local: "127.0.0.1:3128".parse().unwrap(),
+            uplink_session: false,
         };
         let relay = |a: &str, p: &str| {
             Ok(Kind::Relay {

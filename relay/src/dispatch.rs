@@ -92,6 +92,9 @@ pub struct Identity<'a> {
     pub name: &'a str,
     /// The address the client connected to.
     pub local: SocketAddr,
+    /// An uplink's data connection (`ConnCtx::uplink_session`): a
+    /// CONNECT-UDP is this relay's whatever its `Host` says.
+    pub uplink_session: bool,
 }
 
 impl Identity<'_> {
@@ -156,8 +159,10 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
 
     // An uplink upgrade is for this relay whatever its Host says: an inside
     // relay may reach it through a proxy or a name the relay does not know.
-    if let RequestKind::Uplink { data } = own(head, target) {
-        return Ok(RequestKind::Uplink { data });
+    match own(head, target) {
+        RequestKind::Uplink { data } => return Ok(RequestKind::Uplink { data }),
+        udp @ RequestKind::Udp { .. } if me.uplink_session => return Ok(udp),
+        _ => {}
     }
     if target.starts_with('/') || target == "*" {
         let mut hosts = head.fields.get_all("host");
@@ -219,10 +224,15 @@ mod tests {
     use bytes::Bytes;
 
     fn classify(text: &str) -> Result<RequestKind, &'static str> {
+        classify_as(text, false)
+    }
+
+    fn classify_as(text: &str, uplink_session: bool) -> Result<RequestKind, &'static str> {
         let head = parse_request_head(Bytes::copy_from_slice(text.as_bytes()), 100).unwrap();
         let me = Identity {
             name: "relay.test",
             local: "127.0.0.1:8080".parse().unwrap(),
+            uplink_session,
         };
         classify_request(&head, me)
     }
@@ -321,6 +331,35 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(classify(text), want, "{text:?}");
         }
+    }
+
+    /// A CONNECT-UDP for another host is relayed as an upgrade, except on an
+    /// uplink's data connection, where it is the outside relay's, for this relay.
+    #[test]
+    fn connect_udp_on_an_uplink_session_is_for_this_relay_whatever_its_host() {
+        let udp = |host: &str| {
+            format!("GET /.well-known/masque/udp/voice.corp/5060/ HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\n\r\n")
+        };
+        let session = Ok(RequestKind::Udp {
+            host: "voice.corp".into(),
+            port: 5060,
+        });
+        assert_eq!(classify(&udp("relay.test")), session);
+        assert_eq!(
+            classify(&udp("plant-3")),
+            relay(
+                "plant-3",
+                80,
+                None,
+                "/.well-known/masque/udp/voice.corp/5060/"
+            )
+        );
+        assert_eq!(classify_as(&udp("plant-3"), true), session);
+        // Other requests on a session keep their Host.
+        assert_eq!(
+            classify_as("GET /x HTTP/1.1\r\nHost: erp.plant3\r\n\r\n", true),
+            relay("erp.plant3", 80, None, "/x")
+        );
     }
 
     #[test]

@@ -456,7 +456,8 @@ pub fn choose(
                 transparent: false,
                 decompress: false,
                 tls: None,
-                udp: false,
+                // CONNECT-UDP goes on to the inside relay, whose route decides.
+                udp: true,
                 via: None,
             };
             Ok(Decision {

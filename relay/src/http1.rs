@@ -180,6 +180,7 @@ async fn next_request<S: Io>(
     let me = Identity {
         name: &config.relay.name,
         local: ctx.local,
+        uplink_session: ctx.uplink_session,
     };
     let kind = match classify_request(&head, me) {
         Ok(kind) => kind,

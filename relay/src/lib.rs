@@ -317,6 +317,10 @@ pub struct ConnCtx {
     /// Set on the internal leg of an HTTP/2 extended `CONNECT`: the upgrade
     /// must be answered `101` ([`h2::MustSwitch`]).
     pub must_switch: Option<Arc<h2::MustSwitch>>,
+    /// A data connection an uplink opened for the outside relay's session:
+    /// a CONNECT-UDP on it is for this relay whatever its `Host` says
+    /// (the outside relay cannot know this relay's name or address).
+    pub uplink_session: bool,
 }
 
 /// The sockets a relay serves: the aggregate port and, optionally, the admin listener.

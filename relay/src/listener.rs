@@ -96,6 +96,7 @@ pub async fn accept_loop(
             cert_user: None,
             tls: false,
             must_switch: None,
+            uplink_session: false,
         };
         let span = tracing::info_span!("conn", client = %peer);
         let open = GaugeGuard::new(shared.metrics.open_connections.clone());

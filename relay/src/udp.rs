@@ -8,6 +8,11 @@
 //! context 0 is one UDP payload, both ways. Unknown capsules are skipped.
 //! The session ends when the client closes, or after `idle_timeout` without
 //! a datagram either way; one access line for the whole session.
+//!
+//! For a route with `via`, or a name an uplinked relay offers, the relay asks
+//! that relay for the same session (its own CONNECT-UDP) and carries the
+//! capsules through untouched; on an uplink's data connection, the inside
+//! relay takes the outside relay's CONNECT-UDP whatever its `Host` says.
 
 use std::time::Duration;
 
@@ -128,8 +133,9 @@ pub fn capsule(buf: &[u8]) -> Capsule<'_> {
 pub enum Session {
     /// A UDP socket of this relay's, connected to the target.
     Socket(UdpSocket),
-    /// A route's next hop, which answered its own CONNECT-UDP with `101`:
-    /// the capsules pass through it untouched, as a tunnel's bytes.
+    /// A route's next hop or an uplinked relay, which answered its own
+    /// CONNECT-UDP with `101`: the capsules pass through it untouched, as a
+    /// tunnel's bytes.
     Hop(Conn<Upstream>),
 }
 
@@ -148,8 +154,8 @@ impl From<RelayError> for Failure {
 }
 
 /// Checks the target like a `CONNECT`'s, then binds a UDP socket connected
-/// to it, or, for a route with `via`, asks the next hop for the same
-/// session. The route goes on the access record.
+/// to it, or, for a route with `via` or a name an uplinked relay offers,
+/// asks that relay for the same session. The route goes on the access record.
 pub async fn open(
     host: &str,
     port: u16,
@@ -166,37 +172,54 @@ pub async fn open(
         )
         .into());
     }
-    if decision.uplink.is_some() {
-        return Err(RelayError::on_route(
-            ErrorKind::NotImplemented("UDP through an uplink"),
-            &route.host,
-        )
-        .into());
+    // Through an uplink or a next hop, the far side runs the session.
+    match (&decision.uplink, &route.via) {
+        (Some(id), _) => {
+            let far = Far {
+                name: format!("uplink {id}"),
+                host: id.clone(),
+                fields: String::new(),
+            };
+            through(&decision, &far, ctx).await
+        }
+        (None, Some(hop)) => {
+            let far = Far {
+                name: hop.addr(),
+                host: hop.addr(),
+                fields: hop.request_fields(via, &config.relay.name),
+            };
+            through(&decision, &far, ctx).await
+        }
+        (None, None) => bind(&decision)
+            .await
+            .map(Session::Socket)
+            .map_err(Failure::Error),
     }
-    if let Some(hop) = &route.via {
-        let fields = hop.request_fields(via, &config.relay.name);
-        return through_hop(&decision, hop, &fields, ctx).await;
-    }
-    bind(&decision)
-        .await
-        .map(Session::Socket)
-        .map_err(Failure::Error)
 }
 
-/// Asks the next hop for the session: its own CONNECT-UDP (HTTP/1.1), with
-/// this relay's credentials for it.
-async fn through_hop(
+/// The far side of a session that this relay only carries.
+struct Far {
+    /// For errors: the next hop's address, or `uplink ID`.
+    name: String,
+    /// The `Host` of the request to it.
+    host: String,
+    /// Header lines for it: `Via`, a next hop's credentials.
+    fields: String,
+}
+
+/// Asks the far side (a route's next hop, or an uplinked relay over a new
+/// session) for the same session: its own CONNECT-UDP (HTTP/1.1). Its
+/// capsules then pass through this relay untouched, as a tunnel's bytes.
+async fn through(
     decision: &crate::routes::Decision,
-    via: &crate::config::Via,
-    fields: &str,
+    far: &Far,
     ctx: &ConnCtx,
 ) -> Result<Session, Failure> {
     let route = &decision.route;
-    let hop = via.addr();
     let failed = |cause: String| {
         Failure::Error(RelayError::on_route(
             ErrorKind::BadResponse {
-                upstream: hop.clone(),
+                upstream: far.name.clone(),
                 cause,
             },
             &route.host,
@@ -206,18 +229,18 @@ async fn through_hop(
     // The template's host: an IPv6 literal's colons percent-encoded.
     let target = decision.upstream_host().replace(':', "%3A");
     let req = format!(
-        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {hop}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{fields}\r\n",
-        decision.upstream_port
+        "GET {PATH_PREFIX}{target}/{}/ HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {PROTOCOL}\r\nCapsule-Protocol: ?1\r\n{}\r\n",
+        decision.upstream_port, far.host, far.fields
     );
-    let head = crate::tunnel::ask(&mut server, &req, hop.clone(), route.response_timeout)
+    let head = crate::tunnel::ask(&mut server, &req, far.name.clone(), route.response_timeout)
         .await
         .map_err(|kind| Failure::Error(RelayError::on_route(kind, &route.host)))?;
     match head.status {
         101 => Ok(Session::Hop(server)),
         // Anything else that is not a refusal would read as a session.
         status if status < 400 => Err(failed(format!("answered {status} to CONNECT-UDP, not 101"))),
-        // The hop's challenge is for this relay, not for its client.
-        407 => Err(failed(
+        // A next hop's challenge is for this relay, not for its client.
+        407 if route.via.is_some() => Err(failed(
             "the next hop refused this relay's credentials (407); see via_credentials_file".into(),
         )),
         _ => Err(Failure::Refused(Refusal::read(&mut server, &head).await)),

@@ -251,7 +251,7 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
                 seen.last_rx = Instant::now();
                 match incoming {
                     Ok(Some(Message::Open { session, host, port })) => {
-                        let ctx = ConnCtx { shared: shared.clone(), peer: outside, local, cert_user: None, tls: false, must_switch: None };
+                        let ctx = session_ctx(shared.clone(), outside, local);
                         tokio::spawn(open_data(ctx, u.clone(), session, host, port, report.clone()));
                     }
                     Ok(Some(Message::Pong { .. })) => {}
@@ -419,15 +419,20 @@ async fn park(
         return;
     }
     tracing::debug!(uplink = %u.id, %session, %host, port, "session on a parked data connection");
-    let ctx = ConnCtx {
+    crate::http1::serve(conn, session_ctx(shared, outside, local)).await;
+}
+
+/// The context of a data connection's requests: the outside relay's.
+fn session_ctx(shared: Arc<Shared>, outside: SocketAddr, local: SocketAddr) -> ConnCtx {
+    ConnCtx {
         shared,
         peer: outside,
         local,
         cert_user: None,
         tls: false,
         must_switch: None,
-    };
-    crate::http1::serve(conn, ctx).await;
+        uplink_session: true,
+    }
 }
 
 /// Opens the data connection for one session (S9-S10) and serves it as a
