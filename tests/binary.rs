@@ -82,6 +82,26 @@ async fn check_names_every_bad_key_and_exits_64() {
     assert_eq!(code, 64);
     assert!(text.contains("relay.lisen"), "{text}");
 
+    // A bad value from an environment override is blamed on its variable,
+    // not on the file, which is fine.
+    let good = write_config("good-for-env", &config("", ""));
+    let out = tokio::process::Command::new(binary("porthole-relay"))
+        .args(["check", "--config"])
+        .arg(&good)
+        .env("PORTHOLE__LIMITS__HEAD_TIMEOUT", "soon")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.starts_with(
+            "environment PORTHOLE__LIMITS__HEAD_TIMEOUT: limits.head_timeout: `soon` is not a duration"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains(&good.display().to_string()), "{text}");
+
     // Running with a bad config fails the same way, before binding anything.
     let out = tokio::process::Command::new(binary("porthole-relay"))
         .arg("--config")

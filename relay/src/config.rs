@@ -625,6 +625,18 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// The environment variable that overrides this problem's key
+    /// (`relay.listen`: `PORTHOLE__RELAY__LISTEN`); a value it sets wins
+    /// over the file's.
+    pub fn env_var(&self) -> String {
+        format!(
+            "PORTHOLE__{}",
+            self.key.replace('.', "__").to_ascii_uppercase()
+        )
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)

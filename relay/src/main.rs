@@ -83,7 +83,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             for p in &e.problems {
-                eprintln!("{source}: {p}");
+                // A value from an environment override is not the file's.
+                let var = p.env_var();
+                match std::env::var_os(&var) {
+                    Some(_) => eprintln!("environment {var}: {p}"),
+                    None => eprintln!("{source}: {p}"),
+                }
             }
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
