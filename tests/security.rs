@@ -582,6 +582,114 @@ async fn rules_by_topic_on_the_event_endpoints() {
     assert_eq!(bob.status, 403, "{bob:?}");
 }
 
+/// `[events] publishers`: named users may publish on the aggregate port,
+/// authenticated like any client, within the topics the rules allow them;
+/// the event reaches pollers as one published on the admin listener does.
+/// Anyone else is refused (407 without credentials, 403 otherwise), and so
+/// is a body that is not JSON or too large; nothing is stored from them.
+#[tokio::test]
+async fn publishers_publish_on_the_aggregate_port_and_nobody_else_does() {
+    let dir = Dir::new();
+    let users = users_file(&dir, &[("sensor", "s-pw"), ("reader", "r-pw")]);
+    let extra = format!(
+        "[auth]\nusers_file = \"{users}\"\n[auth.groups]\nsensors = [\"sensor\"]\n\
+         [events]\npublishers = [\"group:sensors\"]\nmax_event_bytes = 64\n\
+         [[rule]]\ntopics = [\"plant-*\"]\nallow = true\n"
+    );
+    let relay = Relay::start(&config_with("", &extra)).await;
+    let post = |topic: &str, user: Option<&str>, body: &str| {
+        let mut c = Curl::new(&format!("http://relay.test/events/{topic}"))
+            .proxy(&relay.url())
+            .args(&[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ]);
+        if let Some(u) = user {
+            c = c.args(&["-U", u]);
+        }
+        c
+    };
+    let out = post("plant-7", Some("sensor:s-pw"), r#"{"t": 21}"#)
+        .run()
+        .await;
+    assert_eq!(out.status, 201, "{out:?}");
+    assert_eq!(out.text(), "{\"id\":1}\n");
+    let out = post("plant-7", Some("sensor:s-pw"), "[2]").run().await;
+    assert_eq!((out.status, out.text()), (201, "{\"id\":2}\n".to_string()));
+
+    // A poller on the aggregate port gets both, with their data.
+    let polled = Curl::new("http://relay.test/events/plant-7?after=0&wait=0")
+        .proxy(&relay.url())
+        .args(&["-U", "reader:r-pw"])
+        .run()
+        .await;
+    assert_eq!(polled.status, 200, "{polled:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&polled.body).unwrap();
+    let events = answer["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2, "{answer}");
+    assert_eq!(events[0]["data"], serde_json::json!({"t": 21}));
+    assert_eq!(events[1]["data"], serde_json::json!([2]));
+
+    // Not a publisher, no credentials, a topic no rule allows, bad bodies.
+    let reader = post("plant-7", Some("reader:r-pw"), "{}").run().await;
+    assert_eq!(reader.status, 403, "{reader:?}");
+    assert!(
+        reader.text().contains("not one of [events] publishers"),
+        "{}",
+        reader.text()
+    );
+    let anonymous = post("plant-7", None, "{}").run().await;
+    assert_eq!(anonymous.status, 407, "{anonymous:?}");
+    assert!(!anonymous.header("proxy-authenticate").is_empty());
+    let office = post("office", Some("sensor:s-pw"), "{}").run().await;
+    assert_eq!(office.status, 403, "{office:?}");
+    assert!(
+        office.text().contains("no rule allows it"),
+        "{}",
+        office.text()
+    );
+    let not_json = post("plant-7", Some("sensor:s-pw"), "{oops").run().await;
+    assert_eq!(not_json.status, 400, "{not_json:?}");
+    let large = format!("\"{}\"", "x".repeat(100));
+    let too_large = post("plant-7", Some("sensor:s-pw"), &large).run().await;
+    assert_eq!(too_large.status, 413, "{too_large:?}");
+    // Chunked, past the limit as it streams.
+    let chunked = post("plant-7", Some("sensor:s-pw"), &large)
+        .args(&["-H", "Transfer-Encoding: chunked"])
+        .run()
+        .await;
+    assert_eq!(chunked.status, 413, "{chunked:?}");
+
+    let polled = Curl::new("http://relay.test/events/plant-7?after=2&wait=0")
+        .proxy(&relay.url())
+        .args(&["-U", "reader:r-pw"])
+        .run()
+        .await;
+    let answer: serde_json::Value = serde_json::from_slice(&polled.body).unwrap();
+    assert_eq!(
+        answer["events"],
+        serde_json::json!([]),
+        "nothing else stored"
+    );
+    assert_eq!(answer["next"], 2, "{answer}");
+}
+
+/// Without `[events] publishers`, the aggregate port only polls: a POST to
+/// an event topic is `405` with `Allow: GET`.
+#[tokio::test]
+async fn without_publishers_the_aggregate_port_does_not_publish() {
+    let relay = Relay::start(&config_with("", "")).await;
+    let out = Curl::new("http://relay.test/events/plant-7")
+        .proxy(&relay.url())
+        .args(&["--data-binary", "{}"])
+        .run()
+        .await;
+    assert_eq!(out.status, 405, "{out:?}");
+    assert_eq!(out.header("allow"), vec!["GET".to_string()]);
+}
+
 #[tokio::test]
 async fn sighup_changes_a_decision_and_keeps_the_open_tunnel() {
     let dir = Dir::new();

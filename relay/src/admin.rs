@@ -16,8 +16,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::error::{ErrorKind, RelayError};
-use crate::events::PublishError;
-use crate::metrics::{Name, TopicLabels};
 use crate::{status, Shared};
 
 /// The response type of every admin endpoint.
@@ -127,27 +125,9 @@ async fn publish(req: Request<Incoming>, topic: &str, shared: &Shared) -> AdminR
             return refusal(&RelayError::new(ErrorKind::BadRequest("unreadable body")));
         }
     };
-    match shared.events.publish(topic, &body).await {
-        Ok(id) => {
-            let labels = TopicLabels {
-                topic: Name::from(topic),
-            };
-            shared.metrics.events_published.get_or_create(&labels).inc();
-            json(StatusCode::CREATED, format!("{{\"id\":{id}}}\n"))
-        }
-        Err(e) => {
-            let kind = match e {
-                PublishError::BadTopic => ErrorKind::BadTopic,
-                PublishError::NotJson(why) => ErrorKind::NotJson(why),
-                PublishError::TooLarge { limit } => ErrorKind::EventTooLarge { limit },
-                PublishError::Store(e) => ErrorKind::EventStore(e),
-            };
-            let err = RelayError::new(kind);
-            if let ErrorKind::EventStore(e) = &err.kind {
-                tracing::error!(error = %e, "publish failed");
-            }
-            refusal(&err)
-        }
+    match crate::events::publish(shared, topic, &body).await {
+        Ok(id) => json(StatusCode::CREATED, format!("{{\"id\":{id}}}\n")),
+        Err(err) => refusal(&err),
     }
 }
 

@@ -271,6 +271,10 @@ struct RawEvents {
     /// The longest a long poll is held, whatever its `wait` asks.
     #[serde(default = "default_max_wait")]
     max_wait: String,
+    /// Users (names, `group:NAME`, `*`) who may also publish on the
+    /// aggregate port, authenticated; absent: the admin listener only.
+    #[serde(default)]
+    publishers: Option<Vec<String>>,
 }
 
 impl Default for RawEvents {
@@ -285,6 +289,7 @@ impl Default for RawEvents {
             max_pollers_per_topic: default_max_pollers_per_topic(),
             max_pollers: default_max_pollers(),
             max_wait: default_max_wait(),
+            publishers: None,
         }
     }
 }
@@ -921,6 +926,7 @@ impl RawConfig {
             }),
         };
 
+        let publishers = self.events.publishers.clone();
         let events = self.events.validate(&mut c);
 
         let mut routes = Vec::new();
@@ -1074,7 +1080,7 @@ impl RawConfig {
 
         let tls = self.tls.validate(&mut c);
         let auth = self.auth.validate(&mut c);
-        let rules = rules::validate(self.rule, &self.auth.groups, &mut c);
+        let rules = rules::validate(self.rule, publishers, &self.auth.groups, &mut c);
         let certificates = tls
             .as_ref()
             .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);

@@ -1,7 +1,8 @@
 //! The relay's own endpoints on the aggregate port: requests whose host is the
 //! relay's `name` or the address the client connected to. `GET
-//! /events/{topic}` polls events, `GET /services` lists services; every
-//! other path is `404`.
+//! /events/{topic}` polls events, `POST /events/{topic}` publishes one for
+//! `[events] publishers`, `GET /proxy.pac` is the PAC file, `GET /services`
+//! lists services; every other path is `404`.
 
 use crate::access_log::Access;
 use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
@@ -26,9 +27,17 @@ pub async fn serve<S: Io>(
     ctx: &ConnCtx,
     access: &mut Access,
 ) -> After {
-    let body_read = discard_body(conn, framing).await;
-    let keep_alive = keep_alive && body_read;
     let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
+    let publishing = head.method() == "POST" && ctx.shared.config().rules.publishing();
+    if let Some(topic) = path_only.strip_prefix("/events/").filter(|_| publishing) {
+        drop(head);
+        return publish(conn, topic, framing, keep_alive, ctx, access).await;
+    }
+    let body_read = matches!(
+        read_body(conn, framing, MAX_DISCARD, false).await,
+        Body::Read(_)
+    );
+    let keep_alive = keep_alive && body_read;
     if let Some(topic) = path_only.strip_prefix("/events/") {
         if head.method() == "GET" {
             return events::poll::serve(conn, head, topic, query, keep_alive, ctx, access).await;
@@ -77,22 +86,110 @@ pub async fn serve<S: Io>(
     }
 }
 
-/// Reads and drops a small request body; `false` if it was too large or broken.
-async fn discard_body<S: Io>(conn: &mut Conn<S>, framing: Framing) -> bool {
+/// A request body read whole, up to a limit.
+enum Body {
+    Read(Vec<u8>),
+    TooLarge,
+    Broken,
+}
+
+/// Reads a request body of at most `limit` bytes, keeping it when `keep`
+/// (else dropping it as it comes).
+async fn read_body<S: Io>(conn: &mut Conn<S>, framing: Framing, limit: u64, keep: bool) -> Body {
     let mut reader = BodyReader::new(framing);
     let mut seen = 0u64;
+    let mut body = Vec::new();
     loop {
         match reader.next(conn).await {
             Ok(Item::Data(d)) => {
                 seen += d.len() as u64;
-                if seen > MAX_DISCARD {
-                    return false;
+                if seen > limit {
+                    return Body::TooLarge;
+                }
+                if keep {
+                    body.extend_from_slice(&d);
                 }
             }
             Ok(Item::Trailers(_)) => {}
-            Ok(Item::End) => return true,
-            Err(_) => return false,
+            Ok(Item::End) => return Body::Read(body),
+            Err(_) => return Body::Broken,
         }
+    }
+}
+
+/// `POST /events/{topic}` on the aggregate port, for `[events] publishers`
+/// (authenticated as a user like any client, and allowed the topic by the
+/// rules as a poller is): `201 {"id":N}`, as on the admin listener.
+async fn publish<S: Io>(
+    conn: &mut Conn<S>,
+    topic: &str,
+    framing: Framing,
+    keep_alive: bool,
+    ctx: &ConnCtx,
+    access: &mut Access,
+) -> After {
+    let config = ctx.shared.config();
+    let user = access.user.as_deref();
+    let limit = ctx.shared.events.settings().max_event_bytes;
+    // A refusal before the body is read closes the connection after it.
+    let mut body_read = false;
+    let outcome = async {
+        if !config.rules.may_publish(user) {
+            if user.is_none() && config.auth.has_users() {
+                return Err(RelayError::new(ErrorKind::ProxyAuthRequired {
+                    realm: config.auth.realm.clone(),
+                    why: "publishing needs the credentials of one of [events] publishers",
+                }));
+            }
+            return Err(RelayError::new(ErrorKind::Forbidden(
+                crate::rules::Denial::NotPublisher,
+            )));
+        }
+        if !events::valid_topic(topic) {
+            return Err(RelayError::new(ErrorKind::BadTopic));
+        }
+        crate::gate::admit_topic(ctx, &config, user, topic)?;
+        if matches!(framing, Framing::Length(n) if n > limit as u64) {
+            return Err(RelayError::new(ErrorKind::EventTooLarge { limit }));
+        }
+        let body = match read_body(conn, framing, limit as u64, true).await {
+            Body::Read(body) => body,
+            Body::TooLarge => return Err(RelayError::new(ErrorKind::EventTooLarge { limit })),
+            Body::Broken => return Err(RelayError::new(ErrorKind::BadRequest("unreadable body"))),
+        };
+        body_read = true;
+        events::publish(&ctx.shared, topic, &body).await
+    }
+    .await;
+    let keep_alive = keep_alive && body_read;
+    let written = match outcome {
+        Ok(id) => {
+            access.status = 201;
+            let body = format!("{{\"id\":{id}}}\n");
+            write_simple(
+                &mut conn.io,
+                201,
+                "application/json",
+                body.as_bytes(),
+                !keep_alive,
+                &[],
+            )
+            .await
+        }
+        Err(err) => {
+            tracing::info!(client = %ctx.peer, user = user.unwrap_or("-"), topic, error = %err, "publish refused");
+            access.status = err.status();
+            write_error(&mut conn.io, &err, !keep_alive).await
+        }
+    };
+    match written {
+        Ok(n) => access.bytes_out += n,
+        Err(_) => return After::Close,
+    }
+    if keep_alive {
+        After::KeepAlive
+    } else {
+        After::Close
     }
 }
 

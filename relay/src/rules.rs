@@ -50,6 +50,9 @@ pub enum Denial {
     NoRule,
     /// CONNECT-UDP to a route without `udp = true`.
     NoUdp,
+    /// A publication on the aggregate port from a user who is not one of
+    /// `[events] publishers`.
+    NotPublisher,
 }
 
 impl fmt::Display for Denial {
@@ -58,14 +61,17 @@ impl fmt::Display for Denial {
             Denial::Rule(i) => write!(f, "access refused by rule[{i}]"),
             Denial::NoRule => write!(f, "access refused: no rule allows it"),
             Denial::NoUdp => write!(f, "UDP refused: the route does not allow it (udp = true)"),
+            Denial::NotPublisher => write!(f, "publishing refused: not one of [events] publishers"),
         }
     }
 }
 
-/// The validated rules, in order.
+/// The validated rules, in order, and who may publish events on the
+/// aggregate port (`[events] publishers`).
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
+    publishers: Option<UserMatch>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,9 +91,57 @@ struct UserMatch {
     names: HashSet<String>,
 }
 
+impl UserMatch {
+    /// Whether an authenticated `user` is one of these; nobody else is.
+    fn has(&self, user: Option<&str>) -> bool {
+        user.is_some_and(|name| self.any_user || self.names.contains(name))
+    }
+
+    /// Reads a list of user names, `group:NAME` (its members) and `*` (any
+    /// authenticated user); problems go under `key`.
+    fn read(
+        list: Vec<String>,
+        groups: &HashMap<String, Vec<String>>,
+        key: &str,
+        c: &mut Collector,
+    ) -> UserMatch {
+        let mut m = UserMatch {
+            any_user: false,
+            names: HashSet::new(),
+        };
+        for u in list {
+            let u = u.trim();
+            if u == "*" {
+                m.any_user = true;
+            } else if let Some(g) = u.strip_prefix("group:") {
+                match groups.get(g) {
+                    Some(members) => m.names.extend(members.iter().cloned()),
+                    None => c.push(key, format!("no group `{g}` in [auth.groups]")),
+                }
+            } else if u.is_empty() {
+                c.push(key, "an empty user name");
+            } else {
+                m.names.insert(u.to_string());
+            }
+        }
+        m
+    }
+}
+
 impl Rules {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether events may be published on the aggregate port at all
+    /// (`[events] publishers` is set).
+    pub fn publishing(&self) -> bool {
+        self.publishers.is_some()
+    }
+
+    /// May `user` publish events on the aggregate port?
+    pub fn may_publish(&self, user: Option<&str>) -> bool {
+        self.publishers.as_ref().is_some_and(|p| p.has(user))
     }
 
     /// May `user` (authenticated or not) from `addr` reach `host:port`?
@@ -128,10 +182,7 @@ impl Rules {
         }
         let addr = addr.to_canonical();
         for (i, r) in self.rules.iter().enumerate() {
-            let who = r.users.as_ref().is_none_or(|u| match user {
-                Some(name) => u.any_user || u.names.contains(name),
-                None => false,
-            });
+            let who = r.users.as_ref().is_none_or(|u| u.has(user));
             let whence = r
                 .from
                 .as_ref()
@@ -148,9 +199,11 @@ impl Rules {
     }
 }
 
-/// Validates `[[rule]]` entries; `groups` is `[auth.groups]`.
+/// Validates `[[rule]]` entries and `[events] publishers`; `groups` is
+/// `[auth.groups]`.
 pub(crate) fn validate(
     raw: Vec<RawRule>,
+    publishers: Option<Vec<String>>,
     groups: &HashMap<String, Vec<String>>,
     c: &mut Collector,
 ) -> Rules {
@@ -168,28 +221,9 @@ pub(crate) fn validate(
         nonempty("ports", r.ports.as_ref().map(Vec::len));
         nonempty("topics", r.topics.as_ref().map(Vec::len));
 
-        let users = r.users.map(|list| {
-            let mut m = UserMatch {
-                any_user: false,
-                names: HashSet::new(),
-            };
-            for u in list {
-                let u = u.trim();
-                if u == "*" {
-                    m.any_user = true;
-                } else if let Some(g) = u.strip_prefix("group:") {
-                    match groups.get(g) {
-                        Some(members) => m.names.extend(members.iter().cloned()),
-                        None => c.push(key("users"), format!("no group `{g}` in [auth.groups]")),
-                    }
-                } else if u.is_empty() {
-                    c.push(key("users"), "an empty user name");
-                } else {
-                    m.names.insert(u.to_string());
-                }
-            }
-            m
-        });
+        let users = r
+            .users
+            .map(|list| UserMatch::read(list, groups, &key("users"), c));
         let from = r.from.map(|list| {
             let mut nets = Vec::new();
             for text in list {
@@ -231,7 +265,16 @@ pub(crate) fn validate(
             allow: r.allow,
         });
     }
-    Rules { rules }
+    let publishers = publishers.map(|list| {
+        if list.is_empty() {
+            c.push(
+                "events.publishers",
+                "must not be empty (omit the key to keep publishing on the admin listener only)",
+            );
+        }
+        UserMatch::read(list, groups, "events.publishers", c)
+    });
+    Rules { rules, publishers }
 }
 
 /// A route-host pattern: exact, `*.suffix` (names under suffix), or `*`.
@@ -482,6 +525,8 @@ mod tests {
             [[rule]]
             topics = []
             allow = false
+            [events]
+            publishers = ["group:nope", ""]
         "#;
         let keys: Vec<String> = Config::from_toml(text)
             .unwrap_err()
@@ -496,9 +541,38 @@ mod tests {
                 "rule[0].from",
                 "rule[0].routes",
                 "rule[0].ports",
-                "rule[1].topics"
+                "rule[1].topics",
+                "events.publishers",
+                "events.publishers"
             ]
         );
+    }
+
+    #[test]
+    fn publishers_are_users_and_groups_who_authenticated() {
+        let r = rules(
+            r#"
+            [auth.groups]
+            sensors = ["s1", "s2"]
+            [events]
+            publishers = ["group:sensors", "bot"]
+            "#,
+        );
+        assert!(r.publishing());
+        for (user, may) in [
+            (Some("s1"), true),
+            (Some("s2"), true),
+            (Some("bot"), true),
+            (Some("alice"), false),
+            (None, false),
+        ] {
+            assert_eq!(r.may_publish(user), may, "{user:?}");
+        }
+        let anyone = rules("[events]\npublishers = [\"*\"]\n");
+        assert!(anyone.may_publish(Some("alice")));
+        assert!(!anyone.may_publish(None), "only an authenticated user");
+        let off = rules("");
+        assert!(!off.publishing() && !off.may_publish(Some("bot")));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //!   [`memory`] (default), [`file`] (an fsync'd log per topic, durable across
 //!   `kill -9`) and [`redis`] (Redis Streams, shared by several relays);
 //! - [`waiters`]: who is waiting on which topic, and the poller limits;
-//! - [`poll`]: the aggregate-port side: long-poll answers and server-sent events.
+//! - [`poll`]: the aggregate-port side: long-poll answers and server-sent events;
+//! - [`publish`]: one publication, from the admin listener or (for `[events]
+//!   publishers`) the aggregate port, counted.
 //!
 //! Ids per topic start at 1 and increase by one; a store never reuses one.
 
@@ -27,6 +29,37 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use hub::{Hub, PollAnswer, PublishError};
+
+/// Publishes one event on `topic` and counts it: the id, or the error to
+/// answer (`400`, `413`, `503` for a store that failed).
+pub async fn publish(
+    shared: &crate::Shared,
+    topic: &str,
+    body: &[u8],
+) -> Result<u64, crate::error::RelayError> {
+    use crate::error::{ErrorKind, RelayError};
+    match shared.events.publish(topic, body).await {
+        Ok(id) => {
+            let labels = crate::metrics::TopicLabels {
+                topic: crate::metrics::Name::from(topic),
+            };
+            shared.metrics.events_published.get_or_create(&labels).inc();
+            Ok(id)
+        }
+        Err(e) => {
+            let kind = match e {
+                PublishError::BadTopic => ErrorKind::BadTopic,
+                PublishError::NotJson(why) => ErrorKind::NotJson(why),
+                PublishError::TooLarge { limit } => ErrorKind::EventTooLarge { limit },
+                PublishError::Store(e) => {
+                    tracing::error!(topic, error = %e, "publish failed");
+                    ErrorKind::EventStore(e)
+                }
+            };
+            Err(RelayError::new(kind))
+        }
+    }
+}
 
 /// What a store call returns: boxed so that [`Store`] can be a trait object.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
