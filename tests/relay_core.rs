@@ -1133,3 +1133,108 @@ async fn an_error_page_survives_an_unread_request_body() {
         assert!(back.starts_with("HTTP/1.1 403 "), "{back}");
     }
 }
+
+/// A server that answers the first request on each connection ("conn N"),
+/// then reads the next one and closes without an answer, as a server closes
+/// an idle keep-alive connection just as a request arrives. It records every
+/// request line it read.
+async fn answer_once_per_connection() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            n += 1;
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for answer in [true, false] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut b = [0u8; 1024];
+                        match s.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&b[..k]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    log.lock()
+                        .unwrap()
+                        .push(head.lines().next().unwrap_or("").to_string());
+                    if answer {
+                        let body = format!("conn {n}");
+                        let out = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        s.write_all(out.as_bytes()).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A pooled upstream connection that closes under the next request: a
+/// bodyless idempotent request is sent again on a fresh connection (the
+/// client never sees the close); a POST is not, since the server may have
+/// acted on it (RFC 9112 9.3.1): `502`, and the server saw it once.
+#[tokio::test]
+async fn only_idempotent_requests_are_resent_after_a_pooled_connection_closes() {
+    let (port, seen) = answer_once_per_connection().await;
+    // One worker: one pool, whichever connection curl's request arrives on.
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[port], ""),
+        "workers = 1",
+    ))
+    .await;
+    let get = |path: &str| Curl::new(&format!("http://app.test:{port}{path}")).proxy(&relay.url());
+
+    let out = get("/a").run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "conn 1"),
+        "{out:?}"
+    );
+    // The POST goes down connection 1, which closes under it.
+    let out = get("/p").args(&["-X", "POST"]).run().await;
+    assert_eq!(out.status, 502, "{out:?}");
+    let out = get("/b").run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "conn 2"),
+        "{out:?}"
+    );
+    // The GET goes down connection 2, which closes under it: sent again on 3.
+    let out = get("/c").run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "conn 3"),
+        "{out:?}"
+    );
+    let out = get("/d").args(&["-X", "DELETE"]).run().await;
+    assert_eq!(
+        (out.status, out.text().as_str()),
+        (200, "conn 4"),
+        "{out:?}"
+    );
+
+    let lines = seen.lock().unwrap().clone();
+    assert_eq!(
+        lines,
+        [
+            "GET /a HTTP/1.1",
+            "POST /p HTTP/1.1",
+            "GET /b HTTP/1.1",
+            "GET /c HTTP/1.1",
+            "GET /c HTTP/1.1",
+            "DELETE /d HTTP/1.1",
+            "DELETE /d HTTP/1.1",
+        ],
+        "the POST once, the GET and DELETE twice"
+    );
+}

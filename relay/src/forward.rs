@@ -177,6 +177,10 @@ pub async fn relay<S: Io>(
     // Through an uplink, pooled data connections are those of the uplink's
     // current control connection; a fresh one is a new session.
     let has_body = req.framing != Framing::Empty;
+    // Once the head is out, a close may come after the server acted on it:
+    // only a request whose repetition does no harm is sent again (RFC 9112
+    // 9.3.1: a proxy must not retry a non-idempotent one).
+    let may_resend = !has_body && idempotent(req.head.method());
     let scope = match &decision.uplink {
         Some(id) => ctx
             .shared
@@ -271,9 +275,10 @@ pub async fn relay<S: Io>(
                             ))
                         }
                         // A pooled connection the server closed meanwhile: one
-                        // retry on a fresh connection, when no body was sent.
+                        // retry on a fresh connection, for a bodyless
+                        // idempotent request.
                         Ok(Err(HeadError::Eof { partial: false } | HeadError::Io(_)))
-                            if reused && !has_body =>
+                            if reused && may_resend =>
                         {
                             reused = false;
                             server = send_fresh(ctx, &decision, &head_out).await?;
@@ -425,6 +430,14 @@ pub async fn relay<S: Io>(
     } else {
         After::Close
     })
+}
+
+/// Methods whose repetition has the effect of one request (RFC 9110 9.2.2).
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
 }
 
 /// Decides where a request for `host:port` goes: a route of this relay, or a
