@@ -698,6 +698,8 @@ async fn bad_framing_and_oversized_heads_are_refused_and_the_relay_keeps_serving
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nBad Name: x\r\n\r\n"), "400"),
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(5000)), "431"),
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(30)), "431"),
+        // The request line alone passes the limit: the target is too long.
+        (format!("GET http://app-a.test:{p}/{} HTTP/1.1\r\n\r\n", "a".repeat(5000)), "414"),
     ];
     for (req, status) in cases {
         let answer = raw_exchange(relay.addr, req.as_bytes(), t).await;

@@ -291,6 +291,9 @@ pub enum HeadError {
     },
     /// Over the byte or field-count limit.
     TooLarge,
+    /// The first line alone did not end within the byte limit (for a
+    /// request: its target is too long).
+    LineTooLong,
     /// Not a valid HTTP/1 head.
     Malformed(&'static str),
     Io(io::Error),
@@ -315,6 +318,14 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// A head past `max_bytes`: its first line alone, or the whole of it.
+fn over_limit(buf: &[u8], max_bytes: usize) -> HeadError {
+    match memchr::memchr(b'\n', &buf[..buf.len().min(max_bytes)]) {
+        None => HeadError::LineTooLong,
+        Some(_) => HeadError::TooLarge,
+    }
+}
+
 /// Reads bytes until a whole head is buffered, then splits it off.
 async fn read_raw_head<S: AsyncRead + Unpin>(
     conn: &mut Conn<S>,
@@ -328,12 +339,12 @@ async fn read_raw_head<S: AsyncRead + Unpin>(
         }
         if let Some(end) = head_end(&conn.buf, scanned) {
             if end > max_bytes {
-                return Err(HeadError::TooLarge);
+                return Err(over_limit(&conn.buf, max_bytes));
             }
             return Ok(conn.buf.split_to(end).freeze());
         }
         if conn.buf.len() >= max_bytes {
-            return Err(HeadError::TooLarge);
+            return Err(over_limit(&conn.buf, max_bytes));
         }
         scanned = conn.buf.len().saturating_sub(2);
         if conn.fill().await? == 0 {
@@ -899,7 +910,14 @@ mod tests {
 
     #[tokio::test]
     async fn head_limits() {
+        // No line end within the limit: the first line is what is too long.
         let mut conn = Conn::new(Builder::new().read(&[b'a'; 200]).build());
+        assert!(matches!(
+            read_request_head(&mut conn, 100, 10).await,
+            Err(HeadError::LineTooLong)
+        ));
+        let long_field = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(200));
+        let mut conn = Conn::new(Builder::new().read(long_field.as_bytes()).build());
         assert!(matches!(
             read_request_head(&mut conn, 100, 10).await,
             Err(HeadError::TooLarge)

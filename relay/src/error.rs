@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Loop,
     /// The request head exceeded `max_head_bytes` or `max_headers`.
     HeadTooLarge,
+    /// The request line alone exceeded `max_head_bytes`: the target is too long.
+    UriTooLong,
     /// The request head did not arrive within `head_timeout`.
     HeadTimeout,
     /// The request is malformed or ambiguous.
@@ -95,6 +97,7 @@ impl RelayError {
             NoRoute { .. } | PortNotAllowed { .. } | Forbidden(_) => 403,
             Loop => 508,
             HeadTooLarge => 431,
+            UriTooLong => 414,
             HeadTimeout => 408,
             BadRequest(_) | TlsRequired => 400,
             NotImplemented(_) => 501,
@@ -147,6 +150,7 @@ impl RelayError {
             | PortNotAllowed { .. }
             | Loop
             | HeadTooLarge
+            | UriTooLong
             | HeadTimeout
             | BadRequest(_)
             | NotFound
@@ -190,7 +194,10 @@ impl RelayError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::HeadTooLarge | ErrorKind::HeadTimeout | ErrorKind::BadRequest(_)
+            ErrorKind::HeadTooLarge
+                | ErrorKind::UriTooLong
+                | ErrorKind::HeadTimeout
+                | ErrorKind::BadRequest(_)
         )
     }
 
@@ -213,6 +220,7 @@ impl fmt::Display for RelayError {
             PortNotAllowed { port } => write!(f, "port {port} is not allowed"),
             Loop => write!(f, "request loop: this relay is already in Via"),
             HeadTooLarge => write!(f, "request head too large"),
+            UriTooLong => write!(f, "request target too long"),
             HeadTimeout => write!(f, "request head not received in time"),
             BadRequest(why) => write!(f, "bad request: {why}"),
             NotFound => write!(f, "no such endpoint on this relay"),
@@ -260,6 +268,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         407 => "Proxy Authentication Required",
         408 => "Request Timeout",
         413 => "Content Too Large",
+        414 => "URI Too Long",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

@@ -608,7 +608,7 @@ pub(crate) async fn write_flush<W: AsyncWrite + Unpin>(
 fn head_error_text(e: &HeadError) -> String {
     match e {
         HeadError::Eof { .. } => "connection closed before a response".into(),
-        HeadError::TooLarge => "response head too large".into(),
+        HeadError::TooLarge | HeadError::LineTooLong => "response head too large".into(),
         HeadError::Malformed(why) => (*why).into(),
         HeadError::Io(e) => e.to_string(),
     }

@@ -161,6 +161,10 @@ async fn next_request<S: Io>(
         Ok(Err(HeadError::TooLarge)) => {
             return refuse(conn, ctx, RelayError::new(ErrorKind::HeadTooLarge)).await
         }
+        // RFC 9112 section 3: a request target longer than the server parses.
+        Ok(Err(HeadError::LineTooLong)) => {
+            return refuse(conn, ctx, RelayError::new(ErrorKind::UriTooLong)).await
+        }
         Ok(Err(HeadError::Malformed(why))) => {
             return refuse(conn, ctx, RelayError::new(ErrorKind::BadRequest(why))).await
         }
