@@ -1240,3 +1240,35 @@ async fn only_idempotent_requests_are_resent_after_a_pooled_connection_closes() 
         "the POST once, the GET and DELETE twice"
     );
 }
+
+/// HTTP/2 takes request heads as large as HTTP/1 does (`max_head_bytes`,
+/// 64 KiB by default; hyper's own limit is 16 KiB): a 40 KB cookie reaches
+/// the server whole over h2c, as over HTTP/1.1.
+#[tokio::test]
+async fn http2_takes_request_heads_as_large_as_http1() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let cookie = format!("big={}", "c".repeat(40_000));
+    let host = format!("app.test:{}", origin.port());
+    let h2 = Curl::new(&format!("http://{}/h2", relay.addr))
+        .args(&["--http2-prior-knowledge", "-H", &format!("Host: {host}")])
+        .args(&["-H", &format!("Cookie: {cookie}")])
+        .run()
+        .await;
+    assert_eq!(h2.status, 200, "{:?}", h2.head);
+    let h1 = Curl::new(&format!("http://{host}/h1"))
+        .proxy(&relay.url())
+        .args(&["-H", &format!("Cookie: {cookie}")])
+        .run()
+        .await;
+    assert_eq!(h1.status, 200, "{:?}", h1.head);
+    let got = origin.received();
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert_eq!(r.header("cookie"), Some(cookie.as_str()), "{}", r.target);
+    }
+}

@@ -82,8 +82,13 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
     let io = TokioIo::new(Rewind::from(conn));
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // The same head limit as HTTP/1 (hyper's own is 16 KiB): a request that
+    // passes over one passes over the other. SETTINGS_MAX_HEADER_LIST_SIZE
+    // counts 32 bytes per field besides name and value.
+    let max_head = u32::try_from(ctx.shared.config().limits.max_head_bytes).unwrap_or(u32::MAX);
     builder
         .timer(TokioTimer::new())
+        .max_header_list_size(max_head)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
