@@ -75,6 +75,11 @@ pub async fn serve<S: Io>(
         access.status = err.status();
         write_error(&mut conn.io, &err, !keep_alive).await
     };
+    finish(written, keep_alive, access)
+}
+
+/// What follows an answer: counted, then the connection kept or closed.
+fn finish(written: std::io::Result<u64>, keep_alive: bool, access: &mut Access) -> After {
     match written {
         Ok(n) => access.bytes_out += n,
         Err(_) => return After::Close,
@@ -182,15 +187,7 @@ async fn publish<S: Io>(
             write_error(&mut conn.io, &err, !keep_alive).await
         }
     };
-    match written {
-        Ok(n) => access.bytes_out += n,
-        Err(_) => return After::Close,
-    }
-    if keep_alive {
-        After::KeepAlive
-    } else {
-        After::Close
-    }
+    finish(written, keep_alive, access)
 }
 
 /// `GET /services`: every name this relay can reach: its own routes, and each
