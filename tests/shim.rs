@@ -1512,3 +1512,101 @@ async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
     assert!(list.contains(&format!("udp {good_spec}")), "{list}");
     assert!(list.contains("=other.test:53"), "{list}");
 }
+
+/// An HTTP/2 (h2c) server that records each extended `CONNECT` as
+/// `:protocol :scheme://:authority:path` and refuses it `403`; anything else
+/// (the shim's probes) gets `200`. Behind a [`TlsFront`] with ALPN `h2` it
+/// is a relay over TLS as far as the shim can tell.
+async fn connect_recorder() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let log = log.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                let log = log.clone();
+                async move {
+                    let mut status = http::StatusCode::OK;
+                    if req.method() == http::Method::CONNECT {
+                        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+                        let protocol = protocol.map_or("-", |p| p.as_str());
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{protocol} {}", req.uri()));
+                        status = http::StatusCode::FORBIDDEN;
+                    }
+                    let mut resp = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"recorded"),
+                    ));
+                    *resp.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .enable_connect_protocol()
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// CONNECT-UDP over a TLS link: the real relay (TLS required) takes the
+/// shim's `:scheme https` and carries the datagrams; on the wire (a
+/// recorder behind TLS with ALPN `h2`, and the same recorder in cleartext)
+/// the scheme is `https` over TLS and `http` over cleartext (RFC 9298 3.4).
+#[tokio::test]
+async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let echo = porthole_suite::UdpEcho::start().await;
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        dir.write("relay.pem", &leaf.cert),
+        dir.write("relay.key", &leaf.key)
+    );
+    let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
+    let relay = Relay::start(&config_with(&routes, &tls)).await;
+    let forward = format!("forward_udp = [\"127.0.0.1:0=dns.test:{}\"]\n", echo.port());
+    let over_tls = format!("tls = true\nca = \"{ca_file}\"\n{forward}");
+    let shim = start_shim(shim_config(relay.addr, &over_tls)).await;
+    let s = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
+    s.send(b"over tls").await.unwrap();
+    assert_eq!(
+        udp_recv(&s, Duration::from_secs(10)).await.as_deref(),
+        Some("echo:over tls")
+    );
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+
+    let (recorder, seen) = connect_recorder().await;
+    let front = TlsFront::start_with_alpn(&leaf, recorder, &[b"h2"]).await;
+    let tls_shim = start_shim(shim_config(front.addr, &over_tls)).await;
+    let plain_shim = start_shim(shim_config(recorder, &forward)).await;
+    for shim in [&tls_shim, &plain_shim] {
+        let s = udp_client(udp_forward(shim, "dns.test").spec.listen).await;
+        s.send(b"recorded").await.unwrap();
+        let refused = porthole_suite::eventually(Duration::from_secs(10), || async {
+            udp_forward(shim, "dns.test").last_error.is_some()
+        })
+        .await;
+        assert!(refused, "{:?}", shim.udp_forwards.states());
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let path = format!(
+        "relay.test/.well-known/masque/udp/dns.test/{}/",
+        echo.port()
+    );
+    assert_eq!(
+        seen,
+        [
+            format!("connect-udp http://{path}"),
+            format!("connect-udp https://{path}")
+        ]
+    );
+}

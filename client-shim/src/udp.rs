@@ -2,10 +2,12 @@
 //! local source address (`ADDR:PORT` of the application's socket) is one
 //! flow, and each flow is one CONNECT-UDP stream (RFC 9298) over the link:
 //! an extended `CONNECT` with `:protocol connect-udp` for the relay's
-//! `/.well-known/masque/udp/HOST/PORT/`, opened on the source's first
-//! datagram. The source's datagrams go up as `DATAGRAM` capsules (context 0);
-//! capsules coming back are sent to that source from the forward's socket,
-//! so the application sees its answers come from the address it wrote to.
+//! `/.well-known/masque/udp/HOST/PORT/` (`:scheme https` over a TLS link,
+//! `http` over h2c: the relay is the template's origin), opened on the
+//! source's first datagram. The source's datagrams go up as `DATAGRAM`
+//! capsules (context 0); capsules coming back are sent to that source from
+//! the forward's socket, so the application sees its answers come from the
+//! address it wrote to.
 //!
 //! Datagrams that arrive while the stream is being opened wait in the
 //! flow's queue ([`QUEUE`] of them; more are dropped, with a debug line). A
@@ -307,8 +309,13 @@ impl Forward {
 
     /// Opens the CONNECT-UDP stream; `Err` is why not, with the relay's reason.
     async fn connect_udp(&self) -> Result<hyper::upgrade::Upgraded, String> {
-        let req = udp_request(self.link.relay_name(), &self.spec.host, self.spec.port)
-            .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
+        let req = udp_request(
+            self.link.scheme(),
+            self.link.relay_name(),
+            &self.spec.host,
+            self.spec.port,
+        )
+        .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
         let resp = self
             .link
             .send(req)
@@ -427,8 +434,10 @@ impl Forward {
 
 /// The extended `CONNECT` for a CONNECT-UDP stream to `host:port`, for the
 /// relay named `relay_name` (RFC 9298's default template; an IPv6 literal's
-/// colons percent-encoded).
+/// colons percent-encoded). `scheme` is the template's, [`LinkHandle::scheme`]:
+/// `https` over a TLS link (RFC 9298 3.4, RFC 9220).
 pub fn udp_request(
+    scheme: &str,
     relay_name: &str,
     host: &str,
     port: u16,
@@ -437,7 +446,9 @@ pub fn udp_request(
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .version(http::Version::HTTP_2)
-        .uri(format!("http://{relay_name}{PATH_PREFIX}{host}/{port}/"))
+        .uri(format!(
+            "{scheme}://{relay_name}{PATH_PREFIX}{host}/{port}/"
+        ))
         .header(
             HeaderName::from_static("capsule-protocol"),
             HeaderValue::from_static("?1"),
@@ -454,7 +465,7 @@ mod tests {
 
     #[test]
     fn requests_follow_the_default_template() {
-        let req = udp_request("relay.corp", "dns.corp", 53).unwrap();
+        let req = udp_request("http", "relay.corp", "dns.corp", 53).unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(
             req.uri().to_string(),
@@ -468,10 +479,27 @@ mod tests {
             Some("connect-udp")
         );
         // The relay reads back what the shim writes.
-        let v6 = udp_request("relay.corp:8080", "2001:db8::1", 5353).unwrap();
+        let v6 = udp_request("http", "relay.corp:8080", "2001:db8::1", 5353).unwrap();
         assert_eq!(
             porthole_relay::udp::target(v6.uri().path()),
             Some(("2001:db8::1".to_string(), 5353))
         );
+    }
+
+    #[test]
+    fn the_scheme_is_https_over_a_tls_link_and_http_over_cleartext() {
+        for (tls, want) in [
+            (
+                true,
+                "https://relay.corp/.well-known/masque/udp/dns.corp/53/",
+            ),
+            (
+                false,
+                "http://relay.corp/.well-known/masque/udp/dns.corp/53/",
+            ),
+        ] {
+            let req = udp_request(crate::link::scheme(tls), "relay.corp", "dns.corp", 53).unwrap();
+            assert_eq!(req.uri().to_string(), want, "tls={tls}");
+        }
     }
 }
