@@ -1610,3 +1610,41 @@ async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
         ]
     );
 }
+
+/// A UDP forward's `last_error` says why its flows fail only while they
+/// do: refused while the relay is down (no link), it is cleared once the
+/// relay is back and a flow opens again.
+#[tokio::test]
+async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
+    let echo = porthole_suite::UdpEcho::start().await;
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = format!(
+        "forward_udp = [\"127.0.0.1:0=dns.test:{}\"]\nlink_wait = \"300ms\"\n",
+        echo.port()
+    );
+    let shim = start_shim(shim_config(relay_addr, &extra)).await;
+    let s = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
+    s.send(b"nobody there").await.unwrap();
+    let refused = porthole_suite::eventually(Duration::from_secs(5), || async {
+        udp_forward(&shim, "dns.test").last_error.is_some()
+    })
+    .await;
+    assert!(refused, "{:?}", shim.udp_forwards.states());
+    let error = udp_forward(&shim, "dns.test").last_error.unwrap();
+    assert!(error.contains("unreachable"), "{error}");
+
+    let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
+    let _relay = Relay::start_at(&config_with(&routes, ""), relay_addr).await;
+    wait_state(&shim, true, Duration::from_secs(15)).await;
+    // The refused flow holds its source for a second; then a datagram opens a new one.
+    let start = Instant::now();
+    loop {
+        s.send(b"back").await.unwrap();
+        match udp_recv(&s, Duration::from_millis(300)).await {
+            Some(answer) => break assert_eq!(answer, "echo:back"),
+            None if start.elapsed() < Duration::from_secs(10) => {}
+            None => panic!("no echo: {:?}", shim.udp_forwards.states()),
+        }
+    }
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+}

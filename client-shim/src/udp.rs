@@ -16,7 +16,8 @@
 //! refusal (the relay's `403`, `502`, `501`, or no link) is logged with the
 //! relay's reason and ends the flow after [`REFUSED_PAUSE`], dropping what
 //! arrived meanwhile: a source that keeps sending retries once per pause,
-//! not in a loop.
+//! not in a loop. The forward's `last_error` ([`UdpForwardState`]) keeps
+//! the latest refusal or failure until a flow opens again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -90,7 +91,8 @@ pub struct UdpForwardState {
     pub spec: ForwardSpec,
     /// Flows (local sources) open now.
     pub flows: usize,
-    /// The last refusal or failure of a flow, with the relay's reason.
+    /// The last refusal or failure of a flow, with the relay's reason;
+    /// `None` again once a flow opens (the target is reachable now).
     pub last_error: Option<String>,
 }
 
@@ -283,7 +285,7 @@ impl Forward {
                     retry_after = ?REFUSED_PAUSE,
                     "UDP flow not opened"
                 );
-                self.set_error(why);
+                self.set_error(Some(why));
                 tokio::time::sleep(REFUSED_PAUSE).await;
                 datagrams.close();
                 let mut dropped = 0u64;
@@ -297,12 +299,14 @@ impl Forward {
             }
         };
         tracing::debug!(forward = %self.spec, "UDP flow opened");
+        // The target is reachable again: an earlier refusal no longer holds.
+        self.set_error(None);
         let (end, up, down) = self.carry(stream, source, &mut datagrams).await;
         match end {
             Ok(why) => tracing::debug!(up, down, "UDP flow ended: {why}"),
             Err(why) => {
                 tracing::warn!(forward = %self.spec, up, down, error = %why, "UDP flow failed");
-                self.set_error(why);
+                self.set_error(Some(why));
             }
         }
     }
@@ -423,12 +427,12 @@ impl Forward {
         (end, up.into_inner(), down.into_inner())
     }
 
-    fn set_error(&self, why: String) {
+    fn set_error(&self, why: Option<String>) {
         *self
             .status
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+            .unwrap_or_else(|p| p.into_inner()) = why;
     }
 }
 
