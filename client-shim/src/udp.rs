@@ -18,6 +18,11 @@
 //! arrived meanwhile: a source that keeps sending retries once per pause,
 //! not in a loop. The forward's `last_error` ([`UdpForwardState`]) keeps
 //! the latest refusal or failure until a flow opens again.
+//!
+//! UDP forwards are added and removed while the shim runs, like TCP ones
+//! (the control endpoint, [`crate::control`]). Removing one closes its
+//! socket and ends its flows at once: a flow carrying datagrams ends its
+//! stream, one waiting for the link or paused after a refusal just stops.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,12 +39,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::config::ForwardSpec;
-use crate::forward::{Forwarded, Table};
+use crate::forward::{Forwarded, Kind, Table};
 use crate::link::{empty, LinkHandle};
-use crate::AbortOnDrop;
 
 /// Datagrams a flow holds while its stream is being opened (or written).
 pub const QUEUE: usize = 64;
@@ -67,9 +72,11 @@ pub struct UdpForwards {
 pub struct Entry {
     spec: ForwardSpec,
     status: Arc<Status>,
-    /// Dropping it stops the receive loop, which closes the socket once
-    /// its flows have ended (they end as their queues close).
-    _serve: AbortOnDrop,
+    /// Dropping it (removing the forward) stops the receive loop and ends
+    /// every flow: an open stream with its end (`END_STREAM`), one being
+    /// opened or paused after a refusal at once. The socket closes with
+    /// the last of them.
+    _stop: DropGuard,
 }
 
 impl Forwarded for Entry {
@@ -100,7 +107,7 @@ impl UdpForwards {
     /// Forwards whose flows end after `idle` without a datagram.
     pub fn new(link: LinkHandle, idle: Duration) -> UdpForwards {
         UdpForwards {
-            table: Table::new("UDP "),
+            table: Table::new(Kind::Udp),
             link,
             idle,
         }
@@ -117,20 +124,22 @@ impl UdpForwards {
             .local_addr()
             .map_err(|e| format!("UDP {}: {e}", spec.listen))?;
         let status = Arc::new(Status::default());
+        let stop = CancellationToken::new();
         let forward = Forward {
             socket: Arc::new(socket),
             spec: spec.clone(),
             link: self.link.clone(),
             idle: self.idle,
             status: status.clone(),
+            stop: stop.clone(),
         };
         let span =
             tracing::info_span!("udp_forward", listen = %spec.listen, to = %spec.authority());
-        let task = tokio::spawn(forward.serve().instrument(span));
+        tokio::spawn(forward.serve().instrument(span));
         self.table.insert(Entry {
             spec,
             status,
-            _serve: AbortOnDrop(task.abort_handle()),
+            _stop: stop.drop_guard(),
         })
     }
 
@@ -165,6 +174,8 @@ struct Forward {
     link: LinkHandle,
     idle: Duration,
     status: Arc<Status>,
+    /// Cancelled when the forward is removed.
+    stop: CancellationToken,
 }
 
 /// A flow as the receive loop sees it: its queue.
@@ -187,6 +198,7 @@ impl Forward {
         let mut refused_sources = 0u64;
         loop {
             let (n, source) = tokio::select! {
+                () = self.stop.cancelled() => return,
                 Some((source, id)) = ended.recv() => {
                     // Only the flow that ended: a newer one may have its place.
                     if flows.get(&source).is_some_and(|f| f.id == id) {
@@ -276,7 +288,11 @@ impl Forward {
 
     /// One flow, from opening its stream to its end.
     async fn flow(&self, source: SocketAddr, mut datagrams: mpsc::Receiver<Bytes>) {
-        let stream = match self.connect_udp().await {
+        let opened = tokio::select! {
+            opened = self.connect_udp() => opened,
+            () = self.stop.cancelled() => return,
+        };
+        let stream = match opened {
             Ok(stream) => stream,
             Err(why) => {
                 tracing::warn!(
@@ -286,7 +302,10 @@ impl Forward {
                     "UDP flow not opened"
                 );
                 self.set_error(Some(why));
-                tokio::time::sleep(REFUSED_PAUSE).await;
+                tokio::select! {
+                    () = tokio::time::sleep(REFUSED_PAUSE) => {}
+                    () = self.stop.cancelled() => {}
+                }
                 datagrams.close();
                 let mut dropped = 0u64;
                 while datagrams.try_recv().is_ok() {
@@ -372,6 +391,7 @@ impl Forward {
                     .map_err(|e| format!("CONNECT-UDP stream to {target}: {e}"))?;
                 up.fetch_add(1, Relaxed);
             }
+            // The receive loop, which holds the queue, has ended.
             Ok("the forward was removed")
         };
         let downward = async {
@@ -421,6 +441,7 @@ impl Forward {
             end = upward => end,
             end = downward => end,
             () = idle => Ok("idle"),
+            () = self.stop.cancelled() => Ok("the forward was removed"),
         };
         // A clean end of the stream (END_STREAM) for the relay, if it still listens.
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
