@@ -1,8 +1,9 @@
 //! The shim, driven by the real curl: both request forms through the system
 //! proxy, CONNECT, forwarded ports, many tunnels over one relay connection,
 //! a link failure healed without restarting anything, h2c on the relay
-//! itself, the real `porthole-shim` binary with `conf/shim.toml`, and the
-//! link over TLS (a relay that requires it, a wrong CA, no ALPN `h2`).
+//! itself, the real `porthole-shim` binary with `conf/shim.toml`, the
+//! link over TLS (a relay that requires it, a wrong CA, no ALPN `h2`), and
+//! UDP forwards (CONNECT-UDP flows, refusals, added and removed at run time).
 //! Every test starts its own relay, shim and internal servers on free ports.
 
 use std::net::SocketAddr;
@@ -819,6 +820,56 @@ async fn the_real_binary_runs_conf_shim_toml() {
         Some("echo:bin udp")
     );
 
+    // forward add|remove --udp, as a user types them.
+    let add_udp = |listen: String| {
+        let spec = format!("{listen}=localhost:{}", udp_echo.port());
+        cli(vec!["forward".into(), "add".into(), "--udp".into(), spec])
+    };
+    let (ok, out) = add_udp("127.0.0.1:0".into()).await;
+    assert!(ok, "{out}");
+    let added = out
+        .trim()
+        .strip_prefix("udp ")
+        .unwrap_or_else(|| panic!("{out}"));
+    let (added_listen, _) = added.split_once('=').unwrap();
+    let added_listen: SocketAddr = added_listen.parse().unwrap();
+    let s = udp_client(added_listen).await;
+    s.send(b"added udp").await.unwrap();
+    assert_eq!(
+        udp_recv(&s, Duration::from_secs(5)).await.as_deref(),
+        Some("echo:added udp")
+    );
+    let (ok, list) = cli(vec!["forward".into(), "list".into()]).await;
+    assert!(ok);
+    assert!(list.contains(out.trim()), "{list}");
+    let remove = vec![
+        "forward".into(),
+        "remove".into(),
+        "--udp".into(),
+        added_listen.port().to_string(),
+    ];
+    let (ok, out) = cli(remove.clone()).await;
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), format!("removed udp {added_listen}"));
+    assert_udp_free(added_listen).await;
+    let (ok, out) = cli(remove).await;
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("no UDP forward on {added_listen}")),
+        "{out}"
+    );
+    // The forward from --forward-udp is still there.
+    let (ok, list) = cli(vec!["forward".into(), "list".into()]).await;
+    assert!(ok);
+    assert!(list.contains(&format!("udp {udp_line}")), "{list}");
+    assert!(!list.contains(&added_listen.to_string()), "{list}");
+    // A local address in use is refused with the reason.
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let (ok, out) = add_udp(taken.to_string()).await;
+    assert!(!ok);
+    assert!(out.contains(&format!("cannot bind UDP {taken}")), "{out}");
+
     // env prints the four proxy variables pointing at the shim.
     let (ok, env) = cli(vec!["env".into()]).await;
     assert!(ok);
@@ -1394,6 +1445,16 @@ fn udp_forward(shim: &Shim, host: &str) -> porthole_shim::udp::UdpForwardState {
         .unwrap_or_else(|| panic!("no UDP forward to {host}"))
 }
 
+/// The forward to `host`'s `last_error`, once there is one (within 10 s).
+async fn udp_refusal(shim: &Shim, host: &str) -> String {
+    let recorded = porthole_suite::eventually(Duration::from_secs(10), || async {
+        udp_forward(shim, host).last_error.is_some()
+    })
+    .await;
+    assert!(recorded, "{:?}", shim.udp_forwards.states());
+    udp_forward(shim, host).last_error.unwrap()
+}
+
 /// `forward_udp`: datagrams from two local sockets to the shim's UDP port,
 /// sent before any stream is open (they wait in their flow's queue), each
 /// get their own echoes: one CONNECT-UDP flow per source, which the echo
@@ -1479,12 +1540,7 @@ async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
     let good = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
 
     refused.send(b"lost").await.unwrap();
-    let recorded = porthole_suite::eventually(Duration::from_secs(5), || async {
-        udp_forward(&shim, "other.test").last_error.is_some()
-    })
-    .await;
-    assert!(recorded, "{:?}", shim.udp_forwards.states());
-    let error = udp_forward(&shim, "other.test").last_error.unwrap();
+    let error = udp_refusal(&shim, "other.test").await;
     assert!(error.contains("403"), "{error}");
     // The relay's own reason names the host it has no route for.
     assert!(error.contains("other.test"), "{error}");
@@ -1511,4 +1567,280 @@ async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
     let good_spec = udp_forward(&shim, "dns.test").spec;
     assert!(list.contains(&format!("udp {good_spec}")), "{list}");
     assert!(list.contains("=other.test:53"), "{list}");
+}
+
+/// An HTTP/2 (h2c) server that records each extended `CONNECT` as
+/// `:protocol :scheme://:authority:path` and refuses it `403`; anything else
+/// (the shim's probes) gets `200`. Behind a [`TlsFront`] with ALPN `h2` it
+/// is a relay over TLS as far as the shim can tell.
+async fn connect_recorder() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let log = log.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                let log = log.clone();
+                async move {
+                    let mut status = http::StatusCode::OK;
+                    if req.method() == http::Method::CONNECT {
+                        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+                        let protocol = protocol.map_or("-", |p| p.as_str());
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{protocol} {}", req.uri()));
+                        status = http::StatusCode::FORBIDDEN;
+                    }
+                    let mut resp = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"recorded"),
+                    ));
+                    *resp.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .enable_connect_protocol()
+                    .serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// CONNECT-UDP over a TLS link: the real relay (TLS required) takes the
+/// shim's `:scheme https` and carries the datagrams; on the wire (a
+/// recorder behind TLS with ALPN `h2`, and the same recorder in cleartext)
+/// the scheme is `https` over TLS and `http` over cleartext (RFC 9298 3.4).
+#[tokio::test]
+async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let echo = porthole_suite::UdpEcho::start().await;
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\n",
+        dir.write("relay.pem", &leaf.cert),
+        dir.write("relay.key", &leaf.key)
+    );
+    let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
+    let relay = Relay::start(&config_with(&routes, &tls)).await;
+    let forward = format!("forward_udp = [\"127.0.0.1:0=dns.test:{}\"]\n", echo.port());
+    let over_tls = format!("tls = true\nca = \"{ca_file}\"\n{forward}");
+    let shim = start_shim(shim_config(relay.addr, &over_tls)).await;
+    let s = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
+    s.send(b"over tls").await.unwrap();
+    assert_eq!(
+        udp_recv(&s, Duration::from_secs(10)).await.as_deref(),
+        Some("echo:over tls")
+    );
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+
+    let (recorder, seen) = connect_recorder().await;
+    let front = TlsFront::start_with_alpn(&leaf, recorder, &[b"h2"]).await;
+    let tls_shim = start_shim(shim_config(front.addr, &over_tls)).await;
+    let plain_shim = start_shim(shim_config(recorder, &forward)).await;
+    for shim in [&tls_shim, &plain_shim] {
+        let s = udp_client(udp_forward(shim, "dns.test").spec.listen).await;
+        s.send(b"recorded").await.unwrap();
+        let error = udp_refusal(shim, "dns.test").await;
+        assert!(error.contains("403 Forbidden recorded"), "{error}");
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let path = format!(
+        "relay.test/.well-known/masque/udp/dns.test/{}/",
+        echo.port()
+    );
+    assert_eq!(
+        seen,
+        [
+            format!("connect-udp http://{path}"),
+            format!("connect-udp https://{path}")
+        ]
+    );
+}
+
+/// A UDP forward's `last_error` says why its flows fail only while they
+/// do: refused while the relay is down (no link), it is cleared once the
+/// relay is back and a flow opens again.
+#[tokio::test]
+async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
+    let echo = porthole_suite::UdpEcho::start().await;
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = format!(
+        "forward_udp = [\"127.0.0.1:0=dns.test:{}\"]\nlink_wait = \"300ms\"\n",
+        echo.port()
+    );
+    let shim = start_shim(shim_config(relay_addr, &extra)).await;
+    let s = udp_client(udp_forward(&shim, "dns.test").spec.listen).await;
+    s.send(b"nobody there").await.unwrap();
+    let error = udp_refusal(&shim, "dns.test").await;
+    assert!(error.contains("unreachable"), "{error}");
+
+    let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
+    let _relay = Relay::start_at(&config_with(&routes, ""), relay_addr).await;
+    wait_state(&shim, true, Duration::from_secs(15)).await;
+    // The refused flow holds its source for a second; then a datagram opens a new one.
+    let start = Instant::now();
+    loop {
+        s.send(b"back").await.unwrap();
+        match udp_recv(&s, Duration::from_millis(300)).await {
+            Some(answer) => break assert_eq!(answer, "echo:back"),
+            None if start.elapsed() < Duration::from_secs(10) => {}
+            None => panic!("no echo: {:?}", shim.udp_forwards.states()),
+        }
+    }
+    assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+}
+
+/// Sends `method path` with `body` to the shim's control endpoint.
+async fn control_call(shim: &Shim, method: http::Method, path: &str, body: &str) -> (u16, String) {
+    let path = format!("{}{path}", control::PREFIX);
+    let (status, text) = control::call(shim.addr, method, &path, body.to_string())
+        .await
+        .unwrap();
+    (status.as_u16(), text)
+}
+
+/// Waits until `addr` can be bound as a UDP socket again (its forward's
+/// socket is closed).
+async fn assert_udp_free(addr: SocketAddr) {
+    let freed = porthole_suite::eventually(Duration::from_secs(5), || async {
+        std::net::UdpSocket::bind(addr).is_ok()
+    })
+    .await;
+    assert!(freed, "{addr} is still bound");
+}
+
+/// A UDP forward added through the control endpoint (`udp LISTEN=HOST:PORT`,
+/// the list's form) carries datagrams; bad lines, a taken address and a
+/// duplicate are refused and say why; removing it
+/// (`DELETE .../forwards/udp/LISTEN`) closes its socket and ends its flow's
+/// CONNECT-UDP stream (the relay writes the session's access line at its
+/// end). The TCP forwards' API is unchanged beside it.
+#[tokio::test]
+async fn udp_forwards_are_added_and_removed_while_the_shim_runs() {
+    let echo = porthole_suite::UdpEcho::start().await;
+    let dir = Dir::new();
+    let log = dir.0.join("access.log");
+    let relay = Relay::start(&config_with(
+        &route("dns.test", "127.0.0.1", &[echo.port()], "udp = true"),
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let target = format!("dns.test:{}", echo.port());
+
+    let (status, added) = control_call(
+        &shim,
+        http::Method::POST,
+        "forwards",
+        &format!("udp 127.0.0.1:0={target}"),
+    )
+    .await;
+    assert_eq!(status, 201, "{added}");
+    let added = added.trim().to_string();
+    let listen: SocketAddr = added
+        .strip_prefix("udp ")
+        .and_then(|l| l.strip_suffix(&format!("={target}")))
+        .unwrap_or_else(|| panic!("{added}"))
+        .parse()
+        .unwrap();
+    assert_ne!(listen.port(), 0);
+    let s = udp_client(listen).await;
+    s.send(b"added").await.unwrap();
+    assert_eq!(
+        udp_recv(&s, Duration::from_secs(5)).await.as_deref(),
+        Some("echo:added")
+    );
+    assert_eq!(udp_forward(&shim, "dns.test").flows, 1);
+    let (status, list) = control_call(&shim, http::Method::GET, "forwards", "").await;
+    assert_eq!((status, list.trim()), (200, added.as_str()));
+
+    // Refusals, each saying what is wrong.
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let posts = [
+        (added.clone(), 409, "is already a UDP forward".to_string()),
+        (
+            format!("udp {taken}={target}"),
+            409,
+            format!("cannot bind UDP {taken}"),
+        ),
+        (
+            "udp 5353=dns.test".into(),
+            400,
+            "`dns.test` is not HOST:PORT".into(),
+        ),
+        ("udp".into(), 400, "expected `udp LISTEN=HOST:PORT`".into()),
+    ];
+    for (body, want, words) in posts {
+        let (status, text) = control_call(&shim, http::Method::POST, "forwards", &body).await;
+        assert_eq!(status, want, "{body}: {text}");
+        assert!(text.contains(&words), "{body}: {text}");
+    }
+    let deletes = [
+        (format!("forwards/udp/{taken}"), 404, "no UDP forward on"),
+        (
+            "forwards/udp/nowhere".into(),
+            400,
+            "`nowhere` is not a local ADDR:PORT",
+        ),
+        // A TCP forward's path does not name the UDP one.
+        (format!("forwards/{listen}"), 404, "no forward on"),
+    ];
+    for (path, want, words) in deletes {
+        let (status, text) = control_call(&shim, http::Method::DELETE, &path, "").await;
+        assert_eq!(status, want, "{path}: {text}");
+        assert!(text.contains(words), "{path}: {text}");
+    }
+    assert_eq!(shim.udp_forwards.list().len(), 1);
+    let sessions = || porthole_suite::lines_with(&log, "masque/udp/dns.test");
+    assert!(sessions().is_empty(), "{:?}", sessions());
+
+    let (status, text) = control_call(
+        &shim,
+        http::Method::DELETE,
+        &format!("forwards/udp/{listen}"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, text.trim()),
+        (200, &*format!("removed udp {listen}"))
+    );
+    let ended =
+        porthole_suite::eventually(Duration::from_secs(5), || async { !sessions().is_empty() })
+            .await;
+    assert!(ended, "{:?}", std::fs::read_to_string(&log));
+    porthole_suite::assert_some_line(&sessions(), &["status=101"]);
+    assert_udp_free(listen).await;
+    let (status, list) = control_call(&shim, http::Method::GET, "forwards", "").await;
+    assert_eq!((status, list.as_str()), (200, ""));
+}
+
+/// Removing a UDP forward whose flow is still waiting for the link (the
+/// relay is down, `link_wait` long) frees its port at once, without waiting
+/// for the link.
+#[tokio::test]
+async fn removing_a_udp_forward_frees_its_port_while_a_flow_waits_for_the_link() {
+    let relay_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = "forward_udp = [\"127.0.0.1:0=dns.test:53\"]\nlink_wait = \"60s\"\n";
+    let shim = start_shim(shim_config(relay_addr, extra)).await;
+    let listen = udp_forward(&shim, "dns.test").spec.listen;
+    let s = udp_client(listen).await;
+    s.send(b"waiting").await.unwrap();
+    let waiting = porthole_suite::eventually(Duration::from_secs(5), || async {
+        udp_forward(&shim, "dns.test").flows == 1
+    })
+    .await;
+    assert!(waiting, "{:?}", shim.udp_forwards.states());
+    let path = format!("forwards/udp/{}", listen.port());
+    let (status, text) = control_call(&shim, http::Method::DELETE, &path, "").await;
+    assert_eq!(status, 200, "{text}");
+    assert_udp_free(listen).await;
 }

@@ -115,17 +115,22 @@ impl ForwardSpec {
         let (listen, target) = text
             .split_once('=')
             .ok_or_else(|| format!("`{text}` is not LISTEN=HOST:PORT"))?;
-        let listen = listen.trim();
-        let listen: SocketAddr = match listen.parse::<u16>() {
-            Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
-            Err(_) => listen
-                .parse()
-                .map_err(|_| format!("`{listen}` is not a local ADDR:PORT"))?,
-        };
+        let listen = ForwardSpec::parse_listen(listen)?;
         let (host, port) = parse_authority(target.trim(), 0)
             .filter(|(_, port)| *port != 0)
             .ok_or_else(|| format!("`{}` is not HOST:PORT", target.trim()))?;
         Ok(ForwardSpec { listen, host, port })
+    }
+
+    /// Parses `LISTEN`: `ADDR:PORT`, or a bare port on 127.0.0.1.
+    pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+        let text = text.trim();
+        match text.parse::<u16>() {
+            Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+            Err(_) => text
+                .parse()
+                .map_err(|_| format!("`{text}` is not a local ADDR:PORT")),
+        }
     }
 
     /// `HOST:PORT` for a `CONNECT` (IPv6 literals in brackets).

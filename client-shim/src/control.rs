@@ -7,9 +7,17 @@
 //! - `GET /.porthole-shim/status`: `up` or `connecting: <reason>`;
 //! - `GET /.porthole-shim/forwards`: one `LISTEN=HOST:PORT` per line, then
 //!   the UDP forwards as `udp LISTEN=HOST:PORT`;
-//! - `POST /.porthole-shim/forwards` with body `LISTEN=HOST:PORT`: add one;
-//! - `DELETE /.porthole-shim/forwards/LISTEN`: remove one (closes its listener).
+//! - `POST /.porthole-shim/forwards` with a body in the same form (a line of
+//!   the list): add a forward (`201` with its line, the port chosen for a
+//!   port 0; `409` if it cannot be opened, `400` for a bad line);
+//! - `DELETE /.porthole-shim/forwards/LISTEN`: remove a TCP forward (closes
+//!   its listener; open connections carry on);
+//! - `DELETE /.porthole-shim/forwards/udp/LISTEN`: remove a UDP forward
+//!   (closes its socket and ends its flows).
+//!
+//! `LISTEN` is `ADDR:PORT` or a bare port on 127.0.0.1, as in the config.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -22,6 +30,7 @@ use porthole_relay::pac;
 use tokio::net::TcpStream;
 
 use crate::config::ForwardSpec;
+use crate::forward::Kind;
 use crate::link::{empty, LinkState};
 use crate::{plain, Ctx};
 
@@ -29,6 +38,52 @@ use crate::{plain, Ctx};
 pub const PREFIX: &str = "/.porthole-shim/";
 /// Largest body accepted from the relay (PAC) or a control client.
 const MAX_BODY: usize = 1 << 20;
+/// The word that marks a UDP forward: before its spec in the list and a
+/// `POST` body, and in its `DELETE` path (`forwards/udp/LISTEN`).
+pub const UDP: &str = "udp";
+
+/// A forward as a line of the list and a `POST` body: `LISTEN=HOST:PORT`,
+/// or `udp LISTEN=HOST:PORT`.
+pub fn line(kind: Kind, spec: impl Display) -> String {
+    match kind {
+        Kind::Tcp => spec.to_string(),
+        Kind::Udp => format!("{UDP} {spec}"),
+    }
+}
+
+/// Reads a line as [`line`] writes it (a `POST` body).
+pub fn parse_line(text: &str) -> Result<(Kind, ForwardSpec), String> {
+    let text = text.trim();
+    let (word, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+    if word.eq_ignore_ascii_case(UDP) {
+        return ForwardSpec::parse(rest)
+            .map(|spec| (Kind::Udp, spec))
+            .map_err(|e| format!("expected `{UDP} LISTEN=HOST:PORT`: {e}"));
+    }
+    ForwardSpec::parse(text).map(|spec| (Kind::Tcp, spec))
+}
+
+/// The path (under [`PREFIX`]) that removes the forward on `listen`.
+pub fn forward_path(kind: Kind, listen: impl Display) -> String {
+    match kind {
+        Kind::Tcp => format!("forwards/{listen}"),
+        Kind::Udp => format!("forwards/{UDP}/{listen}"),
+    }
+}
+
+/// Reads what follows `forwards/` in a `DELETE` path, as [`forward_path`]
+/// writes it.
+fn parse_forward_path(rest: &str) -> Result<(Kind, SocketAddr), String> {
+    let (kind, listen) = match rest.split_once('/') {
+        Some((word, listen)) if word.eq_ignore_ascii_case(UDP) => (Kind::Udp, listen),
+        _ => (Kind::Tcp, rest),
+    };
+    ForwardSpec::parse_listen(listen)
+        .map(|listen| (kind, listen))
+        .map_err(|e| {
+            format!("expected {PREFIX}forwards/LISTEN or {PREFIX}forwards/{UDP}/LISTEN: {e}")
+        })
+}
 
 /// Serves one request for the shim itself.
 pub async fn serve(
@@ -63,13 +118,9 @@ pub async fn serve(
             plain(StatusCode::OK, &text)
         }
         (Method::GET, "forwards") => {
-            let tcp = ctx.forwards.list().into_iter().map(|f| f.to_string());
-            let udp = ctx
-                .udp_forwards
-                .list()
-                .into_iter()
-                .map(|f| format!("udp {f}"));
-            let lines: Vec<String> = tcp.chain(udp).collect();
+            let tcp = ctx.forwards.list().into_iter().map(|f| line(Kind::Tcp, f));
+            let udp = ctx.udp_forwards.list().into_iter();
+            let lines: Vec<String> = tcp.chain(udp.map(|f| line(Kind::Udp, f))).collect();
             text(StatusCode::OK, lines.join("\n"))
         }
         (Method::POST, "forwards") => {
@@ -77,27 +128,33 @@ pub async fn serve(
                 Ok(b) => b.to_bytes(),
                 Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable body"),
             };
-            let spec = match ForwardSpec::parse(String::from_utf8_lossy(&body).trim()) {
-                Ok(s) => s,
+            let (kind, spec) = match parse_line(&String::from_utf8_lossy(&body)) {
+                Ok(parsed) => parsed,
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
             };
-            match ctx.forwards.add(spec).await {
-                Ok(spec) => text(StatusCode::CREATED, spec.to_string()),
+            let added = match kind {
+                Kind::Tcp => ctx.forwards.add(spec).await,
+                Kind::Udp => ctx.udp_forwards.add(spec).await,
+            };
+            match added {
+                Ok(spec) => text(StatusCode::CREATED, line(kind, spec)),
                 Err(e) => plain(StatusCode::CONFLICT, &e),
             }
         }
         (Method::DELETE, rest) if rest.starts_with("forwards/") => {
-            let listen = &rest["forwards/".len()..];
-            let Ok(listen) = listen.parse::<SocketAddr>() else {
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    "expected /.porthole-shim/forwards/ADDR:PORT",
-                );
+            let (kind, listen) = match parse_forward_path(&rest["forwards/".len()..]) {
+                Ok(parsed) => parsed,
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
             };
-            if ctx.forwards.remove(listen) {
-                text(StatusCode::OK, format!("removed {listen}"))
+            let removed = match kind {
+                Kind::Tcp => ctx.forwards.remove(listen),
+                Kind::Udp => ctx.udp_forwards.remove(listen),
+            };
+            if removed {
+                text(StatusCode::OK, format!("removed {}", line(kind, listen)))
             } else {
-                plain(StatusCode::NOT_FOUND, &format!("no forward on {listen}"))
+                let why = format!("no {} on {listen}", kind.label());
+                plain(StatusCode::NOT_FOUND, &why)
             }
         }
         _ => plain(StatusCode::NOT_FOUND, "no such endpoint on the shim"),
@@ -188,4 +245,78 @@ pub async fn call(
         .map_err(|e| format!("shim at {shim}: {e}"))?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_lines_and_paths_name_the_kind_and_read_back() {
+        // (body, what it adds, or the error's words)
+        let lines: &[(&str, Result<&str, &str>)] = &[
+            (
+                "127.0.0.1:15432=db.corp:5432",
+                Ok("127.0.0.1:15432=db.corp:5432"),
+            ),
+            (" 5353=dns.corp:53\n", Ok("127.0.0.1:5353=dns.corp:53")),
+            ("udp 5353=dns.corp:53", Ok("udp 127.0.0.1:5353=dns.corp:53")),
+            (
+                "UDP\t[::1]:0=[2001:db8::1]:53",
+                Ok("udp [::1]:0=[2001:db8::1]:53"),
+            ),
+            (
+                "udp",
+                Err("expected `udp LISTEN=HOST:PORT`: `` is not LISTEN=HOST:PORT"),
+            ),
+            ("udp 5353=dns.corp", Err("`dns.corp` is not HOST:PORT")),
+            ("udp x=dns.corp:53", Err("`x` is not a local ADDR:PORT")),
+            (
+                "udp5353=dns.corp:53",
+                Err("`udp5353` is not a local ADDR:PORT"),
+            ),
+            ("tcp 1=a:1", Err("`tcp 1` is not a local ADDR:PORT")),
+        ];
+        for (body, want) in lines {
+            let got = parse_line(body).map(|(kind, spec)| line(kind, spec));
+            match want {
+                Ok(want) => assert_eq!(got.as_deref(), Ok(*want), "{body:?}"),
+                Err(words) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(words), "{body:?}: {e}");
+                }
+            }
+        }
+        // The list's lines are bodies that add the same forward again.
+        for kind in [Kind::Tcp, Kind::Udp] {
+            let spec = ForwardSpec::parse("127.0.0.2:53=dns.corp:53").unwrap();
+            assert_eq!(parse_line(&line(kind, &spec)), Ok((kind, spec)));
+        }
+
+        let v4 = SocketAddr::from(([127, 0, 0, 1], 5353));
+        let paths: &[(&str, Result<(Kind, SocketAddr), &str>)] = &[
+            ("127.0.0.1:5353", Ok((Kind::Tcp, v4))),
+            ("5353", Ok((Kind::Tcp, v4))),
+            ("udp/127.0.0.1:5353", Ok((Kind::Udp, v4))),
+            ("udp/5353", Ok((Kind::Udp, v4))),
+            ("udp/", Err("`` is not a local ADDR:PORT")),
+            ("udp", Err("`udp` is not a local ADDR:PORT")),
+            ("tcp/5353", Err("`tcp/5353` is not a local ADDR:PORT")),
+        ];
+        for (rest, want) in paths {
+            match (parse_forward_path(rest), want) {
+                (got, Ok(want)) => assert_eq!(got, Ok(*want), "{rest}"),
+                (Err(e), Err(words)) => {
+                    assert!(e.contains(words), "{rest}: {e}");
+                    assert!(e.contains("forwards/udp/LISTEN"), "{e}");
+                }
+                (Ok(got), Err(_)) => panic!("{rest}: {got:?}"),
+            }
+        }
+        for kind in [Kind::Tcp, Kind::Udp] {
+            let path = forward_path(kind, v4);
+            let rest = path.strip_prefix("forwards/").unwrap();
+            assert_eq!(parse_forward_path(rest), Ok((kind, v4)), "{path}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! accepted connection becomes one `CONNECT` stream to the forward's target
 //! over the link. Forwards are added and removed while the shim runs;
 //! removing one closes its listener (connections already open carry on).
+//! [`Table`] and [`Kind`] are shared with the UDP forwards ([`crate::udp`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,13 +18,30 @@ use crate::config::ForwardSpec;
 use crate::link::{connect_request, LinkHandle};
 use crate::AbortOnDrop;
 
+/// The two kinds of forward; each has its own [`Table`] (a TCP and a UDP
+/// forward may share a local address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Udp,
+}
+
+impl Kind {
+    /// How messages name a forward of this kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Tcp => "forward",
+            Kind::Udp => "UDP forward",
+        }
+    }
+}
+
 /// Forwards by local address, TCP or UDP: the bookkeeping both kinds share.
-/// An entry's task stops when it is removed (its `AbortOnDrop`).
+/// An entry's tasks stop when it is removed (dropped).
 pub struct Table<E> {
     // A plain mutex: sections are map updates and never await.
     inner: Arc<Mutex<BTreeMap<SocketAddr, E>>>,
-    /// `""` or `"UDP "`, for messages.
-    kind: &'static str,
+    kind: Kind,
 }
 
 impl<E> Clone for Table<E> {
@@ -41,7 +59,7 @@ pub trait Forwarded {
 }
 
 impl<E: Forwarded> Table<E> {
-    pub fn new(kind: &'static str) -> Table<E> {
+    pub fn new(kind: Kind) -> Table<E> {
         Table {
             inner: Arc::default(),
             kind,
@@ -51,7 +69,7 @@ impl<E: Forwarded> Table<E> {
     /// `Err` if `listen` is forwarded already.
     pub fn check_free(&self, listen: SocketAddr) -> Result<(), String> {
         match self.lock().contains_key(&listen) {
-            true => Err(format!("{} is already a {}forward", listen, self.kind)),
+            true => Err(format!("{listen} is already a {}", self.kind.label())),
             false => Ok(()),
         }
     }
@@ -62,10 +80,14 @@ impl<E: Forwarded> Table<E> {
         let spec = entry.spec().clone();
         let mut map = self.lock();
         if map.contains_key(&spec.listen) {
-            return Err(format!("{} is already a {}forward", spec.listen, self.kind));
+            return Err(format!(
+                "{} is already a {}",
+                spec.listen,
+                self.kind.label()
+            ));
         }
         map.insert(spec.listen, entry);
-        tracing::info!(forward = %spec, "{}forward added", self.kind);
+        tracing::info!(forward = %spec, "{} added", self.kind.label());
         Ok(spec)
     }
 
@@ -73,7 +95,7 @@ impl<E: Forwarded> Table<E> {
     pub fn remove(&self, listen: SocketAddr) -> bool {
         let removed = self.lock().remove(&listen);
         if let Some(entry) = &removed {
-            tracing::info!(forward = %entry.spec(), "{}forward removed", self.kind);
+            tracing::info!(forward = %entry.spec(), "{} removed", self.kind.label());
         }
         removed.is_some()
     }
@@ -119,7 +141,7 @@ impl Forwarded for Entry {
 impl Forwards {
     pub fn new(link: LinkHandle) -> Forwards {
         Forwards {
-            table: Table::new(""),
+            table: Table::new(Kind::Tcp),
             link,
         }
     }

@@ -114,6 +114,9 @@ pub struct LinkHandle {
     state: watch::Receiver<LinkState>,
     relay: Arc<str>,
     relay_name: Arc<str>,
+    /// Whether the link runs over TLS: the `:scheme` of the shim's own
+    /// requests to the relay as an origin (CONNECT-UDP).
+    tls: bool,
     wait: Duration,
     _stop: Arc<DropGuard>,
 }
@@ -145,6 +148,7 @@ impl LinkHandle {
             state: rx,
             relay: config.relay.as_str().into(),
             relay_name: config.relay_name.as_str().into(),
+            tls: config.tls.is_some(),
             wait: config.link_wait,
             _stop: Arc::new(stop.drop_guard()),
         }
@@ -162,6 +166,13 @@ impl LinkHandle {
     /// The relay's name: the authority of the shim's own requests to it.
     pub fn relay_name(&self) -> &str {
         &self.relay_name
+    }
+
+    /// The `:scheme` of a request to the relay as an origin: `https` when
+    /// the link runs over TLS, `http` over cleartext (RFC 9298 3.4: that of
+    /// the URI template, whose authority is the relay).
+    pub fn scheme(&self) -> &'static str {
+        scheme(self.tls)
     }
 
     /// The connection to send on and its session, waiting up to `link_wait`
@@ -273,6 +284,15 @@ impl Head {
         *req.headers_mut() = self.headers;
         *req.extensions_mut() = self.extensions;
         req
+    }
+}
+
+/// The scheme of the relay's URIs over a link with or without TLS.
+pub fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
     }
 }
 

@@ -14,6 +14,7 @@ use http::Method;
 use porthole_relay::config::ConfigError;
 use porthole_shim::config::{RawConfig, DEFAULT_LISTEN};
 use porthole_shim::control;
+use porthole_shim::forward::Kind;
 use porthole_shim::watch::{self, WatchConfig};
 
 /// mimalloc, as in the relay: every proxied request allocates a few small
@@ -91,14 +92,24 @@ enum EventsAction {
 
 #[derive(Subcommand)]
 enum ForwardAction {
-    /// Open LISTEN and forward its connections to HOST:PORT.
-    Add { spec: String },
-    /// Close the forward listening on LISTEN (ADDR:PORT or a port on 127.0.0.1).
+    /// Open LISTEN and forward its connections (with --udp, its datagrams) to HOST:PORT.
+    Add {
+        #[arg(value_name = "LISTEN=HOST:PORT")]
+        spec: String,
+        /// A UDP forward (CONNECT-UDP through the relay), as --forward-udp.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Close the forward on LISTEN (ADDR:PORT or a port on 127.0.0.1).
     Remove {
         #[arg(value_name = "LISTEN")]
         addr: String,
+        /// The UDP forward on LISTEN (closes its socket, ends its flows).
+        #[arg(long)]
+        udp: bool,
     },
-    /// Print the forwards, one LISTEN=HOST:PORT per line.
+    /// Print the forwards, one LISTEN=HOST:PORT per line, then the UDP
+    /// forwards as `udp LISTEN=HOST:PORT`.
     List,
 }
 
@@ -270,23 +281,22 @@ fn bad_config(cli: &Cli, e: &ConfigError) -> ExitCode {
 }
 
 async fn forward_command(shim: SocketAddr, action: &ForwardAction) -> ExitCode {
+    let kind = |udp: bool| if udp { Kind::Udp } else { Kind::Tcp };
     let path = format!("{}forwards", control::PREFIX);
     let called = match action {
-        ForwardAction::Add { spec } => control::call(shim, Method::POST, &path, spec.clone()).await,
+        ForwardAction::Add { spec, udp } => {
+            let body = control::line(kind(*udp), spec.trim());
+            control::call(shim, Method::POST, &path, body).await
+        }
         ForwardAction::List => control::call(shim, Method::GET, &path, String::new()).await,
-        ForwardAction::Remove { addr } => {
-            // A bare port means 127.0.0.1, as in LISTEN=HOST:PORT.
-            let listen = match addr.parse::<u16>() {
-                Ok(port) => format!("127.0.0.1:{port}"),
-                Err(_) => addr.clone(),
-            };
-            control::call(
-                shim,
-                Method::DELETE,
-                &format!("{path}/{listen}"),
-                String::new(),
-            )
-            .await
+        // The shim reads LISTEN (a bare port is on 127.0.0.1).
+        ForwardAction::Remove { addr, udp } => {
+            let path = format!(
+                "{}{}",
+                control::PREFIX,
+                control::forward_path(kind(*udp), addr.trim())
+            );
+            control::call(shim, Method::DELETE, &path, String::new()).await
         }
     };
     match called {

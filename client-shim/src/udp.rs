@@ -2,10 +2,12 @@
 //! local source address (`ADDR:PORT` of the application's socket) is one
 //! flow, and each flow is one CONNECT-UDP stream (RFC 9298) over the link:
 //! an extended `CONNECT` with `:protocol connect-udp` for the relay's
-//! `/.well-known/masque/udp/HOST/PORT/`, opened on the source's first
-//! datagram. The source's datagrams go up as `DATAGRAM` capsules (context 0);
-//! capsules coming back are sent to that source from the forward's socket,
-//! so the application sees its answers come from the address it wrote to.
+//! `/.well-known/masque/udp/HOST/PORT/` (`:scheme https` over a TLS link,
+//! `http` over h2c: the relay is the template's origin), opened on the
+//! source's first datagram. The source's datagrams go up as `DATAGRAM`
+//! capsules (context 0); capsules coming back are sent to that source from
+//! the forward's socket, so the application sees its answers come from the
+//! address it wrote to.
 //!
 //! Datagrams that arrive while the stream is being opened wait in the
 //! flow's queue ([`QUEUE`] of them; more are dropped, with a debug line). A
@@ -14,7 +16,13 @@
 //! refusal (the relay's `403`, `502`, `501`, or no link) is logged with the
 //! relay's reason and ends the flow after [`REFUSED_PAUSE`], dropping what
 //! arrived meanwhile: a source that keeps sending retries once per pause,
-//! not in a loop.
+//! not in a loop. The forward's `last_error` ([`UdpForwardState`]) keeps
+//! the latest refusal or failure until a flow opens again.
+//!
+//! UDP forwards are added and removed while the shim runs, like TCP ones
+//! (the control endpoint, [`crate::control`]). Removing one closes its
+//! socket and ends its flows at once: a flow carrying datagrams ends its
+//! stream, one waiting for the link or paused after a refusal just stops.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,12 +39,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::config::ForwardSpec;
-use crate::forward::{Forwarded, Table};
+use crate::forward::{Forwarded, Kind, Table};
 use crate::link::{empty, LinkHandle};
-use crate::AbortOnDrop;
 
 /// Datagrams a flow holds while its stream is being opened (or written).
 pub const QUEUE: usize = 64;
@@ -64,9 +72,11 @@ pub struct UdpForwards {
 pub struct Entry {
     spec: ForwardSpec,
     status: Arc<Status>,
-    /// Dropping it stops the receive loop, which closes the socket once
-    /// its flows have ended (they end as their queues close).
-    _serve: AbortOnDrop,
+    /// Dropping it (removing the forward) stops the receive loop and ends
+    /// every flow: an open stream with its end (`END_STREAM`), one being
+    /// opened or paused after a refusal at once. The socket closes with
+    /// the last of them.
+    _stop: DropGuard,
 }
 
 impl Forwarded for Entry {
@@ -88,7 +98,8 @@ pub struct UdpForwardState {
     pub spec: ForwardSpec,
     /// Flows (local sources) open now.
     pub flows: usize,
-    /// The last refusal or failure of a flow, with the relay's reason.
+    /// The last refusal or failure of a flow, with the relay's reason;
+    /// `None` again once a flow opens (the target is reachable now).
     pub last_error: Option<String>,
 }
 
@@ -96,7 +107,7 @@ impl UdpForwards {
     /// Forwards whose flows end after `idle` without a datagram.
     pub fn new(link: LinkHandle, idle: Duration) -> UdpForwards {
         UdpForwards {
-            table: Table::new("UDP "),
+            table: Table::new(Kind::Udp),
             link,
             idle,
         }
@@ -113,20 +124,22 @@ impl UdpForwards {
             .local_addr()
             .map_err(|e| format!("UDP {}: {e}", spec.listen))?;
         let status = Arc::new(Status::default());
+        let stop = CancellationToken::new();
         let forward = Forward {
             socket: Arc::new(socket),
             spec: spec.clone(),
             link: self.link.clone(),
             idle: self.idle,
             status: status.clone(),
+            stop: stop.clone(),
         };
         let span =
             tracing::info_span!("udp_forward", listen = %spec.listen, to = %spec.authority());
-        let task = tokio::spawn(forward.serve().instrument(span));
+        tokio::spawn(forward.serve().instrument(span));
         self.table.insert(Entry {
             spec,
             status,
-            _serve: AbortOnDrop(task.abort_handle()),
+            _stop: stop.drop_guard(),
         })
     }
 
@@ -161,6 +174,8 @@ struct Forward {
     link: LinkHandle,
     idle: Duration,
     status: Arc<Status>,
+    /// Cancelled when the forward is removed.
+    stop: CancellationToken,
 }
 
 /// A flow as the receive loop sees it: its queue.
@@ -183,6 +198,7 @@ impl Forward {
         let mut refused_sources = 0u64;
         loop {
             let (n, source) = tokio::select! {
+                () = self.stop.cancelled() => return,
                 Some((source, id)) = ended.recv() => {
                     // Only the flow that ended: a newer one may have its place.
                     if flows.get(&source).is_some_and(|f| f.id == id) {
@@ -272,7 +288,11 @@ impl Forward {
 
     /// One flow, from opening its stream to its end.
     async fn flow(&self, source: SocketAddr, mut datagrams: mpsc::Receiver<Bytes>) {
-        let stream = match self.connect_udp().await {
+        let opened = tokio::select! {
+            opened = self.connect_udp() => opened,
+            () = self.stop.cancelled() => return,
+        };
+        let stream = match opened {
             Ok(stream) => stream,
             Err(why) => {
                 tracing::warn!(
@@ -281,8 +301,11 @@ impl Forward {
                     retry_after = ?REFUSED_PAUSE,
                     "UDP flow not opened"
                 );
-                self.set_error(why);
-                tokio::time::sleep(REFUSED_PAUSE).await;
+                self.set_error(Some(why));
+                tokio::select! {
+                    () = tokio::time::sleep(REFUSED_PAUSE) => {}
+                    () = self.stop.cancelled() => {}
+                }
                 datagrams.close();
                 let mut dropped = 0u64;
                 while datagrams.try_recv().is_ok() {
@@ -295,20 +318,27 @@ impl Forward {
             }
         };
         tracing::debug!(forward = %self.spec, "UDP flow opened");
+        // The target is reachable again: an earlier refusal no longer holds.
+        self.set_error(None);
         let (end, up, down) = self.carry(stream, source, &mut datagrams).await;
         match end {
             Ok(why) => tracing::debug!(up, down, "UDP flow ended: {why}"),
             Err(why) => {
                 tracing::warn!(forward = %self.spec, up, down, error = %why, "UDP flow failed");
-                self.set_error(why);
+                self.set_error(Some(why));
             }
         }
     }
 
     /// Opens the CONNECT-UDP stream; `Err` is why not, with the relay's reason.
     async fn connect_udp(&self) -> Result<hyper::upgrade::Upgraded, String> {
-        let req = udp_request(self.link.relay_name(), &self.spec.host, self.spec.port)
-            .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
+        let req = udp_request(
+            self.link.scheme(),
+            self.link.relay_name(),
+            &self.spec.host,
+            self.spec.port,
+        )
+        .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
         let resp = self
             .link
             .send(req)
@@ -361,6 +391,7 @@ impl Forward {
                     .map_err(|e| format!("CONNECT-UDP stream to {target}: {e}"))?;
                 up.fetch_add(1, Relaxed);
             }
+            // The receive loop, which holds the queue, has ended.
             Ok("the forward was removed")
         };
         let downward = async {
@@ -410,25 +441,28 @@ impl Forward {
             end = upward => end,
             end = downward => end,
             () = idle => Ok("idle"),
+            () = self.stop.cancelled() => Ok("the forward was removed"),
         };
         // A clean end of the stream (END_STREAM) for the relay, if it still listens.
         let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
         (end, up.into_inner(), down.into_inner())
     }
 
-    fn set_error(&self, why: String) {
+    fn set_error(&self, why: Option<String>) {
         *self
             .status
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+            .unwrap_or_else(|p| p.into_inner()) = why;
     }
 }
 
 /// The extended `CONNECT` for a CONNECT-UDP stream to `host:port`, for the
 /// relay named `relay_name` (RFC 9298's default template; an IPv6 literal's
-/// colons percent-encoded).
+/// colons percent-encoded). `scheme` is the template's, [`LinkHandle::scheme`]:
+/// `https` over a TLS link (RFC 9298 3.4, RFC 9220).
 pub fn udp_request(
+    scheme: &str,
     relay_name: &str,
     host: &str,
     port: u16,
@@ -437,7 +471,9 @@ pub fn udp_request(
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .version(http::Version::HTTP_2)
-        .uri(format!("http://{relay_name}{PATH_PREFIX}{host}/{port}/"))
+        .uri(format!(
+            "{scheme}://{relay_name}{PATH_PREFIX}{host}/{port}/"
+        ))
         .header(
             HeaderName::from_static("capsule-protocol"),
             HeaderValue::from_static("?1"),
@@ -454,7 +490,7 @@ mod tests {
 
     #[test]
     fn requests_follow_the_default_template() {
-        let req = udp_request("relay.corp", "dns.corp", 53).unwrap();
+        let req = udp_request("http", "relay.corp", "dns.corp", 53).unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(
             req.uri().to_string(),
@@ -468,10 +504,27 @@ mod tests {
             Some("connect-udp")
         );
         // The relay reads back what the shim writes.
-        let v6 = udp_request("relay.corp:8080", "2001:db8::1", 5353).unwrap();
+        let v6 = udp_request("http", "relay.corp:8080", "2001:db8::1", 5353).unwrap();
         assert_eq!(
             porthole_relay::udp::target(v6.uri().path()),
             Some(("2001:db8::1".to_string(), 5353))
         );
+    }
+
+    #[test]
+    fn the_scheme_is_https_over_a_tls_link_and_http_over_cleartext() {
+        for (tls, want) in [
+            (
+                true,
+                "https://relay.corp/.well-known/masque/udp/dns.corp/53/",
+            ),
+            (
+                false,
+                "http://relay.corp/.well-known/masque/udp/dns.corp/53/",
+            ),
+        ] {
+            let req = udp_request(crate::link::scheme(tls), "relay.corp", "dns.corp", 53).unwrap();
+            assert_eq!(req.uri().to_string(), want, "tls={tls}");
+        }
     }
 }

@@ -111,17 +111,23 @@ pub struct TlsFront {
 
 impl TlsFront {
     pub async fn start(leaf: &Leaf, backend: SocketAddr) -> TlsFront {
+        TlsFront::start_with_alpn(leaf, backend, &[]).await
+    }
+
+    /// The same, choosing from `alpn` (such as `h2` in front of an h2c server).
+    pub async fn start_with_alpn(leaf: &Leaf, backend: SocketAddr, alpn: &[&[u8]]) -> TlsFront {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(leaf.cert.as_bytes())
                 .collect::<Result<_, _>>()
                 .unwrap();
         let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
