@@ -1844,3 +1844,26 @@ async fn removing_a_udp_forward_frees_its_port_while_a_flow_waits_for_the_link()
     assert_eq!(status, 200, "{text}");
     assert_udp_free(listen).await;
 }
+
+/// Large heads cross the shim's HTTP/2 link both ways (hyper's own limit is
+/// 16 KiB a header list): a 30 KB cookie reaches the server, and a 30 KB
+/// `Set-Cookie` comes back to the application.
+#[tokio::test]
+async fn large_heads_cross_the_link_both_ways() {
+    let set_cookie = format!("big={}", "s".repeat(30_000));
+    let answer = set_cookie.clone();
+    let origin = Origin::start(move |_| {
+        Reply::Raw(response(200, &[("Set-Cookie", answer.as_str())], b"ok"))
+    })
+    .await;
+    let (_relay, shim) = relay_and_shim("app.test", origin.port(), "").await;
+    let cookie = format!("c={}", "c".repeat(30_000));
+    let out = Curl::new(&format!("http://app.test:{}/big", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .args(&["-H", &format!("Cookie: {cookie}")])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{:?} {}", out.head.get(..200), out.stderr);
+    assert_eq!(out.header("set-cookie"), vec![set_cookie]);
+    assert_eq!(origin.received()[0].header("cookie"), Some(cookie.as_str()));
+}

@@ -403,6 +403,12 @@ where
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
+        // Response heads as large as the relay reads from internal servers
+        // (hyper's own limit is 16 KiB).
+        .max_header_list_size(porthole_relay::forward::h2_header_list_size(
+            porthole_relay::forward::MAX_RESPONSE_HEAD,
+            porthole_relay::forward::MAX_RESPONSE_FIELDS,
+        ))
         // HTTP/2 PINGs from hyper's own connection task: they outlive this
         // session, so a connection the relay closed (GOAWAY) whose streams
         // go on is still dropped if the relay stops answering.

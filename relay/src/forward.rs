@@ -28,8 +28,16 @@ use crate::{splice, tunnel, ConnCtx};
 /// How long to wait for an upstream's `100 Continue` before sending the body anyway.
 const CONTINUE_WAIT: Duration = Duration::from_secs(1);
 /// Largest response head accepted from an internal server.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-const MAX_RESPONSE_FIELDS: usize = 200;
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most header fields accepted in a response head from an internal server.
+pub const MAX_RESPONSE_FIELDS: usize = 200;
+
+/// An HTTP/2 header list as large as an HTTP/1 head of `head_bytes` with
+/// `fields` fields (SETTINGS_MAX_HEADER_LIST_SIZE counts 32 bytes per field
+/// besides name and value, RFC 9113 section 6.5.2).
+pub fn h2_header_list_size(head_bytes: usize, fields: usize) -> u32 {
+    u32::try_from(head_bytes.saturating_add(fields.saturating_mul(32))).unwrap_or(u32::MAX)
+}
 
 /// What the connection loop does after a relayed request.
 pub enum After {

@@ -83,9 +83,9 @@ pub async fn serve<S: Io>(conn: Conn<S>, ctx: ConnCtx) {
     let io = TokioIo::new(Rewind::from(conn));
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // The same head limit as HTTP/1 (hyper's own is 16 KiB): a request that
-    // passes over one passes over the other. SETTINGS_MAX_HEADER_LIST_SIZE
-    // counts 32 bytes per field besides name and value.
-    let max_head = u32::try_from(ctx.shared.config().limits.max_head_bytes).unwrap_or(u32::MAX);
+    // passes over one passes over the other.
+    let limits = &ctx.shared.config().limits;
+    let max_head = crate::forward::h2_header_list_size(limits.max_head_bytes, limits.max_headers);
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(max_head)
