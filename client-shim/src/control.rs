@@ -294,7 +294,8 @@ mod tests {
         }
 
         let v4 = SocketAddr::from(([127, 0, 0, 1], 5353));
-        let paths: &[(&str, Result<(Kind, SocketAddr), &str>)] = &[
+        type Named = Result<(Kind, SocketAddr), &'static str>;
+        let paths: &[(&str, Named)] = &[
             ("127.0.0.1:5353", Ok((Kind::Tcp, v4))),
             ("5353", Ok((Kind::Tcp, v4))),
             ("udp/127.0.0.1:5353", Ok((Kind::Udp, v4))),
