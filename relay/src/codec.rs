@@ -355,9 +355,14 @@ async fn read_raw_head<S: AsyncRead + Unpin>(
     }
 }
 
+/// Where `part`, a slice httparse took from `raw`, lies in it (an empty
+/// range for anything that does not lie inside it).
 fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
-    let start = part.as_ptr() as usize - raw.as_ptr() as usize;
-    start..start + part.len()
+    let start = (part.as_ptr() as usize).wrapping_sub(raw.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= raw.len() => start..end,
+        _ => 0..0,
+    }
 }
 
 fn field_positions(
@@ -474,10 +479,18 @@ fn parse_response_into<'b>(
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(HeadError::Malformed("incomplete status line"));
     };
-    let reason = offset(raw, resp.reason.unwrap_or("").as_bytes());
+    // RFC 9110 section 15: three digits, 100 to 599.
+    if !(100..=599).contains(&status) {
+        return Err(HeadError::Malformed("status code outside 100-599"));
+    }
+    // An empty reason phrase may be a slice outside `raw` (httparse's "").
+    let reason = match resp.reason {
+        Some(r) if !r.is_empty() => offset(raw, r.as_bytes()),
+        _ => 0..0,
+    };
     Ok(ResponseHead {
         status,
-        reason: if reason.start == 0 { 0..0 } else { reason },
+        reason,
         minor,
         fields: Fields {
             pos: field_positions(raw, resp.headers),
@@ -1031,5 +1044,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, b"5\r\nhello\r\n0\r\nA: b\r\n\r\n");
+    }
+
+    /// Status lines the audit found mishandled: no reason phrase (an empty
+    /// reason is not a slice of the head; it made the parser subtract
+    /// pointers out of range) and a code outside 100-599.
+    #[tokio::test]
+    async fn response_status_lines() {
+        let head = |text: &'static [u8]| async move {
+            let mut conn = Conn::new(Builder::new().read(text).build());
+            read_response_head(&mut conn, 1000, 10).await
+        };
+        let h = head(b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!((h.status, h.reason()), (200, &b""[..]));
+        assert_eq!(h.fields.get("content-length"), Some(&b"2"[..]));
+        let h = head(b"HTTP/1.1 404 \r\n\r\n").await.unwrap();
+        assert_eq!((h.status, h.reason()), (404, &b""[..]));
+        let h = head(b"HTTP/1.1 201 Made It\r\n\r\n").await.unwrap();
+        assert_eq!(h.reason(), b"Made It");
+        for bad in [&b"HTTP/1.1 099 X\r\n\r\n"[..], b"HTTP/1.1 600 X\r\n\r\n"] {
+            assert!(
+                matches!(head(bad).await, Err(HeadError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
