@@ -1272,3 +1272,58 @@ async fn http2_takes_request_heads_as_large_as_http1() {
         assert_eq!(r.header("cookie"), Some(cookie.as_str()), "{}", r.target);
     }
 }
+
+/// Request smuggling through framing fields (the audit's C1 and C2): a body
+/// whose `Content-Length` the client names in `Connection`, or writes as a
+/// list, reaches the server as one body with one `Content-Length`; it never
+/// becomes a request of its own on the pooled connection that the next
+/// client's request takes.
+#[tokio::test]
+async fn framing_fields_cannot_be_dropped_or_doubled_to_smuggle_a_request() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        "workers = 1",
+    ))
+    .await;
+    let host = format!("Host: app.test:{}\r\n", origin.port());
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\n{host}X-Ignore: ");
+    let t = Duration::from_secs(5);
+    for framing in [
+        // (Connection: close only ends the client's side sooner.)
+        format!(
+            "Connection: close, Content-Length\r\nContent-Length: {}\r\n",
+            smuggled.len()
+        ),
+        format!(
+            "Connection: close\r\nContent-Length: {0}, {0}\r\n",
+            smuggled.len()
+        ),
+        format!(
+            "Connection: close\r\nContent-Length: {0}\r\nContent-Length: {0}\r\n",
+            smuggled.len()
+        ),
+    ] {
+        let attack = format!("POST /attack HTTP/1.1\r\n{host}{framing}\r\n{smuggled}");
+        let answer = raw_exchange(relay.addr, attack.as_bytes(), t).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let victim = format!(
+            "GET /victim HTTP/1.1\r\n{host}Cookie: session=VICTIM\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_exchange(relay.addr, victim.as_bytes(), t).await;
+        assert!(answer.ends_with("ok /victim"), "{answer}");
+    }
+    let got = origin.received();
+    let targets: Vec<&str> = got.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        ["/attack", "/victim", "/attack", "/victim", "/attack", "/victim"]
+    );
+    for attack in got.iter().filter(|r| r.target == "/attack") {
+        assert_eq!(attack.body, smuggled.as_bytes());
+        assert_eq!(
+            attack.all("content-length"),
+            [smuggled.len().to_string().as_str()]
+        );
+    }
+}

@@ -453,6 +453,11 @@ pub async fn read_response_head<S: AsyncRead + Unpin>(
     max_headers: usize,
 ) -> Result<ResponseHead, HeadError> {
     let raw = read_raw_head(conn, max_bytes).await?;
+    parse_response_head(raw, max_headers)
+}
+
+/// Parses a complete response head.
+pub fn parse_response_head(raw: Bytes, max_headers: usize) -> Result<ResponseHead, HeadError> {
     // httparse has no uninitialised-slot parser for responses: a stack array.
     let mut slots = [httparse::EMPTY_HEADER; STACK_FIELDS];
     if max_headers <= STACK_FIELDS {
@@ -511,7 +516,10 @@ pub enum Framing {
     Close,
 }
 
-fn parse_content_length(fields: &Fields) -> Result<Option<u64>, &'static str> {
+/// The message's `Content-Length`: one value however it was written (a
+/// list or repeated fields of one value); an error for an invalid value or
+/// values that differ.
+pub fn content_length(fields: &Fields) -> Result<Option<u64>, &'static str> {
     let mut found: Option<u64> = None;
     for value in fields.get_all("content-length") {
         for part in value.split(|b| *b == b',') {
@@ -540,7 +548,7 @@ fn chunked_is_final(fields: &Fields) -> bool {
 /// refused: a proxy that guesses invites request smuggling.
 pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
     let has_te = head.fields.get("transfer-encoding").is_some();
-    let length = parse_content_length(&head.fields)?;
+    let length = content_length(&head.fields)?;
     if has_te {
         if head.minor == 0 {
             return Err("Transfer-Encoding in an HTTP/1.0 request");
@@ -575,7 +583,7 @@ pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'
             Framing::Close
         });
     }
-    Ok(match parse_content_length(&head.fields)? {
+    Ok(match content_length(&head.fields)? {
         Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
         None => Framing::Close,

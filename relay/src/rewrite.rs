@@ -3,7 +3,7 @@
 //! fields removed, bodies re-framed, and the relay's `Via` entry appended.
 //! Everything else is copied byte for byte, names in the case the peer wrote.
 
-use crate::codec::{trim, Fields, RequestHead, ResponseHead};
+use crate::codec::{content_length, trim, Fields, RequestHead, ResponseHead};
 
 /// The comment that marks `Via` entries written by Porthole hops.
 pub const VIA_MARK: &str = "(porthole)";
@@ -120,10 +120,13 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// How the relay will send the request body upstream.
+/// How the relay will send the request body upstream. The framing fields
+/// are always the relay's own: `Content-Length` written once as the value
+/// it parsed, never copied, so that no `Connection` token can remove it and
+/// no list form reaches a server that might read it otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyHeader {
-    /// No body, or keep the client's `Content-Length`.
+    /// No body, or the client's `Content-Length` (as one decimal value).
     AsReceived,
     /// Send `Transfer-Encoding: chunked`.
     Chunked,
@@ -174,10 +177,7 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
             push_field(&mut out, name, value);
             continue;
         }
-        if is_hop_by_hop(name, &listed) {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") && rw.body == BodyHeader::Chunked {
+        if is_hop_by_hop(name, &listed) || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         if name.eq_ignore_ascii_case(b"via") && rw.transparent {
@@ -200,8 +200,9 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     if rw.upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
     }
-    if rw.body == BodyHeader::Chunked {
-        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    match rw.body {
+        BodyHeader::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyHeader::AsReceived => length_line(&mut out, &req.fields),
     }
     if let Some(credentials) = rw.proxy_authorization {
         push_field(&mut out, b"Proxy-Authorization", credentials.as_bytes());
@@ -211,6 +212,28 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// `Content-Length: N` for the value the head declares (validated when its
+/// framing was read), if it declares one.
+fn length_line(out: &mut Vec<u8>, fields: &Fields) {
+    if let Ok(Some(n)) = content_length(fields) {
+        out.extend_from_slice(b"Content-Length: ");
+        // The digits, without a String per message.
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[at..]);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
@@ -228,7 +251,8 @@ fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
 /// How the relay frames the response body towards the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody {
-    /// Keep the upstream's `Content-Length` (or there is no body).
+    /// The upstream's `Content-Length`, as one decimal value (none on a `1xx`
+    /// or `204`, RFC 9110 section 8.6), or there is no body.
     AsReceived,
     /// Re-framed as chunked.
     Chunked,
@@ -284,10 +308,7 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
             push_field(out, name, value);
             continue;
         }
-        if is_hop_by_hop(name, &listed) {
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") && rw.body != ResponseBody::AsReceived {
+        if is_hop_by_hop(name, &listed) || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-encoding") && rw.decoded {
@@ -302,8 +323,12 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     } else if rw.client_minor == 0 {
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
-    if rw.body == ResponseBody::Chunked {
-        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    match rw.body {
+        ResponseBody::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        ResponseBody::AsReceived if resp.status >= 200 && resp.status != 204 => {
+            length_line(out, &resp.fields)
+        }
+        _ => {}
     }
     via_line(out, resp.minor, rw.name);
     out.extend_from_slice(b"\r\n");
@@ -393,6 +418,68 @@ mod tests {
         assert_eq!(
             got,
             "GET /x HTTP/1.1\r\nhost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\nVia: 1.0 relay.test (porthole)\r\n\r\n"
+        );
+    }
+
+    /// The framing fields are the relay's own, whatever the head says of
+    /// them: a `Connection` token cannot take `Content-Length` away from a
+    /// body that is sent (the audit's C1: the body became a second request
+    /// on a pooled connection), and a list or a repeated field goes on as
+    /// one value (C2).
+    #[test]
+    fn content_length_is_written_once_as_parsed() {
+        let cases = [
+            ("Connection: Content-Length\r\nContent-Length: 5\r\n", "5"),
+            (
+                "Connection: close, content-length\r\nContent-Length: 7\r\n",
+                "7",
+            ),
+            ("Content-Length: 48, 48\r\n", "48"),
+            ("Content-Length: 5\r\nContent-Length: 5\r\n", "5"),
+            ("Content-Length: 0\r\n", "0"),
+            ("Content-Length: 012\r\n", "12"),
+        ];
+        for (fields, length) in cases {
+            let got = rewrite(
+                &format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n"),
+                plain(),
+            );
+            assert_eq!(
+                got,
+                format!("POST /x HTTP/1.1\r\nHost: app.test:81\r\nContent-Length: {length}\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"),
+                "{fields:?}"
+            );
+        }
+        let got = rewrite("GET / HTTP/1.1\r\nHost: h\r\n\r\n", plain());
+        assert!(
+            !got.to_ascii_lowercase().contains("content-length"),
+            "{got}"
+        );
+
+        let resp = |text: &str| {
+            crate::codec::parse_response_head(Bytes::copy_from_slice(text.as_bytes()), 100).unwrap()
+        };
+        let rw = ResponseRewrite {
+            name: "relay.test",
+            body: ResponseBody::AsReceived,
+            decoded: false,
+            upgrade: false,
+            keep_alive: true,
+            client_minor: 1,
+        };
+        let out = |text: &str| String::from_utf8(response_head(&resp(text), &rw)).unwrap();
+        assert_eq!(
+            out("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5, 5\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+        );
+        // A 204 never has Content-Length (RFC 9110 section 8.6); a 304 keeps it.
+        assert_eq!(
+            out("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
+            "HTTP/1.1 204 No Content\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+        );
+        assert_eq!(
+            out("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
         );
     }
 
