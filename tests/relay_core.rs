@@ -601,12 +601,14 @@ async fn chunked_and_close_delimited_responses() {
 
 #[tokio::test]
 async fn errors_name_the_route_and_the_cause() {
-    let origin = Origin::start(|r| {
-        if r.target == "/slow" {
-            Reply::Silent
-        } else {
-            Reply::Raw(response(200, &[], b"ok"))
-        }
+    let origin = Origin::start(|r| match r.target.as_str() {
+        "/slow" => Reply::Silent,
+        // A transfer coding the relay would pass on unlabelled.
+        "/gzip-coded" => Reply::RawThenClose(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip".to_vec(),
+        ),
+        "/status-099" => Reply::Raw(b"HTTP/1.1 099 X\r\nContent-Length: 2\r\n\r\nok".to_vec()),
+        _ => Reply::Raw(response(200, &[], b"ok")),
     })
     .await;
     let dead = porthole_suite::free_port();
@@ -653,6 +655,16 @@ async fn errors_name_the_route_and_the_cause() {
             504,
             "route app-a.test: no response from",
         ),
+        (
+            format!("http://app-a.test:{}/gzip-coded", origin.port()),
+            502,
+            "a transfer coding other than chunked",
+        ),
+        (
+            format!("http://app-a.test:{}/status-099", origin.port()),
+            502,
+            "status code outside 100-599",
+        ),
     ];
     for (url, status, text) in cases {
         let out = Curl::new(&url).proxy(&relay.url()).run().await;
@@ -698,6 +710,8 @@ async fn bad_framing_and_oversized_heads_are_refused_and_the_relay_keeps_serving
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nBad Name: x\r\n\r\n"), "400"),
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(5000)), "431"),
         (format!("GET http://app-a.test:{p}/ HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(30)), "431"),
+        // A transfer coding the relay does not handle (RFC 9112 6.1).
+        (format!("POST http://app-a.test:{p}/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), "501"),
         // The request line alone passes the limit: the target is too long.
         (format!("GET http://app-a.test:{p}/{} HTTP/1.1\r\n\r\n", "a".repeat(5000)), "414"),
     ];

@@ -544,6 +544,20 @@ fn chunked_is_final(fields: &Fields) -> bool {
     codings.last().is_some_and(|c| chunked(c)) && codings.iter().filter(|c| chunked(c)).count() == 1
 }
 
+/// The reason [`request_framing`] gives for a transfer coding other than
+/// `chunked` (`gzip, chunked`): the relay neither decodes it nor can pass it
+/// on labelled, so the request is `501` (RFC 9112 section 6.1), not relayed
+/// with its coding lost.
+pub const UNSUPPORTED_CODING: &str = "transfer codings other than chunked are not supported";
+
+/// Whether `Transfer-Encoding` names any coding but `chunked`.
+fn other_codings(fields: &Fields) -> bool {
+    fields
+        .list("transfer-encoding")
+        .iter()
+        .any(|c| !c.eq_ignore_ascii_case(b"chunked"))
+}
+
 /// The body framing of a request (RFC 9112 section 6.3). Ambiguous framing is
 /// refused: a proxy that guesses invites request smuggling.
 pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
@@ -558,6 +572,9 @@ pub fn request_framing(head: &RequestHead) -> Result<Framing, &'static str> {
         }
         if !chunked_is_final(&head.fields) {
             return Err("Transfer-Encoding must end in chunked");
+        }
+        if other_codings(&head.fields) {
+            return Err(UNSUPPORTED_CODING);
         }
         return Ok(Framing::Chunked);
     }
@@ -577,6 +594,10 @@ pub fn response_framing(method: &str, head: &ResponseHead) -> Result<Framing, &'
         return Ok(Framing::Empty);
     }
     if head.fields.get("transfer-encoding").is_some() {
+        // Passed on re-chunked, a coding would reach the client unlabelled.
+        if other_codings(&head.fields) {
+            return Err("a transfer coding other than chunked");
+        }
         return Ok(if chunked_is_final(&head.fields) {
             Framing::Chunked
         } else {
@@ -892,7 +913,8 @@ mod tests {
             ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err("invalid Content-Length")),
             ("POST / HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n", Err("invalid Content-Length")),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(Framing::Chunked)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n", Ok(Framing::Chunked)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(UNSUPPORTED_CODING)),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Err("Transfer-Encoding must end in chunked")),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", Err("Transfer-Encoding must end in chunked")),
             ("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", Err("both Content-Length and Transfer-Encoding")),

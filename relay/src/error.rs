@@ -26,6 +26,9 @@ pub enum ErrorKind {
     HeadTooLarge,
     /// The request line alone exceeded `max_head_bytes`: the target is too long.
     UriTooLong,
+    /// A request body in a transfer coding the relay does not handle
+    /// (anything but `chunked`); its body is unread, so the connection closes.
+    UnsupportedCoding,
     /// The request head did not arrive within `head_timeout`.
     HeadTimeout,
     /// The request is malformed or ambiguous.
@@ -98,6 +101,7 @@ impl RelayError {
             Loop => 508,
             HeadTooLarge => 431,
             UriTooLong => 414,
+            UnsupportedCoding => 501,
             HeadTimeout => 408,
             BadRequest(_) | TlsRequired => 400,
             NotImplemented(_) => 501,
@@ -151,6 +155,7 @@ impl RelayError {
             | Loop
             | HeadTooLarge
             | UriTooLong
+            | UnsupportedCoding
             | HeadTimeout
             | BadRequest(_)
             | NotFound
@@ -196,6 +201,7 @@ impl RelayError {
             self.kind,
             ErrorKind::HeadTooLarge
                 | ErrorKind::UriTooLong
+                | ErrorKind::UnsupportedCoding
                 | ErrorKind::HeadTimeout
                 | ErrorKind::BadRequest(_)
         )
@@ -221,6 +227,7 @@ impl fmt::Display for RelayError {
             Loop => write!(f, "request loop: this relay is already in Via"),
             HeadTooLarge => write!(f, "request head too large"),
             UriTooLong => write!(f, "request target too long"),
+            UnsupportedCoding => write!(f, "{}", crate::codec::UNSUPPORTED_CODING),
             HeadTimeout => write!(f, "request head not received in time"),
             BadRequest(why) => write!(f, "bad request: {why}"),
             NotFound => write!(f, "no such endpoint on this relay"),

@@ -242,8 +242,11 @@ async fn next_request<S: Io>(
     let framing = match codec::request_framing(&head) {
         Ok(f) => f,
         Err(why) => {
-            let err = RelayError::new(ErrorKind::BadRequest(why));
-            return answer_error(conn, ctx, err, access).await;
+            let kind = match why {
+                codec::UNSUPPORTED_CODING => ErrorKind::UnsupportedCoding,
+                why => ErrorKind::BadRequest(why),
+            };
+            return answer_error(conn, ctx, RelayError::new(kind), access).await;
         }
     };
     let keep_alive = wants_keep_alive(&head);
