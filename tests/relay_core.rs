@@ -1341,3 +1341,50 @@ async fn framing_fields_cannot_be_dropped_or_doubled_to_smuggle_a_request() {
         );
     }
 }
+
+/// The relay's own answers to a `HEAD` have no body (RFC 9110 9.3.2; the
+/// audit's S1: a 403's or 404's body ran into the next response on the
+/// connection), `OPTIONS` to the relay says what it takes, and its own
+/// answers carry `Date` (RFC 9110 6.6.1) and `X-Content-Type-Options`.
+#[tokio::test]
+async fn the_relays_own_answers_to_head_have_no_body_and_are_dated() {
+    let relay = Relay::start(&config_with("", "")).await;
+    let pipelined = b"HEAD /nothing HTTP/1.1\r\nHost: relay.test\r\n\r\n\
+        HEAD http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n\
+        HEAD /services HTTP/1.1\r\nHost: relay.test\r\n\r\n\
+        OPTIONS * HTTP/1.1\r\nHost: relay.test\r\n\r\n\
+        GET /services HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(relay.addr, pipelined, Duration::from_secs(5)).await;
+    let heads: Vec<&str> = answer.split("\r\n\r\n").collect();
+    let status = |h: &str| h.lines().next().unwrap_or("").to_string();
+    assert_eq!(
+        heads.iter().take(5).map(|h| status(h)).collect::<Vec<_>>(),
+        [
+            "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 403 Forbidden",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 200 OK",
+        ],
+        "every answer right after the one before: {answer}"
+    );
+    for h in &heads[..5] {
+        let date = h.lines().find_map(|l| l.strip_prefix("Date: "));
+        assert!(
+            date.is_some_and(|d| httpdate::parse_http_date(d).is_ok()),
+            "{h}"
+        );
+        assert!(h.contains("\r\nX-Content-Type-Options: nosniff"), "{h}");
+    }
+    // The HEADs still say how long the GET's body is.
+    assert!(!heads[0].contains("Content-Length: 0\r"), "{}", heads[0]);
+    assert!(
+        heads[3].contains("\r\nAllow: GET, HEAD, OPTIONS"),
+        "{}",
+        heads[3]
+    );
+    assert!(
+        heads[5].starts_with("{\"relay\":\"relay.test\""),
+        "{answer}"
+    );
+}

@@ -281,7 +281,10 @@ async fn next_request<S: Io>(
                     // The body was not read: the connection cannot be reused.
                     let close = err.closes_connection() || framing != Framing::Empty || !keep_alive;
                     access.status = err.status();
-                    access.bytes_out += write_error(&mut conn.io, &err, close).await.unwrap_or(0);
+                    let head = access.method == "HEAD";
+                    access.bytes_out += write_error_to(&mut conn.io, &err, close, head)
+                        .await
+                        .unwrap_or(0);
                     access.take().finish(ctx);
                     return if close { Next::Close } else { Next::KeepAlive };
                 }
@@ -371,7 +374,10 @@ async fn answer_error<S: Io>(
 ) -> Next {
     forward::log_error(ctx, &err);
     access.status = err.status();
-    access.bytes_out += write_error(&mut conn.io, &err, true).await.unwrap_or(0);
+    let head = access.method == "HEAD";
+    access.bytes_out += write_error_to(&mut conn.io, &err, true, head)
+        .await
+        .unwrap_or(0);
     access.take().finish(ctx);
     Next::Close
 }
@@ -382,15 +388,28 @@ pub async fn write_error<W: AsyncWrite + Unpin>(
     err: &RelayError,
     close: bool,
 ) -> std::io::Result<u64> {
+    write_error_to(w, err, close, false).await
+}
+
+/// As [`write_error`]; to a `HEAD` (`head`), without the body (RFC 9110
+/// section 9.3.2), its `Content-Length` still the body's.
+pub async fn write_error_to<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    err: &RelayError,
+    close: bool,
+    head: bool,
+) -> std::io::Result<u64> {
     let headers = err.headers();
     let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    write_simple(
+    let body = err.body();
+    write_simple_to(
         w,
         err.status(),
         "text/plain; charset=utf-8",
-        err.body().as_bytes(),
+        body.as_bytes(),
         close,
         &extra,
+        head,
     )
     .await
 }
@@ -419,16 +438,31 @@ pub async fn write_simple<W: AsyncWrite + Unpin>(
     close: bool,
     extra: &[(&str, &str)],
 ) -> std::io::Result<u64> {
+    write_simple_to(w, status, content_type, body, close, extra, false).await
+}
+
+/// As [`write_simple`]; to a `HEAD` (`head`), without the body.
+pub async fn write_simple_to<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    extra: &[(&str, &str)],
+    head: bool,
+) -> std::io::Result<u64> {
     let length = body.len().to_string();
     let own = [
         ("Content-Type", content_type),
         ("Content-Length", length.as_str()),
         ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
     ];
     let fields = own
         .iter()
         .chain(extra)
         .map(|(name, value)| (name.as_bytes(), value.as_bytes()));
+    let body = if head { &[][..] } else { body };
     write_response(w, status, fields, body, close).await
 }
 
@@ -443,6 +477,7 @@ async fn write_response<'a, W: AsyncWrite + Unpin>(
     close: bool,
 ) -> std::io::Result<u64> {
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).into_bytes();
+    crate::rewrite::date_line(&mut out);
     for (name, value) in fields {
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");

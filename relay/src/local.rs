@@ -9,7 +9,7 @@ use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::events;
 use crate::forward::After;
-use crate::http1::{write_error, write_simple};
+use crate::http1::{write_error, write_error_to, write_simple, write_simple_to};
 use crate::pac::CONTENT_TYPE as PAC_TYPE;
 use crate::ConnCtx;
 
@@ -43,29 +43,32 @@ pub async fn serve<S: Io>(
             return events::poll::serve(conn, head, topic, query, keep_alive, ctx, access).await;
         }
     }
+    // A HEAD gets the GET's head without its body (RFC 9110 section 9.3.2).
+    let head_only = head.method() == "HEAD";
+    let close = !keep_alive;
     let written = if let Some(pac) = crate::pac::for_request(&head, path, ctx) {
         access.status = 200;
-        write_simple(
-            &mut conn.io,
-            200,
-            PAC_TYPE,
-            pac.as_bytes(),
-            !keep_alive,
-            &[],
-        )
-        .await
-    } else if (head.method(), path_only) == ("GET", "/services") {
+        let pac = pac.as_bytes();
+        write_simple_to(&mut conn.io, 200, PAC_TYPE, pac, close, &[], head_only).await
+    } else if matches!(head.method(), "GET" | "HEAD") && path_only == "/services" {
         access.status = 200;
         let body = services_json(ctx);
-        write_simple(
+        let json = "application/json";
+        write_simple_to(
             &mut conn.io,
             200,
-            "application/json",
+            json,
             body.as_bytes(),
-            !keep_alive,
+            close,
             &[],
+            head_only,
         )
         .await
+    } else if head.method() == "OPTIONS" {
+        // What the relay's own endpoints take (RFC 9110 section 9.3.7).
+        access.status = 200;
+        let allow = [("Allow", "GET, HEAD, OPTIONS")];
+        write_simple_to(&mut conn.io, 200, "text/plain", b"", close, &allow, false).await
     } else {
         let err = if path_only.starts_with("/events/") {
             RelayError::new(ErrorKind::MethodNotAllowed { allow: "GET" })
@@ -73,7 +76,7 @@ pub async fn serve<S: Io>(
             RelayError::new(ErrorKind::NotFound)
         };
         access.status = err.status();
-        write_error(&mut conn.io, &err, !keep_alive).await
+        write_error_to(&mut conn.io, &err, close, head_only).await
     };
     finish(written, keep_alive, access)
 }

@@ -63,7 +63,7 @@ pub fn repoint(pac: &str, proxy: &str) -> Option<String> {
 /// to reach the relay (it may be a NAT address the relay cannot know).
 pub fn for_request(head: &RequestHead, path: &str, ctx: &ConnCtx) -> Option<String> {
     let path_only = path.split('?').next().unwrap_or(path);
-    if path_only != "/proxy.pac" || !head.method().eq_ignore_ascii_case("GET") {
+    if path_only != "/proxy.pac" || !matches!(head.method(), "GET" | "HEAD") {
         return None;
     }
     let from_target = head

@@ -236,6 +236,28 @@ fn length_line(out: &mut Vec<u8>, fields: &Fields) {
     }
 }
 
+/// A `Date` field for now (RFC 9110 section 6.6.1: a relay forwards a
+/// response without one with one added, and dates its own), formatted once a
+/// second per thread.
+pub fn date_line(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static NOW: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    NOW.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            *cached = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(cached.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
 fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
     out.extend_from_slice(if minor == 0 {
         b"Via: 1.0 "
@@ -329,6 +351,9 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
             length_line(out, &resp.fields)
         }
         _ => {}
+    }
+    if resp.status >= 200 && resp.fields.get("date").is_none() {
+        date_line(out);
     }
     via_line(out, resp.minor, rw.name);
     out.extend_from_slice(b"\r\n");
@@ -469,18 +494,25 @@ mod tests {
         };
         let out = |text: &str| String::from_utf8(response_head(&resp(text), &rw)).unwrap();
         assert_eq!(
-            out("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5, 5\r\n\r\n"),
-            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+            out("HTTP/1.1 200 OK\r\nDate: d\r\nConnection: Content-Length\r\nContent-Length: 5, 5\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 5\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
         );
         // A 204 never has Content-Length (RFC 9110 section 8.6); a 304 keeps it.
         assert_eq!(
-            out("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"),
-            "HTTP/1.1 204 No Content\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+            out("HTTP/1.1 204 No Content\r\nDate: d\r\nContent-Length: 5\r\n\r\n"),
+            "HTTP/1.1 204 No Content\r\nDate: d\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
         );
         assert_eq!(
-            out("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
-            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+            out("HTTP/1.1 304 Not Modified\r\nDate: d\r\nContent-Length: 9\r\n\r\n"),
+            "HTTP/1.1 304 Not Modified\r\nDate: d\r\nContent-Length: 9\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
         );
+        // A response without Date gets the relay's (RFC 9110 section 6.6.1).
+        let dated = out("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let date = dated
+            .lines()
+            .find_map(|l| l.strip_prefix("Date: "))
+            .unwrap_or_default();
+        assert!(httpdate::parse_http_date(date).is_ok(), "{dated}");
     }
 
     #[test]
