@@ -1388,3 +1388,61 @@ async fn the_relays_own_answers_to_head_have_no_body_and_are_dated() {
         "{answer}"
     );
 }
+
+/// Max-Forwards (RFC 9110 7.6.2; the audit's S5): an OPTIONS or TRACE with 0
+/// is answered by the relay (a TRACE with the request it received, its
+/// cookie left out), with more it goes on one lower; other methods keep it.
+/// Targets no request may have (a fragment, `GET *`, a Host with user
+/// information) are 400 (the audit's M1-M3).
+#[tokio::test]
+async fn max_forwards_and_targets_no_request_may_have() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("app.test", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let url = format!("http://app.test:{}/mf", origin.port());
+    let run = |method: &str, max: &str| {
+        Curl::new(&url)
+            .proxy(&relay.url())
+            .args(&["-X", method, "-H", &format!("Max-Forwards: {max}")])
+            .args(&["-H", "Cookie: secret=1"])
+    };
+    let options = run("OPTIONS", "0").run().await;
+    assert_eq!(options.status, 200, "{options:?}");
+    let trace = run("TRACE", "0").run().await;
+    assert_eq!(trace.status, 200, "{trace:?}");
+    assert_eq!(trace.header("content-type"), ["message/http"]);
+    let echo = trace.text();
+    assert!(
+        echo.starts_with(&format!("TRACE {url} HTTP/1.1\r\n")),
+        "{echo}"
+    );
+    assert!(echo.contains("\r\nMax-Forwards: 0\r\n"), "{echo}");
+    assert!(!echo.to_ascii_lowercase().contains("cookie"), "{echo}");
+    assert!(origin.received().is_empty(), "answered by the relay");
+
+    let out = run("OPTIONS", "5").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = run("GET", "0").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let got = origin.received();
+    assert_eq!(got[0].method, "OPTIONS");
+    assert_eq!(got[0].header("max-forwards"), Some("4"));
+    assert_eq!(got[1].method, "GET");
+    assert_eq!(got[1].header("max-forwards"), Some("0"));
+
+    let host = format!("app.test:{}", origin.port());
+    for bad in [
+        format!("GET /f#frag HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!("GET * HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: user@{host}\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: <b>{host}\r\n\r\n"),
+    ] {
+        let answer = raw_exchange(relay.addr, bad.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{bad:?} -> {answer}");
+        assert!(!answer.contains("<b>"), "{answer}");
+    }
+    assert_eq!(origin.received().len(), 2);
+}

@@ -123,6 +123,14 @@ pub fn connect_target(target: &str) -> Result<(String, u16), &'static str> {
 pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestKind, &'static str> {
     let method = head.method();
     let target = head.target();
+    // RFC 9112 section 3.2: no form of request target has a fragment, and
+    // the asterisk form is for OPTIONS only.
+    if target.contains('#') {
+        return Err("a fragment (#) in the request target");
+    }
+    if target == "*" && method != "OPTIONS" {
+        return Err("the request target * is for OPTIONS only");
+    }
 
     if method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = connect_target(target)?;
@@ -327,6 +335,17 @@ mod tests {
             ("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink/1\r\n\r\n", Ok(RequestKind::Uplink { data: false })),
             ("GET /.porthole/uplink/data HTTP/1.1\r\nHost: elsewhere:1\r\nConnection: Upgrade\r\nUpgrade: porthole-uplink-data/1\r\n\r\n", Ok(RequestKind::Uplink { data: true })),
             ("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\n\r\n", own("/.porthole/uplink")),
+            // The audit's M1-M3: what no valid request has.
+            ("GET /f#frag HTTP/1.1\r\nHost: a.test\r\n\r\n", Err("a fragment (#) in the request target")),
+            ("GET http://a.test/f#frag HTTP/1.1\r\n\r\n", Err("a fragment (#) in the request target")),
+            ("GET * HTTP/1.1\r\nHost: a.test\r\n\r\n", Err("the request target * is for OPTIONS only")),
+            ("GET / HTTP/1.1\r\nHost: u@a.test:81\r\n\r\n", Err("invalid Host header")),
+            ("GET / HTTP/1.1\r\nHost: <script>\r\n\r\n", Err("invalid Host header")),
+            ("GET / HTTP/1.1\r\nHost: a.test :81\r\n\r\n", Err("invalid Host header")),
+            ("GET http://<b>x</b>/ HTTP/1.1\r\n\r\n", Err("invalid authority in the request target")),
+            ("GET http://[::1]:81/ HTTP/1.1\r\n\r\n", relay("::1", 81, Some("[::1]:81"), "/")),
+            ("GET http://[nope]:81/ HTTP/1.1\r\n\r\n", Err("invalid authority in the request target")),
+            ("GET / HTTP/1.1\r\nHost: under_score.test\r\n\r\n", relay("under_score.test", 80, None, "/")),
         ];
         for (text, want) in cases {
             assert_eq!(classify(text), want, "{text:?}");

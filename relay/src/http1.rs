@@ -266,6 +266,11 @@ async fn next_request<S: Io>(
         RequestKind::Own { path } => {
             local::serve(conn, head, &path, framing, keep_alive, ctx, &mut access).await
         }
+        // Max-Forwards: 0 on an OPTIONS or TRACE: this relay is the final
+        // recipient (RFC 9110 section 7.6.2).
+        RequestKind::Relay(_) if crate::rewrite::max_forwards(&head) == Some(0) => {
+            local::final_recipient(conn, &head, framing, keep_alive, &mut access).await
+        }
         RequestKind::Relay(target) => {
             let req = forward::Request {
                 head: &head,

@@ -81,6 +81,43 @@ pub async fn serve<S: Io>(
     finish(written, keep_alive, access)
 }
 
+/// Answers an `OPTIONS` or `TRACE` whose `Max-Forwards` is 0 (RFC 9110
+/// sections 7.6.2, 9.3.7, 9.3.8): `200`, for a `TRACE` with the request as
+/// received (`message/http`), its credentials and cookies left out.
+pub async fn final_recipient<S: Io>(
+    conn: &mut Conn<S>,
+    head: &RequestHead,
+    framing: Framing,
+    keep_alive: bool,
+    access: &mut Access,
+) -> After {
+    let body_read = matches!(
+        read_body(conn, framing, MAX_DISCARD, false).await,
+        Body::Read(_)
+    );
+    let close = !(keep_alive && body_read);
+    access.status = 200;
+    let written = if head.method() == "TRACE" {
+        let mut echo = format!("TRACE {} HTTP/1.{}\r\n", head.target(), head.minor).into_bytes();
+        for (name, value) in head.fields.iter() {
+            let secret = ["authorization", "proxy-authorization", "cookie"]
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s.as_bytes()));
+            if !secret {
+                echo.extend_from_slice(name);
+                echo.extend_from_slice(b": ");
+                echo.extend_from_slice(value);
+                echo.extend_from_slice(b"\r\n");
+            }
+        }
+        echo.extend_from_slice(b"\r\n");
+        write_simple(&mut conn.io, 200, "message/http", &echo, close, &[]).await
+    } else {
+        write_simple(&mut conn.io, 200, "text/plain", b"", close, &[]).await
+    };
+    finish(written, !close, access)
+}
+
 /// What follows an answer: counted, then the connection kept or closed.
 fn finish(written: std::io::Result<u64>, keep_alive: bool, access: &mut Access) -> After {
     match written {

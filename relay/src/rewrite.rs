@@ -180,6 +180,13 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
         if is_hop_by_hop(name, &listed) || name.eq_ignore_ascii_case(b"content-length") {
             continue;
         }
+        if name.eq_ignore_ascii_case(b"max-forwards") {
+            if let Some(n) = max_forwards(req) {
+                // RFC 9110 section 7.6.2: one hop fewer (0 is answered here).
+                push_field(&mut out, name, n.saturating_sub(1).to_string().as_bytes());
+                continue;
+            }
+        }
         if name.eq_ignore_ascii_case(b"via") && rw.transparent {
             if let Some(kept) = strip_porthole_via(value) {
                 if kept == value {
@@ -212,6 +219,19 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// The `Max-Forwards` of an `OPTIONS` or `TRACE` (the only methods it
+/// applies to, RFC 9110 section 7.6.2), if it is a number.
+pub fn max_forwards(req: &RequestHead) -> Option<u64> {
+    if !matches!(req.method(), "OPTIONS" | "TRACE") {
+        return None;
+    }
+    let value = trim(req.fields.get("max-forwards")?);
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// `Content-Length: N` for the value the head declares (validated when its

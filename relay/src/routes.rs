@@ -69,10 +69,22 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// Parses an authority (`host[:port]`) with a default port.
+/// Parses an authority (`host[:port]`) with a default port. The host is a
+/// name of letters, digits, `.`, `-`, `_` and `~`, or an IP literal: what a
+/// route can name. Anything else (user information, spaces, other bytes) is
+/// no authority (RFC 9112 section 3.2: an invalid `Host` is a `400`).
 pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
     let (host, port) = split_host_port(authority)?;
-    if host.is_empty() {
+    let bracketed = authority.starts_with('[');
+    let valid = if bracketed {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'~'))
+    };
+    if !valid {
         return None;
     }
     let port = match port {
