@@ -19,7 +19,7 @@ use crate::codec::{
 use crate::deadline::Deadline;
 use crate::dispatch::RelayTarget;
 use crate::error::{ErrorKind, Fault, RelayError};
-use crate::rewrite::{self, BodyHeader, RequestRewrite, ResponseBody, ResponseRewrite};
+use crate::rewrite::{self, RequestRewrite, ResponseBody, ResponseRewrite};
 use crate::routes::{Decision, Refusal};
 use crate::secret::Secret;
 use crate::upstream::{self, display_addr, Upstream};
@@ -132,10 +132,7 @@ pub async fn relay<S: Io>(
             ));
         }
     }
-    let body_header = match req.framing {
-        Framing::Chunked => BodyHeader::Chunked,
-        _ => BodyHeader::AsReceived,
-    };
+    let body_header = rewrite::body_header(req.head, req.framing);
     // Through a next hop: the absolute form, and this relay's credentials
     // for the hop.
     let absolute;
@@ -305,7 +302,7 @@ pub async fn relay<S: Io>(
                             &head,
                             &ResponseRewrite {
                                 name,
-                                body: ResponseBody::AsReceived,
+                                body: ResponseBody::Length(None),
                                 decoded: false,
                                 upgrade: false,
                                 keep_alive: true,
@@ -338,7 +335,7 @@ pub async fn relay<S: Io>(
             &resp,
             &ResponseRewrite {
                 name,
-                body: ResponseBody::AsReceived,
+                body: ResponseBody::Length(None),
                 decoded: false,
                 upgrade: true,
                 keep_alive: true,
@@ -359,8 +356,11 @@ pub async fn relay<S: Io>(
         && matches!(resp.fields.list("content-encoding")[..], [c] if c.eq_ignore_ascii_case(b"gzip"))
         && !rewrite::accepts_gzip(&req.head.fields);
     let (body, out) = match in_framing {
-        Framing::Empty => (ResponseBody::AsReceived, OutFraming::Plain),
-        Framing::Length(_) if !decode => (ResponseBody::AsReceived, OutFraming::Plain),
+        // (decode implies a body to read.)
+        Framing::Empty | Framing::Length(_) if !decode => (
+            ResponseBody::Length(rewrite::response_length(&resp, in_framing)),
+            OutFraming::Plain,
+        ),
         _ if req.head.minor == 1 => (ResponseBody::Chunked, OutFraming::Chunked),
         _ => (ResponseBody::Close, OutFraming::Plain),
     };

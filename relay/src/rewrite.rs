@@ -3,7 +3,7 @@
 //! fields removed, bodies re-framed, and the relay's `Via` entry appended.
 //! Everything else is copied byte for byte, names in the case the peer wrote.
 
-use crate::codec::{content_length, trim, Fields, RequestHead, ResponseHead};
+use crate::codec::{content_length, trim, Fields, Framing, RequestHead, ResponseHead};
 
 /// The comment that marks `Via` entries written by Porthole hops.
 pub const VIA_MARK: &str = "(porthole)";
@@ -126,8 +126,11 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// no list form reaches a server that might read it otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyHeader {
-    /// No body, or the client's `Content-Length` (as one decimal value).
-    AsReceived,
+    /// No body and no `Content-Length`.
+    None,
+    /// `Content-Length` (the client's, as parsed; 0 for an empty body the
+    /// client framed so).
+    Length(u64),
     /// Send `Transfer-Encoding: chunked`.
     Chunked,
 }
@@ -209,7 +212,8 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     }
     match rw.body {
         BodyHeader::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        BodyHeader::AsReceived => length_line(&mut out, &req.fields),
+        BodyHeader::Length(n) => length_line(&mut out, n),
+        BodyHeader::None => {}
     }
     if let Some(credentials) = rw.proxy_authorization {
         push_field(&mut out, b"Proxy-Authorization", credentials.as_bytes());
@@ -234,10 +238,36 @@ pub fn max_forwards(req: &RequestHead) -> Option<u64> {
     Some(value.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-/// `Content-Length: N` for the value the head declares (validated when its
-/// framing was read), if it declares one.
-fn length_line(out: &mut Vec<u8>, fields: &Fields) {
-    if let Ok(Some(n)) = content_length(fields) {
+/// How the relay frames a request body it sends on, from the framing it read.
+pub fn body_header(req: &RequestHead, framing: Framing) -> BodyHeader {
+    match framing {
+        Framing::Chunked => BodyHeader::Chunked,
+        Framing::Length(n) => BodyHeader::Length(n),
+        // An empty body the client framed with `Content-Length: 0` keeps it
+        // (a server may want one on a POST); a GET or HEAD needs none.
+        _ if !matches!(req.method(), "GET" | "HEAD")
+            && req.fields.get("content-length").is_some() =>
+        {
+            BodyHeader::Length(0)
+        }
+        _ => BodyHeader::None,
+    }
+}
+
+/// The `Content-Length` a response goes on with when the relay does not
+/// re-frame it: the length it read, or for a response without a body to
+/// read (to a HEAD, a 304, a 0) the length it names.
+pub fn response_length(resp: &ResponseHead, framing: Framing) -> Option<u64> {
+    match framing {
+        Framing::Length(n) => Some(n),
+        Framing::Empty => content_length(&resp.fields).ok().flatten(),
+        _ => None,
+    }
+}
+
+/// `Content-Length: N`.
+fn length_line(out: &mut Vec<u8>, n: u64) {
+    {
         out.extend_from_slice(b"Content-Length: ");
         // The digits, without a String per message.
         let mut digits = [0u8; 20];
@@ -293,9 +323,9 @@ fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
 /// How the relay frames the response body towards the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody {
-    /// The upstream's `Content-Length`, as one decimal value (none on a `1xx`
-    /// or `204`, RFC 9110 section 8.6), or there is no body.
-    AsReceived,
+    /// As the server framed it: its `Content-Length` (as parsed; none on a
+    /// `1xx` or `204`, RFC 9110 section 8.6), or none.
+    Length(Option<u64>),
     /// Re-framed as chunked.
     Chunked,
     /// Delimited by closing the connection (HTTP/1.0 clients).
@@ -344,8 +374,10 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     out.extend_from_slice(resp.reason());
     out.extend_from_slice(b"\r\n");
     let listed = resp.fields.list("connection");
+    let mut dated = false;
 
     for (name, value) in resp.fields.iter() {
+        dated |= name.eq_ignore_ascii_case(b"date");
         if name.eq_ignore_ascii_case(b"upgrade") && rw.upgrade {
             push_field(out, name, value);
             continue;
@@ -367,12 +399,12 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     }
     match rw.body {
         ResponseBody::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        ResponseBody::AsReceived if resp.status >= 200 && resp.status != 204 => {
-            length_line(out, &resp.fields)
+        ResponseBody::Length(Some(n)) if resp.status >= 200 && resp.status != 204 => {
+            length_line(out, n)
         }
         _ => {}
     }
-    if resp.status >= 200 && resp.fields.get("date").is_none() {
+    if resp.status >= 200 && !dated {
         date_line(out);
     }
     via_line(out, resp.minor, rw.name);
@@ -419,7 +451,7 @@ mod tests {
             name: "relay.test",
             path: "/x",
             host: Some("app.test:81"),
-            body: BodyHeader::AsReceived,
+            body: BodyHeader::None,
             upgrade: false,
             transparent: false,
             proxy_authorization: None,
@@ -485,10 +517,13 @@ mod tests {
             ("Content-Length: 012\r\n", "12"),
         ];
         for (fields, length) in cases {
-            let got = rewrite(
-                &format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n"),
-                plain(),
-            );
+            let head = req(&format!("POST / HTTP/1.1\r\nHost: h\r\n{fields}\r\n"));
+            let framing = crate::codec::request_framing(&head).unwrap();
+            let rw = RequestRewrite {
+                body: body_header(&head, framing),
+                ..plain()
+            };
+            let got = String::from_utf8(request_head(&head, &rw)).unwrap();
             assert_eq!(
                 got,
                 format!("POST /x HTTP/1.1\r\nHost: app.test:81\r\nContent-Length: {length}\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"),
@@ -504,15 +539,19 @@ mod tests {
         let resp = |text: &str| {
             crate::codec::parse_response_head(Bytes::copy_from_slice(text.as_bytes()), 100).unwrap()
         };
-        let rw = ResponseRewrite {
-            name: "relay.test",
-            body: ResponseBody::AsReceived,
-            decoded: false,
-            upgrade: false,
-            keep_alive: true,
-            client_minor: 1,
+        let out = |text: &str| {
+            let head = resp(text);
+            let framing = crate::codec::response_framing("GET", &head).unwrap();
+            let rw = ResponseRewrite {
+                name: "relay.test",
+                body: ResponseBody::Length(response_length(&head, framing)),
+                decoded: false,
+                upgrade: false,
+                keep_alive: true,
+                client_minor: 1,
+            };
+            String::from_utf8(response_head(&head, &rw)).unwrap()
         };
-        let out = |text: &str| String::from_utf8(response_head(&resp(text), &rw)).unwrap();
         assert_eq!(
             out("HTTP/1.1 200 OK\r\nDate: d\r\nConnection: Content-Length\r\nContent-Length: 5, 5\r\n\r\n"),
             "HTTP/1.1 200 OK\r\nDate: d\r\nContent-Length: 5\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
