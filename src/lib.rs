@@ -1166,6 +1166,21 @@ pub async fn connect_udp(relay: SocketAddr, target: &str) -> (tokio::net::TcpStr
     (s, String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// Sends each of `messages` as a datagram capsule on a CONNECT-UDP stream
+/// to a [`UdpEcho`] and checks its echo (`echo:` + the message) comes back.
+pub async fn echo_datagrams<S>(io: &mut S, buf: &mut Vec<u8>, messages: &[&[u8]])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    for msg in messages {
+        io.write_all(&porthole_relay::udp::datagram_capsule(msg))
+            .await
+            .expect("send a capsule");
+        assert_eq!(next_datagram(io, buf).await, [b"echo:", *msg].concat());
+    }
+}
+
 /// Reads from `io` until a whole capsule arrived; its UDP payload.
 pub async fn next_datagram<R: tokio::io::AsyncRead + Unpin>(
     io: &mut R,

@@ -865,15 +865,7 @@ async fn a_route_via_the_next_relay_with_credentials() {
         porthole_suite::connect_udp(front.addr, &format!("voice.test:{voice}")).await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     let mut buf = Vec::new();
-    for msg in [&b"hello"[..], b"again"] {
-        udp.write_all(&porthole_relay::udp::datagram_capsule(msg))
-            .await
-            .unwrap();
-        assert_eq!(
-            porthole_suite::next_datagram(&mut udp, &mut buf).await,
-            [b"echo:", msg].concat()
-        );
-    }
+    porthole_suite::echo_datagrams(&mut udp, &mut buf, &[&b"hello"[..], b"again"]).await;
     drop(udp);
     let (_, head) =
         porthole_suite::connect_udp(front.addr, &format!("nowhere.test:{}", origin.port())).await;

@@ -233,13 +233,7 @@ async fn udp_datagrams_reach_a_server_behind_a_relay_that_only_dials_out() {
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     assert!(head.contains("Capsule-Protocol: ?1"), "{head}");
     let mut buf = Vec::new();
-    for msg in [&b"rtp 1"[..], b"rtp 2"] {
-        s.write_all(&datagram_capsule(msg)).await.unwrap();
-        assert_eq!(
-            next_datagram(&mut s, &mut buf).await,
-            [b"echo:", msg].concat()
-        );
-    }
+    porthole_suite::echo_datagrams(&mut s, &mut buf, &[&b"rtp 1"[..], b"rtp 2"]).await;
     drop(s);
 
     let mut sender = porthole_suite::h2c(o.addr).await;
