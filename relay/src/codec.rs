@@ -355,9 +355,18 @@ async fn read_raw_head<S: AsyncRead + Unpin>(
     }
 }
 
+/// Where `part`, a slice of `raw`, lies in it.
 fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - raw.as_ptr() as usize;
     start..start + part.len()
+}
+
+/// Where `part` lies in `raw`, if it is a slice of it at all: httparse
+/// answers a missing reason phrase, or one with obs-text, with a static `""`.
+fn position(raw: &Bytes, part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= raw.len()).then_some(start..end)
 }
 
 fn field_positions(
@@ -474,10 +483,10 @@ fn parse_response_into<'b>(
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(HeadError::Malformed("incomplete status line"));
     };
-    let reason = offset(raw, resp.reason.unwrap_or("").as_bytes());
+    let reason = resp.reason.and_then(|r| position(raw, r.as_bytes()));
     Ok(ResponseHead {
         status,
-        reason: if reason.start == 0 { 0..0 } else { reason },
+        reason: reason.unwrap_or(0..0),
         minor,
         fields: Fields {
             pos: field_positions(raw, resp.headers),
@@ -1009,6 +1018,26 @@ mod tests {
             read_all(Framing::Close, b"abcdef").await.unwrap().0,
             b"abcdef"
         );
+    }
+
+    /// Found by the response_head fuzz target: httparse gives a reason
+    /// phrase with obs-text (or none) as a static `""`, whose offset in the
+    /// head wrapped around (a debug build panicked; `reason()` would slice
+    /// out of bounds in a release one). Such a reason is now empty.
+    #[tokio::test]
+    async fn a_reason_phrase_httparse_drops_is_empty() {
+        for wire in [
+            &b"HTTP/1.1 304 Not M\xf7dified\r\nKeep-Alive: timeout=5\r\n\r\n"[..],
+            b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 \r\n\r\n",
+        ] {
+            let mut conn = Conn::new(Builder::new().read(wire).build());
+            let head = read_response_head(&mut conn, 1024, 10).await.unwrap();
+            assert_eq!(head.reason(), b"", "{wire:?}");
+        }
+        let mut conn = Conn::new(Builder::new().read(b"HTTP/1.1 200 OK\r\n\r\n").build());
+        let head = read_response_head(&mut conn, 1024, 10).await.unwrap();
+        assert_eq!(head.reason(), b"OK");
     }
 
     #[tokio::test]
