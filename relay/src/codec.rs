@@ -789,8 +789,9 @@ async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes
                 Ok(httparse::Status::Complete(_)) => {}
                 _ => return Err(BodyError::Malformed("malformed trailer section")),
             }
-            // Drop the final blank line; keep the field lines as they came.
-            let blank = if section.ends_with(b"\r\n\r\n") { 2 } else { 1 };
+            // Drop the final blank line (CRLF or LF, whatever ended the
+            // line before it); keep the field lines as they came.
+            let blank = if section.ends_with(b"\r\n") { 2 } else { 1 };
             return Ok(section.slice(..section.len() - blank));
         }
         if conn.buf.len() > MAX_TRAILER_BYTES {
@@ -1002,6 +1003,24 @@ mod tests {
             read_all(Framing::Chunked, b"3\r\nab").await,
             Err(BodyError::Truncated)
         ));
+    }
+
+    /// Found by the chunked_body fuzz target: a trailer line ending in a
+    /// bare LF before a CRLF blank line (`X-Sum: 1\n\r\n`) came out with
+    /// the blank line's CR (`X-Sum: 1\n\r`), which the relay then wrote on
+    /// as `X-Sum: 1\n\r\r\n`.
+    #[tokio::test]
+    async fn trailers_end_where_their_blank_line_starts() {
+        for (wire, want) in [
+            (&b"1\r\na\r\n0\r\nX-Sum: 1\n\r\n"[..], &b"X-Sum: 1\n"[..]),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\r\n\n", b"X-Sum: 1\r\n"),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\r\n\r\n", b"X-Sum: 1\r\n"),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\n\n", b"X-Sum: 1\n"),
+        ] {
+            let (body, trailers) = read_all(Framing::Chunked, wire).await.unwrap();
+            assert_eq!(body, b"a");
+            assert_eq!(trailers.as_deref(), Some(want), "{wire:?}");
+        }
     }
 
     #[tokio::test]
