@@ -20,12 +20,16 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
-/// `listed`: the names the head's `Connection` fields list.
+/// `listed`: the names the head's `Connection` fields list. `Content-Length`
+/// stays whatever `Connection` says: the relay sends the body as it read it,
+/// and a head without its length would leave the body to be read as the next
+/// message.
 fn is_hop_by_hop(name: &[u8], listed: &[&[u8]]) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-        || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+        || (!name.eq_ignore_ascii_case(b"content-length")
+            && listed.iter().any(|l| name.eq_ignore_ascii_case(l)))
 }
 
 /// Removes hop-by-hop fields (and every name `Connection` lists) from a
@@ -393,6 +397,49 @@ mod tests {
         assert_eq!(
             got,
             "GET /x HTTP/1.1\r\nhost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\nVia: 1.0 relay.test (porthole)\r\n\r\n"
+        );
+    }
+
+    /// Found by the response property test (`props::response`, a
+    /// `Content-Length: 0` response read as close-delimited after the
+    /// rewrite): a `Connection` field listing `Content-Length` took the
+    /// length off the head while the body still went on, so the next hop
+    /// read the body as the next message (request smuggling upstream; a
+    /// client waiting for the close of a keep-alive connection).
+    #[test]
+    fn connection_does_not_take_the_length_away() {
+        let got = rewrite(
+            "POST / HTTP/1.1\r\nHost: h\r\nConnection: Content-Length, X-A\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n",
+            RequestRewrite {
+                host: None,
+                ..plain()
+            },
+        );
+        assert_eq!(
+            got,
+            "POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
+        );
+        let wire = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 0\r\n\r\n";
+        let mut conn = crate::codec::Conn::new(&wire[..]);
+        let resp = futures_util::FutureExt::now_or_never(crate::codec::read_response_head(
+            &mut conn, 1024, 10,
+        ))
+        .unwrap()
+        .unwrap();
+        let got = response_head(
+            &resp,
+            &ResponseRewrite {
+                name: "relay.test",
+                body: ResponseBody::AsReceived,
+                decoded: false,
+                upgrade: false,
+                keep_alive: true,
+                client_minor: 1,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nVia: 1.1 relay.test (porthole)\r\n\r\n"
         );
     }
 
