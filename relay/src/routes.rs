@@ -50,11 +50,13 @@ impl Target {
 }
 
 /// Splits an authority into host and optional port text. The host of an IPv6
-/// literal is returned without brackets.
+/// literal is returned without brackets; anything else in brackets is no
+/// host (RFC 3986 section 3.2.2).
 pub fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let close = rest.find(']')?;
         let host = &rest[..close];
+        host.parse::<std::net::Ipv6Addr>().ok()?;
         let after = &rest[close + 1..];
         return match after.strip_prefix(':') {
             Some(port) => Some((host, Some(port))),
@@ -283,5 +285,13 @@ mod tests {
         assert_eq!(parse_authority("a:", 80), None);
         assert_eq!(parse_authority(":80", 80), None);
         assert_eq!(parse_authority("a:99999", 80), None);
+        // Found by the udp_capsules fuzz target: `[[\0\u{6}[...]:11` was a
+        // host `[\0\u{6}[...` (brackets are for IPv6 literals only).
+        assert_eq!(parse_authority("[[\0\u{6}[ppHH]:11", 80), None);
+        assert_eq!(parse_authority("[app.test]:443", 80), None);
+        assert_eq!(
+            parse_authority("[2001:db8::1]", 80),
+            Some(("2001:db8::1".into(), 80))
+        );
     }
 }
