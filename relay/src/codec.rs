@@ -355,14 +355,18 @@ async fn read_raw_head<S: AsyncRead + Unpin>(
     }
 }
 
+/// Where `part` lies in `raw`, if it is a slice of it at all: httparse
+/// answers a missing reason phrase, or one with obs-text, with a static `""`.
+fn position(raw: &Bytes, part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= raw.len()).then_some(start..end)
+}
+
 /// Where `part`, a slice httparse took from `raw`, lies in it (an empty
 /// range for anything that does not lie inside it).
 fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
-    let start = (part.as_ptr() as usize).wrapping_sub(raw.as_ptr() as usize);
-    match start.checked_add(part.len()) {
-        Some(end) if end <= raw.len() => start..end,
-        _ => 0..0,
-    }
+    position(raw, part).unwrap_or(0..0)
 }
 
 fn field_positions(
@@ -488,14 +492,10 @@ fn parse_response_into<'b>(
     if !(100..=599).contains(&status) {
         return Err(HeadError::Malformed("status code outside 100-599"));
     }
-    // An empty reason phrase may be a slice outside `raw` (httparse's "").
-    let reason = match resp.reason {
-        Some(r) if !r.is_empty() => offset(raw, r.as_bytes()),
-        _ => 0..0,
-    };
+    let reason = resp.reason.and_then(|r| position(raw, r.as_bytes()));
     Ok(ResponseHead {
         status,
-        reason,
+        reason: reason.unwrap_or(0..0),
         minor,
         fields: Fields {
             pos: field_positions(raw, resp.headers),
@@ -822,8 +822,9 @@ async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes
                 Ok(httparse::Status::Complete(_)) => {}
                 _ => return Err(BodyError::Malformed("malformed trailer section")),
             }
-            // Drop the final blank line; keep the field lines as they came.
-            let blank = if section.ends_with(b"\r\n\r\n") { 2 } else { 1 };
+            // Drop the final blank line (CRLF or LF, whatever ended the
+            // line before it); keep the field lines as they came.
+            let blank = if section.ends_with(b"\r\n") { 2 } else { 1 };
             return Ok(section.slice(..section.len() - blank));
         }
         if conn.buf.len() > MAX_TRAILER_BYTES {
@@ -1038,6 +1039,24 @@ mod tests {
         ));
     }
 
+    /// Found by the chunked_body fuzz target: a trailer line ending in a
+    /// bare LF before a CRLF blank line (`X-Sum: 1\n\r\n`) came out with
+    /// the blank line's CR (`X-Sum: 1\n\r`), which the relay then wrote on
+    /// as `X-Sum: 1\n\r\r\n`.
+    #[tokio::test]
+    async fn trailers_end_where_their_blank_line_starts() {
+        for (wire, want) in [
+            (&b"1\r\na\r\n0\r\nX-Sum: 1\n\r\n"[..], &b"X-Sum: 1\n"[..]),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\r\n\n", b"X-Sum: 1\r\n"),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\r\n\r\n", b"X-Sum: 1\r\n"),
+            (b"1\r\na\r\n0\r\nX-Sum: 1\n\n", b"X-Sum: 1\n"),
+        ] {
+            let (body, trailers) = read_all(Framing::Chunked, wire).await.unwrap();
+            assert_eq!(body, b"a");
+            assert_eq!(trailers.as_deref(), Some(want), "{wire:?}");
+        }
+    }
+
     #[tokio::test]
     async fn length_and_close_bodies() {
         assert_eq!(
@@ -1052,6 +1071,26 @@ mod tests {
             read_all(Framing::Close, b"abcdef").await.unwrap().0,
             b"abcdef"
         );
+    }
+
+    /// Found by the response_head fuzz target: httparse gives a reason
+    /// phrase with obs-text (or none) as a static `""`, whose offset in the
+    /// head wrapped around (a debug build panicked; `reason()` would slice
+    /// out of bounds in a release one). Such a reason is now empty.
+    #[tokio::test]
+    async fn a_reason_phrase_httparse_drops_is_empty() {
+        for wire in [
+            &b"HTTP/1.1 304 Not M\xf7dified\r\nKeep-Alive: timeout=5\r\n\r\n"[..],
+            b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 \r\n\r\n",
+        ] {
+            let mut conn = Conn::new(Builder::new().read(wire).build());
+            let head = read_response_head(&mut conn, 1024, 10).await.unwrap();
+            assert_eq!(head.reason(), b"", "{wire:?}");
+        }
+        let mut conn = Conn::new(Builder::new().read(b"HTTP/1.1 200 OK\r\n\r\n").build());
+        let head = read_response_head(&mut conn, 1024, 10).await.unwrap();
+        assert_eq!(head.reason(), b"OK");
     }
 
     #[tokio::test]

@@ -34,7 +34,9 @@
 //! - [`error`]: what failed, whose fault, which status;
 //! - [`secret`]: argon2 secret hashes and masked secrets;
 //! - [`access_log`]: one line per request or tunnel;
-//! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`metrics`]: Prometheus metrics for the admin listener;
+//! - `props` (tests and the `props` feature only): properties of the parsers
+//!   of peer bytes, shared by the fuzz targets (`fuzz/`) and the property tests.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
@@ -56,6 +58,8 @@ pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod pac;
+#[cfg(any(test, feature = "props"))]
+pub mod props;
 pub mod ratelimit;
 pub mod rewrite;
 pub mod routes;

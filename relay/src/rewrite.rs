@@ -20,7 +20,8 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
-/// `listed`: the names the head's `Connection` fields list.
+/// `listed`: the names the head's `Connection` fields list. (`Content-Length`
+/// is never copied: the relay writes its own, see [`BodyHeader`].)
 fn is_hop_by_hop(name: &[u8], listed: &[&[u8]]) -> bool {
     HOP_BY_HOP
         .iter()

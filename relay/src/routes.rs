@@ -50,11 +50,13 @@ impl Target {
 }
 
 /// Splits an authority into host and optional port text. The host of an IPv6
-/// literal is returned without brackets.
+/// literal is returned without brackets; anything else in brackets is no
+/// host (RFC 3986 section 3.2.2).
 pub fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let close = rest.find(']')?;
         let host = &rest[..close];
+        host.parse::<std::net::Ipv6Addr>().ok()?;
         let after = &rest[close + 1..];
         return match after.strip_prefix(':') {
             Some(port) => Some((host, Some(port))),
@@ -75,21 +77,22 @@ pub fn split_host_port(authority: &str) -> Option<(&str, Option<&str>)> {
 /// no authority (RFC 9112 section 3.2: an invalid `Host` is a `400`).
 pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
     let (host, port) = split_host_port(authority)?;
-    let bracketed = authority.starts_with('[');
-    let valid = if bracketed {
-        host.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
+    // (An IP literal in brackets was checked by split_host_port.)
+    let valid = authority.starts_with('[')
+        || (!host.is_empty()
             && host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'~'))
-    };
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'~')));
     if !valid {
         return None;
     }
     let port = match port {
         None => default_port,
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0)?,
+        // Digits only: `u16::from_str` would also take `+80`.
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u16>().ok().filter(|p| *p != 0)?
+        }
+        Some(_) => return None,
     };
     Some((host.to_ascii_lowercase(), port))
 }
@@ -295,5 +298,14 @@ mod tests {
         assert_eq!(parse_authority("a:", 80), None);
         assert_eq!(parse_authority(":80", 80), None);
         assert_eq!(parse_authority("a:99999", 80), None);
+        // Found by the udp_capsules fuzz target: `[[\0\u{6}[...]:11` was a
+        // host `[\0\u{6}[...` (brackets are for IPv6 literals only).
+        assert_eq!(parse_authority("[[\0\u{6}[ppHH]:11", 80), None);
+        assert_eq!(parse_authority("[app.test]:443", 80), None);
+        assert_eq!(parse_authority("a.test:+80", 80), None);
+        assert_eq!(
+            parse_authority("[2001:db8::1]", 80),
+            Some(("2001:db8::1".into(), 80))
+        );
     }
 }
