@@ -1259,6 +1259,19 @@ pub fn websocket_h2(uri: &str) -> http::Request<http_body_util::Empty<bytes::Byt
     req
 }
 
+/// A CONNECT-UDP request over HTTP/2 (RFC 9298 section 3.4) for `uri`
+/// (`http://relay.test/.well-known/masque/udp/HOST/PORT/`): an extended
+/// CONNECT with `:protocol connect-udp` and `Capsule-Protocol: ?1`.
+pub fn connect_udp_h2(uri: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::connect(uri)
+        .header("capsule-protocol", "?1")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    req
+}
+
 /// Writes a masked WebSocket text frame ("hi") and expects it echoed back
 /// (the test origin's upgrade echoes every byte).
 pub async fn websocket_echo<S>(s: &mut S)

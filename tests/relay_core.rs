@@ -1077,14 +1077,7 @@ async fn udp_datagrams_through_connect_udp_over_http1_and_http2() {
     drop(s);
 
     let mut sender = porthole_suite::h2c(relay.addr).await;
-    let mut req = http::Request::builder()
-        .method("CONNECT")
-        .uri(format!("http://relay.test{path}"))
-        .header("capsule-protocol", "?1")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let req = porthole_suite::connect_udp_h2(&format!("http://relay.test{path}"));
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["capsule-protocol"], "?1");

@@ -237,16 +237,9 @@ async fn udp_datagrams_reach_a_server_behind_a_relay_that_only_dials_out() {
     drop(s);
 
     let mut sender = porthole_suite::h2c(o.addr).await;
-    let mut req = http::Request::builder()
-        .method("CONNECT")
-        .uri(format!(
-            "http://relay.test/.well-known/masque/udp/voice.plant3/{voice}/"
-        ))
-        .header("capsule-protocol", "?1")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let req = porthole_suite::connect_udp_h2(&format!(
+        "http://relay.test/.well-known/masque/udp/voice.plant3/{voice}/"
+    ));
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
