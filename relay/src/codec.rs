@@ -773,6 +773,10 @@ pub async fn read_line<S: AsyncRead + Unpin>(
     let mut scanned = 0;
     loop {
         if let Some(i) = memchr::memchr(b'\n', &conn.buf[scanned..]).map(|i| i + scanned) {
+            // The limit holds however the line arrived: in pieces or in one read.
+            if i > max {
+                return Err(BodyError::Malformed(too_long));
+            }
             let mut line = conn.buf.split_to(i + 1);
             line.truncate(i);
             if line.last() == Some(&b'\r') {
@@ -816,6 +820,9 @@ async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes
             return Ok(Bytes::new());
         }
         if let Some(end) = head_end(&conn.buf, scanned) {
+            if end > MAX_TRAILER_BYTES {
+                return Err(BodyError::Malformed("trailer section too large"));
+            }
             let section = conn.buf.split_to(end).freeze();
             let mut headers = [httparse::EMPTY_HEADER; 64];
             match httparse::parse_headers(&section, &mut headers) {
@@ -1036,6 +1043,26 @@ mod tests {
         assert!(matches!(
             read_all(Framing::Chunked, b"3\r\nab").await,
             Err(BodyError::Truncated)
+        ));
+    }
+
+    /// The fuzz helper's finding: the chunk-size line and trailer section
+    /// limits held only while no line end had arrived; a longer line that
+    /// came in one read was taken.
+    #[tokio::test]
+    async fn body_line_limits_hold_for_a_line_that_arrives_whole() {
+        let long_size = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_LINE + 10));
+        assert!(matches!(
+            read_all(Framing::Chunked, long_size.as_bytes()).await,
+            Err(BodyError::Malformed("chunk size line too long"))
+        ));
+        let long_trailer = format!(
+            "1\r\na\r\n0\r\nX-Big: {}\r\n\r\n",
+            "t".repeat(MAX_TRAILER_BYTES)
+        );
+        assert!(matches!(
+            read_all(Framing::Chunked, long_trailer.as_bytes()).await,
+            Err(BodyError::Malformed("trailer section too large"))
         ));
     }
 
