@@ -811,6 +811,29 @@ pub fn parse_chunk_size(line: &[u8]) -> Result<u64, BodyError> {
 
 /// Reads the trailer section up to and including its blank line; returns the
 /// field lines (validated) without the blank line.
+/// Fields that frame, route, manage the connection of or authenticate a
+/// message: never taken from a trailer section.
+fn not_a_trailer(name: &str) -> bool {
+    const FIELDS: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "authorization",
+        "proxy-authorization",
+        "content-encoding",
+        "content-range",
+        "max-forwards",
+        "expect",
+    ];
+    FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f))
+}
+
 async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes, BodyError> {
     let mut scanned = 0;
     loop {
@@ -828,6 +851,22 @@ async fn read_trailers<S: AsyncRead + Unpin>(conn: &mut Conn<S>) -> Result<Bytes
             match httparse::parse_headers(&section, &mut headers) {
                 Ok(httparse::Status::Complete(_)) => {}
                 _ => return Err(BodyError::Malformed("malformed trailer section")),
+            }
+            // A field that frames, routes or authenticates a message has
+            // no place in a trailer section (RFC 9110 section 6.5.1): left
+            // out, so that no recipient that merges trailers into the head
+            // can be steered by one.
+            let fields: Vec<&httparse::Header<'_>> =
+                headers.iter().take_while(|h| !h.name.is_empty()).collect();
+            if fields.iter().any(|h| not_a_trailer(h.name)) {
+                let mut kept = Vec::with_capacity(section.len());
+                for h in fields.iter().filter(|h| !not_a_trailer(h.name)) {
+                    kept.extend_from_slice(h.name.as_bytes());
+                    kept.extend_from_slice(b": ");
+                    kept.extend_from_slice(h.value);
+                    kept.extend_from_slice(b"\r\n");
+                }
+                return Ok(Bytes::from(kept));
             }
             // Drop the final blank line (CRLF or LF, whatever ended the
             // line before it); keep the field lines as they came.
@@ -1064,6 +1103,22 @@ mod tests {
             read_all(Framing::Chunked, long_trailer.as_bytes()).await,
             Err(BodyError::Malformed("trailer section too large"))
         ));
+    }
+
+    /// The audit's M5: framing, routing and credential fields are left out
+    /// of a trailer section; the others go on as they came.
+    #[tokio::test]
+    async fn trailers_lose_fields_that_have_no_place_there() {
+        let wire =
+            b"1\r\na\r\n0\r\nX-Sum: 1\r\nContent-Length: 50\r\nhost: evil\r\nX-Other: 2\r\n\r\n";
+        let (_, trailers) = read_all(Framing::Chunked, wire).await.unwrap();
+        assert_eq!(
+            trailers.as_deref(),
+            Some(&b"X-Sum: 1\r\nX-Other: 2\r\n"[..])
+        );
+        let wire = b"1\r\na\r\n0\r\nX-Sum: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (_, trailers) = read_all(Framing::Chunked, wire).await.unwrap();
+        assert_eq!(trailers.as_deref(), Some(&b"X-Sum: 1\r\n"[..]));
     }
 
     /// Found by the chunked_body fuzz target: a trailer line ending in a
