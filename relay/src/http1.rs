@@ -287,7 +287,7 @@ async fn next_request<S: Io>(
                     let close = err.closes_connection() || framing != Framing::Empty || !keep_alive;
                     access.status = err.status();
                     let head = access.method == "HEAD";
-                    access.bytes_out += write_error_to(&mut conn.io, &err, close, head)
+                    access.bytes_out += write_error(&mut conn.io, &err, close, head)
                         .await
                         .unwrap_or(0);
                     access.take().finish(ctx);
@@ -366,7 +366,7 @@ fn wants_keep_alive(head: &RequestHead) -> bool {
 /// Answers an unreadable request and closes (no access line: there was no request).
 async fn refuse<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, err: RelayError) -> Next {
     forward::log_error(ctx, &err);
-    let _ = write_error(&mut conn.io, &err, true).await;
+    let _ = write_error(&mut conn.io, &err, true, false).await;
     Next::Close
 }
 
@@ -380,25 +380,17 @@ async fn answer_error<S: Io>(
     forward::log_error(ctx, &err);
     access.status = err.status();
     let head = access.method == "HEAD";
-    access.bytes_out += write_error_to(&mut conn.io, &err, true, head)
+    access.bytes_out += write_error(&mut conn.io, &err, true, head)
         .await
         .unwrap_or(0);
     access.take().finish(ctx);
     Next::Close
 }
 
-/// Writes an error response; returns the bytes written.
+/// Writes an error response; returns the bytes written. To a `HEAD`
+/// (`head`), without the body (RFC 9110 section 9.3.2), its `Content-Length`
+/// still the body's.
 pub async fn write_error<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    err: &RelayError,
-    close: bool,
-) -> std::io::Result<u64> {
-    write_error_to(w, err, close, false).await
-}
-
-/// As [`write_error`]; to a `HEAD` (`head`), without the body (RFC 9110
-/// section 9.3.2), its `Content-Length` still the body's.
-pub async fn write_error_to<W: AsyncWrite + Unpin>(
     w: &mut W,
     err: &RelayError,
     close: bool,
@@ -407,7 +399,7 @@ pub async fn write_error_to<W: AsyncWrite + Unpin>(
     let headers = err.headers();
     let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let body = err.body();
-    write_simple_to(
+    write_simple(
         w,
         err.status(),
         "text/plain; charset=utf-8",
@@ -434,20 +426,9 @@ pub async fn write_refusal<W: AsyncWrite + Unpin>(
     write_response(w, refusal.status, fields, &refusal.body, true).await
 }
 
-/// Writes a complete response with a `Content-Length` body.
+/// Writes a complete response with a `Content-Length` body; to a `HEAD`
+/// (`head`), without the body.
 pub async fn write_simple<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    close: bool,
-    extra: &[(&str, &str)],
-) -> std::io::Result<u64> {
-    write_simple_to(w, status, content_type, body, close, extra, false).await
-}
-
-/// As [`write_simple`]; to a `HEAD` (`head`), without the body.
-pub async fn write_simple_to<W: AsyncWrite + Unpin>(
     w: &mut W,
     status: u16,
     content_type: &str,

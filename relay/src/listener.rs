@@ -163,7 +163,7 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) -> Option<Tunnelled> 
     match (protocol, &config.tls) {
         (Protocol::Http1, Some(tls)) if tls.require => {
             let err = RelayError::new(ErrorKind::TlsRequired);
-            let _ = http1::write_error(&mut conn.io, &err, true).await;
+            let _ = http1::write_error(&mut conn.io, &err, true, false).await;
         }
         (Protocol::Http1, _) => {
             let tunnel = http1::serve_until_tunnel(conn, &ctx).await;
@@ -183,7 +183,7 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) -> Option<Tunnelled> 
         (Protocol::H2PriorKnowledge, _) => Box::pin(h2::serve(conn, ctx)).await,
         (Protocol::NeedMore | Protocol::Unknown, _) => {
             let err = RelayError::new(ErrorKind::BadRequest("not an HTTP request"));
-            let _ = http1::write_error(&mut conn.io, &err, true).await;
+            let _ = http1::write_error(&mut conn.io, &err, true, false).await;
         }
     }
     None
@@ -201,6 +201,7 @@ async fn turn_away(mut stream: TcpStream, why: &str) {
             body.as_bytes(),
             true,
             &[("Retry-After", "1")],
+            false,
         ),
     )
     .await;

@@ -9,7 +9,7 @@ use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::events;
 use crate::forward::After;
-use crate::http1::{write_error, write_error_to, write_simple, write_simple_to};
+use crate::http1::{write_error, write_simple};
 use crate::pac::CONTENT_TYPE as PAC_TYPE;
 use crate::ConnCtx;
 
@@ -49,12 +49,12 @@ pub async fn serve<S: Io>(
     let written = if let Some(pac) = crate::pac::for_request(&head, path, ctx) {
         access.status = 200;
         let pac = pac.as_bytes();
-        write_simple_to(&mut conn.io, 200, PAC_TYPE, pac, close, &[], head_only).await
+        write_simple(&mut conn.io, 200, PAC_TYPE, pac, close, &[], head_only).await
     } else if matches!(head.method(), "GET" | "HEAD") && path_only == "/services" {
         access.status = 200;
         let body = services_json(ctx);
         let json = "application/json";
-        write_simple_to(
+        write_simple(
             &mut conn.io,
             200,
             json,
@@ -68,7 +68,7 @@ pub async fn serve<S: Io>(
         // What the relay's own endpoints take (RFC 9110 section 9.3.7).
         access.status = 200;
         let allow = [("Allow", "GET, HEAD, OPTIONS")];
-        write_simple_to(&mut conn.io, 200, "text/plain", b"", close, &allow, false).await
+        write_simple(&mut conn.io, 200, "text/plain", b"", close, &allow, false).await
     } else {
         let err = if path_only.starts_with("/events/") {
             RelayError::new(ErrorKind::MethodNotAllowed { allow: "GET" })
@@ -76,7 +76,7 @@ pub async fn serve<S: Io>(
             RelayError::new(ErrorKind::NotFound)
         };
         access.status = err.status();
-        write_error_to(&mut conn.io, &err, close, head_only).await
+        write_error(&mut conn.io, &err, close, head_only).await
     };
     finish(written, keep_alive, access)
 }
@@ -111,9 +111,9 @@ pub async fn final_recipient<S: Io>(
             }
         }
         echo.extend_from_slice(b"\r\n");
-        write_simple(&mut conn.io, 200, "message/http", &echo, close, &[]).await
+        write_simple(&mut conn.io, 200, "message/http", &echo, close, &[], false).await
     } else {
-        write_simple(&mut conn.io, 200, "text/plain", b"", close, &[]).await
+        write_simple(&mut conn.io, 200, "text/plain", b"", close, &[], false).await
     };
     finish(written, !close, access)
 }
@@ -218,13 +218,14 @@ async fn publish<S: Io>(
                 body.as_bytes(),
                 !keep_alive,
                 &[],
+                false,
             )
             .await
         }
         Err(err) => {
             tracing::info!(client = %ctx.peer, user = user.unwrap_or("-"), topic, error = %err, "publish refused");
             access.status = err.status();
-            write_error(&mut conn.io, &err, !keep_alive).await
+            write_error(&mut conn.io, &err, !keep_alive, false).await
         }
     };
     finish(written, keep_alive, access)

@@ -226,7 +226,7 @@ async fn dial<S: Io>(
         }
         Err(err) => {
             access.status = err.status();
-            let _ = write_error(&mut client.io, &err, true).await;
+            let _ = write_error(&mut client.io, &err, true, false).await;
             None
         }
     }

@@ -130,7 +130,7 @@ async fn refuse<S: Io>(
 ) -> After {
     log_error(ctx, &err);
     access.status = err.status();
-    match write_error(&mut conn.io, &err, !keep_alive).await {
+    match write_error(&mut conn.io, &err, !keep_alive, false).await {
         Ok(n) if keep_alive => {
             access.bytes_out += n;
             After::KeepAlive
@@ -218,6 +218,7 @@ async fn long_poll<S: Io>(
         body.as_bytes(),
         close,
         &[],
+        false,
     )
     .await;
     match written {

@@ -414,6 +414,7 @@ async fn park(
             reason.as_bytes(),
             true,
             &[],
+            false,
         )
         .await;
         return;

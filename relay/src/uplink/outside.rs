@@ -475,6 +475,7 @@ async fn refuse<S: Io>(conn: &mut Conn<S>, status: u16, why: &str) {
         body.as_bytes(),
         true,
         &[],
+        false,
     )
     .await;
 }
