@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use porthole_relay::codec::{self, BodyReader, Conn, Framing, Item};
+use porthole_relay::codec::{self, BodyReader, Conn, FieldName, Framing, Item};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -184,7 +184,8 @@ async fn serve_origin(
             })
             .collect();
         let framing = codec::request_framing(&head).unwrap_or(Framing::Empty);
-        let expects = framing != Framing::Empty && head.fields.has_token("expect", "100-continue");
+        let expects =
+            framing != Framing::Empty && head.fields.has_token(FieldName::Expect, "100-continue");
         if expects
             && conn
                 .io
@@ -256,11 +257,11 @@ async fn serve_origin(
             Reply::UpgradeEcho => {
                 // RFC 6455's answer to the key, and the first subprotocol offered.
                 let mut fields = String::new();
-                if let Some(key) = head.fields.get("sec-websocket-key") {
+                if let Some(key) = head.fields.get_other("sec-websocket-key") {
                     let accept = porthole_relay::h2::websocket_accept(key);
                     fields.push_str(&format!("Sec-WebSocket-Accept: {accept}\r\n"));
                 }
-                if let Some(offered) = head.fields.get("sec-websocket-protocol") {
+                if let Some(offered) = head.fields.get_other("sec-websocket-protocol") {
                     let first = String::from_utf8_lossy(offered);
                     let first = first.split(',').next().unwrap_or("").trim();
                     fields.push_str(&format!("Sec-WebSocket-Protocol: {first}\r\n"));

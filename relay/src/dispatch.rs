@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use crate::codec::RequestHead;
+use crate::codec::{FieldName, RequestHead};
 use crate::routes::{parse_authority, split_host_port};
 
 /// What a connection speaks, judged by its first bytes.
@@ -173,7 +173,7 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
         _ => {}
     }
     if target.starts_with('/') || target == "*" {
-        let mut hosts = head.fields.get_all("host");
+        let mut hosts = head.fields.get_all(FieldName::Host);
         let host_value = hosts.next().ok_or("missing Host header")?;
         if hosts.next().is_some() {
             return Err("more than one Host header");
@@ -195,8 +195,8 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
 
 /// A request for the relay itself: an uplink upgrade, or an endpoint.
 fn own(head: &RequestHead, path: &str) -> RequestKind {
-    let upgrading = head.fields.has_token("connection", "upgrade");
-    let protocol = |p: &str| upgrading && head.fields.has_token("upgrade", p);
+    let upgrading = head.fields.has_token(FieldName::Connection, "upgrade");
+    let protocol = |p: &str| upgrading && head.fields.has_token(FieldName::Upgrade, p);
     match path {
         crate::uplink::CONTROL_PATH if protocol(crate::uplink::CONTROL_PROTOCOL) => {
             RequestKind::Uplink { data: false }

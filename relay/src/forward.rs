@@ -13,8 +13,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::access_log::Access;
 use crate::codec::{
-    self, read_response_head, write_data, write_end, BodyError, BodyReader, Conn, Framing,
-    HeadError, Io, Item, OutFraming, RequestHead, ResponseHead,
+    self, read_response_head, write_data, write_end, BodyError, BodyReader, Conn, FieldName,
+    Framing, HeadError, Io, Item, OutFraming, RequestHead, ResponseHead,
 };
 use crate::deadline::Deadline;
 use crate::dispatch::RelayTarget;
@@ -116,8 +116,8 @@ pub async fn relay<S: Io>(
     if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
         return Err(RelayError::on_route(ErrorKind::Loop, &route.host));
     }
-    let upgrade = req.head.fields.get("upgrade").is_some()
-        && req.head.fields.has_token("connection", "upgrade");
+    let upgrade = req.head.fields.get(FieldName::Upgrade).is_some()
+        && req.head.fields.has_token(FieldName::Connection, "upgrade");
     if let Some(via) = &route.via {
         // The hop's own endpoints are not a route's target: this relay's
         // credentials would open them to the client. Nor is CONNECT-UDP
@@ -125,7 +125,13 @@ pub async fn relay<S: Io>(
         // the hop as its own (see udp.rs).
         let to_hop = decision.upstream_port == via.port
             && decision.upstream_host().eq_ignore_ascii_case(&via.host);
-        if to_hop || (upgrade && req.head.fields.has_token("upgrade", crate::udp::PROTOCOL)) {
+        if to_hop
+            || (upgrade
+                && req
+                    .head
+                    .fields
+                    .has_token(FieldName::Upgrade, crate::udp::PROTOCOL))
+        {
             return Err(RelayError::on_route(
                 ErrorKind::BadRequest("not relayed to the next hop itself: ask this relay"),
                 &route.host,
@@ -209,7 +215,7 @@ pub async fn relay<S: Io>(
 
     // Expect: 100-continue — give the server a moment to answer first.
     let mut early: Option<ResponseHead> = None;
-    let expects_continue = has_body && req.head.fields.has_token("expect", "100-continue");
+    let expects_continue = has_body && req.head.fields.has_token(FieldName::Expect, "100-continue");
     if expects_continue {
         if let Ok(result) = tokio::time::timeout(
             CONTINUE_WAIT,
@@ -324,7 +330,7 @@ pub async fn relay<S: Io>(
     if let Some(why) = ctx
         .must_switch
         .as_ref()
-        .and_then(|must| must.refuses(resp.status, resp.fields.get("sec-websocket-accept")))
+        .and_then(|must| must.refuses(resp.status, resp.fields.get(FieldName::SecWebsocketAccept)))
     {
         return Err(bad_response(why));
     }
@@ -353,7 +359,7 @@ pub async fn relay<S: Io>(
         .map_err(|why| bad_response(why.into()))?;
     let decode = route.decompress
         && in_framing != Framing::Empty
-        && matches!(resp.fields.list("content-encoding")[..], [c] if c.eq_ignore_ascii_case(b"gzip"))
+        && matches!(resp.fields.list(FieldName::ContentEncoding)[..], [c] if c.eq_ignore_ascii_case(b"gzip"))
         && !rewrite::accepts_gzip(&req.head.fields);
     let (body, out) = match in_framing {
         // (decode implies a body to read.)
@@ -419,10 +425,10 @@ pub async fn relay<S: Io>(
 
     let server_keeps = in_framing != Framing::Close
         && resp.minor == 1
-        && !resp.fields.has_token("connection", "close")
+        && !resp.fields.has_token(FieldName::Connection, "close")
         && request_done
-        && !(resp.fields.get("transfer-encoding").is_some()
-            && resp.fields.get("content-length").is_some());
+        && !(resp.fields.get(FieldName::TransferEncoding).is_some()
+            && resp.fields.get(FieldName::ContentLength).is_some());
     if server_keeps {
         match decision.uplink {
             // Only while the uplink's control connection still lives.

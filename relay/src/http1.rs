@@ -9,7 +9,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::access_log::{Access, Pending};
-use crate::codec::{self, read_request_head, Conn, Framing, HeadError, Io, RequestHead};
+use crate::codec::{self, read_request_head, Conn, FieldName, Framing, HeadError, Io, RequestHead};
 use crate::deadline::Deadline;
 use crate::dispatch::{classify_request, Identity, RequestKind};
 use crate::error::{reason_phrase, ErrorKind, RelayError};
@@ -202,7 +202,7 @@ async fn next_request<S: Io>(
     // Uplink control and data connections authenticate with their own
     // secrets, not as users.
     if !matches!(kind, RequestKind::Uplink { .. }) {
-        let authorization = head.fields.get("proxy-authorization");
+        let authorization = head.fields.get(FieldName::ProxyAuthorization);
         match gate::admit(ctx, &config, authorization, target).await {
             Ok(user) => access.user = user,
             Err(err) => return answer_error(conn, ctx, err, access).await,
@@ -220,7 +220,7 @@ async fn next_request<S: Io>(
         RequestKind::Connect { host, port } => {
             // The head shares the read buffer's allocation: both go before
             // the tunnel, which may idle for long.
-            let via = crate::rewrite::arrived_via(head.fields.get_all("via"));
+            let via = crate::rewrite::arrived_via(head.fields.get_all(FieldName::Via));
             drop(head);
             return match tunnel::establish(conn, host, port, &via, ctx, access.take()).await {
                 Some(standing) => Next::Tunnel(standing),
@@ -233,7 +233,7 @@ async fn next_request<S: Io>(
             return Next::Uplink { head, data };
         }
         RequestKind::Udp { host, port } => {
-            let via = crate::rewrite::arrived_via(head.fields.get_all("via"));
+            let via = crate::rewrite::arrived_via(head.fields.get_all(FieldName::Via));
             drop(head);
             return udp(conn, &host, port, &via, ctx, access).await;
         }
@@ -355,12 +355,14 @@ async fn udp<S: Io>(
 
 /// Whether the client asks to keep the connection (RFC 9112 section 9.3).
 fn wants_keep_alive(head: &RequestHead) -> bool {
-    if head.fields.has_token("connection", "close") {
+    if head.fields.has_token(FieldName::Connection, "close") {
         return false;
     }
     head.minor == 1
-        || head.fields.has_token("connection", "keep-alive")
-        || head.fields.has_token("proxy-connection", "keep-alive")
+        || head.fields.has_token(FieldName::Connection, "keep-alive")
+        || head
+            .fields
+            .has_token(FieldName::ProxyConnection, "keep-alive")
 }
 
 /// Answers an unreadable request and closes (no access line: there was no request).

@@ -3,7 +3,7 @@
 //! everything else `DIRECT`. The shim serves the same file pointing at itself
 //! ([`repoint`]), so both programs share one generator.
 
-use crate::codec::RequestHead;
+use crate::codec::{FieldName, RequestHead};
 use crate::routes::RouteTable;
 use crate::ConnCtx;
 
@@ -72,7 +72,7 @@ pub fn for_request(head: &RequestHead, path: &str, ctx: &ConnCtx) -> Option<Stri
         .map(|rest| rest.split(['/', '?']).next().unwrap_or(rest).to_string());
     let from_host = || {
         head.fields
-            .get("host")
+            .get(FieldName::Host)
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(|s| s.trim().to_string())
     };

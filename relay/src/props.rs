@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::codec::{
     parse_chunk_size, parse_request_head, read_request_head, read_response_head, request_framing,
-    response_framing, write_data, write_end, BodyReader, Conn, Framing, Item, OutFraming,
-    RequestHead, ResponseHead,
+    response_framing, write_data, write_end, BodyReader, Conn, FieldName, Framing, Item,
+    OutFraming, RequestHead, ResponseHead,
 };
 use crate::dispatch::{classify_bytes, classify_request, connect_target, Identity, RequestKind};
 use crate::rewrite::{request_head, response_head, RequestRewrite, ResponseBody, ResponseRewrite};
@@ -192,8 +192,8 @@ fn step(ctl: u8) -> usize {
 
 /// Checks a framing decision against the framing fields it was made from.
 fn framing_fits(framing: Framing, fields: &crate::codec::Fields) {
-    let length = fields.get("content-length").is_some();
-    let chunked = fields.get("transfer-encoding").is_some();
+    let length = fields.get(FieldName::ContentLength).is_some();
+    let chunked = fields.get(FieldName::TransferEncoding).is_some();
     match framing {
         Framing::Length(n) => assert!(n > 0 && length && !chunked, "{framing:?}"),
         Framing::Chunked => assert!(chunked, "{framing:?} without Transfer-Encoding"),
@@ -219,8 +219,8 @@ pub fn request(data: &[u8]) {
     assert_eq!(Request::of(&again), said, "written again and parsed again");
 
     let framing = request_framing(&head);
-    let length = head.fields.get("content-length").is_some();
-    let chunked = head.fields.get("transfer-encoding").is_some();
+    let length = head.fields.get(FieldName::ContentLength).is_some();
+    let chunked = head.fields.get(FieldName::TransferEncoding).is_some();
     if length && chunked {
         assert!(
             framing.is_err(),
@@ -272,8 +272,8 @@ fn rewritten_request(
     framing: Framing,
     ctl: u8,
 ) {
-    let upgrade =
-        head.fields.get("upgrade").is_some() && head.fields.has_token("connection", "upgrade");
+    let upgrade = head.fields.get(FieldName::Upgrade).is_some()
+        && head.fields.has_token(FieldName::Connection, "upgrade");
     let rw = RequestRewrite {
         name: NAME,
         path: &t.path,
@@ -291,22 +291,26 @@ fn rewritten_request(
     assert_eq!(out.target(), t.path);
     // What the upstream reads as the body is what the relay sends.
     assert_eq!(request_framing(&out), Ok(framing), "framing upstream");
-    let hosts: Vec<&[u8]> = out.fields.get_all("host").collect();
+    let hosts: Vec<&[u8]> = out.fields.get_all(FieldName::Host).collect();
     assert!(hosts.len() <= 1, "Host fields upstream: {hosts:?}");
     if let Some(authority) = &t.authority {
         assert_eq!(hosts, [authority.as_bytes()], "Host upstream");
     }
-    for hop in ["proxy-connection", "keep-alive", "te"] {
-        assert!(out.fields.get(hop).is_none(), "{hop} went upstream");
+    for hop in [
+        FieldName::ProxyConnection,
+        FieldName::KeepAlive,
+        FieldName::Te,
+    ] {
+        assert!(!out.fields.has(hop), "{hop:?} went upstream");
     }
-    let credentials: Vec<&[u8]> = out.fields.get_all("proxy-authorization").collect();
+    let credentials: Vec<&[u8]> = out.fields.get_all(FieldName::ProxyAuthorization).collect();
     assert_eq!(
         credentials,
         rw.proxy_authorization.map(str::as_bytes).as_slice()
     );
     assert_eq!(
         upgrade,
-        out.fields.get("upgrade").is_some(),
+        out.fields.get(FieldName::Upgrade).is_some(),
         "Upgrade upstream"
     );
 }
@@ -335,7 +339,7 @@ pub fn response(data: &[u8]) {
     if method == "HEAD" || head.status < 200 || head.status == 204 || head.status == 304 {
         assert_eq!(framing, Framing::Empty, "no body");
     }
-    if head.fields.get("transfer-encoding").is_some() {
+    if head.fields.get(FieldName::TransferEncoding).is_some() {
         assert!(matches!(
             framing,
             Framing::Chunked | Framing::Close | Framing::Empty

@@ -3,7 +3,7 @@
 //! fields removed, bodies re-framed, and the relay's `Via` entry appended.
 //! Everything else is copied byte for byte, names in the case the peer wrote.
 
-use crate::codec::{content_length, trim, Fields, Framing, RequestHead, ResponseHead};
+use crate::codec::{content_length, trim, FieldName, Fields, Framing, RequestHead, ResponseHead};
 
 /// The comment that marks `Via` entries written by Porthole hops.
 pub const VIA_MARK: &str = "(porthole)";
@@ -20,13 +20,12 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
-/// `listed`: the names the head's `Connection` fields list. (`Content-Length`
-/// is never copied: the relay writes its own, see [`BodyHeader`].)
-fn is_hop_by_hop(name: &[u8], listed: &[&[u8]]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-        || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
+/// Whether a field goes no further than this hop: `known` is hop-by-hop, or
+/// `name` is one the head's `Connection` lists besides
+/// ([`Fields::connection_listed`]). (`Content-Length` is never copied
+/// either: the relay writes its own, see [`BodyHeader`].)
+fn is_hop_by_hop(known: FieldName, name: &[u8], listed: &[&[u8]]) -> bool {
+    known.is_hop_by_hop() || listed.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
 /// Removes hop-by-hop fields (and every name `Connection` lists) from a
@@ -52,7 +51,7 @@ pub fn strip_hop_by_hop_map(headers: &mut http::HeaderMap) {
 
 /// Whether `name` (our pseudonym) is already a `received-by` in `Via`: a loop.
 pub fn via_contains(fields: &Fields, name: &str) -> bool {
-    via_values_contain(fields.get_all("via"), name)
+    via_values_contain(fields.get_all(FieldName::Via), name)
 }
 
 /// The `Via` a tunnel request (`CONNECT`, CONNECT-UDP) carries to a next
@@ -163,10 +162,10 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     out.extend_from_slice(rw.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let listed = req.fields.list("connection");
+    let listed = req.fields.connection_listed();
     let mut wrote_host = false;
-    for (name, value) in req.fields.iter() {
-        if name.eq_ignore_ascii_case(b"host") {
+    for (known, name, value) in req.fields.iter_known() {
+        if known == FieldName::Host {
             if wrote_host {
                 continue;
             }
@@ -177,21 +176,21 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
             }
             continue;
         }
-        if name.eq_ignore_ascii_case(b"upgrade") && rw.upgrade {
+        if known == FieldName::Upgrade && rw.upgrade {
             push_field(&mut out, name, value);
             continue;
         }
-        if is_hop_by_hop(name, &listed) || name.eq_ignore_ascii_case(b"content-length") {
+        if is_hop_by_hop(known, name, &listed) || known == FieldName::ContentLength {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"max-forwards") {
+        if known == FieldName::MaxForwards {
             if let Some(n) = max_forwards(req) {
                 // RFC 9110 section 7.6.2: one hop fewer (0 is answered here).
                 push_field(&mut out, name, n.saturating_sub(1).to_string().as_bytes());
                 continue;
             }
         }
-        if name.eq_ignore_ascii_case(b"via") && rw.transparent {
+        if known == FieldName::Via && rw.transparent {
             if let Some(kept) = strip_porthole_via(value) {
                 if kept == value {
                     push_field(&mut out, name, value);
@@ -232,7 +231,7 @@ pub fn max_forwards(req: &RequestHead) -> Option<u64> {
     if !matches!(req.method(), "OPTIONS" | "TRACE") {
         return None;
     }
-    let value = trim(req.fields.get("max-forwards")?);
+    let value = trim(req.fields.get(FieldName::MaxForwards)?);
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -247,7 +246,7 @@ pub fn body_header(req: &RequestHead, framing: Framing) -> BodyHeader {
         // An empty body the client framed with `Content-Length: 0` keeps it
         // (a server may want one on a POST); a GET or HEAD needs none.
         _ if !matches!(req.method(), "GET" | "HEAD")
-            && req.fields.get("content-length").is_some() =>
+            && req.fields.has(FieldName::ContentLength) =>
         {
             BodyHeader::Length(0)
         }
@@ -374,19 +373,18 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     out.push(b' ');
     out.extend_from_slice(resp.reason());
     out.extend_from_slice(b"\r\n");
-    let listed = resp.fields.list("connection");
-    let mut dated = false;
+    let listed = resp.fields.connection_listed();
+    let dated = resp.fields.has(FieldName::Date);
 
-    for (name, value) in resp.fields.iter() {
-        dated |= name.eq_ignore_ascii_case(b"date");
-        if name.eq_ignore_ascii_case(b"upgrade") && rw.upgrade {
+    for (known, name, value) in resp.fields.iter_known() {
+        if known == FieldName::Upgrade && rw.upgrade {
             push_field(out, name, value);
             continue;
         }
-        if is_hop_by_hop(name, &listed) || name.eq_ignore_ascii_case(b"content-length") {
+        if is_hop_by_hop(known, name, &listed) || known == FieldName::ContentLength {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"content-encoding") && rw.decoded {
+        if known == FieldName::ContentEncoding && rw.decoded {
             continue;
         }
         push_field(out, name, value);
@@ -415,7 +413,7 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
 /// Whether a client's `Accept-Encoding` accepts gzip (RFC 9110 section 12.5.3).
 pub fn accepts_gzip(fields: &Fields) -> bool {
     fields
-        .get_all("accept-encoding")
+        .get_all(FieldName::AcceptEncoding)
         .flat_map(|v| v.split(|b| *b == b','))
         .any(|item| {
             let mut parts = item.split(|b| *b == b';');

@@ -13,7 +13,7 @@ use super::hub::PollAnswer;
 use super::waiters::{Full, Slot};
 use super::{valid_topic, Hub};
 use crate::access_log::Access;
-use crate::codec::{write_data, write_end, Conn, Io, OutFraming, RequestHead};
+use crate::codec::{write_data, write_end, Conn, FieldName, Io, OutFraming, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::forward::{log_error, After};
 use crate::http1::{write_error, write_simple};
@@ -39,7 +39,7 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
         wait: Duration::ZERO,
         stream: head
             .fields
-            .get_all("accept")
+            .get_all(FieldName::Accept)
             .any(|v| contains(v, b"text/event-stream")),
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -56,7 +56,7 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
             _ => {}
         }
     }
-    if let Some(v) = head.fields.get("last-event-id") {
+    if let Some(v) = head.fields.get(FieldName::LastEventId) {
         let text = std::str::from_utf8(crate::codec::trim(v)).unwrap_or("");
         req.after = text
             .parse()

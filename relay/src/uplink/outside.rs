@@ -13,9 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     receive, send, Message, Refused, CONTROL_PROTOCOL, DATA_PROTOCOL, MAX_PARKED, PARKED_PING,
-    POOL_HEADER,
 };
-use crate::codec::{BoxIo, Conn, Io, RequestHead};
+use crate::codec::{BoxIo, Conn, FieldName, Io, RequestHead};
 use crate::error::{ErrorKind, RelayError};
 use crate::http1::write_simple;
 use crate::upstream::Upstream;
@@ -456,7 +455,8 @@ impl AsyncWrite for DataConn {
 
 /// `id:secret` from `Authorization: Basic ...`.
 fn basic_credentials(head: &RequestHead) -> Option<(String, String)> {
-    let value = std::str::from_utf8(head.fields.get("authorization")?).ok()?;
+    let value =
+        std::str::from_utf8(head.fields.get(crate::codec::FieldName::Authorization)?).ok()?;
     let encoded = value.trim().strip_prefix("Basic ")?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
@@ -583,12 +583,12 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
 /// Claims a data connection for its session (S10-S11): answers `101` and hands
 /// the connection to the held request, or closes it if nobody waits for it.
 pub async fn claim_data<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
-    if head.fields.get(POOL_HEADER).is_some() {
+    if head.fields.has(FieldName::PortholePool) {
         return park(conn, head, ctx).await;
     }
     let session = head
         .fields
-        .get("porthole-session")
+        .get(FieldName::PortholeSession)
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .trim()
@@ -619,7 +619,7 @@ fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn header<'a>(head: &'a RequestHead, name: &'static str) -> &'a str {
+fn header(head: &RequestHead, name: FieldName) -> &str {
     head.fields
         .get(name)
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -644,8 +644,8 @@ impl Drop for Unpend<'_> {
 /// (S7p). Returns when it is claimed, dies, or its uplink goes away; while
 /// parked it holds this connection's slot like any client connection.
 async fn park<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: ConnCtx) {
-    let id = header(&head, "porthole-uplink").to_string();
-    let key = header(&head, POOL_HEADER);
+    let id = header(&head, FieldName::PortholeUplink).to_string();
+    let key = header(&head, FieldName::PortholePool);
     let registry = &ctx.shared.uplinks;
     let (tx, mut claims) = oneshot::channel::<Claim>();
     let admitted = {
