@@ -669,6 +669,36 @@ async fn relay_to_port(port: u16, host: &str, extra: &str) -> Relay {
 }
 
 #[tokio::test]
+async fn folded_fields_and_space_before_the_colon_are_refused_each_with_its_reason() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let p = origin.port();
+    let cases = [
+        (
+            format!(
+                "GET http://app-a.test:{p}/ HTTP/1.1\r\nHost: a\r\nX-Long: one\r\n two\r\n\r\n"
+            ),
+            "obsolete line folding is not accepted (RFC 9112 5.2)",
+        ),
+        (
+            format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nHost : a\r\n\r\n"),
+            "whitespace between a field name and the colon (RFC 9112 5.1)",
+        ),
+        (
+            format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            "invalid header name",
+        ),
+    ];
+    for (req, why) in cases {
+        let answer = raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{req:?} -> {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(body.contains(why), "{req:?} -> {answer}");
+    }
+    assert!(origin.received().is_empty(), "{:?}", origin.received());
+}
+
+#[tokio::test]
 async fn chunked_and_close_delimited_responses() {
     let origin = Origin::start(|r| match r.target.as_str() {
         "/chunked" => Reply::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n4\r\nabcd\r\n3\r\nefg\r\n0\r\nX-T: done\r\n\r\n".to_vec()),
