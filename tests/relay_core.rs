@@ -699,6 +699,54 @@ async fn folded_fields_and_space_before_the_colon_are_refused_each_with_its_reas
 }
 
 #[tokio::test]
+async fn a_head_at_max_headers_passes_two_chained_relays_with_that_limit() {
+    // Both relays allow 20 fields; the client's request has exactly 20, one
+    // of them a `Via`. Each relay appends its entry to that line instead of
+    // adding a line, so the next hop sees 20 fields too, not 21.
+    let origin = Origin::ok().await;
+    let limits = "[limits]\nmax_headers = 20\n";
+    let hop = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n{limits}{}",
+        route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    let front = Relay::start(&config_with(
+        &format!(
+            "[[route]]\nhost = \"app-a.test\"\nvia = \"{}\"\nports = [{}]\n",
+            hop.addr,
+            origin.port()
+        ),
+        limits,
+    ))
+    .await;
+    let mut head = format!(
+        "GET http://app-a.test:{}/twenty HTTP/1.1\r\nHost: app-a.test:{}\r\nVia: 1.1 client-proxy.test\r\n",
+        origin.port(),
+        origin.port()
+    );
+    for n in 0..18 {
+        head.push_str(&format!("X-Field-{n}: {n}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut client = TcpStream::connect(front.addr).await.unwrap();
+    client.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until(&mut client, b"ok /twenty").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+
+    let seen = origin.single();
+    assert_eq!(seen.headers.len(), 20, "{}", seen.raw_head);
+    assert_eq!(
+        seen.all("via"),
+        vec!["1.1 client-proxy.test, 1.1 relay.test (porthole), 1.1 hop.test (porthole)"]
+    );
+    // The response's `Via` gets the same treatment: one line, each hop's entry.
+    assert!(
+        answer.contains("\r\nVia: 1.1 hop.test (porthole), 1.1 relay.test (porthole)\r\n"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
 async fn chunked_and_close_delimited_responses() {
     let origin = Origin::start(|r| match r.target.as_str() {
         "/chunked" => Reply::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n4\r\nabcd\r\n3\r\nefg\r\n0\r\nX-T: done\r\n\r\n".to_vec()),

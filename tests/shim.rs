@@ -134,9 +134,10 @@ async fn proxy_form_and_origin_form_reach_the_server_as_the_application_wrote_th
     assert_eq!(got.target, "/x?q=1");
     assert_eq!(got.header("host"), Some(a.as_str()));
     assert_eq!(got.header("x-app"), Some("Kept  as is"));
+    // One line: the relay appends its entry to the shim's.
     assert_eq!(
         got.all("via"),
-        vec!["1.1 porthole-shim (porthole)", "1.1 relay.test (porthole)"],
+        vec!["1.1 porthole-shim (porthole), 1.1 relay.test (porthole)"],
         "{}",
         got.raw_head
     );
