@@ -1665,9 +1665,26 @@ async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
     );
 }
 
+/// What `porthole-shim forward list` prints for the shim listening on `shim`.
+async fn forward_list(shim: SocketAddr) -> String {
+    let out = tokio::process::Command::new(binary("porthole-shim"))
+        .args(["--listen", &shim.to_string(), "forward", "list"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// A UDP forward's `last_error` says why its flows fail only while they
 /// do: refused while the relay is down (no link), it is cleared once the
-/// relay is back and a flow opens again.
+/// relay is back and a flow opens again. `porthole-shim forward list` (the
+/// control endpoint's list) shows it on the forward's line meanwhile.
 #[tokio::test]
 async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
     let echo = porthole_suite::UdpEcho::start().await;
@@ -1681,6 +1698,12 @@ async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
     s.send(b"nobody there").await.unwrap();
     let error = udp_refusal(&shim, "dns.test").await;
     assert!(error.contains("unreachable"), "{error}");
+    let spec = udp_forward(&shim, "dns.test").spec;
+    let list = forward_list(shim.addr).await;
+    assert!(
+        list.contains(&format!("udp {spec}  # last error: {error}\n")),
+        "{list}"
+    );
 
     let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
     let _relay = Relay::start_at(&config_with(&routes, ""), relay_addr).await;
@@ -1696,6 +1719,7 @@ async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
         }
     }
     assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+    assert_eq!(forward_list(shim.addr).await, format!("udp {spec}\n"));
 }
 
 /// Sends `method path` with `body` to the shim's control endpoint.
