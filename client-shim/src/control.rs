@@ -187,7 +187,11 @@ pub async fn serve(
 /// The relay's PAC file (routes through the proxy, the rest `DIRECT`), with
 /// the proxy replaced by the shim's address as the client reached it.
 async fn proxy_pac(local: SocketAddr, ctx: &Ctx) -> Response<Body> {
-    let uri = format!("http://{}/proxy.pac", ctx.link.relay_name());
+    let uri = format!(
+        "{}://{}/proxy.pac",
+        ctx.link.scheme(),
+        ctx.link.relay_name()
+    );
     let req = match Request::get(uri).body(empty()) {
         Ok(r) => r,
         Err(_) => return plain(StatusCode::BAD_GATEWAY, "relay_name is not a host name"),
