@@ -23,11 +23,7 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 async fn relay_to(origin: &Origin, host: &str, extra: &str) -> Relay {
-    Relay::start(&config_with(
-        &route(host, "127.0.0.1", &[origin.port()], extra),
-        "",
-    ))
-    .await
+    relay_to_port(origin.port(), host, extra).await
 }
 
 /// A relay with one connection worker: every client connection meets the
@@ -563,6 +559,191 @@ async fn chunked_request_with_trailers_and_expect_continue() {
     let got = &origin.received()[1];
     assert_eq!(got.body, b"hello");
     assert_eq!(got.trailers, "X-Sum: 42\r\n");
+}
+
+#[tokio::test]
+async fn unsolicited_interim_responses_reach_http11_clients_only() {
+    // The server sends `100 Continue` to a request that did not ask for one,
+    // then `102 Processing`, then its answer: a proxy forwards every 1xx it
+    // did not ask for itself (RFC 9110 15.2), but none to an HTTP/1.0 client.
+    let origin = Origin::start(|_| {
+        let mut out = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n".to_vec();
+        out.extend(response(200, &[], b"final"));
+        Reply::Raw(out)
+    })
+    .await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let request = |minor: u8| {
+        format!(
+            "GET http://app-a.test:{}/ HTTP/1.{minor}\r\nHost: app-a.test\r\nConnection: close\r\n\r\n",
+            origin.port()
+        )
+    };
+
+    let answer = raw_exchange(relay.addr, request(1).as_bytes(), Duration::from_secs(5)).await;
+    let heads: Vec<&str> = answer
+        .split("\r\n\r\n")
+        .map(|head| head.lines().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        heads[..3],
+        [
+            "HTTP/1.1 100 Continue",
+            "HTTP/1.1 102 Processing",
+            "HTTP/1.1 200 X"
+        ],
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\nfinal"), "{answer}");
+
+    let answer = raw_exchange(relay.addr, request(0).as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 X\r\n"), "{answer}");
+    assert!(
+        !answer.contains("HTTP/1.1 1"),
+        "an interim response: {answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\nfinal"), "{answer}");
+}
+
+#[tokio::test]
+async fn early_hints_before_the_continue_do_not_hold_back_the_body() {
+    // A server that sends `103 Early Hints` before its `100 Continue`, then
+    // reads the body and answers with it.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let head = read_until(&mut s, b"\r\n\r\n").await;
+        assert!(head.contains("Expect: 100-continue"), "{head}");
+        s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = [0u8; 5];
+        s.read_exact(&mut body).await.unwrap();
+        s.write_all(&response(200, &[], &body)).await.unwrap();
+    });
+    let relay = relay_to_port(port, "app-a.test", "response_timeout = \"3s\"").await;
+    let mut client = TcpStream::connect(relay.addr).await.unwrap();
+    let head = format!(
+        "POST http://app-a.test:{port}/ HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    // Like curl, the body waits for the `100`.
+    let interim = read_until(&mut client, b"100 Continue").await;
+    assert!(
+        interim.starts_with("HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"),
+        "{interim}"
+    );
+    client.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("HTTP/1.1 200 X\r\n"), "{interim}{rest}");
+    assert!(rest.ends_with("\r\n\r\nhello"), "{interim}{rest}");
+}
+
+/// Reads from `s` until `end` has arrived; what came, as text.
+async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(end.len()).any(|w| w == end) {
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        let n = match read {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => panic!(
+                "no {:?} within 10 s or before the close: {}",
+                String::from_utf8_lossy(end),
+                String::from_utf8_lossy(&got)
+            ),
+        };
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn relay_to_port(port: u16, host: &str, extra: &str) -> Relay {
+    Relay::start(&config_with(&route(host, "127.0.0.1", &[port], extra), "")).await
+}
+
+#[tokio::test]
+async fn folded_fields_and_space_before_the_colon_are_refused_each_with_its_reason() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let p = origin.port();
+    let cases = [
+        (
+            format!(
+                "GET http://app-a.test:{p}/ HTTP/1.1\r\nHost: a\r\nX-Long: one\r\n two\r\n\r\n"
+            ),
+            "obsolete line folding is not accepted (RFC 9112 5.2)",
+        ),
+        (
+            format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nHost : a\r\n\r\n"),
+            "whitespace between a field name and the colon (RFC 9112 5.1)",
+        ),
+        (
+            format!("GET http://app-a.test:{p}/ HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            "invalid header name",
+        ),
+    ];
+    for (req, why) in cases {
+        let answer = raw_exchange(relay.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{req:?} -> {answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(body.contains(why), "{req:?} -> {answer}");
+    }
+    assert!(origin.received().is_empty(), "{:?}", origin.received());
+}
+
+#[tokio::test]
+async fn a_head_at_max_headers_passes_two_chained_relays_with_that_limit() {
+    // Both relays allow 20 fields; the client's request has exactly 20, one
+    // of them a `Via`. Each relay appends its entry to that line instead of
+    // adding a line, so the next hop sees 20 fields too, not 21.
+    let origin = Origin::ok().await;
+    let limits = "[limits]\nmax_headers = 20\n";
+    let hop = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n{limits}{}",
+        route("app-a.test", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    let front = Relay::start(&config_with(
+        &format!(
+            "[[route]]\nhost = \"app-a.test\"\nvia = \"{}\"\nports = [{}]\n",
+            hop.addr,
+            origin.port()
+        ),
+        limits,
+    ))
+    .await;
+    let mut head = format!(
+        "GET http://app-a.test:{}/twenty HTTP/1.1\r\nHost: app-a.test:{}\r\nVia: 1.1 client-proxy.test\r\n",
+        origin.port(),
+        origin.port()
+    );
+    for n in 0..18 {
+        head.push_str(&format!("X-Field-{n}: {n}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut client = TcpStream::connect(front.addr).await.unwrap();
+    client.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until(&mut client, b"ok /twenty").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+
+    let seen = origin.single();
+    assert_eq!(seen.headers.len(), 20, "{}", seen.raw_head);
+    assert_eq!(
+        seen.all("via"),
+        vec!["1.1 client-proxy.test, 1.1 relay.test (porthole), 1.1 hop.test (porthole)"]
+    );
+    // The response's `Via` gets the same treatment: one line, each hop's entry.
+    assert!(
+        answer.contains("\r\nVia: 1.1 hop.test (porthole), 1.1 relay.test (porthole)\r\n"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -134,9 +134,10 @@ async fn proxy_form_and_origin_form_reach_the_server_as_the_application_wrote_th
     assert_eq!(got.target, "/x?q=1");
     assert_eq!(got.header("host"), Some(a.as_str()));
     assert_eq!(got.header("x-app"), Some("Kept  as is"));
+    // One line: the relay appends its entry to the shim's.
     assert_eq!(
         got.all("via"),
-        vec!["1.1 porthole-shim (porthole)", "1.1 relay.test (porthole)"],
+        vec!["1.1 porthole-shim (porthole), 1.1 relay.test (porthole)"],
         "{}",
         got.raw_head
     );
@@ -1569,11 +1570,12 @@ async fn an_unrouted_udp_forward_is_refused_and_the_others_go_on() {
     assert!(list.contains("=other.test:53"), "{list}");
 }
 
-/// An HTTP/2 (h2c) server that records each extended `CONNECT` as
-/// `:protocol :scheme://:authority:path` and refuses it `403`; anything else
-/// (the shim's probes) gets `200`. Behind a [`TlsFront`] with ALPN `h2` it
-/// is a relay over TLS as far as the shim can tell.
-async fn connect_recorder() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// An HTTP/2 (h2c) server that records each request: an extended `CONNECT`
+/// as `:protocol :scheme://:authority:path`, refused `403`; anything else
+/// (the shim's probes, its PAC fetch) as `METHOD :scheme://:authority:path`,
+/// answered `200`. Behind a [`TlsFront`] with ALPN `h2` it is a relay over
+/// TLS as far as the shim can tell.
+async fn recorder() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1586,14 +1588,15 @@ async fn connect_recorder() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<
                 let log = log.clone();
                 async move {
                     let mut status = http::StatusCode::OK;
-                    if req.method() == http::Method::CONNECT {
+                    let seen = if req.method() == http::Method::CONNECT {
                         let protocol = req.extensions().get::<hyper::ext::Protocol>();
                         let protocol = protocol.map_or("-", |p| p.as_str());
-                        log.lock()
-                            .unwrap()
-                            .push(format!("{protocol} {}", req.uri()));
                         status = http::StatusCode::FORBIDDEN;
-                    }
+                        format!("{protocol} {}", req.uri())
+                    } else {
+                        format!("{} {}", req.method(), req.uri())
+                    };
+                    log.lock().unwrap().push(seen);
                     let mut resp = http::Response::new(http_body_util::Full::new(
                         bytes::Bytes::from_static(b"recorded"),
                     ));
@@ -1639,7 +1642,7 @@ async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
     );
     assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
 
-    let (recorder, seen) = connect_recorder().await;
+    let (recorder, seen) = recorder().await;
     let front = TlsFront::start_with_alpn(&leaf, recorder, &[b"h2"]).await;
     let tls_shim = start_shim(shim_config(front.addr, &over_tls)).await;
     let plain_shim = start_shim(shim_config(recorder, &forward)).await;
@@ -1649,7 +1652,13 @@ async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
         let error = udp_refusal(shim, "dns.test").await;
         assert!(error.contains("403 Forbidden recorded"), "{error}");
     }
-    let mut seen = seen.lock().unwrap().clone();
+    let mut seen: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with("connect-udp "))
+        .cloned()
+        .collect();
     seen.sort();
     let path = format!(
         "relay.test/.well-known/masque/udp/dns.test/{}/",
@@ -1664,9 +1673,58 @@ async fn connect_udp_over_a_tls_link_has_scheme_https_and_the_relay_takes_it() {
     );
 }
 
+/// The shim's own requests to the relay as an origin, its keepalive probe
+/// and its PAC fetch, have `:scheme https` over a TLS link and `http` over
+/// h2c, as CONNECT-UDP does (seen by a recorder behind TLS with ALPN `h2`,
+/// and by the same recorder in cleartext).
+#[tokio::test]
+async fn the_probe_and_the_pac_fetch_over_a_tls_link_have_scheme_https() {
+    let (dir, ca) = (Dir::new(), Ca::new("relay ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let (recorder, seen) = recorder().await;
+    let front = TlsFront::start_with_alpn(&ca.server(&["127.0.0.1"]), recorder, &[b"h2"]).await;
+    let tls_shim = start_shim(shim_config(
+        front.addr,
+        &format!("tls = true\nca = \"{ca_file}\"\n"),
+    ))
+    .await;
+    let plain_shim = start_shim(shim_config(recorder, "")).await;
+    for (shim, scheme) in [(&tls_shim, "https"), (&plain_shim, "http")] {
+        // The link is up once its first probe was answered.
+        wait_state(shim, true, Duration::from_secs(10)).await;
+        let probe = format!("HEAD {scheme}://relay.test/");
+        assert!(seen.lock().unwrap().contains(&probe), "{probe}: {seen:?}");
+        // The recorder's answer is no PAC file: the shim says so, after
+        // asking for it.
+        let out = Curl::new(&format!("http://{}/proxy.pac", shim.addr))
+            .run()
+            .await;
+        assert_eq!(out.status, 502, "{out:?}");
+        let pac = format!("GET {scheme}://relay.test/proxy.pac");
+        assert!(seen.lock().unwrap().contains(&pac), "{pac}: {seen:?}");
+    }
+}
+
+/// What `porthole-shim forward list` prints for the shim listening on `shim`.
+async fn forward_list(shim: SocketAddr) -> String {
+    let out = tokio::process::Command::new(binary("porthole-shim"))
+        .args(["--listen", &shim.to_string(), "forward", "list"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// A UDP forward's `last_error` says why its flows fail only while they
 /// do: refused while the relay is down (no link), it is cleared once the
-/// relay is back and a flow opens again.
+/// relay is back and a flow opens again. `porthole-shim forward list` (the
+/// control endpoint's list) shows it on the forward's line meanwhile.
 #[tokio::test]
 async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
     let echo = porthole_suite::UdpEcho::start().await;
@@ -1680,6 +1738,12 @@ async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
     s.send(b"nobody there").await.unwrap();
     let error = udp_refusal(&shim, "dns.test").await;
     assert!(error.contains("unreachable"), "{error}");
+    let spec = udp_forward(&shim, "dns.test").spec;
+    let list = forward_list(shim.addr).await;
+    assert!(
+        list.contains(&format!("udp {spec}  # last error: {error}\n")),
+        "{list}"
+    );
 
     let routes = route("dns.test", "127.0.0.1", &[echo.port()], "udp = true");
     let _relay = Relay::start_at(&config_with(&routes, ""), relay_addr).await;
@@ -1695,6 +1759,7 @@ async fn a_udp_forwards_last_error_clears_once_a_flow_opens_again() {
         }
     }
     assert_eq!(udp_forward(&shim, "dns.test").last_error, None);
+    assert_eq!(forward_list(shim.addr).await, format!("udp {spec}\n"));
 }
 
 /// Sends `method path` with `body` to the shim's control endpoint.

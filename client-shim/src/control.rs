@@ -6,7 +6,8 @@
 //! - `GET /proxy.pac`: the relay's PAC file, pointing at the shim;
 //! - `GET /.porthole-shim/status`: `up` or `connecting: <reason>`;
 //! - `GET /.porthole-shim/forwards`: one `LISTEN=HOST:PORT` per line, then
-//!   the UDP forwards as `udp LISTEN=HOST:PORT`;
+//!   the UDP forwards as `udp LISTEN=HOST:PORT`, each followed by
+//!   `  # last error: <reason>` while its flows fail ([`udp_line`]);
 //! - `POST /.porthole-shim/forwards` with a body in the same form (a line of
 //!   the list): add a forward (`201` with its line, the port chosen for a
 //!   port 0; `409` if it cannot be opened, `400` for a bad line);
@@ -32,6 +33,7 @@ use tokio::net::TcpStream;
 use crate::config::ForwardSpec;
 use crate::forward::Kind;
 use crate::link::{empty, LinkState};
+use crate::udp::UdpForwardState;
 use crate::{plain, Ctx};
 
 /// Where the control endpoints live: a prefix no application uses.
@@ -51,9 +53,30 @@ pub fn line(kind: Kind, spec: impl Display) -> String {
     }
 }
 
-/// Reads a line as [`line`] writes it (a `POST` body).
+/// A UDP forward's line in the list: [`line`], then its last error as a
+/// comment while there is one, on the same line (a reason with line breaks
+/// is put on one), so that the list still reads back with [`parse_line`].
+pub fn udp_line(state: &UdpForwardState) -> String {
+    let line = line(Kind::Udp, &state.spec);
+    match &state.last_error {
+        None => line,
+        Some(why) => {
+            let why: String = why
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            format!("{line}  {COMMENT} last error: {why}")
+        }
+    }
+}
+
+/// What starts a comment on a line of the list; never part of a spec.
+const COMMENT: char = '#';
+
+/// Reads a line as [`line`] or [`udp_line`] writes it (a `POST` body); a
+/// comment is left out.
 pub fn parse_line(text: &str) -> Result<(Kind, ForwardSpec), String> {
-    let text = text.trim();
+    let text = text.split(COMMENT).next().unwrap_or("").trim();
     let (word, rest) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
     if word.eq_ignore_ascii_case(UDP) {
         return ForwardSpec::parse(rest)
@@ -119,8 +142,8 @@ pub async fn serve(
         }
         (Method::GET, "forwards") => {
             let tcp = ctx.forwards.list().into_iter().map(|f| line(Kind::Tcp, f));
-            let udp = ctx.udp_forwards.list().into_iter();
-            let lines: Vec<String> = tcp.chain(udp.map(|f| line(Kind::Udp, f))).collect();
+            let udp = ctx.udp_forwards.states();
+            let lines: Vec<String> = tcp.chain(udp.iter().map(udp_line)).collect();
             text(StatusCode::OK, lines.join("\n"))
         }
         (Method::POST, "forwards") => {
@@ -164,7 +187,11 @@ pub async fn serve(
 /// The relay's PAC file (routes through the proxy, the rest `DIRECT`), with
 /// the proxy replaced by the shim's address as the client reached it.
 async fn proxy_pac(local: SocketAddr, ctx: &Ctx) -> Response<Body> {
-    let uri = format!("http://{}/proxy.pac", ctx.link.relay_name());
+    let uri = format!(
+        "{}://{}/proxy.pac",
+        ctx.link.scheme(),
+        ctx.link.relay_name()
+    );
     let req = match Request::get(uri).body(empty()) {
         Ok(r) => r,
         Err(_) => return plain(StatusCode::BAD_GATEWAY, "relay_name is not a host name"),
@@ -292,6 +319,20 @@ mod tests {
             let spec = ForwardSpec::parse("127.0.0.2:53=dns.corp:53").unwrap();
             assert_eq!(parse_line(&line(kind, &spec)), Ok((kind, spec)));
         }
+        // A UDP forward's last error follows as a comment, on its line.
+        let mut state = UdpForwardState {
+            spec: ForwardSpec::parse("127.0.0.2:53=dns.corp:53").unwrap(),
+            flows: 0,
+            last_error: None,
+        };
+        assert_eq!(udp_line(&state), "udp 127.0.0.2:53=dns.corp:53");
+        state.last_error = Some("relay answered 403 Forbidden:\nno route".into());
+        let listed = udp_line(&state);
+        assert_eq!(
+            listed,
+            "udp 127.0.0.2:53=dns.corp:53  # last error: relay answered 403 Forbidden: no route"
+        );
+        assert_eq!(parse_line(&listed), Ok((Kind::Udp, state.spec)));
 
         let v4 = SocketAddr::from(([127, 0, 0, 1], 5353));
         type Named = Result<(Kind, SocketAddr), &'static str>;

@@ -115,7 +115,7 @@ pub struct LinkHandle {
     relay: Arc<str>,
     relay_name: Arc<str>,
     /// Whether the link runs over TLS: the `:scheme` of the shim's own
-    /// requests to the relay as an origin (CONNECT-UDP).
+    /// requests to the relay as an origin (CONNECT-UDP, the PAC file).
     tls: bool,
     wait: Duration,
     _stop: Arc<DropGuard>,
@@ -168,9 +168,10 @@ impl LinkHandle {
         &self.relay_name
     }
 
-    /// The `:scheme` of a request to the relay as an origin: `https` when
-    /// the link runs over TLS, `http` over cleartext (RFC 9298 3.4: that of
-    /// the URI template, whose authority is the relay).
+    /// The `:scheme` of a request to the relay as an origin (CONNECT-UDP,
+    /// the PAC file, the keepalive probe): `https` when the link runs over
+    /// TLS, `http` over cleartext (RFC 9298 3.4: that of the URI template,
+    /// whose authority is the relay).
     pub fn scheme(&self) -> &'static str {
         scheme(self.tls)
     }
@@ -429,7 +430,11 @@ where
     tokio::pin!(conn);
 
     // The link is up only once the relay has answered over it.
-    let first = tokio::time::timeout(s.connect_timeout, probe(sender.clone(), &s.relay_name));
+    let scheme = scheme(s.tls.is_some());
+    let first = tokio::time::timeout(
+        s.connect_timeout,
+        probe(sender.clone(), scheme, &s.relay_name),
+    );
     match first.await {
         Ok(Ok(status)) => tracing::info!(relay = %s.relay, session = id, %status, "link up"),
         Ok(Err(e)) => return format!("no HTTP/2 answer: {e}"),
@@ -459,7 +464,7 @@ where
                 let (sender, name) = (sender.clone(), s.relay_name.clone());
                 let answered = answered.clone();
                 tokio::spawn(async move {
-                    let _ = probe(sender, &name).await;
+                    let _ = probe(sender, scheme, &name).await;
                     answered.notify_one();
                 });
                 continue;
@@ -500,13 +505,18 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A tiny request to the relay itself (`HEAD http://<relay name>/`): hyper
-/// does not let its user send HTTP/2 PING frames, so this stands in for one.
-/// Its answer is one HEADERS frame; any status proves the relay alive.
-async fn probe(mut sender: SendRequest<Body>, relay_name: &str) -> Result<StatusCode, String> {
+/// A tiny request to the relay itself (`HEAD https://<relay name>/` over
+/// TLS, `http` over h2c, [`scheme`]): hyper does not let its user send
+/// HTTP/2 PING frames, so this stands in for one. Its answer is one HEADERS
+/// frame; any status proves the relay alive.
+async fn probe(
+    mut sender: SendRequest<Body>,
+    scheme: &str,
+    relay_name: &str,
+) -> Result<StatusCode, String> {
     let req = Request::builder()
         .method(Method::HEAD)
-        .uri(format!("http://{relay_name}/"))
+        .uri(format!("{scheme}://{relay_name}/"))
         .body(empty())
         .map_err(|e| format!("bad relay_name: {e}"))?;
     sender.ready().await.map_err(|e| e.to_string())?;

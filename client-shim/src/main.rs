@@ -109,7 +109,8 @@ enum ForwardAction {
         udp: bool,
     },
     /// Print the forwards, one LISTEN=HOST:PORT per line, then the UDP
-    /// forwards as `udp LISTEN=HOST:PORT`.
+    /// forwards as `udp LISTEN=HOST:PORT`, with `# last error: ...` after
+    /// one whose flows fail.
     List,
 }
 

@@ -308,7 +308,9 @@ impl Fields {
     }
 
     /// As [`Fields::iter`], each with its recognised name first.
-    pub fn iter_known(&self) -> impl Iterator<Item = (FieldName, &[u8], &[u8])> + '_ {
+    pub fn iter_known(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = (FieldName, &[u8], &[u8])> + ExactSizeIterator + '_ {
         self.fields.iter().map(move |f| {
             (
                 f.known,
@@ -539,15 +541,55 @@ fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
     position(raw, part).unwrap_or(0..0)
 }
 
-fn parse_error(e: httparse::Error) -> HeadError {
+/// What was wrong with the complete head `raw`, as httparse found it.
+fn parse_error(e: httparse::Error, raw: &[u8]) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooLarge,
-        httparse::Error::HeaderName => HeadError::Malformed("invalid header name"),
+        httparse::Error::HeaderName => HeadError::Malformed(field_name_error(raw)),
         httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
         httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
         httparse::Error::Token => HeadError::Malformed("invalid method or token"),
         _ => HeadError::Malformed("malformed request line or header"),
     }
+}
+
+/// The message for a field name httparse refused, telling apart the two
+/// mistakes older senders make: a field line folded onto the line before
+/// (RFC 9112 5.2) and whitespace between the name and the colon (RFC 9112
+/// 5.1). The first field line whose name is not a token is the one refused.
+fn field_name_error(raw: &[u8]) -> &'static str {
+    const INVALID: &str = "invalid header name";
+    // The field lines: after the start line, up to the empty line.
+    for line in raw.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match line.first() {
+            None => break,
+            Some(b' ' | b'\t') => return "obsolete line folding is not accepted (RFC 9112 5.2)",
+            Some(_) => {}
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            return INVALID;
+        };
+        let name = &line[..colon];
+        if is_token(name) {
+            continue;
+        }
+        let trimmed = name.trim_ascii_end();
+        return if trimmed.len() < name.len() && is_token(trimmed) {
+            "whitespace between a field name and the colon (RFC 9112 5.1)"
+        } else {
+            INVALID
+        };
+    }
+    INVALID
+}
+
+/// A token (RFC 9110 5.6.2): one or more tchar.
+fn is_token(bytes: &[u8]) -> bool {
+    !bytes.is_empty()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
 }
 
 /// Reads one request head. The caller bounds the time.
@@ -587,7 +629,7 @@ fn parse_request_into<'b>(
     let mut req = httparse::Request::new(&mut []);
     match req
         .parse_with_uninit_headers(raw, slots)
-        .map_err(parse_error)?
+        .map_err(|e| parse_error(e, raw))?
     {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
@@ -638,7 +680,7 @@ fn parse_response_into<'b>(
     slots: &mut [httparse::Header<'b>],
 ) -> Result<ResponseHead, HeadError> {
     let mut resp = httparse::Response::new(slots);
-    match resp.parse(raw).map_err(parse_error)? {
+    match resp.parse(raw).map_err(|e| parse_error(e, raw))? {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
     }
@@ -1165,6 +1207,53 @@ mod tests {
         assert!(h.fields.has(Connection) && !h.fields.has(Via));
         assert_eq!(h.fields.get_all(Via).count(), 0);
         assert_eq!(h.fields.get_other("x-other"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn refused_field_names_say_what_was_wrong() {
+        let cases = [
+            (
+                "GET / HTTP/1.1\r\nA: b\r\n  folded\r\n\r\n",
+                "obsolete line folding is not accepted (RFC 9112 5.2)",
+            ),
+            (
+                "GET / HTTP/1.1\r\n\tfolded: x\r\nA: b\r\n\r\n",
+                "obsolete line folding is not accepted (RFC 9112 5.2)",
+            ),
+            (
+                "GET / HTTP/1.1\r\nA: b\r\nHost : x\r\n\r\n",
+                "whitespace between a field name and the colon (RFC 9112 5.1)",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost\t: x\r\n\r\n",
+                "whitespace between a field name and the colon (RFC 9112 5.1)",
+            ),
+            (
+                "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+                "invalid header name",
+            ),
+            // The first bad line decides.
+            (
+                "GET / HTTP/1.1\r\nBad Name: x\r\nHost : x\r\n\r\n",
+                "invalid header name",
+            ),
+            ("GET / HTTP/1.1\r\nNo colon\r\n\r\n", "invalid header name"),
+        ];
+        for (text, why) in cases {
+            let raw = Bytes::copy_from_slice(text.as_bytes());
+            match parse_request_head(raw, 100) {
+                Err(HeadError::Malformed(got)) => assert_eq!(got, why, "{text:?}"),
+                other => panic!("{text:?}: {:?}", other.map(|h| h.wire_len())),
+            }
+        }
+        // A response from an internal server: the same words.
+        let raw = Bytes::from_static(b"HTTP/1.1 200 OK\r\nA : b\r\n\r\n");
+        assert!(matches!(
+            parse_response_head(raw, 100),
+            Err(HeadError::Malformed(
+                "whitespace between a field name and the colon (RFC 9112 5.1)"
+            ))
+        ));
     }
 
     #[test]

@@ -214,24 +214,29 @@ pub async fn relay<S: Io>(
     timer.set(route.response_timeout);
 
     // Expect: 100-continue — give the server a moment to answer first.
+    // Interim responses before its answer are passed on as they come (a
+    // `103 Early Hints` may precede the `100`); a final one means the body
+    // is not wanted.
     let mut early: Option<ResponseHead> = None;
     let expects_continue = has_body && req.head.fields.has_token(FieldName::Expect, "100-continue");
     if expects_continue {
-        if let Ok(result) = tokio::time::timeout(
-            CONTINUE_WAIT,
+        let until = tokio::time::Instant::now() + CONTINUE_WAIT;
+        while let Ok(result) = tokio::time::timeout_at(
+            until,
             read_response_head(&mut server, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS),
         )
         .await
         {
             let head = result.map_err(|e| bad_response(head_error_text(&e)))?;
-            if head.status == 100 {
-                if req.head.minor == 1 {
-                    write_flush(&mut client.io, b"HTTP/1.1 100 Continue\r\n\r\n")
-                        .await
-                        .map_err(|_| bad_response("client went away".into()))?;
-                }
-            } else {
+            if !is_interim(head.status) {
                 early = Some(head);
+                break;
+            }
+            pass_interim(&mut client.io, &head, name, req.head.minor)
+                .await
+                .map_err(|_| bad_response("client went away".into()))?;
+            if head.status == 100 {
+                break;
             }
         }
     }
@@ -302,21 +307,9 @@ pub async fn relay<S: Io>(
             };
             match head.status {
                 101 if upgrade => break head,
-                100..=199 if head.status != 101 => {
-                    if req.head.minor == 1 && head.status != 100 {
-                        let interim = rewrite::response_head(
-                            &head,
-                            &ResponseRewrite {
-                                name,
-                                body: ResponseBody::Length(None),
-                                decoded: false,
-                                upgrade: false,
-                                keep_alive: true,
-                                client_minor: 1,
-                            },
-                        );
-                        let _ = write_flush(&mut client.io, &interim).await;
-                    }
+                // A client that went away shows when the final response is written.
+                status if is_interim(status) => {
+                    let _ = pass_interim(&mut client.io, &head, name, req.head.minor).await;
                 }
                 101 => return Err(bad_response("101 without an upgrade request".into())),
                 // The hop's challenge is for this relay, not for its client.
@@ -607,6 +600,40 @@ async fn splice_body<R: Io, W: Io>(
         Err(splice::CopyFailed::Read(e)) => Err(CopyError::Read(BodyError::Io(e))),
         Err(splice::CopyFailed::Write(e)) => Err(CopyError::Write(e)),
     })
+}
+
+/// An interim response: `1xx` other than `101`, which ends the exchange
+/// with an upgrade.
+fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
+/// Passes an interim response on to the client. A proxy forwards every
+/// `1xx` it did not ask for itself (RFC 9110 15.2), so `100 Continue` goes
+/// on whether or not the client sent `Expect` (the relay never adds one);
+/// an HTTP/1.0 client gets none, as it cannot tell one from the final
+/// response.
+async fn pass_interim<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    head: &ResponseHead,
+    name: &str,
+    client_minor: u8,
+) -> std::io::Result<()> {
+    if client_minor == 0 {
+        return Ok(());
+    }
+    let interim = rewrite::response_head(
+        head,
+        &ResponseRewrite {
+            name,
+            body: ResponseBody::Length(None),
+            decoded: false,
+            upgrade: false,
+            keep_alive: true,
+            client_minor,
+        },
+    );
+    write_flush(client, &interim).await
 }
 
 /// Writes and flushes: a TLS stream may otherwise hold the bytes while the

@@ -164,7 +164,17 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
 
     let listed = req.fields.connection_listed();
     let mut wrote_host = false;
-    for (known, name, value) in req.fields.iter_known() {
+    // This relay's `Via` entry goes on the last `Via` line there is, rather
+    // than a line of its own, so that a head as many fields long as a hop's
+    // `max_headers` still passes a chain of hops with the same limit.
+    let via_at = (!rw.transparent)
+        .then(|| last_via(&req.fields, &listed))
+        .flatten();
+    for (at, (known, name, value)) in req.fields.iter_known().enumerate() {
+        if via_at == Some(at) {
+            via_field(&mut out, name, value, req.minor, rw.name);
+            continue;
+        }
         if known == FieldName::Host {
             if wrote_host {
                 continue;
@@ -218,7 +228,7 @@ pub fn request_head(req: &RequestHead, rw: &RequestRewrite<'_>) -> Vec<u8> {
     if let Some(credentials) = rw.proxy_authorization {
         push_field(&mut out, b"Proxy-Authorization", credentials.as_bytes());
     }
-    if !rw.transparent {
+    if !rw.transparent && via_at.is_none() {
         via_line(&mut out, req.minor, rw.name);
     }
     out.extend_from_slice(b"\r\n");
@@ -308,15 +318,44 @@ pub fn date_line(out: &mut Vec<u8>) {
     });
 }
 
+/// A `Via` line with only this relay's entry.
 fn via_line(out: &mut Vec<u8>, minor: u8, name: &str) {
-    out.extend_from_slice(if minor == 0 {
-        b"Via: 1.0 "
-    } else {
-        b"Via: 1.1 "
-    });
+    out.extend_from_slice(b"Via: ");
+    via_entry(out, minor, name);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `1.1 name (porthole)`: this relay's `Via` entry for a message of HTTP/1.`minor`.
+fn via_entry(out: &mut Vec<u8>, minor: u8, name: &str) {
+    out.extend_from_slice(if minor == 0 { b"1.0 " } else { b"1.1 " });
     out.extend_from_slice(name.as_bytes());
     out.push(b' ');
     out.extend_from_slice(VIA_MARK.as_bytes());
+}
+
+/// The index of the last `Via` field line in `fields` that goes on, if any
+/// (`listed`: the names `Connection` lists, which do not).
+fn last_via(fields: &Fields, listed: &[&[u8]]) -> Option<usize> {
+    if !fields.has(FieldName::Via) || is_hop_by_hop(FieldName::Via, b"via", listed) {
+        return None;
+    }
+    fields
+        .iter_known()
+        .rposition(|(known, _, _)| known == FieldName::Via)
+}
+
+/// A `Via` field line that arrived, with this relay's entry appended to its
+/// list (RFC 9110 5.3: a list field's lines may be combined; 7.6.3: each
+/// hop appends its entry).
+fn via_field(out: &mut Vec<u8>, name: &[u8], value: &[u8], minor: u8, mine: &str) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    let value = trim(value);
+    if !value.is_empty() {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    via_entry(out, minor, mine);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -375,8 +414,13 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     out.extend_from_slice(b"\r\n");
     let listed = resp.fields.connection_listed();
     let dated = resp.fields.has(FieldName::Date);
+    let via_at = last_via(&resp.fields, &listed);
 
-    for (known, name, value) in resp.fields.iter_known() {
+    for (at, (known, name, value)) in resp.fields.iter_known().enumerate() {
+        if via_at == Some(at) {
+            via_field(out, name, value, resp.minor, rw.name);
+            continue;
+        }
         if known == FieldName::Upgrade && rw.upgrade {
             push_field(out, name, value);
             continue;
@@ -406,7 +450,9 @@ pub fn response_head_into(out: &mut Vec<u8>, resp: &ResponseHead, rw: &ResponseR
     if resp.status >= 200 && !dated {
         date_line(out);
     }
-    via_line(out, resp.minor, rw.name);
+    if via_at.is_none() {
+        via_line(out, resp.minor, rw.name);
+    }
     out.extend_from_slice(b"\r\n");
 }
 

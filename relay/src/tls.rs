@@ -18,6 +18,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use blake2::{Blake2s256, Digest};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -260,29 +261,40 @@ pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
 /// Client-side TLS: the one builder for every connection Porthole dials
 /// with TLS (a route's internal server, the shim's link to its relay, an
 /// inside relay's uplink to the outside relay). Verifies against a PEM `ca`
-/// or the system roots; offers the given ALPN protocols.
+/// or the system roots; offers the given ALPN protocols; presents a client
+/// certificate when one is configured (a route's `via_cert`).
 #[derive(Clone)]
 pub struct ClientTls {
     /// The `ca` file, or `None` for the system roots.
     pub ca: Option<PathBuf>,
     alpn: Vec<Vec<u8>>,
+    /// The client certificate file presented, if any (the key stays unnamed
+    /// here: its content is only in `fingerprint`).
+    identity: Option<PathBuf>,
+    /// A digest of the settings: the `ca` path, the ALPN list, and the
+    /// client certificate chain and private key as read.
+    fingerprint: Fingerprint,
     connector: TlsConnector,
 }
 
 impl fmt::Debug for ClientTls {
+    // Paths only: the fingerprint covers the private key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientTls")
             .field("ca", &self.ca)
             .field("alpn", &self.alpn)
+            .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
 }
 
-/// Same settings (a reload compares them); a CA file renewed in place
-/// counts as the same.
+/// Same settings (a reload compares them, and pooled connections are kept
+/// apart by them): the same `ca` path, ALPN list and client identity. The
+/// identity counts by content, so a certificate or key replaced in place is
+/// another identity; a CA file renewed in place counts as the same.
 impl PartialEq for ClientTls {
     fn eq(&self, other: &Self) -> bool {
-        self.ca == other.ca && self.alpn == other.alpn
+        self.fingerprint == other.fingerprint
     }
 }
 
@@ -313,23 +325,41 @@ impl ClientTls {
             .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots);
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut digest = Digester::default();
+        digest.field(ca.unwrap_or("").as_bytes());
+        for protocol in &alpn {
+            digest.field(protocol);
+        }
         let mut config = match identity {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
                 let chain = read_certs(cert)?;
                 let key_der = read_key(key)?;
+                digest.field(b"identity");
+                for c in &chain {
+                    digest.field(c.as_ref());
+                }
+                digest.field(key_der.secret_der());
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| format!("{cert} and {key} do not make a client identity: {e}"))?
             }
         };
-        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
         config.alpn_protocols = alpn.clone();
         Ok(ClientTls {
             ca: ca.map(PathBuf::from),
             alpn,
+            identity: identity.map(|(cert, _)| PathBuf::from(cert)),
+            fingerprint: digest.finish(),
             connector: TlsConnector::from(Arc::new(config)),
         })
+    }
+
+    /// A digest of these settings (see [`PartialEq`]), for keeping
+    /// connections made under different settings apart.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
     }
 
     /// The TLS handshake on a dialled connection, verifying `host` (a DNS
@@ -345,6 +375,33 @@ impl ClientTls {
             .connect(name, tcp)
             .await
             .map_err(|e| failure_text(&e))
+    }
+}
+
+/// A digest of client TLS settings ([`ClientTls::fingerprint`]). It covers
+/// a private key, so `Debug` does not show it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprint(..)")
+    }
+}
+
+/// Digests a sequence of byte strings, each length-prefixed so that no two
+/// sequences share an input.
+#[derive(Default)]
+struct Digester(Blake2s256);
+
+impl Digester {
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_be_bytes());
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> Fingerprint {
+        Fingerprint(self.0.finalize().into())
     }
 }
 
@@ -424,5 +481,60 @@ fn failure_text(e: &std::io::Error) -> String {
         }
         Some(other) => other.to_string(),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a fresh self-signed certificate and its key for `name` to
+    /// `dir/{file}.pem` and `dir/{file}.key`, returning both paths.
+    fn identity(dir: &std::path::Path, file: &str, name: &str) -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let cert = dir.join(format!("{file}.pem"));
+        let key = dir.join(format!("{file}.key"));
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    #[test]
+    fn the_client_identity_counts_in_equality() {
+        let dir = tempfile::tempdir().unwrap();
+        // A CA file of its own, so the test does not need system roots.
+        let (ca, _) = identity(dir.path(), "ca", "ca.test");
+        let ca = Some(ca.as_str());
+        let (a_cert, a_key) = identity(dir.path(), "a", "hop-a.test");
+        let (b_cert, b_key) = identity(dir.path(), "b", "hop-b.test");
+        let with =
+            |cert: &str, key: &str| ClientTls::with_identity(ca, &[], Some((cert, key))).unwrap();
+
+        let a = with(&a_cert, &a_key);
+        assert_eq!(
+            a,
+            with(&a_cert, &a_key),
+            "the same files are the same settings"
+        );
+        assert_ne!(a, with(&b_cert, &b_key), "another certificate and key");
+        assert_ne!(a, ClientTls::new(ca).unwrap(), "no certificate at all");
+        assert_ne!(a.fingerprint(), with(&b_cert, &b_key).fingerprint());
+
+        // A certificate and key replaced in place (a renewal, then a
+        // reload): the same paths, another identity.
+        std::fs::copy(&b_cert, &a_cert).unwrap();
+        std::fs::copy(&b_key, &a_key).unwrap();
+        let renewed = with(&a_cert, &a_key);
+        assert_ne!(a, renewed, "the content counts, not the path");
+        assert_eq!(renewed, with(&b_cert, &b_key));
+
+        // Debug names the files, never the key or the digest over it.
+        let shown = format!("{a:?}");
+        assert!(shown.contains("a.pem"), "{shown}");
+        let key_pem = std::fs::read_to_string(&b_key).unwrap();
+        let key_body = key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_body), "{shown}");
+        assert!(!shown.contains("fingerprint"), "{shown}");
+        assert_eq!(format!("{:?}", a.fingerprint()), "Fingerprint(..)");
     }
 }

@@ -180,9 +180,11 @@ impl AsyncWrite for Upstream {
 pub enum Scope {
     /// Dialled in plain TCP.
     Plain,
-    /// Verified with the TLS settings of this route, so a connection is never
-    /// reused under another route's trust.
-    Tls(String),
+    /// Dialled with TLS for this route, with the settings of this
+    /// fingerprint ([`crate::tls::ClientTls::fingerprint`]): a connection is
+    /// never reused under another route's trust, nor, after a reload, under
+    /// another CA or client certificate than the one it was made with.
+    Tls(String, crate::tls::Fingerprint),
     /// A data connection of this uplink, opened while its control connection
     /// of this generation lived.
     Uplink { id: String, generation: u64 },
@@ -192,12 +194,12 @@ impl Scope {
     /// The scope of a connection dialled for `route`.
     pub fn of_route(route: &Route) -> Scope {
         let tls = match &route.via {
-            Some(via) => via.tls.is_some(),
-            None => route.tls.is_some(),
+            Some(via) => via.tls.as_ref(),
+            None => route.tls.as_ref(),
         };
         match tls {
-            true => Scope::Tls(route.host.clone()),
-            false => Scope::Plain,
+            Some(tls) => Scope::Tls(route.host.clone(), tls.fingerprint()),
+            None => Scope::Plain,
         }
     }
 
@@ -506,6 +508,32 @@ mod tests {
         let took = pool.take("erp", 80, &uplink("a", 1)).expect("the other");
         assert_eq!(worker_of(&took), 2);
         assert!(pool.take("erp", 80, &uplink("a", 1)).is_none());
+    }
+
+    #[test]
+    fn a_hop_with_another_client_certificate_is_another_scope() {
+        // A reload that changes a route's via_cert: connections pooled under
+        // the old identity serve only requests that started under it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for name in ["ca", "a", "b"] {
+            let made = rcgen::generate_simple_self_signed(vec![format!("{name}.test")]).unwrap();
+            let cert = dir.path().join(format!("{name}.pem"));
+            let key = dir.path().join(format!("{name}.key"));
+            std::fs::write(&cert, made.cert.pem()).unwrap();
+            std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+            files.push((cert.display().to_string(), key.display().to_string()));
+        }
+        let scope_with = |(cert, key): &(String, String)| {
+            let text = format!(
+                "[[route]]\nhost = \"erp.corp\"\nvia = \"hop.test:8443\"\nvia_ca = \"{}\"\nvia_cert = \"{cert}\"\nvia_key = \"{key}\"\n",
+                files[0].0
+            );
+            let config = crate::config::Config::from_toml(&text).unwrap();
+            Scope::of_route(&config.routes.routes()[0])
+        };
+        assert_eq!(scope_with(&files[1]), scope_with(&files[1]));
+        assert_ne!(scope_with(&files[1]), scope_with(&files[2]));
     }
 
     fn uplink(id: &str, generation: u64) -> Scope {
