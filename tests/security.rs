@@ -1022,3 +1022,86 @@ async fn a_chain_back_to_itself_is_a_loop_for_tunnels_too() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
+
+/// The access line of a refused request says who was refused what, and what
+/// the client got; a password in a request target never reaches the log.
+#[tokio::test]
+async fn access_lines_of_refusals_name_the_user_and_route_and_keep_no_password() {
+    let dir = Dir::new();
+    let users = users_file(&dir, &[("alice", "a-pw")]);
+    let (a, b) = (Origin::ok().await, Origin::ok().await);
+    let log = dir.0.join("access.log");
+    let routes = route("app-a.test", "127.0.0.1", &[a.port()], "")
+        + &route("app-b.test", "127.0.0.1", &[b.port()], "");
+    let extra = format!(
+        r#"
+[auth]
+users_file = "{users}"
+
+[[rule]]
+users = ["alice"]
+routes = ["app-a.test"]
+allow = true
+
+[log]
+access = "{}"
+"#,
+        log.display()
+    );
+    let relay = Relay::start(&config_with(&routes, &extra)).await;
+
+    // A rule keeps alice from app-b.test.
+    let refused = Curl::new(&format!("http://app-b.test:{}/", b.port()))
+        .proxy(&relay.url())
+        .args(&["-U", "alice:a-pw"])
+        .run()
+        .await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    // Targets with user information are refused, and logged without it.
+    let credentials = "Proxy-Authorization: Basic YWxpY2U6YS1wdw==\r\n"; // alice:a-pw
+    let absolute = format!(
+        "GET http://u:s3cretpass@app-a.test:{}/y HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Connection: close\r\n\r\n",
+        a.port()
+    );
+    let answer = raw_exchange(relay.addr, absolute.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let connect = format!(
+        "CONNECT u:s3cretpass@app-a.test:{} HTTP/1.1\r\n{credentials}\r\n",
+        a.port()
+    );
+    let answer = raw_exchange(relay.addr, connect.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A CONNECT to a port the route does not offer: refused by the relay
+    // after the rules let it through.
+    let connect = format!(
+        "CONNECT app-a.test:{} HTTP/1.1\r\n{credentials}\r\n",
+        b.port()
+    );
+    let answer = raw_exchange(relay.addr, connect.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let lines = || porthole_suite::lines_with(&log, "status=");
+    let all_written = || async { lines().len() >= 4 };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), all_written).await,
+        "{:?}",
+        lines()
+    );
+    let lines = lines();
+    porthole_suite::assert_some_line(
+        &lines,
+        &["user=\"alice\"", "route=\"app-b.test\"", "status=403"],
+    );
+    porthole_suite::assert_some_line(&lines, &["target=\"http://***@app-a.test:", "status=400"]);
+    porthole_suite::assert_some_line(&lines, &["target=\"***@app-a.test:", "status=400"]);
+    let port_refused = lines
+        .iter()
+        .find(|l| l.contains("method=CONNECT") && l.contains("status=403"))
+        .expect("the refused CONNECT's line");
+    assert!(
+        !port_refused.contains("bytes_out=0 "),
+        "the 403 sent is counted: {port_refused}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("s3cretpass"), "{text}");
+}

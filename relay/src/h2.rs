@@ -488,9 +488,16 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Respon
         .headers()
         .get(header::PROXY_AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    match gate::admit(&ctx, &config, authorization, Some((&host, port))).await {
-        Ok(user) => access.user = user,
-        Err(err) => return refused(&err, access.take(), &ctx),
+    if let Err(err) = gate::admit(
+        &ctx,
+        &config,
+        authorization,
+        Some((&host, port)),
+        &mut access,
+    )
+    .await
+    {
+        return refused(&err, access.take(), &ctx);
     }
     let via = crate::rewrite::arrived_via(vias());
     let mut opened = match tunnel::open(&host, port, &via, &ctx, &mut access).await {

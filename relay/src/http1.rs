@@ -203,9 +203,8 @@ async fn next_request<S: Io>(
     // secrets, not as users.
     if !matches!(kind, RequestKind::Uplink { .. }) {
         let authorization = head.fields.get(FieldName::ProxyAuthorization);
-        match gate::admit(ctx, &config, authorization, target).await {
-            Ok(user) => access.user = user,
-            Err(err) => return answer_error(conn, ctx, err, access).await,
+        if let Err(err) = gate::admit(ctx, &config, authorization, target, &mut access).await {
+            return answer_error(conn, ctx, err, access).await;
         }
     }
     // A tunnel that came back through a chain of relays (`via`) is a loop,

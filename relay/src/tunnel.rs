@@ -226,7 +226,9 @@ async fn dial<S: Io>(
         }
         Err(err) => {
             access.status = err.status();
-            let _ = write_error(&mut client.io, &err, true, false).await;
+            access.bytes_out += write_error(&mut client.io, &err, true, false)
+                .await
+                .unwrap_or(0);
             None
         }
     }
