@@ -85,6 +85,14 @@ async fn check_names_every_bad_key_and_exits_64() {
     // A bad value from an environment override is blamed on its variable,
     // not on the file, which is fine.
     let good = write_config("good-for-env", &config("", ""));
+    // Valid without routes (a relay for events only), with a note: a file
+    // caught half-written looks the same.
+    let (code, text) = check(&good).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("ok (0 routes)") && text.contains("no [[route]]"),
+        "{text}"
+    );
     let out = tokio::process::Command::new(binary("porthole-relay"))
         .args(["check", "--config"])
         .arg(&good)
@@ -408,6 +416,18 @@ async fn reload_replaces_routes_keeps_tunnels_and_refuses_bad_files() {
     })
     .await;
     assert!(logged, "{}", relay.log_text());
+
+    // A valid file without routes is taken, with a warning: a file caught
+    // half-written looks the same.
+    std::fs::write(&path, config("", "")).unwrap();
+    relay.signal("HUP");
+    let warned = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("has no routes") }
+    })
+    .await;
+    assert!(warned, "{}", relay.log_text());
+    assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 403);
 }
 
 #[tokio::test]

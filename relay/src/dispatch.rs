@@ -100,6 +100,8 @@ pub struct Identity<'a> {
 impl Identity<'_> {
     /// Whether `host:port` names this relay (the shim asks the same of itself).
     pub fn is_own(&self, host: &str, port: u16) -> bool {
+        // A fully qualified `name.` is the same name, as for routes.
+        let host = host.strip_suffix('.').unwrap_or(host);
         if host == self.name {
             return true;
         }
@@ -321,6 +323,15 @@ mod tests {
             (
                 "GET /events/t HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
                 own("/events/t"),
+            ),
+            // The relay's name written fully qualified.
+            (
+                "GET /events/t HTTP/1.1\r\nHost: relay.test.\r\n\r\n",
+                own("/events/t"),
+            ),
+            (
+                "GET http://relay.test.:80/services HTTP/1.1\r\n\r\n",
+                own("/services"),
             ),
             (
                 "GET http://relay.test/services HTTP/1.1\r\n\r\n",

@@ -204,6 +204,14 @@ impl Shared {
                     );
                 }
                 let routes = new.routes.routes().len();
+                if routes == 0 && !current.routes.routes().is_empty() {
+                    // Valid, but more often a file caught half-written.
+                    tracing::warn!(
+                        source = %current.source.describe(),
+                        before = current.routes.routes().len(),
+                        "the reloaded configuration has no routes: every relayed request is refused until one is added"
+                    );
+                }
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 tracing::info!(source = %current.source.describe(), routes, "configuration reloaded");
                 Ok(later)

@@ -95,7 +95,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => {
-            println!("{source}: ok ({} routes)", config.routes.routes().len());
+            let routes = config.routes.routes().len();
+            println!("{source}: ok ({routes} routes)");
+            if routes == 0 {
+                // Valid (a relay for events only), but worth a second look.
+                eprintln!(
+                    "{source}: note: no [[route]]: every relayed request and CONNECT is refused"
+                );
+            }
             return ExitCode::SUCCESS;
         }
         Some(Command::Health { admin }) => {
