@@ -540,3 +540,76 @@ async fn event_metrics_and_topics_follow_publishing_and_polling() {
         "{page}"
     );
 }
+
+/// One request to the admin listener, answered and closed: (status, head, body).
+async fn admin_exchange(relay: &Relay, method: &str, path: &str) -> (u16, String, String) {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer =
+        porthole_suite::raw_exchange(relay.admin, request.as_bytes(), Duration::from_secs(5))
+            .await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    (status, head.to_string(), body.to_string())
+}
+
+fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, value) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+/// The admin listener answers `HEAD` on every `GET` endpoint (the `GET`'s
+/// status and fields, no body) and a wrong method on a known path with `405`
+/// and `Allow` (RFC 9110 9.3.2, 15.5.6; the audit's M2: both were `404`);
+/// unknown paths stay `404`.
+#[tokio::test]
+async fn admin_endpoints_answer_head_and_a_wrong_method_with_405_and_allow() {
+    let relay = Relay::start(&config_with("", "")).await;
+    for path in ["/healthz", "/readyz", "/metrics", "/status", "/events/t1"] {
+        let (status, get, body) = admin_exchange(&relay, "GET", path).await;
+        assert_eq!(status, 200, "GET {path}: {get}");
+        let (status, head, rest) = admin_exchange(&relay, "HEAD", path).await;
+        assert_eq!(status, 200, "HEAD {path}: {head}");
+        assert_eq!(rest, "", "HEAD {path} sent a body");
+        assert_eq!(
+            field(&head, "content-type"),
+            field(&get, "content-type"),
+            "{path}"
+        );
+        let length: usize = field(&head, "content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("HEAD {path} without Content-Length: {head}"));
+        if path == "/metrics" || path == "/status" {
+            assert!(length > 0, "HEAD {path}: {head}");
+        } else {
+            assert_eq!(length, body.len(), "HEAD {path}: {head}");
+        }
+    }
+    let wrong = [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("POST", "/readyz", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("DELETE", "/status", "GET, HEAD"),
+        ("POST", "/status", "GET, HEAD"),
+        ("GET", "/reload", "POST"),
+        ("HEAD", "/reload", "POST"),
+        ("PUT", "/events/t1", "GET, HEAD, POST"),
+    ];
+    for (method, path, allow) in wrong {
+        let (status, head, _) = admin_exchange(&relay, method, path).await;
+        assert_eq!(status, 405, "{method} {path}: {head}");
+        assert_eq!(field(&head, "allow"), Some(allow), "{method} {path}: {head}");
+    }
+    for method in ["GET", "HEAD", "POST", "DELETE"] {
+        let (status, head, body) = admin_exchange(&relay, method, "/nothing").await;
+        assert_eq!(status, 404, "{method} /nothing: {head}");
+        assert_eq!(body.is_empty(), method == "HEAD", "{method} /nothing: {body}");
+    }
+}
