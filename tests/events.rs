@@ -199,6 +199,12 @@ async fn server_sent_events_resume_after_last_event_id() {
     let out = sse("", 1).run().await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(out.header("content-type"), vec!["text/event-stream"]);
+    // Dated like the relay's other own answers (RFC 9110 6.6.1; the audit's L5).
+    let date = out.header("date");
+    assert!(
+        date.len() == 1 && httpdate::parse_http_date(&date[0]).is_ok(),
+        "{out:?}"
+    );
     let text = out.text();
     for i in 1..=3 {
         assert!(

@@ -1633,11 +1633,15 @@ async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() 
             );
         }
     }
-    // A HEAD of an event stream: its head, and the end.
+    // A HEAD of an event stream: its head, dated, and the end.
     let accept = "Accept: text/event-stream\r\n";
     let (status, stream, rest) = own_exchange(&relay, "HEAD", "/events/t", accept).await;
     assert_eq!(status, 200, "{stream}");
     assert_eq!(field(&stream, "content-type"), Some("text/event-stream"));
+    assert!(
+        field(&stream, "date").is_some_and(|d| httpdate::parse_http_date(d).is_ok()),
+        "{stream}"
+    );
     assert_eq!(rest, "", "HEAD of a stream sent a body");
     // A HEAD delivers nothing: only the two GETs' events are counted.
     let metrics = Curl::new(&format!("{}/metrics", relay.admin_url()))

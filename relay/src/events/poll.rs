@@ -275,9 +275,11 @@ async fn stream<S: Io>(
     } else {
         OutFraming::Chunked
     };
+    // Dated and marked like the relay's other own answers (RFC 9110 6.6.1).
     let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+    crate::rewrite::date_line(&mut out);
     out.extend_from_slice(
-        b"Content-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\n",
+        b"Content-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n",
     );
     if framing == OutFraming::Chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
