@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, route, workspace_root, Curl, EchoServer, Origin, Relay, RelayProcess,
+    config_with, head_field, route, workspace_root, Curl, EchoServer, Origin, Relay, RelayProcess,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -546,23 +546,7 @@ async fn admin_exchange(relay: &Relay, method: &str, path: &str) -> (u16, String
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    let answer =
-        porthole_suite::raw_exchange(relay.admin, request.as_bytes(), Duration::from_secs(5))
-            .await;
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {answer:?}"));
-    (status, head.to_string(), body.to_string())
-}
-
-fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (n, value) = l.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| value.trim())
-    })
+    porthole_suite::exchange(relay.admin, &request).await
 }
 
 /// The admin listener answers `HEAD` on every `GET` endpoint (the `GET`'s
@@ -579,11 +563,11 @@ async fn admin_endpoints_answer_head_and_a_wrong_method_with_405_and_allow() {
         assert_eq!(status, 200, "HEAD {path}: {head}");
         assert_eq!(rest, "", "HEAD {path} sent a body");
         assert_eq!(
-            field(&head, "content-type"),
-            field(&get, "content-type"),
+            head_field(&head, "content-type"),
+            head_field(&get, "content-type"),
             "{path}"
         );
-        let length: usize = field(&head, "content-length")
+        let length: usize = head_field(&head, "content-length")
             .and_then(|l| l.parse().ok())
             .unwrap_or_else(|| panic!("HEAD {path} without Content-Length: {head}"));
         if path == "/metrics" || path == "/status" {
@@ -605,11 +589,19 @@ async fn admin_endpoints_answer_head_and_a_wrong_method_with_405_and_allow() {
     for (method, path, allow) in wrong {
         let (status, head, _) = admin_exchange(&relay, method, path).await;
         assert_eq!(status, 405, "{method} {path}: {head}");
-        assert_eq!(field(&head, "allow"), Some(allow), "{method} {path}: {head}");
+        assert_eq!(
+            head_field(&head, "allow"),
+            Some(allow),
+            "{method} {path}: {head}"
+        );
     }
     for method in ["GET", "HEAD", "POST", "DELETE"] {
         let (status, head, body) = admin_exchange(&relay, method, "/nothing").await;
         assert_eq!(status, 404, "{method} /nothing: {head}");
-        assert_eq!(body.is_empty(), method == "HEAD", "{method} /nothing: {body}");
+        assert_eq!(
+            body.is_empty(),
+            method == "HEAD",
+            "{method} /nothing: {body}"
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, connect_via, echo_round, raw_exchange, response, route, Curl, EchoServer, Origin,
-    Relay, Reply,
+    config_with, connect_via, echo_round, exchange, head_field, raw_exchange, response, route,
+    Curl, EchoServer, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1567,21 +1567,7 @@ async fn own_exchange(
     let request = format!(
         "{method} {target} HTTP/1.1\r\nHost: relay.test\r\n{extra}Connection: close\r\n\r\n"
     );
-    let answer = raw_exchange(relay.addr, request.as_bytes(), Duration::from_secs(5)).await;
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {target}: no answer in time: {answer:?}"));
-    (status, head.to_string(), body.to_string())
-}
-
-fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (n, value) = l.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| value.trim())
-    })
+    exchange(relay.addr, &request).await
 }
 
 /// The relay's own endpoints answer `HEAD` (the `GET`'s head, no body; a
@@ -1602,7 +1588,11 @@ async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() 
     let allow = Some("GET, HEAD, OPTIONS");
     // A HEAD with a long wait is answered at once, within raw_exchange's 5 s.
     for (path, get, head) in [
-        ("/events/t", "/events/t?after=0", "/events/t?after=0&wait=30"),
+        (
+            "/events/t",
+            "/events/t?after=0",
+            "/events/t?after=0&wait=30",
+        ),
         ("/proxy.pac", "/proxy.pac", "/proxy.pac"),
         ("/services", "/services", "/services"),
     ] {
@@ -1613,21 +1603,25 @@ async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() 
         assert_eq!(rest, "", "HEAD {head} sent a body");
         for name in ["content-type", "content-length"] {
             assert_eq!(
-                field(&head_head, name),
-                field(&get_head, name),
+                head_field(&head_head, name),
+                head_field(&get_head, name),
                 "HEAD {head}: {head_head}"
             );
         }
         assert_eq!(
-            field(&get_head, "content-length"),
+            head_field(&get_head, "content-length"),
             Some(body.len().to_string().as_str())
         );
         let (status, options, _) = own_exchange(&relay, "OPTIONS", path, "").await;
-        assert_eq!((status, field(&options, "allow")), (200, allow), "{options}");
+        assert_eq!(
+            (status, head_field(&options, "allow")),
+            (200, allow),
+            "{options}"
+        );
         for method in ["POST", "DELETE", "PUT"] {
             let (status, refused, _) = own_exchange(&relay, method, path, "").await;
             assert_eq!(
-                (status, field(&refused, "allow")),
+                (status, head_field(&refused, "allow")),
                 (405, allow),
                 "{method} {path}: {refused}"
             );
@@ -1637,9 +1631,12 @@ async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() 
     let accept = "Accept: text/event-stream\r\n";
     let (status, stream, rest) = own_exchange(&relay, "HEAD", "/events/t", accept).await;
     assert_eq!(status, 200, "{stream}");
-    assert_eq!(field(&stream, "content-type"), Some("text/event-stream"));
+    assert_eq!(
+        head_field(&stream, "content-type"),
+        Some("text/event-stream")
+    );
     assert!(
-        field(&stream, "date").is_some_and(|d| httpdate::parse_http_date(d).is_ok()),
+        head_field(&stream, "date").is_some_and(|d| httpdate::parse_http_date(d).is_ok()),
         "{stream}"
     );
     assert_eq!(rest, "", "HEAD of a stream sent a body");

@@ -145,9 +145,10 @@ fn without_body(resp: AdminResponse) -> AdminResponse {
     use hyper::body::Body;
     let (mut parts, body) = resp.into_parts();
     let length = body.size_hint().exact().unwrap_or(0);
-    parts
-        .headers
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(length));
+    parts.headers.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(length),
+    );
     Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
