@@ -986,6 +986,28 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> 
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` on a fresh connection to `addr` and reads the answer until
+/// the server closes (at most 5 s): its status, its head (to the blank line,
+/// without it) and what follows. Panics when no status line came.
+pub async fn exchange(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let answer = raw_exchange(addr, request.as_bytes(), Duration::from_secs(5)).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no answer in time to {request:?}: {answer:?}"));
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of the field `name` (any case) in a head from [`exchange`].
+pub fn head_field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, value) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
 // ---------------------------------------------------------------- link proxy
 
 /// A TCP proxy to put between two test parties (shim and relay, inside and

@@ -199,6 +199,12 @@ async fn server_sent_events_resume_after_last_event_id() {
     let out = sse("", 1).run().await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(out.header("content-type"), vec!["text/event-stream"]);
+    // Dated like the relay's other own answers (RFC 9110 6.6.1; the audit's L5).
+    let date = out.header("date");
+    assert!(
+        date.len() == 1 && httpdate::parse_http_date(&date[0]).is_ok(),
+        "{out:?}"
+    );
     let text = out.text();
     for i in 1..=3 {
         assert!(
@@ -225,6 +231,95 @@ async fn server_sent_events_resume_after_last_event_id() {
         text.contains("id: 4\ndata: ") && !text.contains("id: 3\n"),
         "{text}"
     );
+}
+
+/// The rows of the admin status page's topic table: (topic, last id, pollers).
+async fn status_topics(admin_url: &str) -> Vec<(String, u64, usize)> {
+    let page = Curl::new(&format!("{admin_url}/status")).run().await.text();
+    page.split("<tr><td>")
+        .skip(1)
+        .filter_map(|row| {
+            let cells: Vec<&str> = row
+                .split("</td>")
+                .map(|c| c.rsplit('>').next().unwrap_or(c))
+                .collect();
+            Some((
+                cells.first()?.to_string(),
+                cells.get(1)?.parse().ok()?,
+                cells.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Polls, long polls and event streams of names no one ever published leave
+/// no topic behind once they end (the audit's M1: each stayed on the status
+/// page, and in memory, for good); a topic without events shows only while
+/// someone waits on it, and that waiter still gets what is published.
+async fn polling_unpublished_topics_leaves_nothing(events: &str) {
+    let relay = relay_with(events).await;
+    let (url, admin) = (relay.url(), relay.admin_url());
+    publish_ok(&admin, "real", "1").await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(tokio::spawn(
+            poll(&url, &format!("zz-ghost-p{i}"), "after=0").run(),
+        ));
+        clients.push(tokio::spawn(
+            poll(&url, &format!("zz-ghost-l{i}"), "after=0&wait=0.3").run(),
+        ));
+        let stream = poll(&url, &format!("zz-ghost-s{i}"), "")
+            .header("Accept: text/event-stream")
+            .max_time(1);
+        clients.push(tokio::spawn(stream.run()));
+    }
+    for client in clients {
+        let out = client.await.unwrap();
+        assert_eq!(out.status, 200, "{out:?}");
+    }
+    let only_real = vec![("real".to_string(), 1, 0)];
+    let gone = porthole_suite::eventually(Duration::from_secs(10), || async {
+        status_topics(&admin).await == only_real
+    })
+    .await;
+    let rows = status_topics(&admin).await;
+    assert!(gone, "topics left behind by pollers: {rows:?}");
+
+    let waiting = tokio::spawn(poll(&url, "zz-new", "after=0&wait=20").run());
+    wait_pollers(relay.admin, "zz-new", 1).await;
+    assert_eq!(
+        status_topics(&admin).await,
+        vec![("real".to_string(), 1, 0), ("zz-new".to_string(), 0, 1)]
+    );
+    publish_ok(&admin, "zz-new", "{\"n\":1}").await;
+    let out = waiting.await.unwrap();
+    assert_eq!(ids(&json(&out)), vec![1], "{out:?}");
+    assert_eq!(
+        status_topics(&admin).await,
+        vec![("real".to_string(), 1, 0), ("zz-new".to_string(), 1, 0)]
+    );
+}
+
+#[tokio::test]
+async fn polling_unpublished_topics_leaves_nothing_in_the_memory_store() {
+    polling_unpublished_topics_leaves_nothing("").await;
+}
+
+#[tokio::test]
+async fn polling_unpublished_topics_leaves_nothing_in_the_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events");
+    polling_unpublished_topics_leaves_nothing(&format!(
+        "store = \"file\"\npath = \"{}\"",
+        path.display()
+    ))
+    .await;
+    let mut files: Vec<String> = std::fs::read_dir(&path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, [".lock", "real.log", "zz-new.log"]);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, route, workspace_root, Curl, EchoServer, Origin, Relay, RelayProcess,
+    config_with, head_field, route, workspace_root, Curl, EchoServer, Origin, Relay, RelayProcess,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -539,4 +539,69 @@ async fn event_metrics_and_topics_follow_publishing_and_polling() {
         page.contains("<tr><td>plant-3</td><td class=\"n\">3</td><td class=\"n\">0</td></tr>"),
         "{page}"
     );
+}
+
+/// One request to the admin listener, answered and closed: (status, head, body).
+async fn admin_exchange(relay: &Relay, method: &str, path: &str) -> (u16, String, String) {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    porthole_suite::exchange(relay.admin, &request).await
+}
+
+/// The admin listener answers `HEAD` on every `GET` endpoint (the `GET`'s
+/// status and fields, no body) and a wrong method on a known path with `405`
+/// and `Allow` (RFC 9110 9.3.2, 15.5.6; the audit's M2: both were `404`);
+/// unknown paths stay `404`.
+#[tokio::test]
+async fn admin_endpoints_answer_head_and_a_wrong_method_with_405_and_allow() {
+    let relay = Relay::start(&config_with("", "")).await;
+    for path in ["/healthz", "/readyz", "/metrics", "/status", "/events/t1"] {
+        let (status, get, body) = admin_exchange(&relay, "GET", path).await;
+        assert_eq!(status, 200, "GET {path}: {get}");
+        let (status, head, rest) = admin_exchange(&relay, "HEAD", path).await;
+        assert_eq!(status, 200, "HEAD {path}: {head}");
+        assert_eq!(rest, "", "HEAD {path} sent a body");
+        assert_eq!(
+            head_field(&head, "content-type"),
+            head_field(&get, "content-type"),
+            "{path}"
+        );
+        let length: usize = head_field(&head, "content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("HEAD {path} without Content-Length: {head}"));
+        if path == "/metrics" || path == "/status" {
+            assert!(length > 0, "HEAD {path}: {head}");
+        } else {
+            assert_eq!(length, body.len(), "HEAD {path}: {head}");
+        }
+    }
+    let wrong = [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("POST", "/readyz", "GET, HEAD"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("DELETE", "/status", "GET, HEAD"),
+        ("POST", "/status", "GET, HEAD"),
+        ("GET", "/reload", "POST"),
+        ("HEAD", "/reload", "POST"),
+        ("PUT", "/events/t1", "GET, HEAD, POST"),
+    ];
+    for (method, path, allow) in wrong {
+        let (status, head, _) = admin_exchange(&relay, method, path).await;
+        assert_eq!(status, 405, "{method} {path}: {head}");
+        assert_eq!(
+            head_field(&head, "allow"),
+            Some(allow),
+            "{method} {path}: {head}"
+        );
+    }
+    for method in ["GET", "HEAD", "POST", "DELETE"] {
+        let (status, head, body) = admin_exchange(&relay, method, "/nothing").await;
+        assert_eq!(status, 404, "{method} /nothing: {head}");
+        assert_eq!(
+            body.is_empty(),
+            method == "HEAD",
+            "{method} /nothing: {body}"
+        );
+    }
 }

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use porthole_suite::{
-    config_with, connect_via, echo_round, raw_exchange, response, route, Curl, EchoServer, Origin,
-    Relay, Reply,
+    config_with, connect_via, echo_round, exchange, head_field, raw_exchange, response, route,
+    Curl, EchoServer, Origin, Relay, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1555,6 +1555,104 @@ async fn the_relays_own_answers_to_head_have_no_body_and_are_dated() {
         heads[5].starts_with("{\"relay\":\"relay.test\""),
         "{answer}"
     );
+}
+
+/// One request to the relay's own host, answered and closed: (status, head, body).
+async fn own_exchange(
+    relay: &Relay,
+    method: &str,
+    target: &str,
+    extra: &str,
+) -> (u16, String, String) {
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: relay.test\r\n{extra}Connection: close\r\n\r\n"
+    );
+    exchange(relay.addr, &request).await
+}
+
+/// The relay's own endpoints answer `HEAD` (the `GET`'s head, no body; a
+/// poll's without waiting, an event stream's head alone), say the same
+/// methods in `OPTIONS` and in a `405`'s `Allow` (the audit's L1: `HEAD
+/// /events/t` was `405 Allow: GET` while `OPTIONS` offered `HEAD`; `POST
+/// /proxy.pac` and `/services` were `404`), and other paths stay `404`.
+#[tokio::test]
+async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() {
+    let relay = Relay::start(&config_with("", "")).await;
+    for n in 1..=2 {
+        let out = Curl::new(&format!("{}/events/t", relay.admin_url()))
+            .args(&["--data", &format!("{{\"n\":{n}}}")])
+            .run()
+            .await;
+        assert_eq!(out.status, 201, "{out:?}");
+    }
+    let allow = Some("GET, HEAD, OPTIONS");
+    // A HEAD with a long wait is answered at once, within raw_exchange's 5 s.
+    for (path, get, head) in [
+        (
+            "/events/t",
+            "/events/t?after=0",
+            "/events/t?after=0&wait=30",
+        ),
+        ("/proxy.pac", "/proxy.pac", "/proxy.pac"),
+        ("/services", "/services", "/services"),
+    ] {
+        let (status, get_head, body) = own_exchange(&relay, "GET", get, "").await;
+        assert_eq!(status, 200, "GET {get}: {get_head}");
+        let (status, head_head, rest) = own_exchange(&relay, "HEAD", head, "").await;
+        assert_eq!(status, 200, "HEAD {head}: {head_head}");
+        assert_eq!(rest, "", "HEAD {head} sent a body");
+        for name in ["content-type", "content-length"] {
+            assert_eq!(
+                head_field(&head_head, name),
+                head_field(&get_head, name),
+                "HEAD {head}: {head_head}"
+            );
+        }
+        assert_eq!(
+            head_field(&get_head, "content-length"),
+            Some(body.len().to_string().as_str())
+        );
+        let (status, options, _) = own_exchange(&relay, "OPTIONS", path, "").await;
+        assert_eq!(
+            (status, head_field(&options, "allow")),
+            (200, allow),
+            "{options}"
+        );
+        for method in ["POST", "DELETE", "PUT"] {
+            let (status, refused, _) = own_exchange(&relay, method, path, "").await;
+            assert_eq!(
+                (status, head_field(&refused, "allow")),
+                (405, allow),
+                "{method} {path}: {refused}"
+            );
+        }
+    }
+    // A HEAD of an event stream: its head, dated, and the end.
+    let accept = "Accept: text/event-stream\r\n";
+    let (status, stream, rest) = own_exchange(&relay, "HEAD", "/events/t", accept).await;
+    assert_eq!(status, 200, "{stream}");
+    assert_eq!(
+        head_field(&stream, "content-type"),
+        Some("text/event-stream")
+    );
+    assert!(
+        head_field(&stream, "date").is_some_and(|d| httpdate::parse_http_date(d).is_ok()),
+        "{stream}"
+    );
+    assert_eq!(rest, "", "HEAD of a stream sent a body");
+    // A HEAD delivers nothing: only the two GETs' events are counted.
+    let metrics = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        metrics.contains("porthole_events_delivered_total{topic=\"t\"} 2\n"),
+        "{metrics}"
+    );
+    for method in ["GET", "OPTIONS", "POST"] {
+        let (status, head, _) = own_exchange(&relay, method, "/nothing", "").await;
+        assert_eq!(status, 404, "{method} /nothing: {head}");
+    }
 }
 
 /// Max-Forwards (RFC 9110 7.6.2; the audit's S5): an OPTIONS or TRACE with 0

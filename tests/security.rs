@@ -674,10 +674,23 @@ async fn publishers_publish_on_the_aggregate_port_and_nobody_else_does() {
         "nothing else stored"
     );
     assert_eq!(answer["next"], 2, "{answer}");
+
+    // The topic's Allow says POST, in OPTIONS and in a 405 alike.
+    let with_post = vec!["GET, HEAD, POST, OPTIONS".to_string()];
+    for method in ["OPTIONS", "PUT"] {
+        let out = Curl::new("http://relay.test/events/plant-7")
+            .proxy(&relay.url())
+            .args(&["-U", "reader:r-pw", "-X", method])
+            .run()
+            .await;
+        let want = if method == "OPTIONS" { 200 } else { 405 };
+        assert_eq!(out.status, want, "{method}: {out:?}");
+        assert_eq!(out.header("allow"), with_post, "{method}: {out:?}");
+    }
 }
 
 /// Without `[events] publishers`, the aggregate port only polls: a POST to
-/// an event topic is `405` with `Allow: GET`.
+/// an event topic is `405` with `Allow: GET, HEAD, OPTIONS`.
 #[tokio::test]
 async fn without_publishers_the_aggregate_port_does_not_publish() {
     let relay = Relay::start(&config_with("", "")).await;
@@ -687,7 +700,7 @@ async fn without_publishers_the_aggregate_port_does_not_publish() {
         .run()
         .await;
     assert_eq!(out.status, 405, "{out:?}");
-    assert_eq!(out.header("allow"), vec!["GET".to_string()]);
+    assert_eq!(out.header("allow"), vec!["GET, HEAD, OPTIONS".to_string()]);
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! The admin listener (`relay.admin_listen`, loopback by default, never the
 //! aggregate port): health and readiness, event publishing (`POST
 //! /events/{topic}`) and a topic's poller count (`GET /events/{topic}`);
-//! metrics and the status page hang off the same router. Low traffic, so it
+//! metrics and the status page hang off the same router. Every `GET`
+//! endpoint also answers `HEAD`; a wrong method gets `405` with `Allow`. Low traffic, so it
 //! is served with hyper rather than the relay's own HTTP/1 path.
 
 use std::convert::Infallible;
@@ -48,22 +49,59 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Dispatches one admin request.
+/// The methods an admin endpoint takes, for `Allow` (`HEAD` wherever `GET`
+/// is, RFC 9110 section 9.3.2); `None` for a path that is no endpoint.
+fn allowed(path: &str) -> Option<&'static str> {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" | "/status" => Some("GET, HEAD"),
+        "/reload" => Some("POST"),
+        p if p.starts_with("/events/") => Some("GET, HEAD, POST"),
+        _ => None,
+    }
+}
+
+/// Dispatches one admin request: an unknown path is `404`, a known one
+/// with a method it does not take `405` with `Allow` (RFC 9110 section
+/// 15.5.6), and a `HEAD` gets the `GET`'s answer without its body.
 async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
     let path = req.uri().path().to_string();
+    let head_only = req.method() == Method::HEAD;
+    let answer = match allowed(&path) {
+        None => text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: no such admin endpoint\n",
+        ),
+        Some(allow) => answer(req, &path, allow, shared).await,
+    };
+    if head_only {
+        without_body(answer)
+    } else {
+        answer
+    }
+}
+
+/// Answers a request for an admin endpoint that takes the methods `allow`.
+async fn answer(
+    req: Request<Incoming>,
+    path: &str,
+    allow: &'static str,
+    shared: &Shared,
+) -> AdminResponse {
+    let method = match *req.method() {
+        Method::HEAD => Method::GET,
+        ref m => m.clone(),
+    };
     if let Some(topic) = path.strip_prefix("/events/") {
-        return match *req.method() {
+        return match method {
             Method::POST => publish(req, topic, shared).await,
             Method::GET => json(
                 StatusCode::OK,
                 format!("{{\"pollers\":{}}}\n", shared.events.pollers(topic)),
             ),
-            _ => refusal(&RelayError::new(ErrorKind::MethodNotAllowed {
-                allow: "GET, POST",
-            })),
+            _ => refusal(&RelayError::new(ErrorKind::MethodNotAllowed { allow })),
         };
     }
-    match (req.method(), path.as_str()) {
+    match (&method, path) {
         (&Method::GET, "/healthz") | (&Method::GET, "/readyz") => health(shared),
         (&Method::GET, "/metrics") => {
             let mut resp = text(StatusCode::OK, shared.metrics.encode());
@@ -97,11 +135,21 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
                 format!("reload refused: {e}\n"),
             ),
         },
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "404 Not Found: no such admin endpoint\n",
-        ),
+        _ => refusal(&RelayError::new(ErrorKind::MethodNotAllowed { allow })),
     }
+}
+
+/// The answer to a `HEAD`: the `GET`'s status and fields, its
+/// `Content-Length` still the body's, and no body.
+fn without_body(resp: AdminResponse) -> AdminResponse {
+    use hyper::body::Body;
+    let (mut parts, body) = resp.into_parts();
+    let length = body.size_hint().exact().unwrap_or(0);
+    parts.headers.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(length),
+    );
+    Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
 /// `POST /events/{topic}`: one JSON value, at most `max_event_bytes`, stored

@@ -2,7 +2,8 @@
 //! relay's `name` or the address the client connected to. `GET
 //! /events/{topic}` polls events, `POST /events/{topic}` publishes one for
 //! `[events] publishers`, `GET /proxy.pac` is the PAC file, `GET /services`
-//! lists services; every other path is `404`.
+//! lists services. Each also answers `HEAD` and `OPTIONS`, and another
+//! method with `405` and the same `Allow`; every other path is `404`.
 
 use crate::access_log::Access;
 use crate::codec::{BodyReader, Conn, Framing, Io, Item, RequestHead};
@@ -16,6 +17,24 @@ use crate::ConnCtx;
 /// Most request body the relay reads and discards to keep a connection usable.
 const MAX_DISCARD: u64 = 64 * 1024;
 
+/// What the relay's own endpoints take.
+const READ_ONLY: &str = "GET, HEAD, OPTIONS";
+/// What `/events/{topic}` takes when `[events] publishers` is set.
+const WITH_PUBLISH: &str = "GET, HEAD, POST, OPTIONS";
+
+/// The methods the own endpoint at `path` takes, for `Allow` in a `405` and
+/// in the answer to `OPTIONS` (`*`: the relay as a whole); `None` for a path
+/// that is no endpoint.
+fn allowed(path: &str, publishing: bool) -> Option<&'static str> {
+    match path {
+        "/proxy.pac" | "/services" => Some(READ_ONLY),
+        p if p == "*" || p.starts_with("/events/") => {
+            Some(if publishing { WITH_PUBLISH } else { READ_ONLY })
+        }
+        _ => None,
+    }
+}
+
 /// Serves one request for the relay itself. Takes the head: a long poll lets
 /// it go (and the read buffer it shares) while it waits.
 pub async fn serve<S: Io>(
@@ -28,8 +47,13 @@ pub async fn serve<S: Io>(
     access: &mut Access,
 ) -> After {
     let (path_only, query) = path.split_once('?').unwrap_or((path, ""));
-    let publishing = head.method() == "POST" && ctx.shared.config().rules.publishing();
-    if let Some(topic) = path_only.strip_prefix("/events/").filter(|_| publishing) {
+    let publishing = ctx.shared.config().rules.publishing();
+    let allow = allowed(path_only, publishing);
+    let publish_request = head.method() == "POST" && publishing;
+    if let Some(topic) = path_only
+        .strip_prefix("/events/")
+        .filter(|_| publish_request)
+    {
         drop(head);
         return publish(conn, topic, framing, keep_alive, ctx, access).await;
     }
@@ -39,7 +63,7 @@ pub async fn serve<S: Io>(
     );
     let keep_alive = keep_alive && body_read;
     if let Some(topic) = path_only.strip_prefix("/events/") {
-        if head.method() == "GET" {
+        if matches!(head.method(), "GET" | "HEAD") {
             return events::poll::serve(conn, head, topic, query, keep_alive, ctx, access).await;
         }
     }
@@ -64,16 +88,16 @@ pub async fn serve<S: Io>(
             head_only,
         )
         .await
-    } else if head.method() == "OPTIONS" {
-        // What the relay's own endpoints take (RFC 9110 section 9.3.7).
+    } else if let (Some(allow), "OPTIONS") = (allow, head.method()) {
+        // What the endpoint takes (RFC 9110 section 9.3.7).
         access.status = 200;
-        let allow = [("Allow", "GET, HEAD, OPTIONS")];
+        let allow = [("Allow", allow)];
         write_simple(&mut conn.io, 200, "text/plain", b"", close, &allow, false).await
     } else {
-        let err = if path_only.starts_with("/events/") {
-            RelayError::new(ErrorKind::MethodNotAllowed { allow: "GET" })
-        } else {
-            RelayError::new(ErrorKind::NotFound)
+        // RFC 9110 section 15.5.6: a `405` says what the endpoint takes.
+        let err = match allow {
+            Some(allow) => RelayError::new(ErrorKind::MethodNotAllowed { allow }),
+            None => RelayError::new(ErrorKind::NotFound),
         };
         access.status = err.status();
         write_error(&mut conn.io, &err, close, head_only).await

@@ -141,7 +141,7 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
     let topics = shared.events.topics();
     if topics.is_empty() {
         html.push_str(
-            "<h2>Event topics</h2><p class=\"muted\">No topic published or polled yet.</p>\n",
+            "<h2>Event topics</h2><p class=\"muted\">No topic published yet, and no one waiting on one.</p>\n",
         );
     } else {
         html.push_str("<h2>Event topics</h2><table id=\"topics\"><tr><th>topic</th><th>last id</th><th>pollers waiting</th></tr>\n");

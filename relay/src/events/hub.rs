@@ -26,8 +26,11 @@ struct Inner {
     store: Box<dyn Store>,
     waiters: Waiters,
     settings: EventSettings,
-    /// Topics this relay has served, with the last id it knows of (for the
-    /// status page). A plain mutex: one map update, never held across an await.
+    /// Topics with at least one event published (here or, with the redis
+    /// store, on another relay), with the last id this relay knows of (for
+    /// the status page). Polling a topic that never had an event adds nothing:
+    /// anyone could poll any name, and each would stay for good. A plain
+    /// mutex: one map update, never held across an await.
     seen: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
@@ -173,7 +176,9 @@ impl Hub {
                 .max(batch.first_id.saturating_sub(1))
                 .min(batch.last_id),
         };
-        self.note(topic, batch.last_id);
+        if batch.last_id > 0 {
+            self.note(topic, batch.last_id);
+        }
         Ok(PollAnswer {
             events,
             next,
@@ -190,7 +195,9 @@ impl Hub {
         }
     }
 
-    /// Topics served so far with their last known id and waiting pollers.
+    /// Topics with events, with their last known id and waiting pollers,
+    /// and topics with none that someone waits on now (last id 0), by name.
+    /// A topic without events is listed only while it has waiters.
     pub fn topics(&self) -> Vec<(String, u64, usize)> {
         let seen = self
             .inner
@@ -198,16 +205,73 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        seen.into_iter()
-            .map(|(t, id)| {
-                let pollers = self.pollers(&t);
-                (t, id, pollers)
-            })
+        let mut topics: std::collections::BTreeMap<String, (u64, usize)> =
+            seen.into_iter().map(|(t, id)| (t, (id, 0))).collect();
+        for (topic, pollers) in self.inner.waiters.waiting() {
+            topics.entry(topic).or_insert((0, 0)).1 = pollers;
+        }
+        topics
+            .into_iter()
+            .map(|(t, (id, pollers))| (t, id, pollers))
             .collect()
     }
 
     /// `wait` capped by `max_wait`.
     pub fn cap_wait(&self, wait: Duration) -> Duration {
         wait.min(self.inner.settings.max_wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polling names that never had an event leaves nothing behind (the
+    /// audit's M1: every polled name stayed on the status page for good):
+    /// a topic without events is listed only while someone waits on it.
+    async fn polls_leave_no_topic_behind(settings: EventSettings) {
+        let hub = Hub::open(&settings).expect("hub");
+        for i in 0..50 {
+            let topic = format!("ghost-{i}");
+            let slot = hub.join(&topic).expect("slot");
+            let answer = hub.read(&topic, 0).await.expect("read");
+            assert!(answer.nothing_new(0), "{answer:?}");
+            drop(slot);
+        }
+        assert_eq!(hub.topics(), vec![]);
+
+        let waiting = hub.join("new").expect("slot");
+        hub.read("new", 0).await.expect("read");
+        assert_eq!(hub.topics(), vec![("new".to_string(), 0, 1)]);
+        drop(waiting);
+        assert_eq!(hub.topics(), vec![]);
+
+        assert_eq!(hub.publish("real", b"1").await.expect("publish"), 1);
+        hub.read("real", 0).await.expect("read");
+        assert_eq!(hub.topics(), vec![("real".to_string(), 1, 0)]);
+    }
+
+    #[tokio::test]
+    async fn memory_store_polls_leave_no_topic_behind() {
+        polls_leave_no_topic_behind(EventSettings::default()).await;
+    }
+
+    #[tokio::test]
+    async fn file_store_polls_leave_no_topic_and_no_file_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = EventSettings {
+            store: crate::config::StoreKind::File {
+                path: dir.path().to_path_buf(),
+            },
+            ..EventSettings::default()
+        };
+        polls_leave_no_topic_behind(settings).await;
+        let mut logs: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        logs.sort();
+        assert_eq!(logs, vec!["real.log".to_string()]);
     }
 }

@@ -3,6 +3,10 @@
 //! text/event-stream`, a server-sent event stream resumable with
 //! `Last-Event-ID`. A waiting poller costs one task and one watch receiver;
 //! it never blocks other connections and holds no lock while it waits.
+//!
+//! `HEAD` gets the head a `GET` would get without waiting (RFC 9110 section
+//! 9.3.2): a plain poll's (`wait` ignored, `Content-Length` of the answer
+//! now), or an event stream's, which then ends. Nothing counts as delivered.
 
 use std::time::Duration;
 
@@ -29,10 +33,13 @@ pub struct PollRequest {
     pub after: u64,
     pub wait: Duration,
     pub stream: bool,
+    /// A `HEAD`: the answer's head only, at once (`wait` is zero).
+    pub head_only: bool,
 }
 
 /// Reads `after`, `wait` (seconds, fractions allowed), `Accept` and
-/// `Last-Event-ID` (which wins over `after`). `Err` is the reason for a 400.
+/// `Last-Event-ID` (which wins over `after`); a `HEAD` never waits. `Err` is
+/// the reason for a 400.
 pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'static str> {
     let mut req = PollRequest {
         after: 0,
@@ -41,6 +48,7 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
             .fields
             .get_all(FieldName::Accept)
             .any(|v| contains(v, b"text/event-stream")),
+        head_only: head.method() == "HEAD",
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -61,6 +69,9 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
         req.after = text
             .parse()
             .map_err(|_| "Last-Event-ID must be an event id")?;
+    }
+    if req.head_only {
+        req.wait = Duration::ZERO;
     }
     Ok(req)
 }
@@ -83,6 +94,7 @@ pub async fn serve<S: Io>(
 ) -> After {
     let hub = &ctx.shared.events;
     let config = ctx.shared.config();
+    let head_only = head.method() == "HEAD";
     let request = if valid_topic(topic) {
         crate::gate::admit_topic(ctx, &config, access.user.as_deref(), topic).and_then(|()| {
             parse_request(query, &head).map_err(|why| RelayError::new(ErrorKind::BadPoll(why)))
@@ -93,7 +105,7 @@ pub async fn serve<S: Io>(
     let slot = request.and_then(|r| join(hub, topic).map(|slot| (r, slot)));
     let (request, slot) = match slot {
         Ok(ok) => ok,
-        Err(err) => return refuse(conn, ctx, access, err, keep_alive).await,
+        Err(err) => return refuse(conn, ctx, access, err, keep_alive, head_only).await,
     };
     // A waiting poll or an event stream holds neither its head nor a read
     // buffer (the head shares the buffer's allocation): 4 KiB per poller.
@@ -101,7 +113,7 @@ pub async fn serve<S: Io>(
     drop(head);
     conn.release_if_empty();
     if request.stream {
-        stream(conn, minor, topic, request.after, slot, ctx, access).await
+        stream(conn, minor, topic, request, slot, ctx, access).await
     } else {
         long_poll(conn, topic, request, slot, keep_alive, ctx, access).await
     }
@@ -127,10 +139,11 @@ async fn refuse<S: Io>(
     access: &mut Access,
     err: RelayError,
     keep_alive: bool,
+    head_only: bool,
 ) -> After {
     log_error(ctx, &err);
     access.status = err.status();
-    match write_error(&mut conn.io, &err, !keep_alive, false).await {
+    match write_error(&mut conn.io, &err, !keep_alive, head_only).await {
         Ok(n) if keep_alive => {
             access.bytes_out += n;
             After::KeepAlive
@@ -157,13 +170,6 @@ async fn next_answer<S: Io>(
         };
         let expired = deadline.is_some_and(|d| Instant::now() >= d);
         if !answer.nothing_new(after) || expired || ctx.shared.is_draining() {
-            if !answer.events.is_empty() {
-                let labels = TopicLabels {
-                    topic: Name::from(topic),
-                };
-                let delivered = ctx.shared.metrics.events_delivered.get_or_create(&labels);
-                delivered.inc_by(answer.events.len() as u64);
-            }
             return Some(Ok(answer));
         }
         // Counted as a waiting long-poll only while it actually waits.
@@ -187,6 +193,17 @@ async fn next_answer<S: Io>(
     }
 }
 
+/// Counts events sent to a poller.
+fn delivered(ctx: &ConnCtx, topic: &str, answer: &PollAnswer) {
+    if !answer.events.is_empty() {
+        let labels = TopicLabels {
+            topic: Name::from(topic),
+        };
+        let delivered = ctx.shared.metrics.events_delivered.get_or_create(&labels);
+        delivered.inc_by(answer.events.len() as u64);
+    }
+}
+
 async fn long_poll<S: Io>(
     conn: &mut Conn<S>,
     topic: &str,
@@ -205,9 +222,14 @@ async fn long_poll<S: Io>(
             access.status = 499; // nginx's "client closed request", for the log only
             return After::Close;
         }
-        Some(Err(err)) => return refuse(conn, ctx, access, err, keep_alive).await,
+        Some(Err(err)) => {
+            return refuse(conn, ctx, access, err, keep_alive, request.head_only).await
+        }
         Some(Ok(a)) => a,
     };
+    if !request.head_only {
+        delivered(ctx, topic, &answer);
+    }
     let close = !keep_alive || ctx.shared.is_draining();
     let body = answer.to_json();
     access.status = 200;
@@ -218,7 +240,7 @@ async fn long_poll<S: Io>(
         body.as_bytes(),
         close,
         &[],
-        false,
+        request.head_only,
     )
     .await;
     match written {
@@ -237,12 +259,12 @@ async fn long_poll<S: Io>(
 /// A server-sent event stream: `id:` and `data:` per event, an `event:
 /// missed` when the client fell behind, a comment every 15 s of quiet. Ends
 /// when the client leaves or the relay drains (the client resumes elsewhere
-/// with `Last-Event-ID`).
+/// with `Last-Event-ID`). To a `HEAD`, only the head.
 async fn stream<S: Io>(
     conn: &mut Conn<S>,
     minor: u8,
     topic: &str,
-    mut after: u64,
+    request: PollRequest,
     mut slot: Slot,
     ctx: &ConnCtx,
     access: &mut Access,
@@ -253,18 +275,26 @@ async fn stream<S: Io>(
     } else {
         OutFraming::Chunked
     };
-    let mut out = String::from(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\n",
+    // Dated and marked like the relay's other own answers (RFC 9110 6.6.1).
+    let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+    crate::rewrite::date_line(&mut out);
+    out.extend_from_slice(
+        b"Content-Type: text/event-stream\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n",
     );
     if framing == OutFraming::Chunked {
-        out.push_str("Transfer-Encoding: chunked\r\n");
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
-    out.push_str("\r\n");
+    out.extend_from_slice(b"\r\n");
     access.status = 200;
-    if conn.io.write_all(out.as_bytes()).await.is_err() {
+    let written = conn.io.write_all(&out).await;
+    if written.and(conn.io.flush().await).is_err() {
         return After::Close;
     }
     access.bytes_out += out.len() as u64;
+    if request.head_only {
+        return After::Close;
+    }
+    let mut after = request.after;
     let mut pending = String::from("retry: 2000\n\n");
     loop {
         if !pending.is_empty() {
@@ -292,6 +322,7 @@ async fn stream<S: Io>(
             pending.push_str(": keep-alive\n\n");
             continue;
         }
+        delivered(ctx, topic, &answer);
         if answer.missed > 0 {
             pending.push_str(&format!(
                 "event: missed\ndata: {{\"missed\":{}}}\n\n",
@@ -328,6 +359,7 @@ mod tests {
                 after,
                 wait: Duration::from_millis(wait_ms),
                 stream,
+                head_only: false,
             })
         };
         let cases: &[(&str, &str, Result<PollRequest, &str>)] = &[
@@ -354,5 +386,18 @@ mod tests {
         for (query, headers, want) in cases {
             assert_eq!(&parse(query, headers), want, "{query:?} {headers:?}");
         }
+    }
+
+    #[test]
+    fn a_head_never_waits() {
+        let text = "HEAD /events/t HTTP/1.1\r\nHost: r\r\n\r\n";
+        let head = parse_request_head(Bytes::from(text), 100).unwrap();
+        let want = PollRequest {
+            after: 3,
+            wait: Duration::ZERO,
+            stream: false,
+            head_only: true,
+        };
+        assert_eq!(parse_request("after=3&wait=25", &head), Ok(want));
     }
 }

@@ -88,6 +88,16 @@ impl Waiters {
         self.lock().topics.get(topic).map_or(0, |t| t.pollers)
     }
 
+    /// The topics someone waits on now, with their number of pollers. A
+    /// topic's entry goes with its last poller.
+    pub fn waiting(&self) -> Vec<(String, usize)> {
+        let map = self.lock();
+        map.topics
+            .iter()
+            .map(|(topic, t)| (topic.clone(), t.pollers))
+            .collect()
+    }
+
     /// Pollers waiting in total.
     pub fn total(&self) -> usize {
         self.lock().total
