@@ -364,7 +364,9 @@ async fn the_watcher_polls_a_relay_that_requires_tls() {
         files.write("relay.pem", &leaf.cert),
         files.write("relay.key", &leaf.key)
     );
-    let relay = Relay::start(&config_with("", &tls)).await;
+    let log = files.0.join("access.log");
+    let logged = format!("{tls}[log]\naccess = \"{}\"\n", log.display());
+    let relay = Relay::start(&config_with("", &logged)).await;
     let ca_file = files.write("ca.pem", &ca.pem());
     let (dir, conf) = workdir();
     let state = dir.path().join("t.last");
@@ -376,4 +378,12 @@ async fn the_watcher_polls_a_relay_that_requires_tls() {
         (&event["id"], &event["data"]),
         (&id.into(), &"over tls".into())
     );
+    // The polls name no scheme: an `http://` URI over TLS named the wrong one.
+    let polls = || porthole_suite::lines_with(&log, "/events/t?after=");
+    let answered = || async { !polls().is_empty() };
+    assert!(porthole_suite::eventually(Duration::from_secs(5), answered).await);
+    let polls = polls();
+    for line in &polls {
+        assert!(line.contains("target=\"/events/t?after="), "{line}");
+    }
 }

@@ -214,10 +214,14 @@ pub fn event_line(event: &RawValue) -> String {
     }
 }
 
-/// The poll's request target: absolute form with the relay's name.
-pub fn poll_uri(relay_name: &str, topic: &str, after: u64, wait: Duration) -> String {
+/// The poll's request target, in origin form: the relay is the origin of
+/// its event endpoints, reached directly (its name goes in `Host`), and the
+/// same target serves a link with TLS or without (an `http://` URI over TLS
+/// would name the wrong scheme, and an `https://` one reads as a request to
+/// relay elsewhere).
+pub fn poll_uri(topic: &str, after: u64, wait: Duration) -> String {
     let wait = wait.as_secs_f64();
-    format!("http://{relay_name}/events/{topic}?after={after}&wait={wait}")
+    format!("/events/{topic}?after={after}&wait={wait}")
 }
 
 /// `Retry-After` as a wait: delta-seconds or an HTTP date, capped.
@@ -323,7 +327,7 @@ where
 /// One poll on `sender`; `Err` is a transport failure (the connection is spent).
 async fn poll(sender: &mut Sender, config: &WatchConfig, after: u64) -> Result<Outcome, String> {
     let relay = &config.relay;
-    let uri = poll_uri(&config.relay_name, &config.topic, after, config.wait);
+    let uri = poll_uri(&config.topic, after, config.wait);
     let req = Request::get(uri)
         .header(header::HOST, &config.relay_name)
         .header(header::ACCEPT, "application/json")
@@ -632,12 +636,12 @@ mod tests {
     #[test]
     fn poll_uri_and_retry_after() {
         assert_eq!(
-            poll_uri("relay.corp", "plant-3", 7, Duration::from_secs(30)),
-            "http://relay.corp/events/plant-3?after=7&wait=30"
+            poll_uri("plant-3", 7, Duration::from_secs(30)),
+            "/events/plant-3?after=7&wait=30"
         );
         assert_eq!(
-            poll_uri("r:8080", "t", 0, Duration::from_millis(1500)),
-            "http://r:8080/events/t?after=0&wait=1.5"
+            poll_uri("t", 0, Duration::from_millis(1500)),
+            "/events/t?after=0&wait=1.5"
         );
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
         let hv = |s: &'static str| HeaderValue::from_static(s);
