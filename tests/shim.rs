@@ -567,6 +567,83 @@ async fn forwarded_ports_are_added_used_listed_and_removed() {
     assert_eq!(shim.forwards.list().len(), 1);
 }
 
+/// A web page is a local client too (the user's browser runs it): it must
+/// not open forwards. `fetch(..., {mode: "no-cors"})` sends a simple POST,
+/// with the page's `Origin`, no preflight and no header of its own choosing.
+#[tokio::test]
+async fn web_pages_cannot_use_the_control_endpoint() {
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &route("db.test", "127.0.0.1", &[echo.port()], ""),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let url = format!("http://{}{}forwards", shim.addr, control::PREFIX);
+    for (listen, extra) in [
+        // A page's simple POST: its Origin, a safelisted Content-Type.
+        (
+            free_port(),
+            vec![
+                "-H",
+                "Origin: http://evil.example",
+                "-H",
+                "Content-Type: text/plain",
+            ],
+        ),
+        // A form's POST.
+        (
+            free_port(),
+            vec![
+                "-H",
+                "Origin: null",
+                "-H",
+                "Content-Type: application/x-www-form-urlencoded",
+            ],
+        ),
+        // Neither: no Origin, but not porthole-shim either.
+        (free_port(), vec![]),
+        // The control header with a page's Origin.
+        (
+            free_port(),
+            vec![
+                "-H",
+                "Origin: http://evil.example",
+                "-H",
+                "porthole-shim-control: 1",
+            ],
+        ),
+    ] {
+        let body = format!("0.0.0.0:{listen}=db.test:{}", echo.port());
+        let out = Curl::new(&url)
+            .args(&["-X", "POST", "--data", &body])
+            .args(&extra)
+            .run()
+            .await;
+        assert_eq!(out.status, 403, "{extra:?}: {out:?}");
+        assert!(out.text().contains("not from web pages"), "{}", out.text());
+        let opened = TcpStream::connect(("127.0.0.1", listen)).await;
+        assert!(opened.is_err(), "{extra:?} opened a forward on {listen}");
+    }
+    assert!(shim.forwards.list().is_empty());
+    // The status line may be read by hand; with a page's Origin it may not.
+    let status = format!("http://{}{}status", shim.addr, control::PREFIX);
+    assert_eq!(Curl::new(&status).run().await.status, 200);
+    let page = Curl::new(&status)
+        .args(&["-H", "Origin: http://evil.example"])
+        .run()
+        .await;
+    assert_eq!(page.status, 403);
+    // porthole-shim itself (control::call) still adds forwards.
+    let listen = free_port();
+    let spec = format!("127.0.0.1:{listen}=db.test:{}", echo.port());
+    let path = format!("{}forwards", control::PREFIX);
+    let (status, body) = control::call(shim.addr, http::Method::POST, &path, spec)
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+}
+
 /// The listener closes promptly once its task is aborted.
 async fn assert_refused(addr: SocketAddr) {
     let start = Instant::now();

@@ -1,7 +1,11 @@
 //! The shim's own endpoints on its listen port (requests whose host is the
 //! shim): the PAC file, the link status, and the control endpoint that
 //! `porthole-shim forward add|remove|list` talks to. Control is for local
-//! users only: requests from other addresses get `403`.
+//! users only: requests from other addresses get `403`. Web pages are local
+//! too (the user's browser runs them), so a control request must also carry
+//! [`CONTROL_HEADER`], which no page can send to another origin without a
+//! CORS preflight the shim never grants, and none may carry `Origin` (what
+//! a browser sends with a page's request): a page cannot open a forward.
 //!
 //! - `GET /proxy.pac`: the relay's PAC file, pointing at the shim;
 //! - `GET /.porthole-shim/status`: `up` or `connecting: <reason>`;
@@ -38,6 +42,10 @@ use crate::{plain, Ctx};
 
 /// Where the control endpoints live: a prefix no application uses.
 pub const PREFIX: &str = "/.porthole-shim/";
+/// The field every control request carries (`porthole-shim forward` sends
+/// it): not one a page may send across origins unasked (Fetch standard,
+/// CORS-safelisted request headers).
+pub const CONTROL_HEADER: &str = "porthole-shim-control";
 /// Largest body accepted from the relay (PAC) or a control client.
 const MAX_BODY: usize = 1 << 20;
 /// The word that marks a UDP forward: before its spec in the list and a
@@ -129,6 +137,16 @@ pub async fn serve(
             "the shim is controlled from this machine only",
         );
     }
+    // The status line alone may be read without the header (`curl` by hand).
+    let asked = req.headers().contains_key(CONTROL_HEADER)
+        || (req.method() == Method::GET && rest == "status");
+    if req.headers().contains_key(header::ORIGIN) || !asked {
+        tracing::warn!(%peer, path = path_only, origin = ?req.headers().get(header::ORIGIN), "control request refused: not from porthole-shim (a web page?)");
+        return plain(
+            StatusCode::FORBIDDEN,
+            "control requests come from porthole-shim (header porthole-shim-control), not from web pages",
+        );
+    }
     match (req.method().clone(), rest) {
         (Method::GET, "status") => {
             let text = match &*ctx.link.watch().borrow() {
@@ -155,6 +173,9 @@ pub async fn serve(
                 Ok(parsed) => parsed,
                 Err(e) => return plain(StatusCode::BAD_REQUEST, &e),
             };
+            if !spec.listen.ip().is_loopback() {
+                tracing::warn!(listen = %spec.listen, host = %spec.host, port = spec.port, "forward added on an address other machines can reach");
+            }
             let added = match kind {
                 Kind::Tcp => ctx.forwards.add(spec).await,
                 Kind::Udp => ctx.udp_forwards.add(spec).await,
@@ -259,6 +280,7 @@ pub async fn call(
         .method(method)
         .uri(path)
         .header(header::HOST, shim.to_string())
+        .header(CONTROL_HEADER, "1")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let resp = sender
