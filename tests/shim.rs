@@ -644,6 +644,55 @@ async fn web_pages_cannot_use_the_control_endpoint() {
     assert_eq!(status, 201, "{body}");
 }
 
+/// A client that shuts its write side once the request is sent (`printf |
+/// nc -N`, health checks) gets its answer through the shim, as from the
+/// relay (RFC 9112 section 9.6); the shim dropped it, though the request
+/// went on and took effect.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let origin = Origin::ok().await;
+    let echo = EchoServer::start().await;
+    let relay = Relay::start(&config_with(
+        &(route("app.test", "127.0.0.1", &[origin.port()], "")
+            + &route("db.test", "127.0.0.1", &[echo.port()], "")),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let half_closed = |request: String| async move {
+        let mut s = TcpStream::connect(shim.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let post = format!(
+        "POST http://app.test:{}/hc HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n\r\nhello",
+        origin.port()
+    );
+    let answer = half_closed(post).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.ends_with("ok /hc"), "{answer:?}");
+    let get = format!(
+        "GET /hc10 HTTP/1.0\r\nHost: app.test:{}\r\n\r\n",
+        origin.port()
+    );
+    let answer = half_closed(get).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+        "{answer:?}"
+    );
+    // A CONNECT whose client has nothing to send: the answer, then the
+    // server's side of the tunnel (the echo server's goodbye on our EOF).
+    let connect = format!(
+        "CONNECT db.test:{} HTTP/1.1\r\nHost: db.test\r\n\r\n",
+        echo.port()
+    );
+    let answer = half_closed(connect).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
 /// The listener closes promptly once its task is aborted.
 async fn assert_refused(addr: SocketAddr) {
     let start = Instant::now();

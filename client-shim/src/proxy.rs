@@ -102,8 +102,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Ctx) {
         async move { Ok::<_, Infallible>(handle(req, peer, local, ctx).await) }
     });
     // With a timer, hyper bounds the wait for a request head (30 s by default).
+    // A client that shuts its write side after the request (`printf | nc -N`,
+    // a health check) still gets the answer (RFC 9112 section 9.6).
     let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = served.await {
