@@ -746,6 +746,36 @@ async fn a_head_at_max_headers_passes_two_chained_relays_with_that_limit() {
     );
 }
 
+/// Through a next hop, the server gets the Host the client asked for: the
+/// front relay wrote `http://app.test:80/x` to the hop, which made it
+/// `Host: app.test:80` (strict virtual hosts and signatures over Host break).
+#[tokio::test]
+async fn a_chained_route_keeps_the_host_the_client_asked_for() {
+    let origin = Origin::ok().await;
+    let hop = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"hop.test\"\n[[route]]\nhost = \"app.test\"\nto = \"127.0.0.1:{}\"\nports = [80, 8080]\n",
+        origin.port()
+    ))
+    .await;
+    let front = Relay::start(&config_with(
+        &format!(
+            "[[route]]\nhost = \"app.test\"\nvia = \"{}\"\nports = [80, 8080]\n",
+            hop.addr
+        ),
+        "",
+    ))
+    .await;
+    for (url, host) in [
+        ("http://app.test/x", "app.test"),
+        ("http://app.test:8080/y", "app.test:8080"),
+    ] {
+        let out = Curl::new(url).proxy(&front.url()).run().await;
+        assert_eq!(out.status, 200, "{url}: {out:?}");
+        let seen = origin.received().pop().expect("a request at the server");
+        assert_eq!(seen.header("host"), Some(host), "{url}: {}", seen.raw_head);
+    }
+}
+
 #[tokio::test]
 async fn chunked_and_close_delimited_responses() {
     let origin = Origin::start(|r| match r.target.as_str() {
