@@ -110,6 +110,17 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     ))
     .await;
     wait_state(&o, "erp.plant3", "connected").await;
+    // The PAC file sends the uplinked name through the outside relay too
+    // (browsers set up by PAC went DIRECT for it).
+    let pac = Curl::new("http://relay.test/proxy.pac")
+        .proxy(&o.url())
+        .run()
+        .await;
+    assert!(
+        pac.text().contains("if (host == \"erp.plant3\") return proxy;"),
+        "{}",
+        pac.text()
+    );
 
     let url = format!("http://erp.plant3:{}/x", origin.port());
     let out = Curl::new(&url).proxy(&o.url()).run().await;

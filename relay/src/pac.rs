@@ -1,6 +1,6 @@
 //! The proxy auto-config file (`GET /proxy.pac` on the relay's own host),
-//! generated from the route table: names with a route go through the relay,
-//! everything else `DIRECT`. The shim serves the same file pointing at itself
+//! generated from the route table and the names uplinked relays offer: those
+//! go through the relay, everything else `DIRECT`. The shim serves the same file pointing at itself
 //! ([`repoint`]), so both programs share one generator.
 
 use crate::codec::{FieldName, RequestHead};
@@ -13,24 +13,23 @@ pub const CONTENT_TYPE: &str = "application/x-ns-proxy-autoconfig";
 /// The line that names the proxy; [`repoint`] replaces it.
 const PROXY_LINE: &str = "  var proxy = \"PROXY ";
 
-/// Renders the PAC file: hosts with a route use `PROXY proxy`, others go `DIRECT`.
-pub fn render(routes: &RouteTable, proxy: &str) -> String {
+/// Renders the PAC file: `names` (route hosts, `*.suffix` patterns, the
+/// names uplinked relays offer) use `PROXY proxy`, others go `DIRECT`.
+pub fn render<'a>(names: impl IntoIterator<Item = &'a str>, proxy: &str) -> String {
     let mut out = String::from("function FindProxyForURL(url, host) {\n");
     out.push_str(&format!("{PROXY_LINE}{proxy}\";\n"));
     out.push_str("  host = host.toLowerCase();\n");
-    for route in routes.routes() {
-        // Route names are validated host names; anything else could break the script.
-        if !is_plain_name(&route.host) {
+    let mut written = std::collections::HashSet::new();
+    for name in names {
+        // Names are validated host names; anything else could break the script.
+        if !is_plain_name(name) || !written.insert(name) {
             continue;
         }
-        match route.host.strip_prefix('*') {
+        match name.strip_prefix('*') {
             Some(suffix) => out.push_str(&format!(
                 "  if (dnsDomainIs(host, \"{suffix}\")) return proxy;\n"
             )),
-            None => out.push_str(&format!(
-                "  if (host == \"{}\") return proxy;\n",
-                route.host
-            )),
+            None => out.push_str(&format!("  if (host == \"{name}\") return proxy;\n")),
         }
     }
     out.push_str("  return \"DIRECT\";\n}\n");
@@ -80,7 +79,18 @@ pub fn for_request(head: &RequestHead, path: &str, ctx: &ConnCtx) -> Option<Stri
         .or_else(from_host)
         .filter(|a| is_plain_name(a) && a.contains(':'))
         .unwrap_or_else(|| ctx.local.to_string());
-    Some(render(&ctx.shared.config().routes, &proxy))
+    let config = ctx.shared.config();
+    let offered = ctx.shared.uplinks.offered();
+    let names = routes_and(&config.routes, offered.iter().map(|o| o.name.as_str()));
+    Some(render(names, &proxy))
+}
+
+/// The route table's host names, then `more`.
+fn routes_and<'a>(
+    routes: &'a RouteTable,
+    more: impl Iterator<Item = &'a str> + 'a,
+) -> impl Iterator<Item = &'a str> + 'a {
+    routes.routes().iter().map(|r| r.host.as_str()).chain(more)
 }
 
 /// Only characters of host names, IPv4/IPv6 literals and ports: nothing that
@@ -103,7 +113,10 @@ mod tests {
             "[[route]]\nhost = \"wiki.corp\"\nto = \"10.0.0.1\"\n[[route]]\nhost = \"*.plant\"\nto = \"10.0.0.2\"\n",
         )
         .unwrap();
-        let pac = render(&config.routes, "relay.example:8080");
+        let pac = render(
+            routes_and(&config.routes, ["erp.plant3", "wiki.corp"].into_iter()),
+            "relay.example:8080",
+        );
         assert!(
             pac.contains("var proxy = \"PROXY relay.example:8080\";"),
             "{pac}"
@@ -116,6 +129,13 @@ mod tests {
             pac.contains("if (dnsDomainIs(host, \".plant\")) return proxy;"),
             "{pac}"
         );
+        // A name an uplinked relay offers goes through the relay too; one
+        // named twice is written once.
+        assert!(
+            pac.contains("if (host == \"erp.plant3\") return proxy;"),
+            "{pac}"
+        );
+        assert_eq!(pac.matches("\"wiki.corp\"").count(), 1, "{pac}");
         assert!(pac.trim_end().ends_with("return \"DIRECT\";\n}"), "{pac}");
 
         let shim = repoint(&pac, "127.0.0.1:3128").unwrap();
