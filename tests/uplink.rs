@@ -87,6 +87,30 @@ async fn metric(relay: &Relay, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A name an uplink may offer while none does (the inside relay is away,
+/// or has not registered since the outside relay restarted) is a gateway
+/// failure that names the uplink, not `403 no route`, which reads as final.
+#[tokio::test]
+async fn a_name_an_absent_uplink_may_offer_is_a_502_naming_it() {
+    let o = Relay::start(&config_with(
+        "",
+        &accept("plant-3", "s3cret", &["*.plant3"], ""),
+    ))
+    .await;
+    let out = Curl::new("http://erp.plant3/x").proxy(&o.url()).run().await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("uplink plant-3"), "{}", out.text());
+    let tunnel = Curl::new("http://erp.plant3/x")
+        .proxy(&o.url())
+        .arg("-p")
+        .run()
+        .await;
+    assert!(tunnel.head.starts_with("HTTP/1.1 502"), "{tunnel:?}");
+    // A name no uplink may offer is still unknown.
+    let out = Curl::new("http://other.test/x").proxy(&o.url()).run().await;
+    assert_eq!(out.status, 403, "{out:?}");
+}
+
 #[tokio::test]
 async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
     let origin = Origin::ok().await;
@@ -117,7 +141,8 @@ async fn http_and_connect_reach_servers_behind_a_relay_that_only_dials_out() {
         .run()
         .await;
     assert!(
-        pac.text().contains("if (host == \"erp.plant3\") return proxy;"),
+        pac.text()
+            .contains("if (host == \"erp.plant3\") return proxy;"),
         "{}",
         pac.text()
     );
@@ -283,7 +308,8 @@ async fn registration_refuses_wrong_secrets_foreign_names_and_taken_names() {
     let o = Relay::start(&config_with("", &accepts)).await;
     let r = |h: &str| route(h, "127.0.0.1", &[origin.port()], "");
 
-    // Wrong secret: nothing registered, the name is unknown to O (403).
+    // Wrong secret: nothing registered; the name is one an uplink may offer,
+    // so O answers 502 naming the uplink (no connected uplink offers it).
     let _bad = Relay::start(&inside(
         &o.addr.to_string(),
         "plant-3",
@@ -315,7 +341,12 @@ async fn registration_refuses_wrong_secrets_foreign_names_and_taken_names() {
         .proxy(&o.url())
         .run()
         .await;
-    assert_eq!(out.status, 403);
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(
+        out.text().contains("no connected uplink offers this name"),
+        "{}",
+        out.text()
+    );
 
     // plant-4 may offer *.plant3 too, but mes.plant3 is taken: refused, not taken over.
     let _rival = Relay::start(&inside(

@@ -470,6 +470,21 @@ pub fn choose(
         Ok(d) => Ok(d),
         Err(Refusal::NoRoute) => {
             let Some(id) = ctx.shared.uplinks.offered_by(host) else {
+                // A name an uplink may offer while none does (it is away, or
+                // has not registered again since this relay started): the
+                // gateway failing, not a name unknown for good.
+                if let Some(a) = config.accept_uplinks.iter().find(|a| a.may_offer(host)) {
+                    return Err(RelayError::on_route(
+                        ErrorKind::Connect {
+                            upstream: format!("uplink {}", a.id),
+                            cause: std::io::Error::new(
+                                std::io::ErrorKind::NotConnected,
+                                "no connected uplink offers this name",
+                            ),
+                        },
+                        &format!("{host} (uplink {})", a.id),
+                    ));
+                }
                 return Err(refusal_error(Refusal::NoRoute, host));
             };
             let accept = config.accept_uplinks.iter().find(|a| a.id == id);
