@@ -87,6 +87,45 @@ async fn metric(relay: &Relay, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An offer of a name this relay routes itself is accepted but never used
+/// (the route wins): /services says so beside the offer.
+#[tokio::test]
+async fn an_offer_shadowed_by_a_route_is_shown_as_such() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with(
+        &route("clash.plant3", "127.0.0.1", &[origin.port()], ""),
+        &accept("plant-3", "s3cret", &["*.plant3"], ""),
+    ))
+    .await;
+    let r = |h: &str| route(h, "127.0.0.1", &[origin.port()], "");
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s3cret",
+        &["clash.plant3", "erp.plant3"],
+        &[r("clash.plant3"), r("erp.plant3")].concat(),
+    ))
+    .await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let s = services(&o).await;
+    let row = |name: &str| {
+        s["services"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|e| e["name"] == name && e["kind"] == "uplink")
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("no uplink row for {name}: {s}"))
+    };
+    assert_eq!(
+        row("clash.plant3")["shadowed_by_route"],
+        "clash.plant3",
+        "{s}"
+    );
+    assert!(row("erp.plant3")["shadowed_by_route"].is_null(), "{s}");
+}
+
 /// A name an uplink may offer while none does (the inside relay is away,
 /// or has not registered since the outside relay restarted) is a gateway
 /// failure that names the uplink, not `403 no route`, which reads as final.

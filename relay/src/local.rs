@@ -267,8 +267,11 @@ fn services_json(ctx: &ConnCtx) -> String {
         .map(|r| serde_json::json!({"name": r.host, "kind": "route", "ports": r.ports}))
         .collect();
     for o in ctx.shared.uplinks.offered() {
+        // A route of this relay for the name wins over the offer.
+        let shadowed_by = config.routes.lookup(&o.name).map(|r| r.host.as_str());
         services.push(serde_json::json!({
             "name": o.name, "kind": "uplink", "uplink": o.uplink, "state": o.state, "sessions": o.sessions, "parked": o.parked,
+            "shadowed_by_route": shadowed_by,
         }));
     }
     serde_json::json!({"relay": config.relay.name, "services": services}).to_string()

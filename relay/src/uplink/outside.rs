@@ -522,6 +522,13 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
         tracing::warn!(uplink = %id, name = %r.name, reason = %r.reason, "offer refused");
     }
     tracing::info!(uplink = %id, client = %ctx.peer, accepted = ?accepted, "uplink registered");
+    // This relay's own routes win over offers (forward::choose): say so.
+    let config = ctx.shared.config();
+    for name in &accepted {
+        if let Some(route) = config.routes.lookup(name) {
+            tracing::warn!(uplink = %id, name = %name, route = %route.host, "offer shadowed by this relay's own route: requests for the name go to the route, not the uplink");
+        }
+    }
     let registered = Message::Registered {
         accepted,
         refused,
