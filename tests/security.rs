@@ -1115,6 +1115,11 @@ access = "{}"
         !port_refused.contains("bytes_out=0 "),
         "the 403 sent is counted: {port_refused}"
     );
+    // The route that refused the port is named.
+    assert!(
+        port_refused.contains("route=\"app-a.test\""),
+        "{port_refused}"
+    );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(!text.contains("s3cretpass"), "{text}");
 }

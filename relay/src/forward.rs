@@ -109,9 +109,8 @@ pub async fn relay<S: Io>(
 ) -> Result<After, RelayError> {
     let config = req.config;
     let name = config.relay.name.as_str();
-    let decision = choose(ctx, config, &req.target.host, req.target.port)?;
+    let decision = choose(ctx, config, &req.target.host, req.target.port, access)?;
     let route = &decision.route;
-    access.route = Some(route.clone());
 
     if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
         return Err(RelayError::on_route(ErrorKind::Loop, &route.host));
@@ -459,8 +458,24 @@ fn idempotent(method: &str) -> bool {
 }
 
 /// Decides where a request for `host:port` goes: a route of this relay, or a
-/// name an uplinked relay offers (routes win).
+/// name an uplinked relay offers (routes win). The route goes on the
+/// request's access record, also when it refuses the port.
 pub fn choose(
+    ctx: &ConnCtx,
+    config: &crate::Config,
+    host: &str,
+    port: u16,
+    access: &mut Access,
+) -> Result<Decision, RelayError> {
+    let decision = decide(ctx, config, host, port);
+    access.route = match &decision {
+        Ok(d) => Some(d.route.clone()),
+        Err(_) => config.routes.lookup(host).cloned(),
+    };
+    decision
+}
+
+fn decide(
     ctx: &ConnCtx,
     config: &crate::Config,
     host: &str,
@@ -526,8 +541,7 @@ pub fn choose_tunnel(
     access: &mut Access,
 ) -> Result<(std::sync::Arc<crate::Config>, Decision), RelayError> {
     let config = ctx.shared.config();
-    let decision = choose(ctx, &config, host, port)?;
-    access.route = Some(decision.route.clone());
+    let decision = choose(ctx, &config, host, port, access)?;
     Ok((config, decision))
 }
 
