@@ -28,6 +28,28 @@ use crate::{control, plain, Ctx};
 /// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
 /// hides it from the internal server.
 const VIA: &str = "1.1 porthole-shim (porthole)";
+
+/// The application's own `Proxy-Authorization` fields, kept across the
+/// hop-by-hop strip: without the shim's `credentials_file` they are the
+/// relay's to check (passed through, as Squid's `login=PASSTHRU`); with it,
+/// [`LinkHandle::send`] puts the shim's in their place.
+fn client_credentials(headers: &http::HeaderMap) -> Vec<HeaderValue> {
+    headers
+        .get_all(header::PROXY_AUTHORIZATION)
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v.set_sensitive(true);
+            v
+        })
+        .collect()
+}
+
+fn put_credentials(headers: &mut http::HeaderMap, credentials: Vec<HeaderValue>) {
+    for value in credentials {
+        headers.append(header::PROXY_AUTHORIZATION, value);
+    }
+}
 /// A tunnel idle this long is closed on the shim's side: a backstop only.
 /// The relay closes idle tunnels at its `idle_timeout`, which ends them here
 /// too, so this is longer than any such setting is likely to be.
@@ -153,7 +175,9 @@ async fn relay(
         Ok(u) => u,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target"),
     };
+    let credentials = client_credentials(&parts.headers);
     strip_hop_by_hop_map(&mut parts.headers);
+    put_credentials(&mut parts.headers, credentials);
     // The target travels as :authority; the relay writes Host back from it.
     parts.headers.remove(header::HOST);
     parts
@@ -257,10 +281,11 @@ fn switched(
 /// Opens a `CONNECT` stream; on `200`, answers the application `200` and
 /// splices the two upgraded streams.
 async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> Response<Body> {
-    let out = match connect_request(authority) {
+    let mut out = match connect_request(authority) {
         Ok(r) => r,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "CONNECT target must be host:port"),
     };
+    put_credentials(out.headers_mut(), client_credentials(req.headers()));
     let resp = match link.send(out).await {
         Ok(r) => r,
         Err(e) => {
