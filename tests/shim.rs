@@ -2105,3 +2105,37 @@ async fn without_a_credentials_file_the_clients_credentials_pass_through() {
     let shim_log = std::fs::read_to_string(shim_log).unwrap();
     assert_no_password(&[relay.log_text(), shim_log]);
 }
+
+/// The shim adds its `Via` entry to the responses it forwards, as it does
+/// to requests (RFC 9110 7.6.3): after the relay's, naming the HTTP/2 it
+/// received the response with.
+#[tokio::test]
+async fn responses_through_the_shim_carry_the_relays_and_the_shims_via() {
+    let origin = Origin::ok().await;
+    let (_relay, shim) = relay_and_shim("app-a.test", origin.port(), "").await;
+    let out = Curl::new(&format!("http://app-a.test:{}/via", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.header("via"),
+        ["1.1 relay.test (porthole)", "2 porthole-shim (porthole)"]
+    );
+    // Refusals from the relay are forwarded responses too.
+    let out = Curl::new("http://nowhere.test/")
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert!(
+        out.header("via")
+            .contains(&"2 porthole-shim (porthole)".to_string()),
+        "{out:?}"
+    );
+    let got = origin.single();
+    assert_eq!(
+        got.header("via"),
+        Some("1.1 porthole-shim (porthole), 1.1 relay.test (porthole)")
+    );
+}
