@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use porthole_shim::{control, LinkState, RawConfig, Shim, ShimConfig};
 use porthole_suite::{
     binary, config_with, connect_via, echo_round, free_port, response, route, wait_for_port,
-    workspace_root, Curl, EchoServer, LinkProxy, Origin, Relay, Reply,
+    workspace_root, Curl, EchoServer, LinkProxy, Origin, Relay, RelayProcess, Reply,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -2057,4 +2057,211 @@ async fn large_heads_cross_the_link_both_ways() {
     assert_eq!(out.status, 200, "{:?} {}", out.head.get(..200), out.stderr);
     assert_eq!(out.header("set-cookie"), vec![set_cookie]);
     assert_eq!(origin.received()[0].header("cookie"), Some(cookie.as_str()));
+}
+
+// ---------------------------------------------------------------- users
+
+/// The password of the relay's user in the tests below.
+const ALICE_PW: &str = "pw-of-alice-7Qx";
+
+/// A relay process with users, `[auth] required = true`, routing `app.test`
+/// to `origin` and `echo.test` to `echo`; its access lines go to its log.
+async fn relay_with_users(dir: &Dir, origin: &Origin, echo: &EchoServer) -> RelayProcess {
+    let users = porthole_relay::secret::passwd_line("alice", ALICE_PW).unwrap();
+    let users = dir.write("users", &format!("{users}\n"));
+    let routes = route("app.test", "127.0.0.1", &[origin.port()], "")
+        + &route("echo.test", "127.0.0.1", &[echo.port()], "");
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
+    let config = dir.write("relay.toml", &config_with(&routes, &auth));
+    RelayProcess::spawn(std::path::Path::new(&config), &[]).await
+}
+
+/// The `porthole-shim` binary linked to `relay` (debug logging into the
+/// returned file), once its system-proxy port listens.
+async fn shim_process(
+    dir: &Dir,
+    relay: SocketAddr,
+    args: &[&str],
+) -> (tokio::process::Child, SocketAddr, std::path::PathBuf) {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.0.join(format!("shim-{}.log", listen.port()));
+    let child = tokio::process::Command::new(binary("porthole-shim"))
+        .args([
+            "--relay",
+            &relay.to_string(),
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(listen, Duration::from_secs(10)).await;
+    (child, listen, log)
+}
+
+/// The relay's access lines naming `needle`, once there are `count`.
+async fn access_lines(relay: &RelayProcess, needle: &str, count: usize) -> Vec<String> {
+    let lines = || -> Vec<String> {
+        relay
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("porthole::access") && l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    };
+    porthole_suite::eventually(Duration::from_secs(10), || async { lines().len() >= count }).await;
+    lines()
+}
+
+/// Neither the password nor its `Basic` form is in any log.
+fn assert_no_password(logs: &[String]) {
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{ALICE_PW}"));
+    for log in logs {
+        assert!(!log.is_empty());
+        assert!(!log.contains(ALICE_PW), "password in a log:\n{log}");
+        assert!(!log.contains(&basic), "credentials in a log:\n{log}");
+    }
+}
+
+/// With `credentials_file` (here `--credentials-file`), the shim sends its
+/// own credentials on everything: a proxied request, a CONNECT tunnel, a
+/// forwarded port and the PAC fetch all pass a relay that requires users,
+/// and the relay's access lines name the user.
+#[tokio::test]
+async fn the_shims_credentials_file_authenticates_all_it_sends_to_the_relay() {
+    let dir = Dir::new();
+    let (origin, echo) = (Origin::ok().await, EchoServer::start().await);
+    let relay = relay_with_users(&dir, &origin, &echo).await;
+    let credentials = dir.write("shim-credentials", &format!("alice:{ALICE_PW}\n"));
+    let forward = free_port();
+    let (_shim, listen, shim_log) = shim_process(
+        &dir,
+        relay.addr,
+        &[
+            "--credentials-file",
+            &credentials,
+            "--forward",
+            &format!("{forward}=echo.test:{}", echo.port()),
+        ],
+    )
+    .await;
+    let proxy = format!("http://{listen}");
+    let url = format!("http://app.test:{}/own", origin.port());
+
+    let out = Curl::new(&url).proxy(&proxy).run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /own");
+    let out = Curl::new(&url).proxy(&proxy).arg("-p").run().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    // A client's own (wrong) credentials are replaced by the shim's.
+    let out = Curl::new(&url)
+        .proxy(&proxy)
+        .args(&["-U", "alice:wrong"])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+
+    let forwarded: SocketAddr = format!("127.0.0.1:{forward}").parse().unwrap();
+    wait_for_port(forwarded, Duration::from_secs(10)).await;
+    let s = TcpStream::connect(forwarded).await.unwrap();
+    assert_eq!(echo_round(s, b"hello").await, b"hellobye\n");
+
+    let pac = Curl::new(&format!("{proxy}/proxy.pac")).run().await;
+    assert_eq!(pac.status, 200, "{pac:?}");
+    assert!(pac.text().contains("app.test"), "{}", pac.text());
+
+    let lines = access_lines(&relay, "user=\"alice\"", 5).await;
+    porthole_suite::assert_some_line(&lines, &["method=GET", "/own", "status=200"]);
+    porthole_suite::assert_some_line(&lines, &["CONNECT", "app.test", "status=200"]);
+    porthole_suite::assert_some_line(&lines, &["CONNECT", "echo.test", "status=200"]);
+    for got in origin.received() {
+        assert!(got.header("proxy-authorization").is_none(), "{got:?}");
+    }
+    let shim_log = std::fs::read_to_string(shim_log).unwrap();
+    assert_no_password(&[relay.log_text(), shim_log]);
+}
+
+/// Without `credentials_file`, a client's own `Proxy-Authorization` goes
+/// through the shim to the relay (as Squid's `login=PASSTHRU`): `curl -U`
+/// passes, a request and a tunnel; without it the client gets the relay's
+/// `407` and its challenge. The server never sees the credentials.
+#[tokio::test]
+async fn without_a_credentials_file_the_clients_credentials_pass_through() {
+    let dir = Dir::new();
+    let (origin, echo) = (Origin::ok().await, EchoServer::start().await);
+    let relay = relay_with_users(&dir, &origin, &echo).await;
+    let (_shim, listen, shim_log) = shim_process(&dir, relay.addr, &[]).await;
+    let proxy = format!("http://{listen}");
+    let url = format!("http://app.test:{}/passed", origin.port());
+    let login = format!("alice:{ALICE_PW}");
+
+    let out = Curl::new(&url)
+        .proxy(&proxy)
+        .args(&["-U", &login])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /passed");
+    let out = Curl::new(&url)
+        .proxy(&proxy)
+        .args(&["-U", &login, "-p"])
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+
+    let out = Curl::new(&url).proxy(&proxy).run().await;
+    assert_eq!(out.status, 407, "{out:?}");
+    assert_eq!(out.header("proxy-authenticate"), ["Basic realm=\"corp\""]);
+    let out = Curl::new(&url).proxy(&proxy).arg("-p").run().await;
+    assert_ne!(out.exit, 0, "{out:?}");
+    assert!(out.stderr.contains("407"), "{}", out.stderr);
+
+    let lines = access_lines(&relay, "user=\"alice\"", 2).await;
+    porthole_suite::assert_some_line(&lines, &["method=GET", "/passed", "status=200"]);
+    porthole_suite::assert_some_line(&lines, &["CONNECT", "app.test", "status=200"]);
+    let received = origin.received();
+    assert_eq!(received.len(), 2, "{received:?}");
+    for got in received {
+        assert!(got.header("proxy-authorization").is_none(), "{got:?}");
+    }
+    let shim_log = std::fs::read_to_string(shim_log).unwrap();
+    assert_no_password(&[relay.log_text(), shim_log]);
+}
+
+/// The shim adds its `Via` entry to the responses it forwards, as it does
+/// to requests (RFC 9110 7.6.3): after the relay's, naming the HTTP/2 it
+/// received the response with.
+#[tokio::test]
+async fn responses_through_the_shim_carry_the_relays_and_the_shims_via() {
+    let origin = Origin::ok().await;
+    let (_relay, shim) = relay_and_shim("app-a.test", origin.port(), "").await;
+    let out = Curl::new(&format!("http://app-a.test:{}/via", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(
+        out.header("via"),
+        ["1.1 relay.test (porthole)", "2 porthole-shim (porthole)"]
+    );
+    // Refusals from the relay are forwarded responses too.
+    let out = Curl::new("http://nowhere.test/")
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert!(
+        out.header("via")
+            .contains(&"2 porthole-shim (porthole)".to_string()),
+        "{out:?}"
+    );
+    let got = origin.single();
+    assert_eq!(
+        got.header("via"),
+        Some("1.1 porthole-shim (porthole), 1.1 relay.test (porthole)")
+    );
 }

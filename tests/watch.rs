@@ -387,3 +387,31 @@ async fn the_watcher_polls_a_relay_that_requires_tls() {
         assert!(line.contains("target=\"/events/t?after="), "{line}");
     }
 }
+
+/// A relay that requires users answers the watcher's polls once the shim's
+/// `credentials_file` (here in `shim.toml`) gives it the user's credentials.
+#[tokio::test]
+async fn the_watcher_polls_a_relay_that_requires_users_with_the_credentials_file() {
+    let dir = Dir::new();
+    let users = porthole_relay::secret::passwd_line("alice", "watch-pw").unwrap();
+    let users = dir.write("users", &format!("{users}\n"));
+    let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\n");
+    let relay = Relay::start(&config_with("", &auth)).await;
+    let admin = relay.admin_url();
+    let credentials = dir.write("credentials", "alice:watch-pw\n");
+    let conf = dir.write(
+        "shim.toml",
+        &format!("relay_name = \"relay.test\"\ncredentials_file = \"{credentials}\"\n"),
+    );
+    let state = dir.0.join("users.last");
+
+    publish_ok(&admin, "plant-9", "{\"temp\": 70}").await;
+    let mut watcher = Watcher::spawn(Path::new(&conf), relay.addr, "plant-9", &state);
+    let first = watcher.next_event().await;
+    assert_eq!(
+        (&first["id"], &first["data"]["temp"]),
+        (&1.into(), &70.into())
+    );
+    let (_, _, stderr) = watcher.stop("TERM").await;
+    assert!(!stderr.contains("watch-pw"), "{stderr}");
+}

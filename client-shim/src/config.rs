@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use porthole_relay::config::{parse_duration, ConfigError, Problem};
 use porthole_relay::routes::parse_authority;
+use porthole_relay::secret::{basic_credentials_file, Secret};
 use porthole_relay::tls::{ClientTls, RelayTls};
 use serde::Deserialize;
 
@@ -43,6 +44,10 @@ pub struct RawConfig {
     pub relay_name: Option<String>,
     /// The system-proxy listener (default `127.0.0.1:3128`).
     pub listen: Option<String>,
+    /// A file of one `user:password` line: the shim's own credentials for
+    /// the relay, sent as `Proxy-Authorization` on everything it sends there
+    /// (instead of a client's own). Unset: a client's credentials pass through.
+    pub credentials_file: Option<String>,
     /// Forwarded ports, `LISTEN=HOST:PORT`.
     #[serde(default)]
     pub forward: Vec<String>,
@@ -81,6 +86,8 @@ pub struct ShimConfig {
     pub tls: Option<ShimTls>,
     /// The authority of the shim's own requests to the relay.
     pub relay_name: String,
+    /// The `Proxy-Authorization` value from `credentials_file`.
+    pub authorization: Option<Secret>,
     pub listen: SocketAddr,
     pub forwards: Vec<ForwardSpec>,
     /// Forwarded UDP ports: a local UDP socket each, its datagrams carried
@@ -202,6 +209,11 @@ impl RawConfig {
             Some(n) => n.to_ascii_lowercase(),
             None => relay.clone(),
         };
+        let authorization = self.credentials_file.as_deref().and_then(|path| {
+            basic_credentials_file(path)
+                .map_err(|e| problem("credentials_file", e))
+                .ok()
+        });
         let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = listen_text.trim().parse().unwrap_or_else(|_| {
             problem("listen", format!("`{listen_text}` is not ADDR:PORT"));
@@ -270,6 +282,7 @@ impl RawConfig {
             relay,
             tls,
             relay_name,
+            authorization,
             listen,
             forwards,
             udp_forwards,
@@ -457,6 +470,36 @@ mod tests {
                 .validate()
                 .unwrap_err();
         assert!(e.problems[0].message.contains("127.0.0.1:5353"), "{e:?}");
+    }
+
+    #[test]
+    fn credentials_file_is_read_and_its_errors_never_show_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("creds");
+        std::fs::write(&good, "alice:pa:ss\n").unwrap();
+        let c = check(&format!(
+            "relay = \"r:1\"\ncredentials_file = \"{}\"\n",
+            good.display()
+        ))
+        .unwrap();
+        let auth = c.authorization.clone().unwrap();
+        // base64("alice:pa:ss")
+        assert_eq!(auth.expose(), "Basic YWxpY2U6cGE6c3M=");
+        assert!(!format!("{c:?}").contains("YWxpY2U6cGE6c3M"));
+        assert!(check("relay = \"r:1\"\n").unwrap().authorization.is_none());
+
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "no-colon-hunter2\n").unwrap();
+        for path in [bad.display().to_string(), "/nonexistent/creds".into()] {
+            let e =
+                RawConfig::from_toml(&format!("relay = \"r:1\"\ncredentials_file = \"{path}\"\n"))
+                    .unwrap()
+                    .validate()
+                    .unwrap_err();
+            assert_eq!(e.problems[0].key, "credentials_file");
+            assert!(e.problems[0].message.contains(&path), "{e:?}");
+            assert!(!e.problems[0].message.contains("hunter2"), "{e:?}");
+        }
     }
 
     #[test]

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use porthole_relay::h2::{Body, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use porthole_relay::secret::Secret;
 use porthole_relay::tls::RelayTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -118,6 +119,9 @@ pub struct LinkHandle {
     /// requests to the relay as an origin (CONNECT-UDP, the PAC file).
     tls: bool,
     wait: Duration,
+    /// The shim's own `Proxy-Authorization` (`credentials_file`): it replaces
+    /// a client's on every request and stream sent over the link.
+    authorization: Option<HeaderValue>,
     _stop: Arc<DropGuard>,
 }
 
@@ -129,6 +133,8 @@ struct Session {
     relay_name: String,
     connect_timeout: Duration,
     keepalive: Settings,
+    /// For the probes: the relay authenticates requests to itself too.
+    authorization: Option<HeaderValue>,
 }
 
 impl LinkHandle {
@@ -136,12 +142,14 @@ impl LinkHandle {
     pub fn spawn(config: &ShimConfig) -> LinkHandle {
         let (tx, rx) = watch::channel(LinkState::Connecting { last_error: None });
         let stop = CancellationToken::new();
+        let authorization = authorization_value(config.authorization.as_ref());
         let session = Session {
             relay: config.relay.clone(),
             tls: config.tls.as_ref().map(|t| t.link.clone()),
             relay_name: config.relay_name.clone(),
             connect_timeout: config.connect_timeout,
             keepalive: config.keepalive,
+            authorization: authorization.clone(),
         };
         tokio::spawn(run(session, tx, stop.clone()));
         LinkHandle {
@@ -150,6 +158,7 @@ impl LinkHandle {
             relay_name: config.relay_name.as_str().into(),
             tls: config.tls.is_some(),
             wait: config.link_wait,
+            authorization,
             _stop: Arc::new(stop.drop_guard()),
         }
     }
@@ -214,7 +223,14 @@ impl LinkHandle {
     /// did not process ([`unprocessed`]), from a copy of its head. One that
     /// went out and failed otherwise is not repeated: the relay may have
     /// passed it on.
+    ///
+    /// With the shim's own credentials, the request carries them, whatever
+    /// `Proxy-Authorization` it came with.
     pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, LinkError> {
+        if let Some(value) = &self.authorization {
+            req.headers_mut()
+                .insert(header::PROXY_AUTHORIZATION, value.clone());
+        }
         let lost = |e: &hyper::Error| match reset_by_relay(e) {
             Some(reason) => LinkError::Refused {
                 relay: self.relay.to_string(),
@@ -286,6 +302,16 @@ impl Head {
         *req.extensions_mut() = self.extensions;
         req
     }
+}
+
+/// A `Proxy-Authorization` value marked sensitive (HPACK never indexes it,
+/// `Debug` does not show it). A value a header cannot hold is left out: it
+/// cannot come from [`basic_credentials_file`](porthole_relay::secret::basic_credentials_file),
+/// whose values are `Basic` and base64.
+pub fn authorization_value(secret: Option<&Secret>) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(secret?.expose()).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// The scheme of the relay's URIs over a link with or without TLS.
@@ -433,7 +459,12 @@ where
     let scheme = scheme(s.tls.is_some());
     let first = tokio::time::timeout(
         s.connect_timeout,
-        probe(sender.clone(), scheme, &s.relay_name),
+        probe(
+            sender.clone(),
+            scheme,
+            &s.relay_name,
+            s.authorization.clone(),
+        ),
     );
     match first.await {
         Ok(Ok(status)) => tracing::info!(relay = %s.relay, session = id, %status, "link up"),
@@ -462,9 +493,10 @@ where
                 tracing::debug!(?why, "keepalive probe");
                 // Any bytes back answer it; the result itself does not matter.
                 let (sender, name) = (sender.clone(), s.relay_name.clone());
+                let authorization = s.authorization.clone();
                 let answered = answered.clone();
                 tokio::spawn(async move {
-                    let _ = probe(sender, scheme, &name).await;
+                    let _ = probe(sender, scheme, &name, authorization).await;
                     answered.notify_one();
                 });
                 continue;
@@ -513,12 +545,16 @@ async fn probe(
     mut sender: SendRequest<Body>,
     scheme: &str,
     relay_name: &str,
+    authorization: Option<HeaderValue>,
 ) -> Result<StatusCode, String> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::HEAD)
         .uri(format!("{scheme}://{relay_name}/"))
         .body(empty())
         .map_err(|e| format!("bad relay_name: {e}"))?;
+    if let Some(value) = authorization {
+        req.headers_mut().insert(header::PROXY_AUTHORIZATION, value);
+    }
     sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(resp.status())

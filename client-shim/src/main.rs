@@ -42,6 +42,10 @@ struct Cli {
     /// PEM CA certificates for the relay's certificate (TLS; default: the system roots).
     #[arg(long, global = true, value_name = "FILE")]
     ca: Option<String>,
+    /// A file of one `user:password` line: the shim's credentials for the relay
+    /// (Proxy-Authorization on all it sends there; a client's own are then dropped).
+    #[arg(long, global = true, value_name = "FILE")]
+    credentials_file: Option<String>,
     /// The system-proxy listener (default 127.0.0.1:3128).
     #[arg(long, global = true)]
     listen: Option<String>,
@@ -133,6 +137,9 @@ fn main() -> ExitCode {
     if cli.ca.is_some() {
         raw.ca = cli.ca.clone();
     }
+    if cli.credentials_file.is_some() {
+        raw.credentials_file = cli.credentials_file.clone();
+    }
     raw.forward.extend(cli.forwards.iter().cloned());
     raw.forward_udp.extend(cli.udp_forwards.iter().cloned());
 
@@ -199,6 +206,7 @@ fn main() -> ExitCode {
                 relay: config.relay,
                 tls: config.tls.map(|t| t.watch),
                 relay_name: config.relay_name,
+                authorization: config.authorization,
                 topic: topic.clone(),
                 state,
                 wait: Duration::from_secs(*wait),

@@ -25,9 +25,44 @@ use tracing::Instrument;
 use crate::link::{connect_request, LinkError, LinkHandle};
 use crate::{control, plain, Ctx};
 
-/// The shim's `Via` entry, marked as a Porthole hop so a `transparent` route
-/// hides it from the internal server.
-const VIA: &str = "1.1 porthole-shim (porthole)";
+/// Appends the shim's `Via` entry to a message it forwards, requests and
+/// responses alike (RFC 9110 7.6.3), naming the protocol it was received
+/// with: a request's from the application, a response's HTTP/2 from the
+/// relay. Marked as a Porthole hop so a `transparent` route hides it from
+/// the internal server.
+fn add_via(headers: &mut http::HeaderMap, received: http::Version) {
+    let entry = match received {
+        http::Version::HTTP_09 => "0.9 porthole-shim (porthole)",
+        http::Version::HTTP_10 => "1.0 porthole-shim (porthole)",
+        http::Version::HTTP_2 => "2 porthole-shim (porthole)",
+        http::Version::HTTP_3 => "3 porthole-shim (porthole)",
+        _ => "1.1 porthole-shim (porthole)",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(entry));
+}
+
+/// The application's own `Proxy-Authorization` fields, kept across the
+/// hop-by-hop strip: without the shim's `credentials_file` they are the
+/// relay's to check (passed through, as Squid's `login=PASSTHRU`); with it,
+/// [`LinkHandle::send`] puts the shim's in their place.
+fn client_credentials(headers: &http::HeaderMap) -> Vec<HeaderValue> {
+    headers
+        .get_all(header::PROXY_AUTHORIZATION)
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            v.set_sensitive(true);
+            v
+        })
+        .collect()
+}
+
+fn put_credentials(headers: &mut http::HeaderMap, credentials: Vec<HeaderValue>) {
+    for value in credentials {
+        headers.append(header::PROXY_AUTHORIZATION, value);
+    }
+}
+
 /// A tunnel idle this long is closed on the shim's side: a backstop only.
 /// The relay closes idle tunnels at its `idle_timeout`, which ends them here
 /// too, so this is longer than any such setting is likely to be.
@@ -156,12 +191,12 @@ async fn relay(
         Ok(u) => u,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target"),
     };
+    let credentials = client_credentials(&parts.headers);
     strip_hop_by_hop_map(&mut parts.headers);
+    put_credentials(&mut parts.headers, credentials);
     // The target travels as :authority; the relay writes Host back from it.
     parts.headers.remove(header::HOST);
-    parts
-        .headers
-        .append(header::VIA, HeaderValue::from_static(VIA));
+    add_via(&mut parts.headers, parts.version);
     parts.uri = uri;
     parts.version = http::Version::HTTP_2;
     let body = match &upgrade {
@@ -184,7 +219,8 @@ async fn relay(
                 switched(local, resp, &protocol)
             }
             _ => {
-                let (parts, body) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
+                add_via(&mut parts.headers, parts.version);
                 Response::from_parts(parts, body.boxed())
             }
         },
@@ -242,12 +278,14 @@ fn switched(
     protocol: &str,
 ) -> Response<Body> {
     let remote = hyper::upgrade::on(&mut resp);
+    let received = resp.version();
     let mut answer = Response::new(crate::link::empty());
     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = answer.headers_mut();
     *headers = std::mem::take(resp.headers_mut());
     strip_hop_by_hop_map(headers);
     headers.remove(header::CONTENT_LENGTH);
+    add_via(headers, received);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     if let Ok(token) = HeaderValue::from_str(protocol) {
         // Always: `upgrade_to` took it from a header value.
@@ -260,10 +298,11 @@ fn switched(
 /// Opens a `CONNECT` stream; on `200`, answers the application `200` and
 /// splices the two upgraded streams.
 async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> Response<Body> {
-    let out = match connect_request(authority) {
+    let mut out = match connect_request(authority) {
         Ok(r) => r,
         Err(_) => return plain(StatusCode::BAD_REQUEST, "CONNECT target must be host:port"),
     };
+    put_credentials(out.headers_mut(), client_credentials(req.headers()));
     let resp = match link.send(out).await {
         Ok(r) => r,
         Err(e) => {
@@ -272,7 +311,8 @@ async fn connect(req: Request<Incoming>, authority: &str, link: &LinkHandle) -> 
         }
     };
     if resp.status() != StatusCode::OK {
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        add_via(&mut parts.headers, parts.version);
         return Response::from_parts(parts, body.boxed());
     }
     let local = hyper::upgrade::on(req);

@@ -24,6 +24,7 @@ use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use porthole_relay::secret::Secret;
 use porthole_relay::tls::RelayTls;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -54,6 +55,8 @@ pub struct WatchConfig {
     pub tls: Option<RelayTls>,
     /// The relay's `name`: the host of the poll's URI and `Host`.
     pub relay_name: String,
+    /// `Proxy-Authorization` for each poll (the shim's `credentials_file`).
+    pub authorization: Option<Secret>,
     /// A valid topic name (see [`porthole_relay::events::valid_topic`]).
     pub topic: String,
     /// The state file: the last printed id.
@@ -328,11 +331,14 @@ where
 async fn poll(sender: &mut Sender, config: &WatchConfig, after: u64) -> Result<Outcome, String> {
     let relay = &config.relay;
     let uri = poll_uri(&config.topic, after, config.wait);
-    let req = Request::get(uri)
+    let mut req = Request::get(uri)
         .header(header::HOST, &config.relay_name)
         .header(header::ACCEPT, "application/json")
         .body(Empty::new())
         .map_err(|e| format!("relay_name `{}`: {e}", config.relay_name))?;
+    if let Some(value) = crate::link::authorization_value(config.authorization.as_ref()) {
+        req.headers_mut().insert(header::PROXY_AUTHORIZATION, value);
+    }
     sender
         .ready()
         .await

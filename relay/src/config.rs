@@ -592,14 +592,7 @@ pub struct Via {
 impl Via {
     /// The hop's `Proxy-Authorization` from a file of one `user:password` line.
     fn credentials(path: &str) -> Result<Secret, String> {
-        use base64::Engine;
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let line = text.lines().next().unwrap_or("").trim_end();
-        if !line.contains(':') {
-            return Err(format!("{path}: one line `user:password` expected"));
-        }
-        let encoded = base64::engine::general_purpose::STANDARD.encode(line);
-        Ok(Secret::new(format!("Basic {encoded}")))
+        crate::secret::basic_credentials_file(path)
     }
 
     /// The fields a tunnel request (`CONNECT`, CONNECT-UDP) carries to the

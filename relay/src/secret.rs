@@ -27,6 +27,20 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The `Proxy-Authorization` value (`Basic ...`) from a file of one
+/// `user:password` line: a relay route's `via_credentials_file`, the shim's
+/// `credentials_file`. Errors name the file, never its content.
+pub fn basic_credentials_file(path: &str) -> Result<Secret, String> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let line = text.lines().next().unwrap_or("").trim_end();
+    if !line.contains(':') {
+        return Err(format!("{path}: one line `user:password` expected"));
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(line);
+    Ok(Secret::new(format!("Basic {encoded}")))
+}
+
 /// `N` bytes from the operating system's random source (salts, ids, keys).
 pub fn random<const N: usize>() -> Result<[u8; N], getrandom::Error> {
     let mut bytes = [0u8; N];
