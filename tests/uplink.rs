@@ -61,12 +61,16 @@ async fn services(o: &Relay) -> serde_json::Value {
     serde_json::from_slice(&out.body).unwrap()
 }
 
-fn state_of(s: &serde_json::Value, name: &str) -> Option<String> {
+/// The `/services` row of the uplinked name `name`.
+fn uplink_row<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     s["services"]
         .as_array()?
         .iter()
         .find(|e| e["name"] == name && e["kind"] == "uplink")
-        .map(|e| e["state"].as_str().unwrap_or("").to_string())
+}
+
+fn state_of(s: &serde_json::Value, name: &str) -> Option<String> {
+    uplink_row(s, name).map(|e| e["state"].as_str().unwrap_or("").to_string())
 }
 
 async fn wait_state(o: &Relay, name: &str, want: &str) {
@@ -109,14 +113,7 @@ async fn an_offer_shadowed_by_a_route_is_shown_as_such() {
     wait_state(&o, "erp.plant3", "connected").await;
     let s = services(&o).await;
     let row = |name: &str| {
-        s["services"]
-            .as_array()
-            .and_then(|rows| {
-                rows.iter()
-                    .find(|e| e["name"] == name && e["kind"] == "uplink")
-                    .cloned()
-            })
-            .unwrap_or_else(|| panic!("no uplink row for {name}: {s}"))
+        uplink_row(&s, name).unwrap_or_else(|| panic!("no uplink row for {name}: {s}"))
     };
     assert_eq!(
         row("clash.plant3")["shadowed_by_route"],
