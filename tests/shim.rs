@@ -565,6 +565,18 @@ async fn forwarded_ports_are_added_used_listed_and_removed() {
     assert_eq!(status, 200);
     assert_refused(second).await;
     assert_eq!(shim.forwards.list().len(), 1);
+
+    // Another method on a known endpoint: 405 saying which it takes.
+    for (method, at, allow) in [
+        (http::Method::PUT, path.clone(), "GET, POST"),
+        (http::Method::GET, format!("{path}/{first}"), "DELETE"),
+    ] {
+        let (status, body) = control::call(shim.addr, method.clone(), &at, String::new())
+            .await
+            .unwrap();
+        assert_eq!(status, 405, "{method} {at}: {body}");
+        assert!(body.contains(allow), "{method} {at}: {body}");
+    }
 }
 
 /// A web page is a local client too (the user's browser runs it): it must
@@ -932,6 +944,29 @@ async fn the_real_binary_runs_conf_shim_toml() {
     let (ok, out) = cli(vec!["forward".into(), "remove".into(), port.to_string()]).await;
     assert!(ok, "{out}");
     assert_refused(format!("127.0.0.1:{port}").parse().unwrap()).await;
+
+    // A forward the relay refuses (a port the route does not offer): the
+    // local connection closes, and the shim logs the relay's reason.
+    let refused_port = free_port();
+    let offered_not = origin.port();
+    let spec = format!("127.0.0.1:{refused_port}=localhost:{offered_not}");
+    let (ok, out) = cli(vec!["forward".into(), "add".into(), spec]).await;
+    assert!(ok, "{out}");
+    let mut s = TcpStream::connect(("127.0.0.1", refused_port))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let shim_log = || std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
+    let reason = format!("port {offered_not} is not allowed");
+    let logged = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = shim_log();
+        let reason = reason.clone();
+        async move { log.contains("the relay refused the tunnel") && log.contains(&reason) }
+    })
+    .await;
+    assert!(logged, "{}", shim_log());
 
     // --forward-udp: listed as `udp LISTEN=HOST:PORT`, and carrying datagrams.
     let udp_line = list

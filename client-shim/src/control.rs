@@ -201,7 +201,23 @@ pub async fn serve(
                 plain(StatusCode::NOT_FOUND, &why)
             }
         }
-        _ => plain(StatusCode::NOT_FOUND, "no such endpoint on the shim"),
+        (method, rest) => {
+            // A known endpoint asked with another method: 405 with what it
+            // takes (RFC 9110 section 15.5.6).
+            let allow = match rest {
+                "status" => "GET",
+                "forwards" => "GET, POST",
+                _ if rest.starts_with("forwards/") => "DELETE",
+                _ => return plain(StatusCode::NOT_FOUND, "no such endpoint on the shim"),
+            };
+            let mut resp = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("{method} is not one of {allow} here"),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp
+        }
     }
 }
 

@@ -207,7 +207,9 @@ async fn tunnel(local: TcpStream, target: String, link: LinkHandle) {
         Err(e) => return tracing::warn!(error = %e, "forwarded connection refused"),
     };
     if resp.status() != StatusCode::OK {
-        return tracing::warn!(status = %resp.status(), "the relay refused the tunnel");
+        let status = resp.status();
+        let reason = crate::link::refusal_reason(resp).await;
+        return tracing::warn!(%target, %status, %reason, "the relay refused the tunnel");
     }
     let upgraded = match hyper::upgrade::on(resp).await {
         Ok(u) => u,

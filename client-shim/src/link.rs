@@ -314,6 +314,26 @@ pub fn authorization_value(secret: Option<&Secret>) -> Option<HeaderValue> {
     Some(value)
 }
 
+/// The first line of a refusal's body (the relay says which route and what
+/// failed), read for at most 2 s and 4 KiB; empty if none came.
+pub async fn refusal_reason(resp: Response<Incoming>) -> String {
+    use http_body_util::{BodyExt, Limited};
+    const MAX_REASON: usize = 4096;
+    const REASON_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+    match tokio::time::timeout(
+        REASON_WAIT,
+        Limited::new(resp.into_body(), MAX_REASON).collect(),
+    )
+    .await
+    {
+        Ok(Ok(body)) => {
+            let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+            text.lines().next().unwrap_or("").trim().to_string()
+        }
+        _ => String::new(),
+    }
+}
+
 /// The scheme of the relay's URIs over a link with or without TLS.
 pub fn scheme(tls: bool) -> &'static str {
     if tls {

@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header::HeaderName, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Limited};
 use hyper_util::rt::TokioIo;
 use porthole_relay::udp::{capsule, datagram_capsule, Capsule, PATH_PREFIX, PROTOCOL};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,10 +53,6 @@ pub const REFUSED_PAUSE: Duration = Duration::from_secs(1);
 /// The most flows (local sources, each a CONNECT-UDP stream) a forward
 /// keeps open; datagrams from further sources are dropped, with a warning.
 pub const MAX_FLOWS: usize = 256;
-/// The most of a refusal's body read for its reason.
-const MAX_REASON: usize = 4096;
-/// How long a refusal's body may take to arrive.
-const REASON_WAIT: Duration = Duration::from_secs(2);
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -346,18 +341,7 @@ impl Forward {
             .map_err(|e| format!("CONNECT-UDP to {}: {e}", self.spec.authority()))?;
         let status = resp.status();
         if !status.is_success() {
-            let reason = tokio::time::timeout(
-                REASON_WAIT,
-                Limited::new(resp.into_body(), MAX_REASON).collect(),
-            )
-            .await;
-            let reason = match reason {
-                Ok(Ok(body)) => {
-                    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-                    text.lines().next().unwrap_or("").trim().to_string()
-                }
-                _ => String::new(),
-            };
+            let reason = crate::link::refusal_reason(resp).await;
             return Err(format!(
                 "the relay refused CONNECT-UDP to {}: {status} {reason}",
                 self.spec.authority()
