@@ -1484,6 +1484,36 @@ async fn the_link_runs_over_tls_to_a_relay_that_requires_it() {
     assert_eq!(out.text(), "ok /again");
 }
 
+/// After a long outage the link's backoff has grown (0.1 s doubling to
+/// 10 s): a request that finds the link down makes the shim try again within
+/// a second instead of waiting the backoff out, so the relay's return is
+/// noticed while the request still waits (`link_wait`).
+#[tokio::test]
+async fn a_waiting_request_cuts_the_links_backoff_short() {
+    let origin = Origin::ok().await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let shim = start_shim(shim_config_text(&format!(
+        "relay = \"{addr}\"\nrelay_name = \"relay.test\"\nlisten = \"127.0.0.1:0\"\nlink_wait = \"3s\"\n"
+    )))
+    .await;
+    // The outage itself: nothing listens for 7 s. The link fails at once
+    // each time, at 0, 0.1, 0.3, 0.7, 1.5, 3.1 and 6.3 s; its next try
+    // would be at 12.7 s, after this request's 3 s of link_wait.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(!shim.link.watch().borrow().is_up());
+    let _relay = Relay::start_at(
+        &config_with(&route("app-a.test", "127.0.0.1", &[origin.port()], ""), ""),
+        addr,
+    )
+    .await;
+    let out = Curl::new(&format!("http://app-a.test:{}/back", origin.port()))
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /back");
+}
+
 /// The reason the link's first session failed.
 async fn link_error(shim: &Shim) -> String {
     let mut watch = shim.link.watch();

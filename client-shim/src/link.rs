@@ -5,8 +5,8 @@
 //! watches it with the adaptive [`keepalive`]. When the session ends (closed,
 //! or no answer to a probe) it reconnects under exponential backoff, which
 //! resets after a healthy session. Local listeners never notice: a request
-//! that arrives meanwhile waits for the link up to `link_wait`, then gets `502`
-//! with the reason. Dropping the last [`LinkHandle`] stops the actor.
+//! that arrives meanwhile cuts the backoff to a second at most, waits for the
+//! link up to `link_wait`, then gets `502` with the reason. Dropping the last [`LinkHandle`] stops the actor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use porthole_relay::secret::Secret;
 use porthole_relay::tls::RelayTls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -34,6 +34,10 @@ use crate::AbortOnDrop;
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// With a request waiting for the link, the backoff is cut to this at most:
+/// a user waits for the next try only while nobody needs the link does it
+/// grow to [`BACKOFF_MAX`].
+const WANTED_RETRY: Duration = Duration::from_secs(1);
 /// A session that lasted this long was healthy: the next reconnect starts
 /// from [`BACKOFF_MIN`] again.
 const HEALTHY: Duration = Duration::from_secs(5);
@@ -122,6 +126,9 @@ pub struct LinkHandle {
     /// The shim's own `Proxy-Authorization` (`credentials_file`): it replaces
     /// a client's on every request and stream sent over the link.
     authorization: Option<HeaderValue>,
+    /// Rung by a request that finds the link down: the actor tries again
+    /// within [`WANTED_RETRY`] instead of its whole backoff.
+    wanted: Arc<Notify>,
     _stop: Arc<DropGuard>,
 }
 
@@ -151,7 +158,8 @@ impl LinkHandle {
             keepalive: config.keepalive,
             authorization: authorization.clone(),
         };
-        tokio::spawn(run(session, tx, stop.clone()));
+        let wanted = Arc::new(Notify::new());
+        tokio::spawn(run(session, tx, wanted.clone(), stop.clone()));
         LinkHandle {
             state: rx,
             relay: config.relay.as_str().into(),
@@ -159,6 +167,7 @@ impl LinkHandle {
             tls: config.tls.is_some(),
             wait: config.link_wait,
             authorization,
+            wanted,
             _stop: Arc::new(stop.drop_guard()),
         }
     }
@@ -193,6 +202,9 @@ impl LinkHandle {
             LinkState::Up { session, .. } => s.is_up() && Some(*session) != not,
             LinkState::Connecting { .. } => false,
         };
+        if !usable(&state.borrow()) {
+            self.wanted.notify_one();
+        }
         let waited = tokio::time::timeout(self.wait, async {
             match &*state.wait_for(usable).await.ok()? {
                 LinkState::Up { sender, session } => Some((sender.clone(), *session)),
@@ -384,7 +396,12 @@ impl Backoff {
 }
 
 /// The actor: sessions one after the other, with backoff between them.
-async fn run(session: Session, tx: watch::Sender<LinkState>, stop: CancellationToken) {
+async fn run(
+    session: Session,
+    tx: watch::Sender<LinkState>,
+    wanted: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut backoff = Backoff::default();
     let mut id = 0u64;
     loop {
@@ -399,9 +416,14 @@ async fn run(session: Session, tx: watch::Sender<LinkState>, stop: CancellationT
         tx.send_replace(LinkState::Connecting {
             last_error: Some(reason),
         });
+        let ended = tokio::time::Instant::now();
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
+            () = async {
+                wanted.notified().await;
+                tokio::time::sleep_until(ended + wait.min(WANTED_RETRY)).await;
+            } => tracing::debug!(relay = %session.relay, "a request waits for the link: trying again now"),
         }
     }
 }
@@ -499,7 +521,7 @@ where
     let mut keepalive = Keepalive::new(s.keepalive, Instant::now());
     // A probe's answer is looked at when it comes, not at its deadline: the
     // next idle probe is then due `idle_ping` after it.
-    let answered = Arc::new(tokio::sync::Notify::new());
+    let answered = Arc::new(Notify::new());
     loop {
         let until = match keepalive.poll(Instant::now(), meter.activity()) {
             Action::Wait(until) => until,
