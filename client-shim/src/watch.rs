@@ -270,10 +270,12 @@ pub fn classify(status: StatusCode, retry: Option<Duration>, body: &[u8]) -> Out
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
     );
     if status.is_client_error() && !transient {
-        let hint = if matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
-            " (is relay_name the relay's name?)"
-        } else {
-            ""
+        let hint = match status {
+            StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => " (is relay_name the relay's name?)",
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+                " (the relay wants a user: set credentials_file, or check the one set)"
+            }
+            _ => "",
         };
         return Outcome::Fatal(format!("the relay refused the poll: {}{hint}", text()));
     }
@@ -688,6 +690,14 @@ mod tests {
         assert!(matches!(bad_gateway, Outcome::Retry { after: None, .. }));
         let later = classify(StatusCode::TOO_MANY_REQUESTS, None, b"");
         assert!(matches!(later, Outcome::Retry { .. }));
+        match classify(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            None,
+            b"407 proxy authentication required\n",
+        ) {
+            Outcome::Fatal(why) => assert!(why.contains("credentials_file"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         match classify(StatusCode::FORBIDDEN, None, b"403 no route\n") {
             Outcome::Fatal(why) => assert!(
                 why.contains("403 no route") && why.contains("relay_name"),
