@@ -53,12 +53,16 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
-            "after" => req.after = value.parse().map_err(|_| "after must be an event id")?,
+            "after" => req.after = event_id(value).ok_or("after must be an event id")?,
             "wait" => {
-                let secs: f64 = value.parse().map_err(|_| "wait must be seconds")?;
-                if !secs.is_finite() || secs < 0.0 {
-                    return Err("wait must be seconds");
-                }
+                // Plain decimal seconds: no sign, exponent, `inf` or `NaN`.
+                let decimal = !value.is_empty()
+                    && value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                    && value.bytes().filter(|b| *b == b'.').count() <= 1;
+                let secs: f64 = match value.parse() {
+                    Ok(secs) if decimal => secs,
+                    _ => return Err("wait must be seconds"),
+                };
                 req.wait = Duration::from_secs_f64(secs.min(1e9));
             }
             _ => {}
@@ -66,14 +70,20 @@ pub fn parse_request(query: &str, head: &RequestHead) -> Result<PollRequest, &'s
     }
     if let Some(v) = head.fields.get(FieldName::LastEventId) {
         let text = std::str::from_utf8(crate::codec::trim(v)).unwrap_or("");
-        req.after = text
-            .parse()
-            .map_err(|_| "Last-Event-ID must be an event id")?;
+        req.after = event_id(text).ok_or("Last-Event-ID must be an event id")?;
     }
     if req.head_only {
         req.wait = Duration::ZERO;
     }
     Ok(req)
+}
+
+/// An event id as written: decimal digits only (no sign, no spaces).
+fn event_id(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -377,6 +387,18 @@ mod tests {
             ("wait=soon", "", Err("wait must be seconds")),
             ("wait=-1", "", Err("wait must be seconds")),
             ("wait=inf", "", Err("wait must be seconds")),
+            // Signs and exponents as other parsers take them: refused, as
+            // a percent-encoded digit is (the audit's note: +3 was taken).
+            ("after=+3", "", Err("after must be an event id")),
+            ("after=%31", "", Err("after must be an event id")),
+            ("wait=+1", "", Err("wait must be seconds")),
+            ("wait=1e3", "", Err("wait must be seconds")),
+            ("wait=1.", "", req(0, 1_000, false)),
+            (
+                "",
+                "Last-Event-ID: +9\r\n",
+                Err("Last-Event-ID must be an event id"),
+            ),
             (
                 "",
                 "Last-Event-ID: x\r\n",
