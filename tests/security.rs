@@ -1093,8 +1093,20 @@ access = "{}"
     let answer = raw_exchange(relay.addr, connect.as_bytes(), Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 
+    // Two sets of credentials: refused, not the first taken.
+    let twice = format!(
+        "GET http://app-a.test:{}/ HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Proxy-Authorization: Basic Ym9iOmJvYg==\r\nConnection: close\r\n\r\n",
+        a.port()
+    );
+    let answer = raw_exchange(relay.addr, twice.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("more than one Proxy-Authorization"),
+        "{answer}"
+    );
+
     let lines = || porthole_suite::lines_with(&log, "status=");
-    let all_written = || async { lines().len() >= 4 };
+    let all_written = || async { lines().len() >= 5 };
     assert!(
         porthole_suite::eventually(Duration::from_secs(5), all_written).await,
         "{:?}",

@@ -484,10 +484,12 @@ async fn connect(mut req: Request<Incoming>, ctx: ConnCtx, busy: Busy) -> Respon
     if crate::rewrite::via_values_contain(vias(), &config.relay.name) {
         return refused(&RelayError::new(ErrorKind::Loop), access.take(), &ctx);
     }
-    let authorization = req
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
+    let mut credentials = req.headers().get_all(header::PROXY_AUTHORIZATION).iter();
+    let authorization = credentials.next().map(HeaderValue::as_bytes);
+    if credentials.next().is_some() {
+        let err = RelayError::new(ErrorKind::BadRequest("more than one Proxy-Authorization"));
+        return refused(&err, access.take(), &ctx);
+    }
     if let Err(err) = gate::admit(
         &ctx,
         &config,

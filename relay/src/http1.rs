@@ -202,7 +202,14 @@ async fn next_request<S: Io>(
     // Uplink control and data connections authenticate with their own
     // secrets, not as users.
     if !matches!(kind, RequestKind::Uplink { .. }) {
-        let authorization = head.fields.get(FieldName::ProxyAuthorization);
+        // One set of credentials: with two, which one a later hop or log
+        // would take is anyone's guess.
+        let mut credentials = head.fields.get_all(FieldName::ProxyAuthorization);
+        let authorization = credentials.next();
+        if credentials.next().is_some() {
+            let err = RelayError::new(ErrorKind::BadRequest("more than one Proxy-Authorization"));
+            return answer_error(conn, ctx, err, access).await;
+        }
         if let Err(err) = gate::admit(ctx, &config, authorization, target, &mut access).await {
             return answer_error(conn, ctx, err, access).await;
         }
