@@ -1070,40 +1070,40 @@ access = "{}"
         .run()
         .await;
     assert_eq!(refused.status, 403, "{refused:?}");
-    // Targets with user information are refused, and logged without it.
     let credentials = "Proxy-Authorization: Basic YWxpY2U6YS1wdw==\r\n"; // alice:a-pw
-    let absolute = format!(
-        "GET http://u:s3cretpass@app-a.test:{}/y HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Connection: close\r\n\r\n",
-        a.port()
-    );
-    let answer = raw_exchange(relay.addr, absolute.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    let connect = format!(
-        "CONNECT u:s3cretpass@app-a.test:{} HTTP/1.1\r\n{credentials}\r\n",
-        a.port()
-    );
-    let answer = raw_exchange(relay.addr, connect.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    // A CONNECT to a port the route does not offer: refused by the relay
-    // after the rules let it through.
-    let connect = format!(
-        "CONNECT app-a.test:{} HTTP/1.1\r\n{credentials}\r\n",
-        b.port()
-    );
-    let answer = raw_exchange(relay.addr, connect.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
-
-    // Two sets of credentials: refused, not the first taken.
-    let twice = format!(
-        "GET http://app-a.test:{}/ HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Proxy-Authorization: Basic Ym9iOmJvYg==\r\nConnection: close\r\n\r\n",
-        a.port()
-    );
-    let answer = raw_exchange(relay.addr, twice.as_bytes(), Duration::from_secs(5)).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(
-        answer.contains("more than one Proxy-Authorization"),
-        "{answer}"
-    );
+    let cases = [
+        // Targets with user information are refused, and logged without it.
+        (
+            format!("GET http://u:s3cretpass@app-a.test:{}/y HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Connection: close\r\n\r\n", a.port()),
+            "HTTP/1.1 400",
+            "",
+        ),
+        (
+            format!("CONNECT u:s3cretpass@app-a.test:{} HTTP/1.1\r\n{credentials}\r\n", a.port()),
+            "HTTP/1.1 400",
+            "",
+        ),
+        // A port the route does not offer: refused by the relay after the
+        // rules let it through.
+        (
+            format!("CONNECT app-a.test:{} HTTP/1.1\r\n{credentials}\r\n", b.port()),
+            "HTTP/1.1 403",
+            "",
+        ),
+        // Two sets of credentials: refused, not the first taken.
+        (
+            format!("GET http://app-a.test:{}/ HTTP/1.1\r\nHost: app-a.test\r\n{credentials}Proxy-Authorization: Basic Ym9iOmJvYg==\r\nConnection: close\r\n\r\n", a.port()),
+            "HTTP/1.1 400",
+            "more than one Proxy-Authorization",
+        ),
+    ];
+    for (request, status, says) in &cases {
+        let answer = raw_exchange(relay.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            answer.starts_with(status) && answer.contains(says),
+            "{request}: {answer}"
+        );
+    }
 
     let lines = || porthole_suite::lines_with(&log, "status=");
     let all_written = || async { lines().len() >= 5 };
