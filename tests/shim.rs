@@ -1484,6 +1484,37 @@ async fn the_link_runs_over_tls_to_a_relay_that_requires_it() {
     assert_eq!(out.text(), "ok /again");
 }
 
+/// A browser that cannot fetch its PAC file goes DIRECT for everything: while
+/// the link is down the shim serves the relay's last PAC file; with none
+/// fetched yet, a 502 that says why.
+#[tokio::test]
+async fn the_last_pac_file_is_served_while_the_link_is_down() {
+    let relay = Relay::start(&config_with(
+        &route("app-a.test", "127.0.0.1", &[80], ""),
+        "",
+    ))
+    .await;
+    let shim = start_shim(shim_config(relay.addr, "link_wait = \"1s\"\n")).await;
+    let pac_url = format!("http://{}/proxy.pac", shim.addr);
+    let first = Curl::new(&pac_url).run().await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.text().contains("app-a.test"), "{}", first.text());
+    relay.shutdown().await;
+    wait_state(&shim, false, Duration::from_secs(10)).await;
+    let cached = Curl::new(&pac_url).run().await;
+    assert_eq!(cached.status, 200, "{cached:?}");
+    assert_eq!(cached.text(), first.text());
+
+    // A shim that never reached its relay has nothing to serve.
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lonely = start_shim(shim_config(nowhere, "link_wait = \"1s\"\n")).await;
+    let out = Curl::new(&format!("http://{}/proxy.pac", lonely.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("unreachable"), "{}", out.text());
+}
+
 /// After a long outage the link's backoff has grown (0.1 s doubling to
 /// 10 s): a request that finds the link down makes the shim try again within
 /// a second instead of waiting the backoff out, so the relay's return is

@@ -222,31 +222,24 @@ pub async fn serve(
 }
 
 /// The relay's PAC file (routes through the proxy, the rest `DIRECT`), with
-/// the proxy replaced by the shim's address as the client reached it.
+/// the proxy replaced by the shim's address as the client reached it. While
+/// the link is down, the last one the relay sent, if any.
 async fn proxy_pac(local: SocketAddr, ctx: &Ctx) -> Response<Body> {
-    let uri = format!(
-        "{}://{}/proxy.pac",
-        ctx.link.scheme(),
-        ctx.link.relay_name()
-    );
-    let req = match Request::get(uri).body(empty()) {
-        Ok(r) => r,
-        Err(_) => return plain(StatusCode::BAD_GATEWAY, "relay_name is not a host name"),
+    let last_pac = || ctx.last_pac.lock().unwrap_or_else(|p| p.into_inner());
+    let pac = match fetch_pac(ctx).await {
+        Ok(pac) => {
+            *last_pac() = Some(pac.clone());
+            pac
+        }
+        Err((link_down, why)) => match last_pac().clone().filter(|_| link_down) {
+            Some(pac) => {
+                tracing::warn!(reason = %why, "PAC file served from the last copy: the link is down");
+                pac
+            }
+            None => return plain(StatusCode::BAD_GATEWAY, &why),
+        },
     };
-    let resp = match ctx.link.send(req).await {
-        Ok(r) => r,
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, &e.to_string()),
-    };
-    let status = resp.status();
-    let body = match Limited::new(resp.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, &format!("PAC from the relay: {e}")),
-    };
-    if status != StatusCode::OK {
-        let why = format!("the relay answered {status} for its PAC file (is relay_name its name?)");
-        return plain(StatusCode::BAD_GATEWAY, &why);
-    }
-    match pac::repoint(&String::from_utf8_lossy(&body), &local.to_string()) {
+    match pac::repoint(&pac, &local.to_string()) {
         Some(text) => {
             let mut resp = Response::new(full(text));
             resp.headers_mut().insert(
@@ -260,6 +253,35 @@ async fn proxy_pac(local: SocketAddr, ctx: &Ctx) -> Response<Body> {
             "the relay's PAC file has no proxy line",
         ),
     }
+}
+
+/// The relay's PAC file as it sent it; `Err` says whether the link was down
+/// and why there is none.
+async fn fetch_pac(ctx: &Ctx) -> Result<String, (bool, String)> {
+    let uri = format!(
+        "{}://{}/proxy.pac",
+        ctx.link.scheme(),
+        ctx.link.relay_name()
+    );
+    let req = Request::get(uri)
+        .body(empty())
+        .map_err(|_| (false, "relay_name is not a host name".to_string()))?;
+    let resp = ctx
+        .link
+        .send(req)
+        .await
+        .map_err(|e| (true, e.to_string()))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| (true, format!("PAC from the relay: {e}")))?
+        .to_bytes();
+    if status != StatusCode::OK {
+        let why = format!("the relay answered {status} for its PAC file (is relay_name its name?)");
+        return Err((false, why));
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 fn full(text: String) -> Body {

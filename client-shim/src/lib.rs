@@ -54,6 +54,9 @@ pub struct Ctx {
     pub udp_forwards: UdpForwards,
     /// The system-proxy listener's address.
     pub listen: SocketAddr,
+    /// The relay's last PAC file, served while the link is down: a browser
+    /// that cannot fetch its PAC file goes `DIRECT` for everything.
+    pub last_pac: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// A running shim. Dropping it stops the listeners and the link.
@@ -92,6 +95,7 @@ impl Shim {
             forwards: forwards.clone(),
             udp_forwards: udp_forwards.clone(),
             listen: addr,
+            last_pac: Default::default(),
         };
         tokio::spawn(proxy::serve(listener, ctx, stop.clone()));
         Ok(Shim {
