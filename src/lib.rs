@@ -1273,25 +1273,29 @@ pub async fn h2c(
 /// An RFC 8441 WebSocket request over HTTP/2 for `uri`: an extended CONNECT
 /// (`:protocol websocket`), without `Sec-WebSocket-Key` as RFC 8441 sends it.
 pub fn websocket_h2(uri: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
-    let mut req = http::Request::connect(uri)
-        .header("sec-websocket-version", "13")
-        .body(http_body_util::Empty::new())
-        .expect("request");
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    req
+    extended_connect(uri, "websocket", ("sec-websocket-version", "13"))
 }
 
 /// A CONNECT-UDP request over HTTP/2 (RFC 9298 section 3.4) for `uri`
 /// (`http://relay.test/.well-known/masque/udp/HOST/PORT/`): an extended
 /// CONNECT with `:protocol connect-udp` and `Capsule-Protocol: ?1`.
 pub fn connect_udp_h2(uri: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    extended_connect(uri, "connect-udp", ("capsule-protocol", "?1"))
+}
+
+/// An extended CONNECT (RFC 8441) for `uri` with `:protocol` `protocol`
+/// and the one field `field`.
+fn extended_connect(
+    uri: &str,
+    protocol: &'static str,
+    (name, value): (&str, &str),
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     let mut req = http::Request::connect(uri)
-        .header("capsule-protocol", "?1")
+        .header(name, value)
         .body(http_body_util::Empty::new())
         .expect("request");
     req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+        .insert(hyper::ext::Protocol::from_static(protocol));
     req
 }
 

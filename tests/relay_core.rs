@@ -1459,11 +1459,7 @@ async fn only_idempotent_requests_are_resent_after_a_pooled_connection_closes() 
 #[tokio::test]
 async fn http2_takes_request_heads_as_large_as_http1() {
     let origin = Origin::ok().await;
-    let relay = Relay::start(&config_with(
-        &route("app.test", "127.0.0.1", &[origin.port()], ""),
-        "",
-    ))
-    .await;
+    let relay = relay_to(&origin, "app.test", "").await;
     let cookie = format!("big={}", "c".repeat(40_000));
     let host = format!("app.test:{}", origin.port());
     let h2 = Curl::new(&format!("http://{}/h2", relay.addr))
@@ -1493,11 +1489,7 @@ async fn http2_takes_request_heads_as_large_as_http1() {
 #[tokio::test]
 async fn framing_fields_cannot_be_dropped_or_doubled_to_smuggle_a_request() {
     let origin = Origin::ok().await;
-    let relay = Relay::start(&config_with(
-        &route("app.test", "127.0.0.1", &[origin.port()], ""),
-        "workers = 1",
-    ))
-    .await;
+    let relay = one_worker_relay_to(&origin, "app.test").await;
     let host = format!("Host: app.test:{}\r\n", origin.port());
     let smuggled = format!("GET /smuggled HTTP/1.1\r\n{host}X-Ignore: ");
     let t = Duration::from_secs(5);
@@ -1693,11 +1685,7 @@ async fn the_relays_own_endpoints_take_head_and_say_the_same_allow_everywhere() 
 #[tokio::test]
 async fn max_forwards_and_targets_no_request_may_have() {
     let origin = Origin::ok().await;
-    let relay = Relay::start(&config_with(
-        &route("app.test", "127.0.0.1", &[origin.port()], ""),
-        "",
-    ))
-    .await;
+    let relay = relay_to(&origin, "app.test", "").await;
     let url = format!("http://app.test:{}/mf", origin.port());
     let run = |method: &str, max: &str| {
         Curl::new(&url)

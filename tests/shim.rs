@@ -585,12 +585,7 @@ async fn forwarded_ports_are_added_used_listed_and_removed() {
 #[tokio::test]
 async fn web_pages_cannot_use_the_control_endpoint() {
     let echo = EchoServer::start().await;
-    let relay = Relay::start(&config_with(
-        &route("db.test", "127.0.0.1", &[echo.port()], ""),
-        "",
-    ))
-    .await;
-    let shim = start_shim(shim_config(relay.addr, "")).await;
+    let (_relay, shim) = relay_and_shim("db.test", echo.port(), "").await;
     let url = format!("http://{}{}forwards", shim.addr, control::PREFIX);
     for (listen, extra) in [
         // A page's simple POST: its Origin, a safelisted Content-Type.

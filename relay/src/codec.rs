@@ -362,30 +362,31 @@ impl Fields {
 
     /// Whether the comma-separated list field `name` contains `token`.
     pub fn has_token(&self, name: FieldName, token: &str) -> bool {
-        self.get_all(name)
-            .flat_map(|v| v.split(|b| *b == b','))
-            .any(|t| trim(t).eq_ignore_ascii_case(token.as_bytes()))
+        self.items(name)
+            .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
     }
 
     /// The non-empty elements of every list value of `name`, as received
     /// (compare them ignoring ASCII case). Allocates only when there are some.
     pub fn list(&self, name: FieldName) -> Vec<&[u8]> {
-        self.get_all(name)
-            .flat_map(|v| v.split(|b| *b == b','))
-            .map(trim)
-            .filter(|t| !t.is_empty())
-            .collect()
+        self.items(name).collect()
     }
 
     /// The names `Connection` lists (RFC 9110 section 7.6.1) that are not
     /// hop-by-hop already, which a hop removes too: none for the usual
     /// `keep-alive` or `upgrade`, so nothing is allocated for them.
     pub fn connection_listed(&self) -> Vec<&[u8]> {
-        self.get_all(FieldName::Connection)
+        self.items(FieldName::Connection)
+            .filter(|t| !FieldName::of(t).is_hop_by_hop())
+            .collect()
+    }
+
+    /// The non-empty, trimmed elements of every list value of `name`.
+    fn items(&self, name: FieldName) -> impl Iterator<Item = &[u8]> + '_ {
+        self.get_all(name)
             .flat_map(|v| v.split(|b| *b == b','))
             .map(trim)
-            .filter(|t| !t.is_empty() && !FieldName::of(t).is_hop_by_hop())
-            .collect()
+            .filter(|t| !t.is_empty())
     }
 }
 

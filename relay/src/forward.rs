@@ -143,18 +143,8 @@ pub async fn relay<S: Io>(
     let absolute;
     let (path, proxy_authorization) = match &route.via {
         Some(via) => {
-            // Port 80 left out, as a client writes it: the hop's server
-            // gets `Host: app.test`, not `app.test:80` (RFC 9110 4.2.3).
-            let authority = match decision.upstream_port {
-                80 => {
-                    let with_port = display_addr(decision.upstream_host(), 80);
-                    with_port
-                        .strip_suffix(":80")
-                        .unwrap_or(&with_port)
-                        .to_string()
-                }
-                port => display_addr(decision.upstream_host(), port),
-            };
+            let authority =
+                upstream::http_authority(decision.upstream_host(), decision.upstream_port);
             // `OPTIONS *` is the authority alone in absolute form (RFC 9112 3.2.4).
             absolute = match req.target.path.as_str() {
                 "*" => format!("http://{authority}"),

@@ -123,6 +123,17 @@ pub fn display_addr(host: &str, port: u16) -> String {
     }
 }
 
+/// `host:port` as the authority of an `http://` URI: port 80 left out, as a
+/// client writes it (RFC 9110 section 4.2.3; a next hop sets `Host` from
+/// it), an IPv6 address in brackets.
+pub fn http_authority(host: &str, port: u16) -> String {
+    match (port, host.contains(':')) {
+        (80, true) => format!("[{host}]"),
+        (80, false) => host.to_string(),
+        _ => display_addr(host, port),
+    }
+}
+
 /// A connection towards an internal server: dialled directly (in plain TCP
 /// or TLS, as the route says), or a data connection an uplinked relay opened.
 /// An inside relay's own connections to its outside relay are `Tcp` or `Tls`
@@ -464,6 +475,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn http_authorities_leave_out_port_80() {
+        assert_eq!(http_authority("app.test", 80), "app.test");
+        assert_eq!(http_authority("app.test", 8080), "app.test:8080");
+        assert_eq!(http_authority("::1", 80), "[::1]");
+        assert_eq!(http_authority("::1", 443), "[::1]:443");
+    }
 
     /// A data connection of uplink `id` (generation `g`) and its far end.
     fn data(
