@@ -405,6 +405,100 @@ async fn registration_refuses_wrong_secrets_foreign_names_and_taken_names() {
     assert_eq!(owner, "plant-3", "{s}");
 }
 
+/// Which inside relay a request through `o` crossed: the `Via` entries of
+/// its response (each inside relay names itself).
+async fn via_of(o: &Relay, url: &str) -> (u16, String) {
+    let out = Curl::new(url).proxy(&o.url()).run().await;
+    (out.status, out.header("via").join(", "))
+}
+
+/// Two inside relays configured with one id do not take the uplink from each
+/// other in turns: the second is refused (409) while the first answers, and
+/// takes over once the first is gone.
+#[tokio::test]
+async fn a_second_inside_relay_with_the_same_id_is_refused_while_the_first_answers() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let config = inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    );
+    let first = Relay::start(&config).await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    let (status, via) = via_of(&o, &url).await;
+    assert_eq!(status, 200, "{via}");
+    assert!(via.contains("inside-plant-3.test"), "{via}");
+
+    let second = Relay::start(&config.replace("inside-plant-3.test", "second.test")).await;
+    // For 3 s every request still crosses the first (taking turns, the
+    // second took over within its first 100 ms backoff).
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let (status, via) = via_of(&o, &url).await;
+        assert_eq!(status, 200, "{via}");
+        assert!(
+            via.contains("inside-plant-3.test") && !via.contains("second.test"),
+            "the second inside relay took the uplink over: {via}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.shutdown().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let (status, via) = via_of(&o, &url).await;
+            status == 200 && via.contains("second.test")
+        })
+        .await,
+        "the second inside relay did not take over once the first was gone"
+    );
+    drop(second);
+}
+
+/// A control connection that no longer answers (the inside relay lost it
+/// without the outside relay seeing a close) is replaced by the next one for
+/// its id, after one unanswered ping.
+#[tokio::test]
+async fn a_control_connection_that_does_not_answer_is_replaced() {
+    let origin = Origin::ok().await;
+    let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
+    let mut silent = mute_uplink(&o, "plant-3", "s", "erp.plant3").await;
+    wait_state(&o, "erp.plant3", "connected").await;
+    let _i = Relay::start(&inside(
+        &o.addr.to_string(),
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    ))
+    .await;
+    // The outside relay asks the silent connection first, then closes it.
+    let mut got = Vec::new();
+    read_until(&mut silent, &mut got, b"\"type\":\"ping\"").await;
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent control connection was kept");
+    let url = format!("http://erp.plant3:{}/", origin.port());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            via_of(&o, &url).await.0 == 200
+        })
+        .await,
+        "the new control connection did not take the uplink"
+    );
+}
+
 /// Speaks the control protocol by hand: authenticates and registers, then
 /// never opens a data connection.
 async fn mute_uplink(o: &Relay, id: &str, secret: &str, name: &str) -> TcpStream {

@@ -183,7 +183,7 @@ async fn session(shared: &Arc<Shared>, u: &UplinkSettings) -> String {
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", u.id, u.secret.expose()));
     let auth = format!("Authorization: Basic {credentials}\r\n");
     if let Err(e) = upgrade(&mut conn, u, CONTROL_PATH, CONTROL_PROTOCOL, &auth).await {
-        tracing::error!(uplink = %u.id, error = %e, "uplink authentication refused");
+        tracing::error!(uplink = %u.id, error = %e, "uplink refused by the outside relay");
         return e;
     }
     if let Err(e) = send(

@@ -17,7 +17,7 @@
 //! | step | direction | message |
 //! |---|---|---|
 //! | S1 | I → O | `GET /.porthole/uplink HTTP/1.1`, `Upgrade: porthole-uplink/1`, `Authorization: Basic base64(id:secret)` |
-//! | S2 | O → I | `101 Switching Protocols` (authenticated), or `403` with the reason, then close |
+//! | S2 | O → I | `101 Switching Protocols` (authenticated), or `403` with the reason, then close. If the id's control connection is up, O first sends it a `ping` (seq 0): answered within 2 s, the new one gets `409` naming the first one's address (two inside relays share the id); unanswered, the old one was half-open and the new one replaces it |
 //! | S3 | I → O | `register` `{offers: [names]}` |
 //! | S4 | O → I | `registered` `{accepted: [names], refused: [{name, reason}], pool_key}` (pool_key: 128 random bits, hex, valid while this control connection lives) |
 //! | S4p | I → O | only with `[uplink] pool = N`: N NEW connections, each `GET /.porthole/uplink/data`, `Upgrade: porthole-uplink-data/1`, `Porthole-Uplink: id`, `Porthole-Pool: pool_key`; O answers `101` and parks it (`403` for a wrong id or key, `503` past [`MAX_PARKED`] per uplink). I sends nothing more on a parked connection |

@@ -3,13 +3,14 @@
 //! and claiming the data connections inside relays open for them.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
     receive, send, Message, Refused, CONTROL_PROTOCOL, DATA_PROTOCOL, MAX_PARKED, PARKED_PING,
@@ -24,6 +25,12 @@ use crate::ConnCtx;
 /// before calling it dead (inside relays ping at least every `idle_ping`).
 const CONTROL_SILENCE: Duration = Duration::from_secs(120);
 
+/// How long a connected control connection has to answer a ping when a
+/// second one arrives for the same uplink id. Answered: the second is refused
+/// (two inside relays share the id). Silent: it was half-open (the inside
+/// relay lost it without the outside seeing a close) and the second replaces it.
+const LIVENESS_PROBE: Duration = Duration::from_secs(2);
+
 /// What the outside relay knows of one uplink id.
 struct Link {
     /// Which control connection is current; a reconnect replaces the old one.
@@ -31,6 +38,10 @@ struct Link {
     connected: bool,
     sessions: Arc<AtomicUsize>,
     to_inside: mpsc::Sender<Message>,
+    /// Woken by every message the control connection brings (the liveness probe).
+    heard: Arc<Notify>,
+    /// The inside relay's address, as seen here.
+    peer: SocketAddr,
     since: SystemTime,
     /// Proof a data connection must show to be parked (S4p); new with every
     /// control connection.
@@ -50,6 +61,32 @@ type Waiting = oneshot::Sender<Result<Arrived, String>>;
 struct Claim {
     open: Message,
     reply: Waiting,
+}
+
+/// A control connection as the registry knows it: where to send it
+/// messages, what wakes when it speaks, and who it is.
+#[derive(Clone)]
+struct Control {
+    to_inside: mpsc::Sender<Message>,
+    heard: Arc<Notify>,
+    peer: SocketAddr,
+}
+
+impl Control {
+    /// Whether the control connection answers a ping within `within`.
+    async fn answers(&self, within: Duration) -> bool {
+        let heard = self.heard.notified();
+        tokio::pin!(heard);
+        heard.as_mut().enable();
+        tokio::time::timeout(within, async {
+            self.to_inside.send(Message::Ping { seq: 0 }).await.is_ok() && {
+                heard.await;
+                true
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 #[derive(Default)]
@@ -265,7 +302,7 @@ impl Registry {
         id: &str,
         offers: &[String],
         accept: &crate::config::AcceptUplink,
-        tx: mpsc::Sender<Message>,
+        control: Control,
     ) -> (u64, String, Vec<String>, Vec<Refused>) {
         let pool_key = crate::secret::random_id();
         let mut state = self.lock();
@@ -309,7 +346,9 @@ impl Registry {
                 generation,
                 connected: true,
                 sessions,
-                to_inside: tx,
+                to_inside: control.to_inside,
+                heard: control.heard,
+                peer: control.peer,
                 since: SystemTime::now(),
                 pool_key: pool_key.clone(),
                 // A former control connection's parked connections close.
@@ -317,6 +356,17 @@ impl Registry {
             },
         );
         (generation, pool_key, accepted, refused)
+    }
+
+    /// The connected control connection of uplink `id`, if any.
+    fn current(&self, id: &str) -> Option<Control> {
+        let state = self.lock();
+        let link = state.links.get(id).filter(|l| l.connected)?;
+        Some(Control {
+            to_inside: link.to_inside.clone(),
+            heard: link.heard.clone(),
+            peer: link.peer,
+        })
     }
 
     /// Marks a control connection gone; its names answer 502 until it returns.
@@ -504,6 +554,24 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
         )
         .await;
     }
+    let registry = &ctx.shared.uplinks;
+    // One inside relay per id: a second one is refused while the first
+    // answers; a first one that does not answer was half-open and is replaced.
+    if let Some(current) = registry.current(&id) {
+        if current.answers(LIVENESS_PROBE).await {
+            tracing::warn!(uplink = %id, client = %ctx.peer, connected_from = %current.peer, "second control connection for a connected uplink refused: two inside relays share this id");
+            return refuse(
+                &mut conn,
+                409,
+                &format!(
+                    "uplink {id} is already connected from {}; two inside relays cannot share an id",
+                    current.peer
+                ),
+            )
+            .await;
+        }
+        tracing::warn!(uplink = %id, client = %ctx.peer, connected_from = %current.peer, "the uplink's control connection did not answer a ping; the new one replaces it");
+    }
     let switching = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: {CONTROL_PROTOCOL}\r\nConnection: upgrade\r\n\r\n");
     if conn.io.write_all(switching.as_bytes()).await.is_err() {
         return;
@@ -516,8 +584,14 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
         }
     };
     let (tx, mut rx) = mpsc::channel::<Message>(64);
-    let registry = &ctx.shared.uplinks;
-    let (generation, pool_key, accepted, refused) = registry.register(&id, &offers, &accept, tx);
+    let heard = Arc::new(Notify::new());
+    let control = Control {
+        to_inside: tx,
+        heard: heard.clone(),
+        peer: ctx.peer,
+    };
+    let (generation, pool_key, accepted, refused) =
+        registry.register(&id, &offers, &accept, control);
     for r in &refused {
         tracing::warn!(uplink = %id, name = %r.name, reason = %r.reason, "offer refused");
     }
@@ -547,17 +621,21 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
     let end = loop {
         tokio::select! {
             incoming = receive(&mut conn) => match incoming {
-                Ok(Some(Message::Ping { seq })) => {
+                Ok(Some(msg)) => {
                     last_heard = Instant::now();
-                    if send(&mut conn.io, &Message::Pong { seq }).await.is_err() {
-                        break "write failed".to_string();
+                    heard.notify_waiters();
+                    match msg {
+                        Message::Ping { seq }
+                            if send(&mut conn.io, &Message::Pong { seq }).await.is_err() =>
+                        {
+                            break "write failed".to_string();
+                        }
+                        Message::Failed { session, reason } => {
+                            registry.fail_session(&session, format!("uplink {id}: {reason}"));
+                        }
+                        _ => {}
                     }
                 }
-                Ok(Some(Message::Failed { session, reason })) => {
-                    last_heard = Instant::now();
-                    registry.fail_session(&session, format!("uplink {id}: {reason}"));
-                }
-                Ok(Some(_)) => last_heard = Instant::now(),
                 Ok(None) => break "closed by the inside relay".to_string(),
                 Err(e) => break e,
             },
@@ -567,7 +645,7 @@ pub async fn serve_control<S: Io>(mut conn: Conn<S>, head: RequestHead, ctx: Con
                         break format!("write failed: {e}");
                     }
                 }
-                None => break "replaced by a newer control connection".to_string(),
+                None => break "replaced by a newer control connection (this one did not answer a ping)".to_string(),
             },
             () = tokio::time::sleep_until((last_heard + CONTROL_SILENCE).into()) => {
                 break format!("silent for {CONTROL_SILENCE:?}");
