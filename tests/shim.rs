@@ -2157,11 +2157,17 @@ const ALICE_PW: &str = "pw-of-alice-7Qx";
 
 /// A relay process with users, `[auth] required = true`, routing `app.test`
 /// to `origin` and `echo.test` to `echo`; its access lines go to its log.
-async fn relay_with_users(dir: &Dir, origin: &Origin, echo: &EchoServer) -> RelayProcess {
+async fn relay_with_users(
+    dir: &Dir,
+    origin: &Origin,
+    echo: &EchoServer,
+    more_routes: &str,
+) -> RelayProcess {
     let users = porthole_relay::secret::passwd_line("alice", ALICE_PW).unwrap();
     let users = dir.write("users", &format!("{users}\n"));
     let routes = route("app.test", "127.0.0.1", &[origin.port()], "")
-        + &route("echo.test", "127.0.0.1", &[echo.port()], "");
+        + &route("echo.test", "127.0.0.1", &[echo.port()], "")
+        + more_routes;
     let auth = format!("[auth]\nusers_file = \"{users}\"\nrequired = true\nrealm = \"corp\"\n");
     let config = dir.write("relay.toml", &config_with(&routes, &auth));
     RelayProcess::spawn(std::path::Path::new(&config), &[]).await
@@ -2220,23 +2226,35 @@ fn assert_no_password(logs: &[String]) {
 
 /// With `credentials_file` (here `--credentials-file`), the shim sends its
 /// own credentials on everything: a proxied request, a CONNECT tunnel, a
-/// forwarded port and the PAC fetch all pass a relay that requires users,
-/// and the relay's access lines name the user.
+/// forwarded port, a UDP forward (CONNECT-UDP), the PAC fetch and the
+/// keepalive probe all pass a relay that requires users, and the relay's
+/// access lines name the user.
 #[tokio::test]
 async fn the_shims_credentials_file_authenticates_all_it_sends_to_the_relay() {
     let dir = Dir::new();
     let (origin, echo) = (Origin::ok().await, EchoServer::start().await);
-    let relay = relay_with_users(&dir, &origin, &echo).await;
+    let udp_echo = porthole_suite::UdpEcho::start().await;
+    let dns = route("dns.test", "127.0.0.1", &[udp_echo.port()], "udp = true");
+    let relay = relay_with_users(&dir, &origin, &echo, &dns).await;
     let credentials = dir.write("shim-credentials", &format!("alice:{ALICE_PW}\n"));
     let forward = free_port();
+    let forward_udp = format!("127.0.0.1:{}", free_port());
+    let config = dir.write(
+        "shim-keepalive.toml",
+        "[keepalive]\nidle_ping = \"200ms\"\n",
+    );
     let (_shim, listen, shim_log) = shim_process(
         &dir,
         relay.addr,
         &[
+            "--config",
+            &config,
             "--credentials-file",
             &credentials,
             "--forward",
             &format!("{forward}=echo.test:{}", echo.port()),
+            "--forward-udp",
+            &format!("{forward_udp}=dns.test:{}", udp_echo.port()),
         ],
     )
     .await;
@@ -2261,6 +2279,17 @@ async fn the_shims_credentials_file_authenticates_all_it_sends_to_the_relay() {
     let s = TcpStream::connect(forwarded).await.unwrap();
     assert_eq!(echo_round(s, b"hello").await, b"hellobye\n");
 
+    let udp = udp_client(forward_udp.parse().unwrap()).await;
+    let mut answer = None;
+    for _ in 0..50 {
+        udp.send(b"ping").await.unwrap();
+        answer = udp_recv(&udp, Duration::from_millis(200)).await;
+        if answer.is_some() {
+            break;
+        }
+    }
+    assert_eq!(answer.as_deref(), Some("echo:ping"));
+
     let pac = Curl::new(&format!("{proxy}/proxy.pac")).run().await;
     assert_eq!(pac.status, 200, "{pac:?}");
     assert!(pac.text().contains("app.test"), "{}", pac.text());
@@ -2269,6 +2298,20 @@ async fn the_shims_credentials_file_authenticates_all_it_sends_to_the_relay() {
     porthole_suite::assert_some_line(&lines, &["method=GET", "/own", "status=200"]);
     porthole_suite::assert_some_line(&lines, &["CONNECT", "app.test", "status=200"]);
     porthole_suite::assert_some_line(&lines, &["CONNECT", "echo.test", "status=200"]);
+    // The probe at link-up and at least one keepalive probe after it (any
+    // status proves the relay alive; a 407 would still say the shim sent
+    // no credentials). The UDP flow's line comes when it ends; its echo
+    // above is the proof the relay took its CONNECT-UDP.
+    let probes = access_lines(&relay, "method=HEAD", 2).await;
+    assert!(probes.len() >= 2, "{probes:?}");
+    for line in &probes {
+        assert!(line.contains("user=\"alice\""), "{line}");
+    }
+    let refused = access_lines(&relay, "status=407", 0).await;
+    assert!(
+        refused.is_empty(),
+        "the relay refused some of it: {refused:?}"
+    );
     for got in origin.received() {
         assert!(got.header("proxy-authorization").is_none(), "{got:?}");
     }
@@ -2284,7 +2327,7 @@ async fn the_shims_credentials_file_authenticates_all_it_sends_to_the_relay() {
 async fn without_a_credentials_file_the_clients_credentials_pass_through() {
     let dir = Dir::new();
     let (origin, echo) = (Origin::ok().await, EchoServer::start().await);
-    let relay = relay_with_users(&dir, &origin, &echo).await;
+    let relay = relay_with_users(&dir, &origin, &echo, "").await;
     let (_shim, listen, shim_log) = shim_process(&dir, relay.addr, &[]).await;
     let proxy = format!("http://{listen}");
     let url = format!("http://app.test:{}/passed", origin.port());
