@@ -1419,6 +1419,60 @@ async fn tls_relay(dir: &Dir, ca: &Ca, origin: &Origin, echo: &EchoServer) -> Re
     Relay::start(&config_with(&routes, &tls)).await
 }
 
+/// A relay that requires client certificates (`client_auth = "required"`)
+/// takes the shim's link when the shim presents one (`cert`, `key`); the
+/// certificate's name is the user its rules see. Without one, the handshake
+/// fails and the link stays down, saying why.
+#[tokio::test]
+async fn the_shim_presents_a_client_certificate_to_a_relay_that_requires_one() {
+    let (dir, ca, clients) = (Dir::new(), Ca::new("relay ca"), Ca::new("client ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let origin = Origin::ok().await;
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\nclient_ca = \"{}\"\nclient_auth = \"required\"\n",
+        dir.write("relay.pem", &leaf.cert),
+        dir.write("relay.key", &leaf.key),
+        dir.write("client-ca.pem", &clients.pem()),
+    );
+    // Only the certificate user `laptop-7` may use the route.
+    let rules = "[[rule]]\nusers = [\"laptop-7\"]\nallow = true\n";
+    let routes = route("app-a.test", "127.0.0.1", &[origin.port()], "");
+    let relay = Relay::start(&config_with(&routes, &format!("{tls}{rules}"))).await;
+    let laptop = clients.client("laptop-7");
+    let identity = format!(
+        "cert = \"{}\"\nkey = \"{}\"\n",
+        dir.write("laptop.pem", &laptop.cert),
+        dir.write("laptop.key", &laptop.key)
+    );
+    let shim = start_shim(shim_config(
+        relay.addr,
+        &format!("tls = true\nca = \"{ca_file}\"\n{identity}"),
+    ))
+    .await;
+    wait_state(&shim, true, Duration::from_secs(10)).await;
+    let url = format!("http://app-a.test:{}/with-cert", origin.port());
+    let out = Curl::new(&url)
+        .proxy(&format!("http://{}", shim.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /with-cert");
+
+    let anonymous = start_shim(shim_config(
+        relay.addr,
+        &format!("tls = true\nca = \"{ca_file}\"\nlink_wait = \"2s\"\n"),
+    ))
+    .await;
+    let out = Curl::new(&url)
+        .proxy(&format!("http://{}", anonymous.addr))
+        .run()
+        .await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("unreachable"), "{}", out.text());
+    assert!(!anonymous.link.watch().borrow().is_up());
+}
+
 #[tokio::test]
 async fn the_link_runs_over_tls_to_a_relay_that_requires_it() {
     let (dir, ca) = (Dir::new(), Ca::new("relay ca"));

@@ -1466,6 +1466,83 @@ async fn an_http2_connect_reset_while_dialling_is_logged_as_499() {
 /// TLS, one directly with a parked data connection (`pool = 1`), one
 /// through an outbound HTTP proxy (TLS inside the proxy's CONNECT tunnel).
 /// Clients reach O over TLS too (`--proxy https://`).
+/// An outside relay that requires client certificates takes an inside
+/// relay's control and data connections when it presents one (`[uplink]
+/// cert`, `key`); without one it never registers.
+#[tokio::test]
+async fn an_inside_relay_presents_a_client_certificate_when_the_outside_requires_one() {
+    let (dir, ca, clients) = (Dir::new(), Ca::new("outside ca"), Ca::new("client ca"));
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let leaf = ca.server(&["127.0.0.1"]);
+    let tls = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nrequire = true\nclient_ca = \"{}\"\nclient_auth = \"required\"\n",
+        dir.write("o.pem", &leaf.cert),
+        dir.write("o.key", &leaf.key),
+        dir.write("client-ca.pem", &clients.pem()),
+    );
+    let accepted =
+        accept("plant-3", "s3", &["*.plant3"], "") + &accept("plant-4", "s4", &["*.plant4"], "");
+    let o = Relay::start(&config_with("", &format!("{tls}\n{accepted}"))).await;
+    let origin = Origin::ok().await;
+    let plant3 = clients.client("plant-3");
+    let with_cert = format!(
+        "tls = true\nca = \"{ca_file}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.write("plant3.pem", &plant3.cert),
+        dir.write("plant3.key", &plant3.key)
+    );
+    let _i3 = Relay::start(&format!(
+        "{}{with_cert}",
+        inside(
+            &o.addr.to_string(),
+            "plant-3",
+            "s3",
+            &["erp.plant3"],
+            &route("erp.plant3", "127.0.0.1", &[origin.port()], "")
+        )
+    ))
+    .await;
+    let _i4 = Relay::start(&format!(
+        "{}tls = true\nca = \"{ca_file}\"\n",
+        inside(
+            &o.addr.to_string(),
+            "plant-4",
+            "s4",
+            &["erp.plant4"],
+            &route("erp.plant4", "127.0.0.1", &[origin.port()], "")
+        )
+    ))
+    .await;
+    let plant3_cert = dir.write("plant3-client.pem", &plant3.cert);
+    let plant3_key = dir.write("plant3-client.key", &plant3.key);
+    let get = |url: String| {
+        let (proxy, ca_file) = (format!("https://{}", o.addr), ca_file.clone());
+        let (cert, key) = (plant3_cert.clone(), plant3_key.clone());
+        async move {
+            Curl::new(&url)
+                .proxy(&proxy)
+                .args(&["--proxy-cacert", &ca_file])
+                .args(&["--proxy-cert", &cert, "--proxy-key", &key])
+                .run()
+                .await
+        }
+    };
+    let url = format!("http://erp.plant3:{}/with-cert", origin.port());
+    let up = eventually(Duration::from_secs(15), || async {
+        get(url.clone()).await.status == 200
+    })
+    .await;
+    assert!(
+        up,
+        "erp.plant3 never answered: {:?}",
+        get(url.clone()).await
+    );
+    assert_eq!(get(url).await.text(), "ok /with-cert");
+    // plant-4 has no certificate: its handshakes fail, it never registers.
+    let out = get(format!("http://erp.plant4:{}/", origin.port())).await;
+    assert_eq!(out.status, 502, "{out:?}");
+    assert!(out.text().contains("uplink plant-4"), "{}", out.text());
+}
+
 #[tokio::test]
 async fn uplinks_over_tls_to_an_outside_relay_that_requires_it() {
     let (dir, ca) = (Dir::new(), Ca::new("outside ca"));

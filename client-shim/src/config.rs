@@ -9,7 +9,7 @@ use std::time::Duration;
 use porthole_relay::config::{parse_duration, ConfigError, Problem};
 use porthole_relay::routes::parse_authority;
 use porthole_relay::secret::{basic_credentials_file, Secret};
-use porthole_relay::tls::{ClientTls, RelayTls};
+use porthole_relay::tls::{identity_pair, ClientTls, RelayTls};
 use serde::Deserialize;
 
 use crate::keepalive;
@@ -39,6 +39,11 @@ pub struct RawConfig {
     /// The name the relay's certificate must carry (and SNI); default: the
     /// host of `relay`. Needs TLS.
     pub server_name: Option<String>,
+    /// A client certificate chain (PEM) for a relay that asks for one
+    /// (its `[tls] client_ca`), with `key`. Needs TLS.
+    pub cert: Option<String>,
+    /// The private key (PEM) of `cert`.
+    pub key: Option<String>,
     /// The relay's `name` (its pseudonym): the host of the shim's own requests
     /// to the relay (PAC, probes). Default: the `relay` address.
     pub relay_name: Option<String>,
@@ -307,6 +312,8 @@ impl RawConfig {
             for (set, key) in [
                 (self.ca.is_some(), "ca"),
                 (self.server_name.is_some(), "server_name"),
+                (self.cert.is_some(), "cert"),
+                (self.key.is_some(), "key"),
             ] {
                 if set {
                     problem(
@@ -322,9 +329,22 @@ impl RawConfig {
             // A bad `relay` is reported on its own.
             None => parse_authority(relay, 0)?.0,
         };
-        let key = if self.ca.is_some() { "ca" } else { "tls" };
+        let identity =
+            match identity_pair(self.cert.as_deref(), self.key.as_deref(), ("cert", "key")) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    problem("cert", e);
+                    return None;
+                }
+            };
+        let key = match (identity, &self.ca) {
+            (Some(_), _) => "cert",
+            (None, Some(_)) => "ca",
+            (None, None) => "tls",
+        };
         let build = |alpn: &[u8]| {
-            let client = ClientTls::with_alpn(self.ca.as_deref(), &[alpn]).map_err(|e| (key, e))?;
+            let client = ClientTls::with_identity(self.ca.as_deref(), &[alpn], identity)
+                .map_err(|e| (key, e))?;
             RelayTls::new(client, &name).map_err(|e| ("server_name", e))
         };
         match (build(b"h2"), build(b"http/1.1")) {
@@ -408,6 +428,13 @@ mod tests {
             (
                 "relay = \"https://r:1\"\nserver_name = \"a b\"\n",
                 "server_name",
+            ),
+            ("relay = \"r:1\"\ncert = \"c.pem\"\n", "cert"),
+            ("relay = \"r:1\"\nkey = \"k.pem\"\n", "key"),
+            ("relay = \"https://r:1\"\nkey = \"k.pem\"\n", "cert"),
+            (
+                "relay = \"https://r:1\"\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n",
+                "cert",
             ),
         ];
         for (text, key) in bad {

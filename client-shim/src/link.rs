@@ -84,6 +84,21 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     None
 }
 
+/// `e` with the errors under it: `connection error: received fatal alert:
+/// CertificateRequired` where hyper alone says `connection error`.
+fn with_causes(e: &hyper::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        let cause = err.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = err.source();
+    }
+    text
+}
+
 /// The reason of a stream reset by the relay, when that is what `e` is.
 fn reset_by_relay(e: &hyper::Error) -> Option<h2::Reason> {
     h2_error(e)
@@ -510,7 +525,15 @@ where
     );
     match first.await {
         Ok(Ok(status)) => tracing::info!(relay = %s.relay, session = id, %status, "link up"),
-        Ok(Err(e)) => return format!("no HTTP/2 answer: {e}"),
+        Ok(Err(e)) => {
+            // The connection's own error says more (a TLS alert: the relay
+            // wants a client certificate, or refused this one).
+            let why = match tokio::time::timeout(Duration::from_millis(100), &mut conn).await {
+                Ok(Ok(Err(conn_error))) => with_causes(&conn_error),
+                _ => e,
+            };
+            return format!("no HTTP/2 answer: {why}");
+        }
         Err(_) => return format!("no HTTP/2 answer within {:?}", s.connect_timeout),
     }
     tx.send_replace(LinkState::Up {

@@ -42,6 +42,12 @@ struct Cli {
     /// PEM CA certificates for the relay's certificate (TLS; default: the system roots).
     #[arg(long, global = true, value_name = "FILE")]
     ca: Option<String>,
+    /// PEM client certificate chain for a relay that asks for one (TLS; with --key).
+    #[arg(long, global = true, value_name = "FILE")]
+    cert: Option<String>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<String>,
     /// A file of one `user:password` line: the shim's credentials for the relay
     /// (Proxy-Authorization on all it sends there; a client's own are then dropped).
     #[arg(long, global = true, value_name = "FILE")]
@@ -136,6 +142,12 @@ fn main() -> ExitCode {
     }
     if cli.ca.is_some() {
         raw.ca = cli.ca.clone();
+    }
+    if cli.cert.is_some() {
+        raw.cert = cli.cert.clone();
+    }
+    if cli.key.is_some() {
+        raw.key = cli.key.clone();
     }
     if cli.credentials_file.is_some() {
         raw.credentials_file = cli.credentials_file.clone();

@@ -84,6 +84,10 @@ struct RawUplink {
     /// The name the outside relay's certificate must carry (and SNI);
     /// default: the host of `to`. Needs `tls = true`.
     server_name: Option<String>,
+    /// A client certificate chain (PEM) for an outside relay that asks for
+    /// one (`[tls] client_ca`), with `key`. Needs `tls = true`.
+    cert: Option<String>,
+    key: Option<String>,
     /// Keepalive: ping after this much silence.
     #[serde(default = "default_idle_ping")]
     idle_ping: String,
@@ -1029,14 +1033,15 @@ impl RawConfig {
             // hop's, so it is the route's dialled TLS (the hop's name verified).
             let via = via.map(|mut via| {
                 if via_tls {
-                    let identity = match (&r.via_cert, &r.via_key) {
-                        (Some(cert), Some(key_file)) => Some((cert.as_str(), key_file.as_str())),
-                        (None, None) => None,
-                        _ => {
-                            c.push(key("via_cert"), "via_cert and via_key go together");
-                            None
-                        }
-                    };
+                    let identity = crate::tls::identity_pair(
+                        r.via_cert.as_deref(),
+                        r.via_key.as_deref(),
+                        ("via_cert", "via_key"),
+                    )
+                    .unwrap_or_else(|e| {
+                        c.push(key("via_cert"), e);
+                        None
+                    });
                     match ClientTls::with_identity(r.via_ca.as_deref(), &[], identity) {
                         Ok(t) => via.tls = Some(t),
                         Err(e) => c.push(
@@ -1266,12 +1271,15 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'
 }
 
-/// `[uplink] tls`, `ca` and `server_name`, checked; problems name their key.
+/// `[uplink] tls`, `ca`, `server_name`, `cert` and `key`, checked; problems
+/// name their key.
 fn uplink_tls(u: &RawUplink, c: &mut Collector) -> Option<RelayTls> {
     if !u.tls {
         for (set, field) in [
             (u.ca.is_some(), "ca"),
             (u.server_name.is_some(), "server_name"),
+            (u.cert.is_some(), "cert"),
+            (u.key.is_some(), "key"),
         ] {
             if set {
                 c.push(format!("uplink.{field}"), "needs uplink.tls = true");
@@ -1286,12 +1294,15 @@ fn uplink_tls(u: &RawUplink, c: &mut Collector) -> Option<RelayTls> {
         // `to` itself is reported.
         (None, None) => return None,
     };
-    let key = if u.ca.is_some() {
-        "uplink.ca"
-    } else {
-        "uplink.tls"
+    let identity = crate::tls::identity_pair(u.cert.as_deref(), u.key.as_deref(), ("cert", "key"))
+        .map_err(|e| c.push("uplink.cert", e))
+        .ok()?;
+    let key = match (identity, &u.ca) {
+        (Some(_), _) => "uplink.cert",
+        (None, Some(_)) => "uplink.ca",
+        (None, None) => "uplink.tls",
     };
-    let client = ClientTls::with_alpn(u.ca.as_deref(), &[b"http/1.1"])
+    let client = ClientTls::with_identity(u.ca.as_deref(), &[b"http/1.1"], identity)
         .map_err(|e| c.push(key, e))
         .ok()?;
     RelayTls::new(client, &name)
@@ -1524,6 +1535,13 @@ mod tests {
             (
                 "tls = true\nserver_name = \"a b\"\n".into(),
                 "uplink.server_name",
+            ),
+            (format!("cert = \"{ca_path}\"\n"), "uplink.cert"),
+            ("key = \"/k.pem\"\n".into(), "uplink.key"),
+            ("tls = true\ncert = \"/c.pem\"\n".into(), "uplink.cert"),
+            (
+                "tls = true\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n".into(),
+                "uplink.cert",
             ),
         ];
         for (extra, key) in cases {

@@ -298,6 +298,21 @@ impl PartialEq for ClientTls {
     }
 }
 
+/// A client identity from its two configuration keys, named `names` (a
+/// certificate chain and a private key, PEM files): both or neither; `Err`
+/// says so when only one is set.
+pub fn identity_pair<'a>(
+    cert: Option<&'a str>,
+    key: Option<&'a str>,
+    names: (&str, &str),
+) -> Result<Option<(&'a str, &'a str)>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        _ => Err(format!("{} and {} go together", names.0, names.1)),
+    }
+}
+
 impl ClientTls {
     /// Client settings verifying against `ca` (a PEM file) or the system
     /// roots, without ALPN (a route's internal server).
