@@ -52,6 +52,18 @@ fn inside(to: &str, id: &str, secret: &str, offers: &[&str], routes: &str) -> St
     format!("[relay]\nlisten = \"127.0.0.1:0\"\nname = \"inside-{id}.test\"\n{routes}\n{uplink}")
 }
 
+/// The usual inside relay: uplink `plant-3` (secret `s`) to `to`, offering
+/// its route `erp.plant3` to `origin`.
+fn plant3(to: &str, origin: &Origin) -> String {
+    inside(
+        to,
+        "plant-3",
+        "s",
+        &["erp.plant3"],
+        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
+    )
+}
+
 async fn services(o: &Relay) -> serde_json::Value {
     let out = Curl::new("http://relay.test/services")
         .proxy(&o.url())
@@ -79,6 +91,22 @@ async fn wait_state(o: &Relay, name: &str, want: &str) {
     })
     .await;
     assert!(ok, "{name} never became {want}: {}", services(o).await);
+}
+
+/// The first `200` `get` brings within 15 s (an uplink registers in the
+/// background); fails naming `what` and the last answer otherwise.
+async fn answered<F, Fut>(what: &str, get: F) -> porthole_suite::CurlOutput
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = porthole_suite::CurlOutput>,
+{
+    let up = eventually(Duration::from_secs(15), || async {
+        get().await.status == 200
+    })
+    .await;
+    let out = get().await;
+    assert!(up && out.status == 200, "{what} never answered: {out:?}");
+    out
 }
 
 async fn metric(relay: &Relay, series: &str) -> f64 {
@@ -419,13 +447,7 @@ async fn via_of(o: &Relay, url: &str) -> (u16, String) {
 async fn a_second_inside_relay_with_the_same_id_is_refused_while_the_first_answers() {
     let origin = Origin::ok().await;
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let config = inside(
-        &o.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    );
+    let config = plant3(&o.addr.to_string(), &origin);
     let first = Relay::start(&config).await;
     wait_state(&o, "erp.plant3", "connected").await;
     let url = format!("http://erp.plant3:{}/", origin.port());
@@ -467,14 +489,7 @@ async fn a_control_connection_that_does_not_answer_is_replaced() {
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
     let mut silent = mute_uplink(&o, "plant-3", "s", "erp.plant3").await;
     wait_state(&o, "erp.plant3", "connected").await;
-    let _i = Relay::start(&inside(
-        &o.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    ))
-    .await;
+    let _i = Relay::start(&plant3(&o.addr.to_string(), &origin)).await;
     // The outside relay asks the silent connection first, then closes it.
     let mut got = Vec::new();
     read_until(&mut silent, &mut got, b"\"type\":\"ping\"").await;
@@ -619,14 +634,7 @@ async fn a_cut_control_connection_withdraws_offers_and_they_come_back() {
     let origin = Origin::ok().await;
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
     let proxy = LinkProxy::start(o.addr).await;
-    let _i = Relay::start(&inside(
-        &proxy.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    ))
-    .await;
+    let _i = Relay::start(&plant3(&proxy.addr.to_string(), &origin)).await;
     wait_state(&o, "erp.plant3", "connected").await;
     let url = format!("http://erp.plant3:{}/", origin.port());
     assert_eq!(Curl::new(&url).proxy(&o.url()).run().await.status, 200);
@@ -666,14 +674,7 @@ async fn a_cut_control_connection_withdraws_offers_and_they_come_back() {
 async fn withdrawn_offers_answer_502_while_the_uplink_is_gone() {
     let origin = Origin::ok().await;
     let o = Relay::start(&config_with("", &accept("plant-3", "s", &["*.plant3"], ""))).await;
-    let i = Relay::start(&inside(
-        &o.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    ))
-    .await;
+    let i = Relay::start(&plant3(&o.addr.to_string(), &origin)).await;
     wait_state(&o, "erp.plant3", "connected").await;
     i.shutdown().await; // the inside relay is gone for good
     wait_state(&o, "erp.plant3", "disconnected").await;
@@ -795,14 +796,7 @@ async fn a_mute_uplink_does_not_hold_up_the_others() {
     ))
     .await;
     let _control = mute_uplink(&o, "mute", "m", "app.mute").await;
-    let _i = Relay::start(&inside(
-        &o.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    ))
-    .await;
+    let _i = Relay::start(&plant3(&o.addr.to_string(), &origin)).await;
     wait_state(&o, "erp.plant3", "connected").await;
 
     let proxy = o.url();
@@ -856,14 +850,7 @@ async fn services_lists_routes_and_uplink_offers() {
         &accept("plant-3", "s", &["*.plant3"], ""),
     ))
     .await;
-    let _i = Relay::start(&inside(
-        &o.addr.to_string(),
-        "plant-3",
-        "s",
-        &["erp.plant3"],
-        &route("erp.plant3", "127.0.0.1", &[origin.port()], ""),
-    ))
-    .await;
+    let _i = Relay::start(&plant3(&o.addr.to_string(), &origin)).await;
     wait_state(&o, "erp.plant3", "connected").await;
     let s = services(&o).await;
     assert_eq!(s["relay"], "relay.test");
@@ -1485,35 +1472,23 @@ async fn an_inside_relay_presents_a_client_certificate_when_the_outside_requires
     let o = Relay::start(&config_with("", &format!("{tls}\n{accepted}"))).await;
     let origin = Origin::ok().await;
     let plant3 = clients.client("plant-3");
-    let with_cert = format!(
-        "tls = true\nca = \"{ca_file}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        dir.write("plant3.pem", &plant3.cert),
-        dir.write("plant3.key", &plant3.key)
-    );
-    let _i3 = Relay::start(&format!(
-        "{}{with_cert}",
-        inside(
+    let plant3_cert = dir.write("plant3.pem", &plant3.cert);
+    let plant3_key = dir.write("plant3.key", &plant3.key);
+    // The config of inside relay plant-N offering erp.plantN over TLS, plus `extra`.
+    let plant = |n: u8, extra: String| {
+        let (id, name) = (format!("plant-{n}"), format!("erp.plant{n}"));
+        let config = inside(
             &o.addr.to_string(),
-            "plant-3",
-            "s3",
-            &["erp.plant3"],
-            &route("erp.plant3", "127.0.0.1", &[origin.port()], "")
-        )
-    ))
-    .await;
-    let _i4 = Relay::start(&format!(
-        "{}tls = true\nca = \"{ca_file}\"\n",
-        inside(
-            &o.addr.to_string(),
-            "plant-4",
-            "s4",
-            &["erp.plant4"],
-            &route("erp.plant4", "127.0.0.1", &[origin.port()], "")
-        )
-    ))
-    .await;
-    let plant3_cert = dir.write("plant3-client.pem", &plant3.cert);
-    let plant3_key = dir.write("plant3-client.key", &plant3.key);
+            &id,
+            &format!("s{n}"),
+            &[name.as_str()],
+            &route(&name, "127.0.0.1", &[origin.port()], ""),
+        );
+        format!("{config}tls = true\nca = \"{ca_file}\"\n{extra}")
+    };
+    let identity = format!("cert = \"{plant3_cert}\"\nkey = \"{plant3_key}\"\n");
+    let _i3 = Relay::start(&plant(3, identity)).await;
+    let _i4 = Relay::start(&plant(4, String::new())).await;
     let get = |url: String| {
         let (proxy, ca_file) = (format!("https://{}", o.addr), ca_file.clone());
         let (cert, key) = (plant3_cert.clone(), plant3_key.clone());
@@ -1527,16 +1502,8 @@ async fn an_inside_relay_presents_a_client_certificate_when_the_outside_requires
         }
     };
     let url = format!("http://erp.plant3:{}/with-cert", origin.port());
-    let up = eventually(Duration::from_secs(15), || async {
-        get(url.clone()).await.status == 200
-    })
-    .await;
-    assert!(
-        up,
-        "erp.plant3 never answered: {:?}",
-        get(url.clone()).await
-    );
-    assert_eq!(get(url).await.text(), "ok /with-cert");
+    let out = answered("erp.plant3", || get(url.clone())).await;
+    assert_eq!(out.text(), "ok /with-cert");
     // plant-4 has no certificate: its handshakes fail, it never registers.
     let out = get(format!("http://erp.plant4:{}/", origin.port())).await;
     assert_eq!(out.status, 502, "{out:?}");
@@ -1606,16 +1573,7 @@ async fn uplinks_over_tls_to_an_outside_relay_that_requires_it() {
     };
     for plant in ["plant3", "plant4"] {
         let url = format!("http://erp.{plant}:{}/{plant}", origin.port());
-        let up = eventually(Duration::from_secs(15), || async {
-            get(url.clone()).await.status == 200
-        })
-        .await;
-        assert!(
-            up,
-            "erp.{plant} never answered: {:?}",
-            get(url.clone()).await
-        );
-        let out = get(url).await;
+        let out = answered(&format!("erp.{plant}"), || get(url.clone())).await;
         assert_eq!(out.text(), format!("ok /{plant}"), "{out:?}");
     }
 
