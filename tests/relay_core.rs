@@ -645,6 +645,156 @@ async fn early_hints_before_the_continue_do_not_hold_back_the_body() {
     assert!(rest.ends_with("\r\n\r\nhello"), "{interim}{rest}");
 }
 
+/// An upload that takes longer than the route's `response_timeout` is not a
+/// `504`: the server's time to answer counts from the end of the request
+/// (audit 3: a slow upload the server took and answered got `504`).
+#[tokio::test]
+async fn an_upload_slower_than_the_response_timeout_gets_the_answer() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "response_timeout = \"1s\"").await;
+    let mut client = TcpStream::connect(relay.addr).await.unwrap();
+    let head = format!(
+        "POST http://app-a.test:{}/slow HTTP/1.1\r\nHost: app-a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        origin.port()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..6 {
+        client.write_all(b"5\r\nabcde\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    client.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = read_until(&mut client, b"ok /slow").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(origin.single().body, b"abcde".repeat(6));
+}
+
+/// A stalled body ends, in each direction (audit 3: nothing timed out a
+/// body): a client's upload stalled past `limits.body_timeout` gets `408`
+/// and the close; a server pausing its response body past its
+/// `response_timeout` and a client not reading a response past
+/// `body_timeout` close the connections.
+#[tokio::test]
+async fn stalled_bodies_end_after_their_timeouts() {
+    // The server answers `/pause` with 100 of 1000 bytes, then nothing; and
+    // `/big` with 64 MiB, noting when its writing failed.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = server.accept().await else {
+                return;
+            };
+            let cut_tx = cut_tx.clone();
+            tokio::spawn(async move {
+                let head = read_until(&mut s, b"\r\n\r\n").await;
+                if head.contains("/deaf") {
+                    // Takes no byte of the body.
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                } else if head.contains("/pause") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                        .await;
+                    let _ = s.write_all(&[b'x'; 100]).await;
+                    let mut sink = [0u8; 64];
+                    let _ = s.read(&mut sink).await; // until the relay closes
+                } else {
+                    let len = 64 << 20;
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let chunk = vec![b'y'; 1 << 20];
+                    for _ in 0..64 {
+                        if s.write_all(&chunk).await.is_err() {
+                            let _ = cut_tx.send(std::time::Instant::now());
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let relay = Relay::start(&config_with(
+        &route(
+            "app-a.test",
+            "127.0.0.1",
+            &[port],
+            "response_timeout = \"1s\"",
+        ),
+        "[limits]\nbody_timeout = \"1s\"\n",
+    ))
+    .await;
+
+    // The client's upload stalls: 408, and the connection closes.
+    let start = std::time::Instant::now();
+    let answer = raw_exchange(
+        relay.addr,
+        format!("POST http://app-a.test:{port}/up HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: 100\r\n\r\n0123456789").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("request body stalled"), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // The server takes no byte of a large upload: 504 naming it.
+    let start = std::time::Instant::now();
+    let (mut read, mut write) = TcpStream::connect(relay.addr).await.unwrap().into_split();
+    let head = format!("PUT http://app-a.test:{port}/deaf HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: {}\r\n\r\n", 256 << 20);
+    let upload = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 1 << 20];
+        for _ in 0..256 {
+            write.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}");
+    assert!(
+        answer.contains("took no byte of the request body"),
+        "{answer}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    upload.abort();
+
+    // The server pauses its body: the client connection closes after 100 bytes.
+    let start = std::time::Instant::now();
+    let answer = raw_exchange(
+        relay.addr,
+        format!("GET http://app-a.test:{port}/pause HTTP/1.1\r\nHost: app-a.test\r\n\r\n")
+            .as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with(&"x".repeat(100)), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // The client reads nothing of a large response: the relay gives up on
+    // it, and the server's writing fails.
+    let mut idle = TcpStream::connect(relay.addr).await.unwrap();
+    let request = format!("GET http://app-a.test:{port}/big HTTP/1.1\r\nHost: app-a.test\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), cut_rx.recv())
+        .await
+        .expect("the server's writing never failed: the relay kept the stalled response");
+    assert!(cut.is_some());
+}
+
 /// Reads from `s` until `end` has arrived; what came, as text.
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     let mut got = Vec::new();

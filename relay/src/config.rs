@@ -218,6 +218,10 @@ struct RawLimits {
     /// Time allowed for a whole request head; 408 past it.
     #[serde(default = "default_head_timeout")]
     head_timeout: String,
+    /// How long a client may leave a body stalled: its upload (408 past
+    /// it) or its reading of a response (the connection closes).
+    #[serde(default = "default_body_timeout")]
+    body_timeout: String,
     /// Keep-alive connections and tunnels with no traffic are closed after this.
     #[serde(default = "default_idle_timeout")]
     idle_timeout: String,
@@ -237,6 +241,7 @@ impl Default for RawLimits {
             max_head_bytes: default_max_head_bytes(),
             max_headers: default_max_headers(),
             head_timeout: default_head_timeout(),
+            body_timeout: default_body_timeout(),
             idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
@@ -361,6 +366,9 @@ fn default_max_headers() -> usize {
 }
 fn default_head_timeout() -> String {
     "10s".into()
+}
+fn default_body_timeout() -> String {
+    "60s".into()
 }
 fn default_idle_timeout() -> String {
     "5m".into()
@@ -487,6 +495,7 @@ pub struct Limits {
     pub max_head_bytes: usize,
     pub max_headers: usize,
     pub head_timeout: Duration,
+    pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
@@ -501,6 +510,7 @@ impl Default for Limits {
             max_head_bytes: default_max_head_bytes(),
             max_headers: default_max_headers(),
             head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(300),
             max_connections: default_max_connections(),
             max_connections_per_client: default_max_connections_per_client(),
@@ -909,6 +919,7 @@ impl RawConfig {
             max_head_bytes: c.positive("limits.max_head_bytes", l.max_head_bytes),
             max_headers: c.positive("limits.max_headers", l.max_headers),
             head_timeout: c.duration("limits.head_timeout", &l.head_timeout),
+            body_timeout: c.duration("limits.body_timeout", &l.body_timeout),
             idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout),
             max_connections: {
                 let n = c.positive("limits.max_connections", l.max_connections);
@@ -1364,6 +1375,7 @@ mod tests {
         assert_eq!(c.relay.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.limits.max_head_bytes, 65536);
         assert_eq!(c.limits.head_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.body_timeout, Duration::from_secs(60));
     }
 
     fn problem_keys(text: &str) -> Vec<String> {

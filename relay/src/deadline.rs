@@ -72,6 +72,28 @@ impl Deadline {
         self.run(fut).await
     }
 
+    /// Runs `fut` with a deadline `after` from the moment it first has to
+    /// wait: an operation that completes at once reads no clock.
+    pub async fn limit_wait<F: Future>(
+        &mut self,
+        after: Duration,
+        fut: F,
+    ) -> Result<F::Output, Expired> {
+        let mut fut = pin!(fut);
+        let mut armed = false;
+        poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            if !armed {
+                self.set(after);
+                armed = true;
+            }
+            self.poll_expired(cx).map(|()| Err(Expired))
+        })
+        .await
+    }
+
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         while self.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
@@ -81,6 +103,49 @@ impl Deadline {
             self.timer.as_mut().reset(self.at.min(now + self.period));
         }
         Poll::Pending
+    }
+}
+
+/// How long a body copy may wait for the sender's next bytes (`read`) and
+/// for the receiver to take bytes (`write`), on the connection's deadline.
+/// A stalled side past it ends the copy with an `io::ErrorKind::TimedOut`
+/// error ([`Stall::timed_out`]).
+pub struct Stall<'a> {
+    pub timer: &'a mut Deadline,
+    pub read: Duration,
+    pub write: Duration,
+}
+
+impl Stall<'_> {
+    /// `fut`, a read from the sender, within `read` of waiting.
+    pub async fn read<T, F: Future<Output = std::io::Result<T>>>(
+        &mut self,
+        fut: F,
+    ) -> std::io::Result<T> {
+        let after = self.read;
+        self.timer
+            .limit_wait(after, fut)
+            .await
+            .unwrap_or_else(|Expired| Err(Stall::timed_out("the sender", after)))
+    }
+
+    /// `fut`, a write to the receiver, within `write` of waiting.
+    pub async fn write<T, F: Future<Output = std::io::Result<T>>>(
+        &mut self,
+        fut: F,
+    ) -> std::io::Result<T> {
+        let after = self.write;
+        self.timer
+            .limit_wait(after, fut)
+            .await
+            .unwrap_or_else(|Expired| Err(Stall::timed_out("the receiver", after)))
+    }
+
+    fn timed_out(who: &str, after: Duration) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{who} moved no byte for {after:?}"),
+        )
     }
 }
 
@@ -125,6 +190,32 @@ mod tests {
         let start = Instant::now();
         assert_eq!(wait_forever(&mut d, 200).await, Err(Expired));
         took_between(start, 200, 300);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limit_wait_counts_from_the_first_wait() {
+        let mut d = Deadline::new(Duration::from_secs(1));
+        // Ready at once: the deadline is not moved (it stays 1 s out).
+        let ready = d.limit_wait(Duration::from_secs(30), async {}).await;
+        assert_eq!(ready, Ok(()));
+        let start = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            d.limit_wait(Duration::from_millis(500), never).await,
+            Err(Expired)
+        );
+        took_between(start, 500, 600);
+        let mut stall = Stall {
+            timer: &mut d,
+            read: Duration::from_millis(200),
+            write: Duration::from_secs(5),
+        };
+        let e = stall
+            .read(std::future::pending::<std::io::Result<()>>())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("the sender moved no byte"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

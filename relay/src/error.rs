@@ -31,6 +31,8 @@ pub enum ErrorKind {
     UnsupportedCoding,
     /// The request head did not arrive within `head_timeout`.
     HeadTimeout,
+    /// The client's request body stalled: no byte for `body_timeout`.
+    BodyTimeout,
     /// The request is malformed or ambiguous.
     BadRequest(&'static str),
     /// The relay's own endpoints have nothing at this path.
@@ -43,6 +45,8 @@ pub enum ErrorKind {
     ConnectTimeout { upstream: String },
     /// No response head within `response_timeout`.
     ResponseTimeout { upstream: String },
+    /// The upstream took no byte of the request body for `response_timeout`.
+    SendTimeout { upstream: String },
     /// The upstream sent something that is not a valid HTTP/1 response, or closed early.
     BadResponse { upstream: String, cause: String },
     /// The relay's own endpoint exists but not for this method.
@@ -102,7 +106,7 @@ impl RelayError {
             HeadTooLarge => 431,
             UriTooLong => 414,
             UnsupportedCoding => 501,
-            HeadTimeout => 408,
+            HeadTimeout | BodyTimeout => 408,
             BadRequest(_) | TlsRequired => 400,
             NotImplemented(_) => 501,
             NotFound => 404,
@@ -113,7 +117,7 @@ impl RelayError {
             | ConnectTimeout { .. }
             | BadResponse { .. }
             | UpstreamTls { .. } => 502,
-            ResponseTimeout { .. } => 504,
+            ResponseTimeout { .. } | SendTimeout { .. } => 504,
             MethodNotAllowed { .. } => 405,
             BadTopic | BadPoll(_) | NotJson(_) => 400,
             EventTooLarge { .. } => 413,
@@ -157,6 +161,7 @@ impl RelayError {
             | UriTooLong
             | UnsupportedCoding
             | HeadTimeout
+            | BodyTimeout
             | BadRequest(_)
             | NotFound
             | MethodNotAllowed { .. }
@@ -175,6 +180,7 @@ impl RelayError {
             | Connect { .. }
             | ConnectTimeout { .. }
             | ResponseTimeout { .. }
+            | SendTimeout { .. }
             | BadResponse { .. }
             | UpstreamTls { .. } => Fault::Upstream,
         }
@@ -203,6 +209,8 @@ impl RelayError {
                 | ErrorKind::UriTooLong
                 | ErrorKind::UnsupportedCoding
                 | ErrorKind::HeadTimeout
+                | ErrorKind::BodyTimeout
+                | ErrorKind::SendTimeout { .. }
                 | ErrorKind::BadRequest(_)
         )
     }
@@ -229,12 +237,19 @@ impl fmt::Display for RelayError {
             UriTooLong => write!(f, "request target too long"),
             UnsupportedCoding => write!(f, "{}", crate::codec::UNSUPPORTED_CODING),
             HeadTimeout => write!(f, "request head not received in time"),
+            BodyTimeout => write!(
+                f,
+                "request body stalled: no byte within limits.body_timeout"
+            ),
             BadRequest(why) => write!(f, "bad request: {why}"),
             NotFound => write!(f, "no such endpoint on this relay"),
             Resolve { upstream, cause } => write!(f, "cannot resolve {upstream}: {cause}"),
             Connect { upstream, cause } => write!(f, "connect to {upstream} failed: {cause}"),
             ConnectTimeout { upstream } => write!(f, "connect to {upstream} timed out"),
             ResponseTimeout { upstream } => write!(f, "no response from {upstream} in time"),
+            SendTimeout { upstream } => {
+                write!(f, "{upstream} took no byte of the request body in time")
+            }
             BadResponse { upstream, cause } => write!(f, "bad response from {upstream}: {cause}"),
             MethodNotAllowed { allow } => write!(f, "method not allowed here (allowed: {allow})"),
             BadTopic => write!(f, "topic names are 1 to 128 of A-Z a-z 0-9 . _ -"),
@@ -302,6 +317,8 @@ mod tests {
             (ErrorKind::Loop, 508),
             (ErrorKind::HeadTooLarge, 431),
             (ErrorKind::HeadTimeout, 408),
+            (ErrorKind::BodyTimeout, 408),
+            (ErrorKind::SendTimeout { upstream: up() }, 504),
             (ErrorKind::BadRequest("x"), 400),
             (ErrorKind::NotFound, 404),
             (

@@ -16,7 +16,7 @@ use crate::codec::{
     self, read_response_head, write_data, write_end, BodyError, BodyReader, Conn, FieldName,
     Framing, HeadError, Io, Item, OutFraming, RequestHead, ResponseHead,
 };
-use crate::deadline::Deadline;
+use crate::deadline::{Deadline, Stall};
 use crate::dispatch::RelayTarget;
 use crate::error::{ErrorKind, Fault, RelayError};
 use crate::rewrite::{self, RequestRewrite, ResponseBody, ResponseRewrite};
@@ -211,7 +211,6 @@ pub async fn relay<S: Io>(
         },
         None => (send_fresh(ctx, &decision, &head_out).await?, false),
     };
-    timer.set(route.response_timeout);
 
     // Expect: 100-continue — give the server a moment to answer first.
     // Interim responses before its answer are passed on as they come (a
@@ -248,12 +247,20 @@ pub async fn relay<S: Io>(
             Framing::Chunked => OutFraming::Chunked,
             _ => OutFraming::Plain,
         };
+        // The client's upload may stall for `body_timeout`; the server may
+        // stop taking it for its `response_timeout`.
+        let mut stall = Stall {
+            timer: &mut *timer,
+            read: config.limits.body_timeout,
+            write: route.response_timeout,
+        };
         match copy_body(
             &mut BodyReader::new(req.framing),
             client,
             &mut server.io,
             out,
             None,
+            &mut stall,
         )
         .await
         {
@@ -261,12 +268,26 @@ pub async fn relay<S: Io>(
             Err(CopyError::Read(BodyError::Malformed(why))) => {
                 return Err(RelayError::new(ErrorKind::BadRequest(why)));
             }
+            Err(CopyError::Read(BodyError::Io(e))) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(RelayError::on_route(ErrorKind::BodyTimeout, &route.host));
+            }
             Err(CopyError::Read(_)) => return Ok(After::Close), // the client went away
+            Err(CopyError::Write(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(RelayError::on_route(
+                    ErrorKind::SendTimeout {
+                        upstream: upstream_name(),
+                    },
+                    &route.host,
+                ));
+            }
             Err(CopyError::Write(e)) => return Err(bad_response(format!("sending the body: {e}"))),
         }
     } else if has_body {
         request_done = false;
     }
+    // The server's time to answer counts from the end of the request (an
+    // upload may take longer than `response_timeout` by itself).
+    timer.set(route.response_timeout);
 
     // The final response head, relaying interim responses.
     let resp =
@@ -395,12 +416,20 @@ pub async fn relay<S: Io>(
     access.bytes_out += head_back.len() as u64;
 
     let mut gunzip = decode.then(Gunzip::new);
+    // The server may pause its body for its `response_timeout`; the client
+    // may stop reading for `body_timeout`.
+    let mut stall = Stall {
+        timer,
+        read: route.response_timeout,
+        write: config.limits.body_timeout,
+    };
     match copy_body(
         &mut BodyReader::new(in_framing),
         &mut server,
         &mut client.io,
         out,
         gunzip.as_mut(),
+        &mut stall,
     )
     .await
     {
@@ -608,6 +637,7 @@ async fn splice_body<R: Io, W: Io>(
     from: &mut Conn<R>,
     to: &mut W,
     len: u64,
+    stall: &mut Stall<'_>,
 ) -> Option<Result<u64, CopyError>> {
     tunnel::as_tcp(&from.io)?;
     tunnel::as_tcp(to)?;
@@ -616,12 +646,12 @@ async fn splice_body<R: Io, W: Io>(
         .min(from.buf.len());
     if ahead > 0 {
         let first = from.buf.split_to(ahead);
-        if let Err(e) = to.write_all(&first).await {
+        if let Err(e) = stall.write(to.write_all(&first)).await {
             return Some(Err(CopyError::Write(e)));
         }
     }
     let (from, to) = (tunnel::as_tcp(&from.io)?, tunnel::as_tcp(to)?);
-    let moved = splice::copy_exact(from, to, len - ahead as u64).await;
+    let moved = splice::copy_exact(from, to, len - ahead as u64, stall).await;
     Some(match moved {
         Ok(n) => Ok(n + ahead as u64),
         Err(splice::CopyFailed::Read(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -702,17 +732,19 @@ impl std::fmt::Display for CopyError {
 
 /// Streams a body from `from` to `to`, re-framed as `out`, optionally
 /// gunzipped. Returns the bytes written. A large body of known length passed
-/// as it is between two plain TCP sockets is spliced instead.
+/// as it is between two plain TCP sockets is spliced instead. A sender or
+/// receiver that stalls past `stall` ends it with a `TimedOut` error.
 pub async fn copy_body<R: Io, W: Io>(
     reader: &mut BodyReader,
     from: &mut Conn<R>,
     to: &mut W,
     out: OutFraming,
     mut gunzip: Option<&mut Gunzip>,
+    stall: &mut Stall<'_>,
 ) -> Result<u64, CopyError> {
     if let (Some(len), OutFraming::Plain, None) = (reader.length_left(), out, &gunzip) {
         if len >= SPLICE_BODY_MIN {
-            if let Some(spliced) = splice_body(from, to, len).await {
+            if let Some(spliced) = splice_body(from, to, len, stall).await {
                 if spliced.is_ok() {
                     reader.finish();
                 }
@@ -722,10 +754,17 @@ pub async fn copy_body<R: Io, W: Io>(
     }
     let mut written = 0u64;
     loop {
-        match reader.next(from).await.map_err(CopyError::Read)? {
+        let item = match stall.read(async { Ok(reader.next(from).await) }).await {
+            Ok(item) => item.map_err(CopyError::Read)?,
+            Err(stalled) => return Err(CopyError::Read(BodyError::Io(stalled))),
+        };
+        match item {
             Item::Data(data) => match gunzip.as_deref_mut() {
                 None => {
-                    write_data(to, out, &data).await.map_err(CopyError::Write)?;
+                    stall
+                        .write(write_data(to, out, &data))
+                        .await
+                        .map_err(CopyError::Write)?;
                     written += data.len() as u64;
                 }
                 Some(g) => {
@@ -734,7 +773,10 @@ pub async fn copy_body<R: Io, W: Io>(
                         let (used, plain) = g.step(input).map_err(CopyError::Read)?;
                         input = &input[used..];
                         let (len, more) = (plain.len(), plain.len() == Gunzip::OUT_LEN);
-                        write_data(to, out, plain).await.map_err(CopyError::Write)?;
+                        stall
+                            .write(write_data(to, out, plain))
+                            .await
+                            .map_err(CopyError::Write)?;
                         written += len as u64;
                         if (input.is_empty() && !more) || (used == 0 && len == 0) {
                             break;
@@ -744,13 +786,17 @@ pub async fn copy_body<R: Io, W: Io>(
             },
             Item::Trailers(t) => {
                 let trailers = (out == OutFraming::Chunked).then_some(&t[..]);
-                write_end(to, out, trailers)
+                stall
+                    .write(write_end(to, out, trailers))
                     .await
                     .map_err(CopyError::Write)?;
                 return Ok(written);
             }
             Item::End => {
-                write_end(to, out, None).await.map_err(CopyError::Write)?;
+                stall
+                    .write(write_end(to, out, None))
+                    .await
+                    .map_err(CopyError::Write)?;
                 return Ok(written);
             }
         }

@@ -24,6 +24,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::deadline::Stall;
+
 /// Most bytes moved per splice call into a pipe of the default size.
 const CHUNK: usize = 64 * 1024;
 /// A busy direction's pipe is enlarged to this: fewer, larger splices
@@ -264,15 +266,24 @@ pub enum CopyFailed {
 
 /// Moves exactly `len` bytes from `src` to `dst` through a pipe of its own,
 /// never through user space: a large response body whose length is known.
-/// The pipe is closed when the body has passed.
-pub async fn copy_exact(src: &TcpStream, dst: &TcpStream, len: u64) -> Result<u64, CopyFailed> {
+/// The pipe is closed when the body has passed. A side that stalls past
+/// `stall` ends it (`TimedOut`).
+pub async fn copy_exact(
+    src: &TcpStream,
+    dst: &TcpStream,
+    len: u64,
+    stall: &mut Stall<'_>,
+) -> Result<u64, CopyFailed> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let pipe = Pipe::new().map_err(CopyFailed::Read)?;
     let (pipe_r, pipe_w) = (&pipe.r, &pipe.w);
     let (mut left, mut pending) = (len, 0usize);
     while left > 0 || pending > 0 {
         if pending > 0 {
-            dst.writable().await.map_err(CopyFailed::Write)?;
+            stall
+                .write(dst.writable())
+                .await
+                .map_err(CopyFailed::Write)?;
             match dst.try_io(Interest::WRITABLE, || {
                 splice(pipe_r.as_fd(), None, dst.as_fd(), None, pending, flags).map_err(errno)
             }) {
@@ -282,7 +293,7 @@ pub async fn copy_exact(src: &TcpStream, dst: &TcpStream, len: u64) -> Result<u6
             }
             continue;
         }
-        src.readable().await.map_err(CopyFailed::Read)?;
+        stall.read(src.readable()).await.map_err(CopyFailed::Read)?;
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(pipe.cap);
         match src.try_io(Interest::READABLE, || {
             splice(src.as_fd(), None, pipe_w.as_fd(), None, want, flags).map_err(errno)
