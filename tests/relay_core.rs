@@ -795,6 +795,72 @@ async fn stalled_bodies_end_after_their_timeouts() {
     assert!(cut.is_some());
 }
 
+/// An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 7.8): the server
+/// never sees it, and the client gets the ordinary answer, not a `101`
+/// (audit 3).
+#[tokio::test]
+async fn an_http10_upgrade_is_ignored() {
+    let origin = Origin::ok().await;
+    let relay = relay_to(&origin, "app-a.test", "").await;
+    let request = format!(
+        "GET http://app-a.test:{}/ws HTTP/1.0\r\nHost: app-a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        origin.port()
+    );
+    let answer = raw_exchange(relay.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("ok /ws"), "{answer}");
+    let got = origin.single();
+    assert_eq!(got.header("upgrade"), None, "{}", got.raw_head);
+}
+
+/// `Expect: 100-continue` does not hold back a body the client sent without
+/// waiting, nor an HTTP/1.0 request's (whose expectation is ignored, RFC
+/// 9110 10.1.1): the relay's wait for a `100` (up to 1 s) is for clients
+/// that wait themselves (audit 3: every such request took 1 s more).
+#[tokio::test]
+async fn expect_continue_does_not_hold_a_body_already_sent() {
+    // A server that never sends `100`: it reads a head and 5 bytes of
+    // body, and answers with the body.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut got = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !got.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        got.push(byte[0]);
+                    }
+                    let mut body = [0u8; 5];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let _ = s.write_all(&response(200, &[], &body)).await;
+                }
+            });
+        }
+    });
+    let relay = relay_to_port(port, "app-a.test", "").await;
+    for version in ["1.1", "1.0"] {
+        let request = format!(
+            "POST http://app-a.test:{port}/e HTTP/{version}\r\nHost: app-a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\nhello"
+        );
+        let start = std::time::Instant::now();
+        let answer = raw_exchange(relay.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        let took = start.elapsed();
+        assert!(answer.contains(" 200 "), "{answer}");
+        assert!(answer.ends_with("hello"), "{answer}");
+        assert!(
+            took < Duration::from_millis(900),
+            "HTTP/{version}: held {took:?}"
+        );
+    }
+}
+
 /// Reads from `s` until `end` has arrived; what came, as text.
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     let mut got = Vec::new();

@@ -147,6 +147,14 @@ pub fn classify_request(head: &RequestHead, me: Identity<'_>) -> Result<RequestK
         }
         let (host, port) =
             parse_authority(authority, 80).ok_or("invalid authority in the request target")?;
+        // The target's authority wins over Host (RFC 9112 3.2.2), but an
+        // HTTP/1.1 request still needs exactly one (RFC 9112 3.2).
+        let mut hosts = head.fields.get_all(FieldName::Host);
+        match (hosts.next(), hosts.next()) {
+            (_, Some(_)) => return Err("more than one Host header"),
+            (None, _) if head.minor >= 1 => return Err("missing Host header"),
+            _ => {}
+        }
         let path = match &rest[end..] {
             "" if method.eq_ignore_ascii_case("OPTIONS") => "*".to_string(),
             "" => "/".to_string(),
@@ -288,23 +296,23 @@ mod tests {
                 relay("app.test", 81, Some("App.Test:81"), "/x?y"),
             ),
             (
-                "GET http://app.test HTTP/1.1\r\n\r\n",
+                "GET http://app.test HTTP/1.1\r\nHost: h\r\n\r\n",
                 relay("app.test", 80, Some("app.test"), "/"),
             ),
             (
-                "GET http://app.test?q HTTP/1.1\r\n\r\n",
+                "GET http://app.test?q HTTP/1.1\r\nHost: h\r\n\r\n",
                 relay("app.test", 80, Some("app.test"), "/?q"),
             ),
             (
-                "OPTIONS http://app.test HTTP/1.1\r\n\r\n",
+                "OPTIONS http://app.test HTTP/1.1\r\nHost: h\r\n\r\n",
                 relay("app.test", 80, Some("app.test"), "*"),
             ),
             (
-                "GET http://u:p@app.test/ HTTP/1.1\r\n\r\n",
+                "GET http://u:p@app.test/ HTTP/1.1\r\nHost: h\r\n\r\n",
                 Err("user information in the request target"),
             ),
             (
-                "GET https://app.test/ HTTP/1.1\r\n\r\n",
+                "GET https://app.test/ HTTP/1.1\r\nHost: h\r\n\r\n",
                 Err("https:// request targets are not relayed; use CONNECT"),
             ),
             (
@@ -312,6 +320,12 @@ mod tests {
                 relay("legacy.test", 80, None, "/x"),
             ),
             ("GET /x HTTP/1.1\r\n\r\n", Err("missing Host header")),
+            ("GET http://a.test/x HTTP/1.1\r\n\r\n", Err("missing Host header")),
+            (
+                "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+                Err("more than one Host header"),
+            ),
+            ("GET http://a.test/x HTTP/1.0\r\n\r\n", relay("a.test", 80, Some("a.test"), "/x")),
             (
                 "GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
                 Err("more than one Host header"),
@@ -330,16 +344,16 @@ mod tests {
                 own("/events/t"),
             ),
             (
-                "GET http://relay.test.:80/services HTTP/1.1\r\n\r\n",
+                "GET http://relay.test.:80/services HTTP/1.1\r\nHost: h\r\n\r\n",
                 own("/services"),
             ),
             (
-                "GET http://relay.test/services HTTP/1.1\r\n\r\n",
+                "GET http://relay.test/services HTTP/1.1\r\nHost: h\r\n\r\n",
                 own("/services"),
             ),
-            ("GET http://127.0.0.1:8080/ HTTP/1.1\r\n\r\n", own("/")),
+            ("GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: h\r\n\r\n", own("/")),
             (
-                "GET http://127.0.0.1:8081/ HTTP/1.1\r\n\r\n",
+                "GET http://127.0.0.1:8081/ HTTP/1.1\r\nHost: h\r\n\r\n",
                 relay("127.0.0.1", 8081, Some("127.0.0.1:8081"), "/"),
             ),
             ("GET x HTTP/1.1\r\n\r\n", Err("invalid request target")),
@@ -348,14 +362,14 @@ mod tests {
             ("GET /.porthole/uplink HTTP/1.1\r\nHost: relay.test\r\n\r\n", own("/.porthole/uplink")),
             // The audit's M1-M3: what no valid request has.
             ("GET /f#frag HTTP/1.1\r\nHost: a.test\r\n\r\n", Err("a fragment (#) in the request target")),
-            ("GET http://a.test/f#frag HTTP/1.1\r\n\r\n", Err("a fragment (#) in the request target")),
+            ("GET http://a.test/f#frag HTTP/1.1\r\nHost: h\r\n\r\n", Err("a fragment (#) in the request target")),
             ("GET * HTTP/1.1\r\nHost: a.test\r\n\r\n", Err("the request target * is for OPTIONS only")),
             ("GET / HTTP/1.1\r\nHost: u@a.test:81\r\n\r\n", Err("invalid Host header")),
             ("GET / HTTP/1.1\r\nHost: <script>\r\n\r\n", Err("invalid Host header")),
             ("GET / HTTP/1.1\r\nHost: a.test :81\r\n\r\n", Err("invalid Host header")),
-            ("GET http://<b>x</b>/ HTTP/1.1\r\n\r\n", Err("invalid authority in the request target")),
-            ("GET http://[::1]:81/ HTTP/1.1\r\n\r\n", relay("::1", 81, Some("[::1]:81"), "/")),
-            ("GET http://[nope]:81/ HTTP/1.1\r\n\r\n", Err("invalid authority in the request target")),
+            ("GET http://<b>x</b>/ HTTP/1.1\r\nHost: h\r\n\r\n", Err("invalid authority in the request target")),
+            ("GET http://[::1]:81/ HTTP/1.1\r\nHost: h\r\n\r\n", relay("::1", 81, Some("[::1]:81"), "/")),
+            ("GET http://[nope]:81/ HTTP/1.1\r\nHost: h\r\n\r\n", Err("invalid authority in the request target")),
             ("GET / HTTP/1.1\r\nHost: under_score.test\r\n\r\n", relay("under_score.test", 80, None, "/")),
         ];
         for (text, want) in cases {

@@ -115,7 +115,9 @@ pub async fn relay<S: Io>(
     if !route.transparent && rewrite::via_contains(&req.head.fields, name) {
         return Err(RelayError::on_route(ErrorKind::Loop, &route.host));
     }
-    let upgrade = req.head.fields.get(FieldName::Upgrade).is_some()
+    // An HTTP/1.0 request's Upgrade is ignored (RFC 9110 7.8), and so dropped.
+    let upgrade = req.head.minor >= 1
+        && req.head.fields.get(FieldName::Upgrade).is_some()
         && req.head.fields.has_token(FieldName::Connection, "upgrade");
     if let Some(via) = &route.via {
         // The hop's own endpoints are not a route's target: this relay's
@@ -217,7 +219,13 @@ pub async fn relay<S: Io>(
     // `103 Early Hints` may precede the `100`); a final one means the body
     // is not wanted.
     let mut early: Option<ResponseHead> = None;
-    let expects_continue = has_body && req.head.fields.has_token(FieldName::Expect, "100-continue");
+    // Not when the client sent its body without waiting (some of it is
+    // here already), nor for HTTP/1.0, whose expectation is ignored (RFC
+    // 9110 10.1.1).
+    let expects_continue = has_body
+        && req.head.minor >= 1
+        && client.buf.is_empty()
+        && req.head.fields.has_token(FieldName::Expect, "100-continue");
     if expects_continue {
         let until = tokio::time::Instant::now() + CONTINUE_WAIT;
         while let Ok(result) = tokio::time::timeout_at(
