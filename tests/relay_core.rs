@@ -861,6 +861,44 @@ async fn expect_continue_does_not_hold_a_body_already_sent() {
     }
 }
 
+/// A server that answers before taking the whole body (a `413`) and closes
+/// at once: the client gets that answer, not a `502` for the reset its
+/// close caused (audit 3), and the connection closes after it.
+#[tokio::test]
+async fn an_early_answer_from_a_server_that_stopped_reading_reaches_the_client() {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            read_until(&mut s, b"\r\n\r\n").await;
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+                .await;
+            drop(s); // unread body bytes: the close is a reset
+        }
+    });
+    let relay = relay_to_port(port, "app-a.test", "").await;
+    let (mut read, mut write) = TcpStream::connect(relay.addr).await.unwrap().into_split();
+    let length = 8 << 20;
+    let head = format!(
+        "PUT http://app-a.test:{port}/up HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: {length}\r\n\r\n"
+    );
+    let upload = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..(length / chunk.len()) {
+            write.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.ends_with("too large"), "{answer}");
+    upload.abort();
+}
+
 /// Reads from `s` until `end` has arrived; what came, as text.
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     let mut got = Vec::new();

@@ -27,6 +27,9 @@ use crate::{splice, tunnel, ConnCtx};
 
 /// How long to wait for an upstream's `100 Continue` before sending the body anyway.
 const CONTINUE_WAIT: Duration = Duration::from_secs(1);
+/// How long a server that stopped taking the request body has to show its
+/// answer (already sent, as a rule) before the relay calls it a failure.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(500);
 /// Largest response head accepted from an internal server.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most header fields accepted in a response head from an internal server.
@@ -288,7 +291,24 @@ pub async fn relay<S: Io>(
                     &route.host,
                 ));
             }
-            Err(CopyError::Write(e)) => return Err(bad_response(format!("sending the body: {e}"))),
+            Err(CopyError::Write(e)) => {
+                // A server that answered early (a 413 for a body too large)
+                // and closed without reading the rest: its answer is the
+                // client's, not a 502 (RFC 9112 9.5).
+                let answer = tokio::time::timeout(
+                    EARLY_ANSWER_WAIT,
+                    read_response_head(&mut server, MAX_RESPONSE_HEAD, MAX_RESPONSE_FIELDS),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(head)) if !is_interim(head.status) && head.status != 101 => {
+                        tracing::debug!(route = %route.host, upstream = %upstream_name(), status = head.status, error = %e, "the server answered before taking the whole body");
+                        early = Some(head);
+                        request_done = false;
+                    }
+                    _ => return Err(bad_response(format!("sending the body: {e}"))),
+                }
+            }
         }
     } else if has_body {
         request_done = false;
