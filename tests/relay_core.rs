@@ -899,6 +899,45 @@ async fn an_early_answer_from_a_server_that_stopped_reading_reaches_the_client()
     upload.abort();
 }
 
+/// A route may name an IPv6 literal (`[::1]` or `::1`): requests for it, in
+/// any spelling of the address, are routed by it (audit 3: such a route was
+/// refused by the configuration check and no IPv6 target could be routed).
+#[tokio::test]
+async fn an_ipv6_literal_route_takes_requests_in_any_spelling() {
+    let origin = Origin::ok().await;
+    let relay = Relay::start(&config_with(
+        &route("[::1]", "127.0.0.1", &[origin.port()], ""),
+        "",
+    ))
+    .await;
+    let port = origin.port();
+    for url in [
+        format!("http://[::1]:{port}/short"),
+        format!("http://[0:0:0:0:0:0:0:1]:{port}/long"),
+    ] {
+        let out = Curl::new(&url).proxy(&relay.url()).run().await;
+        assert_eq!(out.status, 200, "{url}: {out:?}");
+        assert!(out.text().starts_with("ok /"), "{url}: {out:?}");
+    }
+    let out = Curl::new(&format!("http://[::1]:{port}/tunnel"))
+        .proxy(&relay.url())
+        .arg("-p")
+        .run()
+        .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert_eq!(out.text(), "ok /tunnel");
+    let out = Curl::new(&format!("http://[::2]:{port}/"))
+        .proxy(&relay.url())
+        .run()
+        .await;
+    assert_eq!(out.status, 403, "{out:?}");
+    assert!(
+        out.text().contains("no route for host ::2"),
+        "{}",
+        out.text()
+    );
+}
+
 /// Reads from `s` until `end` has arrived; what came, as text.
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     let mut got = Vec::new();

@@ -941,11 +941,17 @@ impl RawConfig {
         let mut seen = HashSet::new();
         for (i, r) in self.route.into_iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");
-            let host = r.host.trim().to_ascii_lowercase();
-            if !valid_host_pattern(&host) {
+            let valid = route_host(&r.host);
+            let host = valid
+                .clone()
+                .unwrap_or_else(|| r.host.trim().to_ascii_lowercase());
+            if valid.is_none() {
                 c.push(
                     key("host"),
-                    format!("`{}` is not a host name or *.suffix pattern", r.host),
+                    format!(
+                        "`{}` is not a host name, IP address or *.suffix pattern",
+                        r.host
+                    ),
                 );
             } else if !seen.insert(host.clone()) {
                 c.push(key("host"), format!("`{host}` is routed twice"));
@@ -1321,6 +1327,23 @@ fn uplink_tls(u: &RawUplink, c: &mut Collector) -> Option<RelayTls> {
         .ok()
 }
 
+/// A route host as written (`wiki.corp`, `*.corp`, `10.0.0.5`, `[::1]` or
+/// `::1`), in the form requests are matched in: lower case, an IPv6
+/// literal without brackets and in its canonical text (as
+/// [`crate::routes::parse_authority`] gives a request's). `None` for
+/// anything else.
+pub(crate) fn route_host(written: &str) -> Option<String> {
+    let host = written.trim().to_ascii_lowercase();
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&host);
+    if let Ok(v6) = bare.parse::<std::net::Ipv6Addr>() {
+        return Some(v6.to_string());
+    }
+    valid_host_pattern(&host).then_some(host)
+}
+
 pub(crate) fn valid_host_pattern(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
     // Labels of 1 to 63 characters, not starting or ending with `-`
@@ -1353,6 +1376,19 @@ mod tests {
             "localhost",
         ] {
             assert!(valid_host_pattern(good), "{good}");
+            assert_eq!(route_host(good).as_deref(), Some(good));
+        }
+        // IPv6 literals, with or without brackets, in canonical form.
+        for (written, host) in [
+            ("[::1]", "::1"),
+            ("::1", "::1"),
+            ("[2001:DB8:0:0::7]", "2001:db8::7"),
+            (" WIKI.Corp ", "wiki.corp"),
+        ] {
+            assert_eq!(route_host(written).as_deref(), Some(host), "{written}");
+        }
+        for bad in ["[::1", "[wiki.corp]", "::g", "[::1]:80"] {
+            assert_eq!(route_host(bad), None, "{bad}");
         }
         let long = "a".repeat(64);
         for bad in [

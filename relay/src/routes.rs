@@ -94,7 +94,14 @@ pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u1
         }
         Some(_) => return None,
     };
-    Some((host.to_ascii_lowercase(), port))
+    // An IPv6 literal in its canonical text, as route hosts are kept.
+    let host = match authority.starts_with('[') {
+        true => host
+            .parse::<std::net::Ipv6Addr>()
+            .map_or_else(|_| host.to_ascii_lowercase(), |v6| v6.to_string()),
+        false => host.to_ascii_lowercase(),
+    };
+    Some((host, port))
 }
 
 /// Whether a route `host` pattern (`name` or `*.suffix`) covers `name`.

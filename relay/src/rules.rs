@@ -237,14 +237,17 @@ pub(crate) fn validate(
         let routes = r.routes.map(|list| {
             let mut pats = Vec::new();
             for p in list {
-                let p = p.trim().to_ascii_lowercase();
-                if p != "*" && !crate::config::valid_host_pattern(&p) {
-                    c.push(
+                let host = match p.trim() {
+                    "*" => Some("*".to_string()),
+                    written => crate::config::route_host(written),
+                };
+                match host {
+                    Some(host) => pats.push(host),
+                    None => c.push(
                         key("routes"),
-                        format!("`{p}` is not a host name, *.suffix or *"),
-                    );
+                        format!("`{p}` is not a host name, IP address, *.suffix or *"),
+                    ),
                 }
-                pats.push(p);
             }
             pats
         });
