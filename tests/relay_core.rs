@@ -1112,6 +1112,7 @@ async fn errors_name_the_route_and_the_cause() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip".to_vec(),
         ),
         "/status-099" => Reply::Raw(b"HTTP/1.1 099 X\r\nContent-Length: 2\r\n\r\nok".to_vec()),
+        "/no-status-line" => Reply::RawThenClose(b"HTTP/1.1 OK\r\n\r\n".to_vec()),
         _ => Reply::Raw(response(200, &[], b"ok")),
     })
     .await;
@@ -1168,6 +1169,11 @@ async fn errors_name_the_route_and_the_cause() {
             format!("http://app-a.test:{}/status-099", origin.port()),
             502,
             "status code outside 100-599",
+        ),
+        (
+            format!("http://app-a.test:{}/no-status-line", origin.port()),
+            502,
+            "malformed status line or header",
         ),
     ];
     for (url, status, text) in cases {

@@ -542,14 +542,17 @@ fn offset(raw: &Bytes, part: &[u8]) -> Range<usize> {
     position(raw, part).unwrap_or(0..0)
 }
 
-/// What was wrong with the complete head `raw`, as httparse found it.
-fn parse_error(e: httparse::Error, raw: &[u8]) -> HeadError {
+/// What was wrong with the complete head `raw` (a response's when
+/// `response`), as httparse found it.
+fn parse_error(e: httparse::Error, raw: &[u8], response: bool) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooLarge,
         httparse::Error::HeaderName => HeadError::Malformed(field_name_error(raw)),
         httparse::Error::HeaderValue => HeadError::Malformed("invalid header value"),
         httparse::Error::Version => HeadError::Malformed("unsupported HTTP version"),
+        httparse::Error::Token if response => HeadError::Malformed("invalid token"),
         httparse::Error::Token => HeadError::Malformed("invalid method or token"),
+        _ if response => HeadError::Malformed("malformed status line or header"),
         _ => HeadError::Malformed("malformed request line or header"),
     }
 }
@@ -630,7 +633,7 @@ fn parse_request_into<'b>(
     let mut req = httparse::Request::new(&mut []);
     match req
         .parse_with_uninit_headers(raw, slots)
-        .map_err(|e| parse_error(e, raw))?
+        .map_err(|e| parse_error(e, raw, false))?
     {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
@@ -681,7 +684,7 @@ fn parse_response_into<'b>(
     slots: &mut [httparse::Header<'b>],
 ) -> Result<ResponseHead, HeadError> {
     let mut resp = httparse::Response::new(slots);
-    match resp.parse(raw).map_err(|e| parse_error(e, raw))? {
+    match resp.parse(raw).map_err(|e| parse_error(e, raw, true))? {
         httparse::Status::Complete(_) => {}
         httparse::Status::Partial => return Err(HeadError::Malformed("incomplete head")),
     }

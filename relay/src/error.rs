@@ -233,7 +233,7 @@ impl fmt::Display for RelayError {
             NoRoute { host } => write!(f, "no route for host {host}"),
             PortNotAllowed { port } => write!(f, "port {port} is not allowed"),
             Loop => write!(f, "request loop: this relay is already in Via"),
-            HeadTooLarge => write!(f, "request head too large"),
+            HeadTooLarge => write!(f, "request head too large, or too many header fields"),
             UriTooLong => write!(f, "request target too long"),
             UnsupportedCoding => write!(f, "{}", crate::codec::UNSUPPORTED_CODING),
             HeadTimeout => write!(f, "request head not received in time"),
