@@ -1036,6 +1036,78 @@ async fn a_chain_back_to_itself_is_a_loop_for_tunnels_too() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
 
+/// Requests the relay cannot read (a malformed head, too many fields, a
+/// target too long, a head too slow) get an access line with `-` for what
+/// could not be read, and count in the metrics (audit 4: they left no trace
+/// but a debug line). A `"` in a target cannot forge fields on the line.
+#[tokio::test]
+async fn unreadable_requests_get_an_access_line_and_count() {
+    let dir = Dir::new();
+    let log = dir.0.join("access.log");
+    let extra = format!(
+        "[limits]\nhead_timeout = \"1s\"\n[log]\naccess = \"{}\"\n",
+        log.display()
+    );
+    let relay = Relay::start(&config_with("", &extra)).await;
+    let many = "X-A: b\r\n".repeat(150);
+    let long = "a".repeat(70_000);
+    let cases = [
+        (
+            "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nX-A: b\r\n c\r\n\r\n".to_string(),
+            "HTTP/1.1 400",
+        ),
+        (
+            format!("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n{many}\r\n"),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("GET http://a.test/{long} HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+            "HTTP/1.1 414",
+        ),
+        // Half a head, then nothing: 408 after head_timeout.
+        (
+            "GET http://a.test/ HTTP/1.1\r\nHost: a.".to_string(),
+            "HTTP/1.1 408",
+        ),
+    ];
+    for (request, status) in &cases {
+        let answer = raw_exchange(relay.addr, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with(status), "{status}: {answer}");
+    }
+    let forged = "GET http://a.test/q\"x\"route=\"evil\" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(relay.addr, forged.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let lines = || porthole_suite::lines_with(&log, "status=");
+    let all_written = || async { lines().len() >= 5 };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), all_written).await,
+        "{:?}",
+        lines()
+    );
+    let lines = lines();
+    for status in ["400", "431", "414", "408"] {
+        porthole_suite::assert_some_line(
+            &lines,
+            &["method=- ", "target=\"-\"", &format!("status={status}")],
+        );
+    }
+    porthole_suite::assert_some_line(
+        &lines,
+        &["target=\"http://a.test/q%22x%22route=%22evil%22\""],
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("route=\"evil")),
+        "{lines:?}"
+    );
+    let metrics = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    let unreadable = r#"porthole_requests_total{route="-",method="other",status="4xx"} 4"#;
+    assert!(metrics.contains(unreadable), "{metrics}");
+}
+
 /// The access line of a refused request says who was refused what, and what
 /// the client got; a password in a request target never reaches the log.
 #[tokio::test]

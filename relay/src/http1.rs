@@ -3,6 +3,7 @@
 //! hands it to the tunnel, the relay's own endpoints or the HTTP relay; loops
 //! while the connection is kept alive.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -371,10 +372,17 @@ fn wants_keep_alive(head: &RequestHead) -> bool {
             .has_token(FieldName::ProxyConnection, "keep-alive")
 }
 
-/// Answers an unreadable request and closes (no access line: there was no request).
+/// Answers an unreadable request and closes. It gets an access line and
+/// counts in the metrics like any request (nginx logs its 400s and 408s),
+/// with `-` for the method and target no one could read.
 async fn refuse<S: Io>(conn: &mut Conn<S>, ctx: &ConnCtx, err: RelayError) -> Next {
     forward::log_error(ctx, &err);
-    let _ = write_error(&mut conn.io, &err, true, false).await;
+    let mut access = Access::new(Cow::Borrowed("-"), "-", conn.buf.len(), Access::logged(ctx));
+    access.status = err.status();
+    access.bytes_out = write_error(&mut conn.io, &err, true, false)
+        .await
+        .unwrap_or(0);
+    access.finish(ctx);
     Next::Close
 }
 
