@@ -316,6 +316,19 @@ async fn connections_over_the_per_client_limit_get_503() {
     }
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
     assert!(answer.contains("Retry-After: 1"), "{answer}");
+    // Counted (the readiness probe's connection may have been turned away
+    // in an earlier try too).
+    let metrics = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    let series = r#"porthole_connections_turned_away_total{limit="max_connections_per_client"} "#;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(counted >= 1, "{metrics}");
     drop(held);
     // Once the two are gone, the client is served again.
     let url = format!("http://app.test:{}/", origin.port());

@@ -3,9 +3,10 @@
 //! connection, and the first-bytes detection that picks the protocol.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -78,14 +79,14 @@ pub async fn accept_loop(
             _ => stream.local_addr().ok().or(local).unwrap_or(peer),
         };
         let Ok(permit) = admission.total.clone().try_acquire_owned() else {
-            tracing::warn!(client = %peer, "max_connections reached");
+            note_turned_away(&shared, "max_connections", peer);
             tracker.spawn(turn_away(stream, "the relay has too many connections"));
             continue;
         };
         let Some(slot) =
             ClientSlot::take(&admission.per_client, peer.ip(), admission.per_client_max)
         else {
-            tracing::warn!(client = %peer, "max_connections_per_client reached");
+            note_turned_away(&shared, "max_connections_per_client", peer);
             tracker.spawn(turn_away(stream, "too many connections from your address"));
             continue;
         };
@@ -187,6 +188,29 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) -> Option<Tunnelled> 
         }
     }
     None
+}
+
+/// Counts a connection turned away by `limit`, and says so in the log at
+/// most once every 10 s with the count so far: a flood of connections is
+/// not to become a flood of lines.
+fn note_turned_away(shared: &Shared, limit: &'static str, peer: SocketAddr) {
+    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+    let counter = shared
+        .metrics
+        .turned_away
+        .get_or_create(&crate::metrics::LimitLabels { limit });
+    counter.inc();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED.load(Ordering::Relaxed);
+    if now >= last + 10
+        && LAST_WARNED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(client = %peer, limit, turned_away = counter.get(), "connections turned away with 503 (one such line per 10 s at most; porthole_connections_turned_away_total counts them all)");
+    }
 }
 
 /// Answers a connection over a limit with `503` and closes it.

@@ -55,6 +55,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
     pub topic: Name,
 }
@@ -76,6 +81,9 @@ pub struct Metrics {
     pub bytes_out: Family<RouteLabels, Counter>,
     pub open_connections: Gauge,
     pub accepted: Counter,
+    /// Connections answered `503` by `max_connections` or
+    /// `max_connections_per_client` (the `limit` label).
+    pub turned_away: Family<LimitLabels, Counter>,
     pub open_tunnels: Family<RouteLabels, Gauge>,
     pub open_long_polls: Gauge,
     pub upstream_failures: Family<FailureLabels, Counter>,
@@ -119,6 +127,7 @@ impl Metrics {
             bytes_out: Family::default(),
             open_connections: Gauge::default(),
             accepted: Counter::default(),
+            turned_away: Family::default(),
             open_tunnels: Family::default(),
             open_long_polls: Gauge::default(),
             upstream_failures: Family::default(),
@@ -164,6 +173,11 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted on the aggregate port",
             m.accepted.clone(),
+        );
+        registry.register(
+            "connections_turned_away",
+            "Client connections answered 503 by a connection limit",
+            m.turned_away.clone(),
         );
         registry.register(
             "open_tunnels",
