@@ -661,9 +661,22 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
+/// One line (a log record, a reload's answer): a problem whose message
+/// spans lines (a TOML syntax error with its excerpt) has them joined by ` | `.
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let lines: Vec<String> = self.problems.iter().map(|p| p.to_string()).collect();
+        let lines: Vec<String> = self
+            .problems
+            .iter()
+            .map(|p| {
+                p.to_string()
+                    .lines()
+                    .map(str::trim_end)
+                    .filter(|l| !l.trim().is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+            .collect();
         write!(f, "invalid configuration: {}", lines.join("; "))
     }
 }
@@ -1419,6 +1432,16 @@ mod tests {
             Ok(_) => panic!("expected an error for {text}"),
             Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
         }
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line_in_the_error_text() {
+        let e = Config::from_toml("[relay]\nlisten = \"127.0.0.1:1\"\nname = \n").unwrap_err();
+        let problem = e.problems[0].to_string();
+        assert!(problem.contains('\n'), "the excerpt spans lines: {problem}");
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.starts_with("invalid configuration: "), "{text}");
     }
 
     #[test]
