@@ -283,6 +283,30 @@ async fn sigterm_drains_in_flight_requests_and_stops_accepting_and_a_successor_t
     assert!(status.success(), "{status:?}");
 }
 
+/// An access-log file that cannot take a line (a full disk: /dev/full)
+/// costs no request, warns once rather than per request, and counts the
+/// lines lost (audit 4: a WARN per request, counted nowhere).
+#[tokio::test]
+async fn access_lines_a_full_disk_refuses_are_counted_and_warned_about_once() {
+    let origin = Origin::ok().await;
+    let path = app_config("full", &origin, "[log]\naccess = \"/dev/full\"\n");
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    let url = format!("http://app.test:{}/", origin.port());
+    for _ in 0..20 {
+        assert_eq!(Curl::new(&url).proxy(&relay.url()).run().await.status, 200);
+    }
+    let metrics = Curl::new(&format!("{}/metrics", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        metrics.contains("\nporthole_access_lines_lost_total 20\n"),
+        "{metrics}"
+    );
+    let warnings = relay.log_text().matches("access log write failed").count();
+    assert_eq!(warnings, 1, "{}", relay.log_text());
+}
+
 #[tokio::test]
 async fn connections_over_the_per_client_limit_get_503() {
     let origin = Origin::ok().await;

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
@@ -231,11 +232,23 @@ impl FileSink {
     }
 
     fn write_line(&self, line: &str) {
+        static WARN: crate::logging::Every = crate::logging::Every::new(10);
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = file.write_all(line.as_bytes()) {
-            tracing::warn!(path = %self.path.display(), error = %e, "access log write failed");
+            let lost = LINES_LOST.fetch_add(1, Ordering::Relaxed) + 1;
+            if WARN.due() {
+                tracing::warn!(path = %self.path.display(), error = %e, lost, "access log write failed (one such line per 10 s at most; porthole_access_lines_lost_total counts the lines)");
+            }
         }
     }
+}
+
+/// Access lines the file could not take (a full disk), for the metrics.
+static LINES_LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Access lines lost so far because writing the access-log file failed.
+pub fn lines_lost() -> u64 {
+    LINES_LOST.load(Ordering::Relaxed)
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {

@@ -4,9 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -194,21 +193,13 @@ async fn serve_connection(stream: TcpStream, ctx: ConnCtx) -> Option<Tunnelled> 
 /// most once every 10 s with the count so far: a flood of connections is
 /// not to become a flood of lines.
 fn note_turned_away(shared: &Shared, limit: &'static str, peer: SocketAddr) {
-    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+    static WARN: crate::logging::Every = crate::logging::Every::new(10);
     let counter = shared
         .metrics
         .turned_away
         .get_or_create(&crate::metrics::LimitLabels { limit });
     counter.inc();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNED.load(Ordering::Relaxed);
-    if now >= last + 10
-        && LAST_WARNED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if WARN.due() {
         tracing::warn!(client = %peer, limit, turned_away = counter.get(), "connections turned away with 503 (one such line per 10 s at most; porthole_connections_turned_away_total counts them all)");
     }
 }

@@ -63,6 +63,37 @@ pub fn init(format: Format) -> Logging {
     Logging { _guard: guard }
 }
 
+/// Lets something through at most once every `secs` seconds, across
+/// threads: the warning a flood would otherwise repeat on every event.
+pub struct Every {
+    secs: u64,
+    /// Seconds since the Unix epoch of the last time it was due.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Every {
+    pub const fn new(secs: u64) -> Every {
+        Every {
+            secs,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether it is due now (and if so, not again for `secs`).
+    pub fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Relaxed);
+        now >= last.saturating_add(self.secs)
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
 /// Log lines dropped so far because the writer could not keep up (0 when
 /// [`init`] was not called, as in tests that embed the relay).
 pub fn dropped_lines() -> u64 {

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Copied from [`crate::logging::dropped_lines`] when scraped.
     log_dropped: Counter,
+    /// Copied from [`crate::access_log::lines_lost`] when scraped.
+    access_lost: Counter,
     /// Per-route handles into the families above, so counting a request is a
     /// few atomic adds rather than four labelled look-ups.
     by_route: std::sync::RwLock<foldhash::HashMap<Arc<str>, Arc<RouteHandles>>>,
@@ -136,6 +138,7 @@ impl Metrics {
             uplinks_connected: Gauge::default(),
             reloads: Family::default(),
             log_dropped: Counter::default(),
+            access_lost: Counter::default(),
             by_route: Default::default(),
             registry: Registry::default(),
         };
@@ -219,6 +222,11 @@ impl Metrics {
             "Log lines dropped because standard error was not read fast enough",
             m.log_dropped.clone(),
         );
+        registry.register(
+            "access_lines_lost",
+            "Access lines the access-log file could not take (a write failed)",
+            m.access_lost.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -226,6 +234,10 @@ impl Metrics {
     pub fn encode(&self) -> String {
         self.log_dropped.inner().store(
             crate::logging::dropped_lines(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.access_lost.inner().store(
+            crate::access_log::lines_lost(),
             std::sync::atomic::Ordering::Relaxed,
         );
         let mut out = String::new();
