@@ -45,6 +45,27 @@ async fn check(path: &std::path::Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `check` says which keys the environment sets over the file (audit 4:
+/// the shipped unit and image set PORTHOLE__RELAY__LISTEN, and an edit of
+/// `listen` in the file then did nothing, without a hint why).
+#[tokio::test]
+async fn check_names_the_keys_the_environment_sets() {
+    let path = workspace_root().join("conf/relay.toml");
+    let out = tokio::process::Command::new(binary("porthole-relay"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("PORTHOLE__RELAY__LISTEN", "127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("relay.toml (set by the environment: relay.listen): ok ("),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn every_shipped_config_is_valid() {
     let conf = workspace_root().join("conf");

@@ -403,13 +403,41 @@ impl Source {
         }
     }
 
-    /// A short description for logs and the status page.
+    /// A short description for logs, the status page and `check`: where
+    /// the file is, and which keys `PORTHOLE__...` variables set over it (an
+    /// operator editing the file would otherwise wonder why an edit of such
+    /// a key does nothing).
     pub fn describe(&self) -> String {
-        match self {
-            Source::File(path) => path.display().to_string(),
-            Source::Text { .. } => "embedded configuration".to_string(),
+        let (name, env) = match self {
+            Source::File(path) => (path.display().to_string(), None),
+            Source::Text { env, .. } => ("embedded configuration".to_string(), env.as_ref()),
+        };
+        let keys = match env {
+            Some(map) => env_keys(map.keys().map(String::as_str)),
+            None => env_keys(
+                std::env::vars()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str),
+            ),
+        };
+        match keys.is_empty() {
+            true => name,
+            false => format!("{name} (set by the environment: {})", keys.join(", ")),
         }
     }
+}
+
+/// The configuration keys `PORTHOLE__...` variable names set
+/// (`PORTHOLE__RELAY__LISTEN` -> `relay.listen`), sorted.
+fn env_keys<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut keys: Vec<String> = names
+        .filter_map(|n| n.strip_prefix("PORTHOLE__"))
+        .map(|k| k.to_ascii_lowercase().replace("__", "."))
+        .collect();
+    keys.sort();
+    keys
 }
 
 /// The validated runtime configuration.
@@ -1432,6 +1460,27 @@ mod tests {
             Ok(_) => panic!("expected an error for {text}"),
             Err(e) => e.problems.into_iter().map(|p| p.key).collect(),
         }
+    }
+
+    #[test]
+    fn the_description_names_keys_the_environment_sets() {
+        let env = HashMap::from([
+            (
+                "PORTHOLE__RELAY__LISTEN".to_string(),
+                "127.0.0.1:1".to_string(),
+            ),
+            ("PORTHOLE__EVENTS__STORE".to_string(), "memory".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ]);
+        let c = Config::from_toml_with_env("", Some(env)).unwrap();
+        assert_eq!(
+            c.source.describe(),
+            "embedded configuration (set by the environment: events.store, relay.listen)"
+        );
+        assert_eq!(
+            Config::from_toml("").unwrap().source.describe(),
+            "embedded configuration"
+        );
     }
 
     #[test]

@@ -96,7 +96,11 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => {
             let routes = config.routes.routes().len();
-            println!("{source}: ok ({routes} routes)");
+            // With the keys the environment set over the file, if any.
+            match cli.config.is_some() {
+                true => println!("{}: ok ({routes} routes)", config.source.describe()),
+                false => println!("{source}: ok ({routes} routes)"),
+            }
             if routes == 0 {
                 // Valid (a relay for events only), but worth a second look.
                 eprintln!(
