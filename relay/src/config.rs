@@ -762,9 +762,18 @@ impl Config {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError { problems }),
             Err(e) => {
-                // A key taken out for its type is said once, not also as missing.
+                // A key taken out for its type is said once, not also as
+                // missing (nor a list as empty when an element was taken out:
+                // `ports[0]` said, `ports` is not said again).
                 let said: HashSet<String> = problems.iter().map(|p| p.key.clone()).collect();
-                problems.extend(e.problems.into_iter().filter(|p| !said.contains(&p.key)));
+                let within = |key: &str| {
+                    said.iter().any(|s| {
+                        s == key
+                            || s.strip_prefix(key)
+                                .is_some_and(|rest| rest.starts_with('[') || rest.starts_with('.'))
+                    })
+                };
+                problems.extend(e.problems.into_iter().filter(|p| !within(&p.key)));
                 Err(ConfigError { problems })
             }
         }
@@ -1531,6 +1540,10 @@ mod tests {
         // A required key of the wrong type is said once (not also "missing").
         let keys = problem_keys("[relay]\nbogus = 1\n[[route]]\nhost = \"a.test\"\nto = 7\n");
         assert_eq!(keys, vec!["relay.bogus", "route[0].to"]);
+        // A list whose only element was taken out is not also "empty".
+        let keys =
+            problem_keys("[[route]]\nhost = \"a.test\"\nto = \"10.0.0.1\"\nports = [70000]\n");
+        assert_eq!(keys, vec!["route[0].ports[0]"]);
     }
 
     #[test]
