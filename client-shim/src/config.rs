@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use porthole_relay::config::{parse_duration, ConfigError, Problem};
+use porthole_relay::config::{deserialize_all, parse_duration, ConfigError, Problem};
 use porthole_relay::routes::parse_authority;
 use porthole_relay::secret::{basic_credentials_file, Secret};
 use porthole_relay::tls::{identity_pair, ClientTls, RelayTls};
@@ -163,13 +163,15 @@ impl fmt::Display for ForwardSpec {
 
 impl RawConfig {
     /// Parses `shim.toml` text; unknown keys are errors that name the key.
+    /// Every unknown key and every value of the wrong type is named, not
+    /// only the first (as the relay's `check` does).
     pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let key = if path == "." { "config".into() } else { path };
-            one(&key, e.inner().message().to_string())
-        })
+        let tree: serde_json::Value =
+            toml::from_str(text).map_err(|e| one("config", e.message().to_string()))?;
+        match deserialize_all::<RawConfig>(tree) {
+            (Some(raw), problems) if problems.is_empty() => Ok(raw),
+            (_, problems) => Err(ConfigError { problems }),
+        }
     }
 
     /// Reads and parses a file.
@@ -440,6 +442,19 @@ mod tests {
         for (text, key) in bad {
             assert_eq!(check(text).err().as_deref(), Some(*key), "{text}");
         }
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_named() {
+        let e = RawConfig::from_toml(
+            "relay = \"r:1\"\nbogus = 1\nlisten = 5\n[keepalive]\nidle = \"1s\"\n",
+        )
+        .unwrap_err();
+        let mut keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["bogus", "keepalive.idle", "listen"]);
+        let e = RawConfig::from_toml("relay = ").unwrap_err();
+        assert_eq!(e.problems[0].key, "config");
     }
 
     #[test]

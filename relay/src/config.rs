@@ -754,7 +754,7 @@ impl Config {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::one("config", e.to_string()))?;
-        let (raw, mut problems) = deserialize_all(merged);
+        let (raw, mut problems) = deserialize_all::<RawConfig>(merged);
         let Some(raw) = raw else {
             return Err(ConfigError { problems });
         };
@@ -789,11 +789,14 @@ impl Config {
 /// every value of the wrong type, not only the first: each one found is
 /// noted with its key and taken out, and the rest deserialized again. The
 /// configuration, if what is left deserializes (for the remaining checks).
-fn deserialize_all(mut merged: serde_json::Value) -> (Option<RawConfig>, Vec<Problem>) {
+/// (The shim's configuration is read the same way.)
+pub fn deserialize_all<T: serde::de::DeserializeOwned>(
+    mut merged: serde_json::Value,
+) -> (Option<T>, Vec<Problem>) {
     let mut problems: Vec<Problem> = Vec::new();
     // Bounded: each round removes one key of the file.
     for _ in 0..100 {
-        let e = match serde_path_to_error::deserialize::<_, RawConfig>(&merged) {
+        let e = match serde_path_to_error::deserialize::<_, T>(&merged) {
             Ok(raw) => return (Some(raw), problems),
             Err(e) => e,
         };
