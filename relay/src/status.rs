@@ -89,7 +89,8 @@ th {{ background: #eef; }} td.n {{ text-align: right; font-variant-numeric: tabu
                 (to, ports.join(", "))
             }
             None => (
-                "<span class=\"muted\">no route (refused)</span>".to_string(),
+                "<span class=\"muted\">no route: refusals, and the relay's own endpoints</span>"
+                    .to_string(),
                 String::new(),
             ),
         };
