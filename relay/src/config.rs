@@ -358,6 +358,11 @@ fn default_connect_timeout() -> String {
 fn default_response_timeout() -> String {
     "60s".into()
 }
+/// The most `limits.max_head_bytes` may be (1 MiB).
+pub const MAX_HEAD_BYTES: usize = 1 << 20;
+/// The most `limits.max_headers` may be.
+pub const MAX_HEADERS: usize = 1600;
+
 fn default_max_head_bytes() -> usize {
     64 * 1024
 }
@@ -969,8 +974,16 @@ impl RawConfig {
 
         let l = &self.limits;
         let limits = Limits {
-            max_head_bytes: c.positive("limits.max_head_bytes", l.max_head_bytes),
-            max_headers: c.positive("limits.max_headers", l.max_headers),
+            // Caps against typos that would switch the protection off
+            // (`1e12`): 16 times the defaults, far above what any client sends.
+            max_head_bytes: {
+                let n = c.positive("limits.max_head_bytes", l.max_head_bytes);
+                c.at_most("limits.max_head_bytes", n, MAX_HEAD_BYTES)
+            },
+            max_headers: {
+                let n = c.positive("limits.max_headers", l.max_headers);
+                c.at_most("limits.max_headers", n, MAX_HEADERS)
+            },
             head_timeout: c.duration("limits.head_timeout", &l.head_timeout),
             body_timeout: c.duration("limits.body_timeout", &l.body_timeout),
             idle_timeout: c.duration("limits.idle_timeout", &l.idle_timeout),
@@ -1543,6 +1556,9 @@ mod tests {
         // A required key of the wrong type is said once (not also "missing").
         let keys = problem_keys("[relay]\nbogus = 1\n[[route]]\nhost = \"a.test\"\nto = 7\n");
         assert_eq!(keys, vec!["relay.bogus", "route[0].to"]);
+        // Limits past their caps (a typo that would switch the protection off).
+        let keys = problem_keys("[limits]\nmax_head_bytes = 1000000000000\nmax_headers = 100000\n");
+        assert_eq!(keys, vec!["limits.max_head_bytes", "limits.max_headers"]);
         // A list whose only element was taken out is not also "empty".
         let keys =
             problem_keys("[[route]]\nhost = \"a.test\"\nto = \"10.0.0.1\"\nports = [70000]\n");
