@@ -720,3 +720,73 @@ async fn a_relay_whose_stderr_is_not_read_keeps_serving() {
         "{metrics}"
     );
 }
+
+/// A second SIGTERM during the drain ends it at once (audit N1: only
+/// SIGKILL did, so `kill` twice or Ctrl-C twice waited the whole
+/// `drain_timeout`), and the end of the drain is logged with how long it
+/// took and how many connections it cut (N2).
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = porthole_suite::EchoServer::start().await;
+    let path = write_config(
+        "second-term",
+        &format!(
+            "[relay]\nname = \"bin.test\"\ndrain_timeout = \"60s\"\n{}",
+            route("db.test", "127.0.0.1", &[echo.port()], "")
+        ),
+    );
+    let mut relay = RelayProcess::spawn(&path, &[]).await;
+    let mut tunnel = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port());
+    tunnel.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).await.unwrap();
+
+    relay.signal("TERM");
+    let draining = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("shutting down") }
+    })
+    .await;
+    assert!(draining, "{}", relay.log_text());
+    // The open tunnel holds the drain.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay did not wait for its tunnel: {}",
+        relay.log_text()
+    );
+
+    let again = std::time::Instant::now();
+    relay.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(5), relay.child.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "still draining 5 s after the second SIGTERM: {}",
+                relay.log_text()
+            )
+        })
+        .unwrap();
+    assert!(status.success(), "{status:?}: {}", relay.log_text());
+    assert!(again.elapsed() < Duration::from_secs(5));
+    let log = relay.log_text();
+    let ended = log
+        .lines()
+        .find(|l| l.contains("drain ended"))
+        .unwrap_or_else(|| panic!("no drain-ended line: {log}"));
+    assert!(
+        ended.contains("cut=1") && ended.contains("second signal") && ended.contains("took_ms="),
+        "{ended}"
+    );
+    assert!(log.contains("second stop signal"), "{log}");
+    // The tunnel was closed.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel is still open");
+}

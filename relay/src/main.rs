@@ -1,6 +1,6 @@
 //! `porthole-relay`: parses arguments, sets up logging, loads and validates the
 //! configuration (exit 64 before binding anything if it is bad), binds, and
-//! runs the relay until SIGTERM or SIGINT.
+//! runs the relay until SIGTERM or SIGINT (a second one ends the drain).
 
 use std::process::ExitCode;
 
@@ -129,6 +129,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before binding: a signal right after start drains (a second one ends the drain).
+        let signals = porthole_relay::StopSignals::install();
         let listeners = match porthole_relay::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -136,7 +138,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match porthole_relay::run(listeners, config, porthole_relay::shutdown_signal()).await {
+        let (shutdown, cut_short) = (signals.nth(1), signals.nth(2));
+        match porthole_relay::run_until(listeners, config, shutdown, cut_short).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "relay failed");
