@@ -456,6 +456,13 @@ fn dockerfile_and_systemd_unit_agree_with_conf_and_readme() {
     assert!(docker.contains(
         r#"ENTRYPOINT ["/usr/local/bin/porthole-relay", "--config", "/etc/porthole/relay.toml"]"#
     ));
+    // The runtime image has the CA roots that https routes, via_tls and
+    // [uplink] tls verify against (audit M5: without them the container exited 64).
+    assert!(
+        docker.contains("apt-get install -y --no-install-recommends ca-certificates")
+            && docker.contains("rm -rf /var/lib/apt/lists/*"),
+        "the runtime image has no CA certificates"
+    );
     // The unit runs the same binary with the same config, sandboxed, and reloads with SIGHUP.
     assert!(
         unit.contains("ExecStart=/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml")
