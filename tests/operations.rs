@@ -463,11 +463,30 @@ fn dockerfile_and_systemd_unit_agree_with_conf_and_readme() {
             && docker.contains("rm -rf /var/lib/apt/lists/*"),
         "the runtime image has no CA certificates"
     );
-    // The unit runs the same binary with the same config, sandboxed, and reloads with SIGHUP.
-    assert!(
-        unit.contains("ExecStart=/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml")
+    // The unit runs the same binary with the same config, sandboxed; a
+    // reload asks the relay and fails when it refuses the file, and a bad
+    // configuration (exit 64) is not restarted in a loop (audit L3).
+    let setting = |key: &str| -> Vec<&str> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+            .collect()
+    };
+    assert_eq!(
+        setting("ExecStart"),
+        ["/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml"]
     );
-    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert_eq!(
+        setting("ExecReload"),
+        ["/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml reload"]
+    );
+    assert_eq!(setting("RestartPreventExitStatus"), ["64"]);
+    // Documentation= names the README where the install steps put it.
+    assert_eq!(
+        setting("Documentation"),
+        ["file:/usr/share/doc/porthole/README.md"]
+    );
+    let doc_step = "install -D -m 644 README.md /usr/share/doc/porthole/README.md";
+    assert!(unit.contains(doc_step) && readme.contains(doc_step));
     for line in [
         "DynamicUser=yes",
         "ProtectSystem=strict",
