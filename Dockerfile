@@ -10,6 +10,11 @@ COPY . .
 RUN cargo build --release --locked -p porthole-relay
 
 FROM debian:bookworm-slim
+# The system CA roots: https:// routes, via_tls and [uplink] tls without a
+# `ca` of their own verify against them (without them the relay exits 64).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin porthole
 COPY --from=build /src/target/release/porthole-relay /usr/local/bin/porthole-relay
 COPY conf/relay.toml /etc/porthole/relay.toml

@@ -778,3 +778,158 @@ async fn a_relay_whose_stderr_is_not_read_keeps_serving() {
         "{metrics}"
     );
 }
+
+/// `porthole-relay reload --config FILE` (audit L3: `ExecReload=kill -HUP`
+/// could not report a refused reload): asks the relay named by the file,
+/// exits 0 when it took the file, non-zero with the reason on standard error
+/// when the file is broken or the relay cannot be reached; the relay keeps
+/// serving what it had.
+#[tokio::test]
+async fn reload_subcommand_reports_whether_the_relay_took_the_file() {
+    let origin = Origin::ok().await;
+    let first = route("app.test", "127.0.0.1", &[origin.port()], "");
+    let path = write_config("reload-cmd", &config(&first, ""));
+    let relay = RelayProcess::spawn(&path, &[]).await;
+    // As in a systemd unit: the reload runs with the service's environment.
+    let admin_env = relay.admin.to_string();
+    let reload = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(binary("porthole-relay"));
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("reload")
+            .args(args)
+            .env("PORTHOLE__RELAY__ADMIN_LISTEN", &admin_env)
+            .kill_on_drop(true);
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+                .await
+                .expect("reload finished in time")
+                .expect("reload ran");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let new_url = format!("http://new.test:{}/x", origin.port());
+    let app_url = format!("http://app.test:{}/x", origin.port());
+    assert_eq!(
+        Curl::new(&new_url).proxy(&relay.url()).run().await.status,
+        403
+    );
+
+    // A valid change: exit 0, the relay's answer on stdout, the route serves.
+    let second = route("new.test", "127.0.0.1", &[origin.port()], "");
+    std::fs::write(&path, config(&format!("{first}{second}"), "")).unwrap();
+    let (code, stdout, stderr) = reload(&[]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("reloaded"), "{stdout}");
+    assert_eq!(
+        Curl::new(&new_url).proxy(&relay.url()).run().await.status,
+        200
+    );
+
+    // A broken file: not sent, its problem on stderr, exit 64.
+    std::fs::write(&path, config(&first, "[limits]\nhead_timeout = \"soon\"\n")).unwrap();
+    let (code, stdout, stderr) = reload(&[]).await;
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(stderr.contains("limits.head_timeout"), "{stderr}");
+    // With --admin, the relay is asked: it refuses with its reason (422).
+    let (code, stdout, stderr) = reload(&["--admin", &relay.admin.to_string()]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("422")
+            && stderr.contains("reload refused")
+            && stderr.contains("limits.head_timeout"),
+        "{stderr}"
+    );
+    // The relay kept the configuration it had.
+    assert_eq!(
+        Curl::new(&new_url).proxy(&relay.url()).run().await.status,
+        200
+    );
+    assert_eq!(
+        Curl::new(&app_url).proxy(&relay.url()).run().await.status,
+        200
+    );
+
+    // No relay there: non-zero, and why.
+    let nobody = free_addr().to_string();
+    let (code, stdout, stderr) = reload(&["--admin", &nobody]).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&nobody) && stderr.contains("cannot ask the relay to reload"),
+        "{stderr}"
+    );
+}
+
+/// A second SIGTERM during the drain ends it at once (audit N1: only
+/// SIGKILL did, so `kill` twice or Ctrl-C twice waited the whole
+/// `drain_timeout`), and the end of the drain is logged with how long it
+/// took and how many connections it cut (N2).
+#[tokio::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = porthole_suite::EchoServer::start().await;
+    let path = write_config(
+        "second-term",
+        &format!(
+            "[relay]\nname = \"bin.test\"\ndrain_timeout = \"60s\"\n{}",
+            route("db.test", "127.0.0.1", &[echo.port()], "")
+        ),
+    );
+    let mut relay = RelayProcess::spawn(&path, &[]).await;
+    let mut tunnel = TcpStream::connect(relay.addr).await.unwrap();
+    let req = format!("CONNECT db.test:{} HTTP/1.1\r\n\r\n", echo.port());
+    tunnel.write_all(req.as_bytes()).await.unwrap();
+    let mut head = [0u8; 39];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tunnel.read_exact(&mut back).await.unwrap();
+
+    relay.signal("TERM");
+    let draining = porthole_suite::eventually(Duration::from_secs(5), || {
+        let log = relay.log_text();
+        async move { log.contains("shutting down") }
+    })
+    .await;
+    assert!(draining, "{}", relay.log_text());
+    // The open tunnel holds the drain.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        relay.child.try_wait().unwrap().is_none(),
+        "the relay did not wait for its tunnel: {}",
+        relay.log_text()
+    );
+
+    let again = std::time::Instant::now();
+    relay.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(5), relay.child.wait())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "still draining 5 s after the second SIGTERM: {}",
+                relay.log_text()
+            )
+        })
+        .unwrap();
+    assert!(status.success(), "{status:?}: {}", relay.log_text());
+    assert!(again.elapsed() < Duration::from_secs(5));
+    let log = relay.log_text();
+    let ended = log
+        .lines()
+        .find(|l| l.contains("drain ended"))
+        .unwrap_or_else(|| panic!("no drain-ended line: {log}"));
+    assert!(
+        ended.contains("cut=1") && ended.contains("second signal") && ended.contains("took_ms="),
+        "{ended}"
+    );
+    assert!(log.contains("second stop signal"), "{log}");
+    // The tunnel was closed.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the tunnel is still open");
+}

@@ -456,11 +456,37 @@ fn dockerfile_and_systemd_unit_agree_with_conf_and_readme() {
     assert!(docker.contains(
         r#"ENTRYPOINT ["/usr/local/bin/porthole-relay", "--config", "/etc/porthole/relay.toml"]"#
     ));
-    // The unit runs the same binary with the same config, sandboxed, and reloads with SIGHUP.
+    // The runtime image has the CA roots that https routes, via_tls and
+    // [uplink] tls verify against (audit M5: without them the container exited 64).
     assert!(
-        unit.contains("ExecStart=/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml")
+        docker.contains("apt-get install -y --no-install-recommends ca-certificates")
+            && docker.contains("rm -rf /var/lib/apt/lists/*"),
+        "the runtime image has no CA certificates"
     );
-    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // The unit runs the same binary with the same config, sandboxed; a
+    // reload asks the relay and fails when it refuses the file, and a bad
+    // configuration (exit 64) is not restarted in a loop (audit L3).
+    let setting = |key: &str| -> Vec<&str> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+            .collect()
+    };
+    assert_eq!(
+        setting("ExecStart"),
+        ["/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml"]
+    );
+    assert_eq!(
+        setting("ExecReload"),
+        ["/usr/local/bin/porthole-relay --config /etc/porthole/relay.toml reload"]
+    );
+    assert_eq!(setting("RestartPreventExitStatus"), ["64"]);
+    // Documentation= names the README where the install steps put it.
+    assert_eq!(
+        setting("Documentation"),
+        ["file:/usr/share/doc/porthole/README.md"]
+    );
+    let doc_step = "install -D -m 644 README.md /usr/share/doc/porthole/README.md";
+    assert!(unit.contains(doc_step) && readme.contains(doc_step));
     for line in [
         "DynamicUser=yes",
         "ProtectSystem=strict",
@@ -604,4 +630,86 @@ async fn admin_endpoints_answer_head_and_a_wrong_method_with_405_and_allow() {
             "{method} /nothing: {body}"
         );
     }
+}
+
+/// The admin listener had no head timeout (audit L4): a half-sent request
+/// head held its connection forever. It now gets `limits.head_timeout`.
+#[tokio::test]
+async fn the_admin_listener_closes_a_half_sent_head_after_head_timeout() {
+    let relay = Relay::start(&config_with("", "[limits]\nhead_timeout = \"1s\"\n")).await;
+    let mut s = TcpStream::connect(relay.admin).await.unwrap();
+    let sent = std::time::Instant::now();
+    s.write_all(b"POST /reload HTTP/1.1\r\nHost: adm")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut answer)).await;
+    let waited = sent.elapsed();
+    assert!(
+        read.is_ok(),
+        "the half-sent head still held its connection after {waited:?}"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "closed after {waited:?}, head_timeout is 1s"
+    );
+    // A whole request is answered as before.
+    let (status, head, _) = admin_exchange(&relay, "GET", "/healthz").await;
+    assert_eq!(status, 200, "{head}");
+}
+
+/// A web page could make a browser reload the relay or publish events on
+/// the admin listener (audit L4: a cross-origin `text/plain` POST needs no
+/// preflight; DNS rebinding makes it same-origin). Requests with `Origin`
+/// are refused and change nothing; clients without it work as before.
+#[tokio::test]
+async fn admin_requests_from_web_pages_are_refused() {
+    let relay = Relay::start(&config_with("", "")).await;
+    let post = |path: &str, origin: Option<&str>| {
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        let body = r#"{"n":1}"#;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{origin}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let admin = relay.admin;
+        async move { porthole_suite::exchange(admin, &request).await }
+    };
+    let reloads = |m: &HashMap<String, f64>| {
+        value(m, r#"porthole_config_reloads_total{result="ok"}"#)
+            + value(m, r#"porthole_config_reloads_total{result="refused"}"#)
+    };
+    let poll = || async {
+        Curl::new("http://relay.test/events/x?after=0&wait=0")
+            .proxy(&relay.url())
+            .run()
+            .await
+    };
+
+    for origin in ["http://evil.example", "null"] {
+        for path in ["/events/x", "/reload"] {
+            let (status, head, body) = post(path, Some(origin)).await;
+            assert_eq!(status, 403, "POST {path} from {origin}: {head}");
+            assert!(
+                body.contains("admin requests from web pages are refused"),
+                "{body}"
+            );
+        }
+    }
+    let out = poll().await;
+    assert_eq!(out.status, 200, "{out:?}");
+    assert!(out.text().contains(r#""events":[]"#), "{}", out.text());
+    assert_eq!(reloads(&scrape(&relay).await), 0.0);
+
+    let (status, head, body) = post("/events/x", None).await;
+    assert_eq!((status, body.as_str()), (201, "{\"id\":1}\n"), "{head}");
+    let (status, head, _) = post("/reload", None).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(poll().await.text().contains(r#""data":{"n":1}"#));
+    assert_eq!(reloads(&scrape(&relay).await), 1.0);
 }

@@ -4,8 +4,14 @@
 //! metrics and the status page hang off the same router. Every `GET`
 //! endpoint also answers `HEAD`; a wrong method gets `405` with `Allow`. Low traffic, so it
 //! is served with hyper rather than the relay's own HTTP/1 path.
+//!
+//! Nothing here authenticates: the listener belongs on loopback (a warning
+//! at start says so when it is not). Requests from web pages (with
+//! `Origin`) are refused, so a page a browser on the same host visits cannot
+//! reload or publish; request heads get `limits.head_timeout`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,26 +19,41 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::error::{ErrorKind, RelayError};
+use crate::listener::AcceptBackoff;
 use crate::{status, Shared};
 
 /// The response type of every admin endpoint.
 pub type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves the admin listener until the relay stops.
+///
+/// Each connection gets `limits.head_timeout` (as configured when it opens)
+/// for every request head, counted from when the connection waits for it:
+/// a half-sent head, or an idle keep-alive connection, is closed then. A
+/// failing `accept` backs off as the aggregate port's does.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    if let Ok(addr) = listener.local_addr() {
+        if let Some(warning) = exposure_warning(addr) {
+            tracing::warn!(admin = %addr, "{warning}");
+        }
+    }
+    let mut backoff = AcceptBackoff::new("admin");
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff.accepted();
+                a
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        let head_timeout = shared.config().limits.head_timeout;
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -40,6 +61,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 async move { Ok::<_, Infallible>(route(req, &shared).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
@@ -47,6 +70,40 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         });
     }
+}
+
+/// The warning for an admin listener bound to `addr` when it is reachable
+/// from other hosts (any address but loopback): nothing on it asks who is
+/// calling.
+fn exposure_warning(addr: SocketAddr) -> Option<String> {
+    if addr.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "relay.admin_listen {addr} is not a loopback address: anyone who can reach it can \
+         reload the configuration (POST /reload) and publish events (POST /events/...) \
+         without authentication, and read metrics and the status page; keep it on \
+         127.0.0.1 or firewall it"
+    ))
+}
+
+/// The answer to an admin request from a web page: a browser sends `Origin`
+/// with every cross-origin request and every `POST` (even a same-origin one,
+/// as after DNS rebinding); curl, scripts and internal servers do not. A
+/// page could otherwise make a visitor's browser reload the relay or
+/// publish events (a cross-origin `text/plain` `POST` needs no preflight).
+fn refuse_from_web_page(req: &Request<Incoming>) -> Option<AdminResponse> {
+    let origin = req.headers().get(http::header::ORIGIN)?;
+    tracing::warn!(
+        ?origin,
+        method = %req.method(),
+        path = req.uri().path(),
+        "admin request from a web page refused"
+    );
+    Some(text(
+        StatusCode::FORBIDDEN,
+        "403 Forbidden: admin requests from web pages are refused (the request carries Origin)\n",
+    ))
 }
 
 /// The methods an admin endpoint takes, for `Allow` (`HEAD` wherever `GET`
@@ -60,10 +117,14 @@ fn allowed(path: &str) -> Option<&'static str> {
     }
 }
 
-/// Dispatches one admin request: an unknown path is `404`, a known one
+/// Dispatches one admin request: one from a web page is `403`
+/// ([`refuse_from_web_page`]), an unknown path is `404`, a known one
 /// with a method it does not take `405` with `Allow` (RFC 9110 section
 /// 15.5.6), and a `HEAD` gets the `GET`'s answer without its body.
 async fn route(req: Request<Incoming>, shared: &Shared) -> AdminResponse {
+    if let Some(refused) = refuse_from_web_page(&req) {
+        return refused;
+    }
     let path = req.uri().path().to_string();
     let head_only = req.method() == Method::HEAD;
     let answer = match allowed(&path) {
@@ -224,4 +285,32 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_non_loopback_admin_address_is_warned_about() {
+        for quiet in [
+            "127.0.0.1:9090",
+            "127.1.2.3:9090",
+            "[::1]:9090",
+            "[::ffff:127.0.0.1]:9090",
+        ] {
+            let addr: SocketAddr = quiet.parse().unwrap();
+            assert_eq!(exposure_warning(addr), None, "{quiet}");
+        }
+        for loud in ["0.0.0.0:9090", "10.1.2.3:9090", "[::]:9090"] {
+            let addr: SocketAddr = loud.parse().unwrap();
+            let warning = exposure_warning(addr).unwrap_or_default();
+            assert!(
+                warning.contains(&addr.to_string())
+                    && warning.contains("POST /reload")
+                    && warning.contains("without authentication"),
+                "{loud}: {warning}"
+            );
+        }
+    }
 }

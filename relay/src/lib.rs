@@ -379,6 +379,19 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    run_until(listeners, config, shutdown, std::future::pending()).await
+}
+
+/// As [`run`], and `cut_short` (polled once the drain has begun) ends the
+/// drain at once: what is still open is closed. `main` passes the first and
+/// the second stop signal ([`StopSignals`]). The end of the drain is logged
+/// with how long it took and how many connections it cut.
+pub async fn run_until(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    cut_short: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let shared = Arc::new(Shared::new(config)?);
     let aggregate = listeners.aggregate.local_addr().ok();
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -419,22 +432,41 @@ pub async fn run(
     );
     drop(config);
     shutdown.await;
-    tracing::info!("shutting down: no new connections, draining");
-    shared.start_draining();
+    let began = std::time::Instant::now();
     // As configured now: a reload applies to the next drain.
     let drain_timeout = shared.config().relay.drain_timeout;
+    tracing::info!(
+        ?drain_timeout,
+        "shutting down: no new connections, draining (a second SIGTERM or SIGINT ends the drain now)"
+    );
+    shared.start_draining();
     workers.accepting_ended().await;
     tracker.close();
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
+    let ended = tokio::select! {
+        () = tracker.wait() => "finished",
+        () = tokio::time::sleep(drain_timeout) => "drain_timeout",
+        () = cut_short => "second signal",
+    };
+    // Connection tasks still running (a tunnel counts once).
+    let cut = tracker.len();
+    match ended {
+        "drain_timeout" => tracing::warn!(
+            open = cut,
             ?drain_timeout,
             "drain timeout: closing what is still open"
-        );
+        ),
+        "second signal" => tracing::warn!(
+            open = cut,
+            "second stop signal: ending the drain now, closing what is still open"
+        ),
+        _ => {}
     }
+    tracing::info!(
+        took_ms = began.elapsed().as_millis() as u64,
+        cut,
+        ended,
+        "drain ended"
+    );
     workers.stop().await;
     if let Some(admin) = admin {
         admin.abort();
@@ -479,7 +511,56 @@ async fn reopen_on_sigusr1(shared: Arc<Shared>, usr1: Option<Signal>) {
     }
 }
 
-/// Completes on SIGTERM or SIGINT (both programs' `main` stop on it). The
+/// SIGTERM and SIGINT, counted from when [`StopSignals::install`] is called
+/// (inside the runtime, before the relay binds: a signal right after start
+/// is counted too). The relay's `main` drains on the first and ends the
+/// drain on the second ([`run_until`]), as an operator pressing Ctrl-C twice
+/// or `kill` sent again expects.
+pub struct StopSignals {
+    count: tokio::sync::watch::Receiver<u32>,
+}
+
+impl StopSignals {
+    /// Installs the handlers; a task counts the signals.
+    pub fn install() -> StopSignals {
+        let mut term = watch_signal(SignalKind::terminate(), "SIGTERM");
+        let mut int = watch_signal(SignalKind::interrupt(), "SIGINT");
+        let (counter, count) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = next_signal(&mut term) => {}
+                    Some(()) = next_signal(&mut int) => {}
+                    else => return,
+                }
+                counter.send_modify(|n| *n = n.saturating_add(1));
+            }
+        });
+        StopSignals { count }
+    }
+
+    /// Completes on the `n`th signal (at once if it came already); never if
+    /// no signal can be watched.
+    pub fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut count = self.count.clone();
+        async move {
+            if count.wait_for(|c| *c >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// The next signal of a stream; never for a stream that could not be installed.
+async fn next_signal(signal: &mut Option<Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (the shim's `main` stops on it; the
+/// relay's counts them with [`StopSignals`]). The
 /// SIGTERM handler is installed when this is called (inside the runtime), not
 /// when the future is first polled, so a SIGTERM right after start drains too.
 pub fn shutdown_signal() -> impl Future<Output = ()> {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -41,6 +41,91 @@ impl Admission {
     }
 }
 
+/// What an accept loop does when `accept` fails (EMFILE, ENFILE, ENOMEM,
+/// ENOBUFS: the process or the system is out of something): wait and try
+/// again, never give up the port, the wait doubling from 5 ms up to 1 s
+/// while the failures go on. One warning when they start, then at most one
+/// every [`AcceptBackoff::LOG_EVERY`] with the count since the last, and one
+/// line when accepting works again: fd exhaustion does not flood the log.
+/// Shared by the aggregate port's accept loops and the admin listener.
+pub struct AcceptBackoff {
+    /// Which listener, for the log lines.
+    listener: &'static str,
+    /// The next wait.
+    delay: Duration,
+    /// Failures since the last successful accept.
+    failures: u64,
+    /// Failures not yet reported in a log line.
+    unlogged: u64,
+    /// When the last warning was written.
+    logged_at: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    /// The first wait after a failure.
+    pub const FIRST: Duration = Duration::from_millis(5);
+    /// The longest wait.
+    pub const MAX: Duration = Duration::from_secs(1);
+    /// At most one warning this often while failures go on.
+    pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    pub fn new(listener: &'static str) -> AcceptBackoff {
+        AcceptBackoff {
+            listener,
+            delay: Self::FIRST,
+            failures: 0,
+            unlogged: 0,
+            logged_at: None,
+        }
+    }
+
+    /// A connection was accepted: the next failure starts afresh. A plain
+    /// compare on the accept path unless failures came before.
+    pub fn accepted(&mut self) {
+        if self.failures != 0 {
+            tracing::info!(
+                listener = self.listener,
+                failures = self.failures,
+                "accepting again"
+            );
+            *self = AcceptBackoff::new(self.listener);
+        }
+    }
+
+    /// `accept` failed with `error`: logs it if due, then waits.
+    pub async fn failed(&mut self, error: &std::io::Error) {
+        let (wait, log) = self.on_failure(Instant::now());
+        if let Some(failures) = log {
+            tracing::warn!(
+                listener = self.listener,
+                %error,
+                failures,
+                retry_in = ?wait,
+                "accept failed; retrying with back-off (logged at most every {:?} while it goes on)",
+                Self::LOG_EVERY
+            );
+        }
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Counts a failure at `now`: how long to wait, and the number of
+    /// failures to report if a warning is due.
+    fn on_failure(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        self.failures += 1;
+        self.unlogged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= Self::LOG_EVERY);
+        let log = due.then(|| {
+            self.logged_at = Some(now);
+            std::mem::take(&mut self.unlogged)
+        });
+        let wait = self.delay;
+        self.delay = (self.delay * 2).min(Self::MAX);
+        (wait, log)
+    }
+}
+
 /// Accepts connections until shutdown; every connection task joins `tracker`.
 /// Each worker runs one ([`crate::workers`]).
 pub async fn accept_loop(
@@ -50,7 +135,7 @@ pub async fn accept_loop(
     admission: Arc<Admission>,
 ) {
     let local = listener.local_addr().ok();
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::new("aggregate");
     loop {
         let accepted = tokio::select! {
             () = shared.until_draining() => break,
@@ -58,14 +143,11 @@ pub async fn accept_loop(
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
-                backoff = Duration::from_millis(5);
+                backoff.accepted();
                 a
             }
             Err(e) => {
-                // EMFILE and friends: wait and try again, never give up the port.
-                tracing::warn!(error = %e, ?backoff, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff.failed(&e).await;
                 continue;
             }
         };
@@ -257,5 +339,41 @@ impl Drop for ClientSlot {
                 counts.remove(&self.ip);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under fd exhaustion the audit saw 27 warnings in 1.4 s from the admin
+    /// listener (a fixed 50 ms retry, each logged): the waits now double to
+    /// 1 s, and a minute of failures writes one warning per 10 s.
+    #[test]
+    fn accept_failures_back_off_and_are_not_each_logged() {
+        let mut b = AcceptBackoff::new("test");
+        let start = Instant::now();
+        let mut now = start;
+        let (mut waits, mut lines) = (Vec::new(), Vec::new());
+        while now.duration_since(start) < Duration::from_secs(60) {
+            let (wait, log) = b.on_failure(now);
+            waits.push(wait);
+            lines.extend(log);
+            now += wait;
+        }
+        assert_eq!(
+            &waits[..9],
+            [5, 10, 20, 40, 80, 160, 320, 640, 1000].map(Duration::from_millis)
+        );
+        assert!(waits[9..].iter().all(|w| *w == AcceptBackoff::MAX));
+        // 67 failures in 60 s (not 1,200), in 6 lines that count them (the
+        // last ones wait for the next line).
+        assert_eq!(waits.len(), 67);
+        assert_eq!(lines, [1, 17, 10, 10, 10, 10]);
+        assert_eq!(lines.iter().sum::<u64>() + b.unlogged, 67);
+
+        // After an accept, the next failure waits 5 ms again and is logged.
+        b.accepted();
+        assert_eq!(b.on_failure(now), (AcceptBackoff::FIRST, Some(1)));
     }
 }

@@ -1,6 +1,6 @@
 //! `porthole-relay`: parses arguments, sets up logging, loads and validates the
 //! configuration (exit 64 before binding anything if it is bad), binds, and
-//! runs the relay until SIGTERM or SIGINT.
+//! runs the relay until SIGTERM or SIGINT (a second one ends the drain).
 
 use std::process::ExitCode;
 
@@ -52,6 +52,17 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Ask a running relay to re-read its configuration (`POST /reload` on its
+    /// admin listener): exit 0 when it took it; non-zero, with its reason on
+    /// standard error, when it refused it or cannot be reached. For
+    /// `ExecReload=` (systemd reports the failure). A configuration file
+    /// that does not load here is not sent: its problems are printed (exit 64).
+    Reload {
+        /// Admin address; defaults to the configuration's `relay.admin_listen`.
+        /// Given, the relay is asked even when the file does not load here.
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,7 +90,13 @@ fn main() -> ExitCode {
     });
     let source = cli.config.as_deref().unwrap_or("embedded conf/relay.toml");
 
-    let config = match load(cli.config.as_deref()) {
+    let loaded = load(cli.config.as_deref());
+    // Given an address, `reload` asks the relay whatever this file says: the
+    // relay reads it itself, refuses it with its reason, and records that.
+    if let (Some(Command::Reload { admin: Some(addr) }), Err(_)) = (&cli.command, &loaded) {
+        return reload(addr);
+    }
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             for p in &e.problems {
@@ -110,13 +127,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Health { admin }) => {
-            let addr = admin.or_else(|| config.relay.admin_listen.map(|a| a.to_string()));
-            return match addr {
+            return match admin_addr(admin, &config) {
                 Some(addr) => health(&addr),
-                None => {
-                    eprintln!("relay.admin_listen is off: nothing to ask");
-                    ExitCode::FAILURE
-                }
+                None => ExitCode::FAILURE,
+            };
+        }
+        Some(Command::Reload { admin }) => {
+            return match admin_addr(admin, &config) {
+                Some(addr) => reload(&addr),
+                None => ExitCode::FAILURE,
             };
         }
         Some(Command::Passwd { .. }) | None => {}
@@ -133,6 +152,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Before binding: a signal right after start drains (a second one ends the drain).
+        let signals = porthole_relay::StopSignals::install();
         let listeners = match porthole_relay::Listeners::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -140,7 +161,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match porthole_relay::run(listeners, config, porthole_relay::shutdown_signal()).await {
+        let (shutdown, cut_short) = (signals.nth(1), signals.nth(2));
+        match porthole_relay::run_until(listeners, config, shutdown, cut_short).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "relay failed");
@@ -150,27 +172,68 @@ fn main() -> ExitCode {
     })
 }
 
-/// `GET /healthz` on the admin listener with a plain socket: prints the answer's
-/// status line, exits 0 on `200`.
-fn health(addr: &str) -> ExitCode {
+/// The admin address a subcommand asks: `--admin`, else `relay.admin_listen`
+/// (`None`, said on standard error, when that is off).
+fn admin_addr(given: Option<String>, config: &Config) -> Option<String> {
+    let addr = given.or_else(|| config.relay.admin_listen.map(|a| a.to_string()));
+    if addr.is_none() {
+        eprintln!("relay.admin_listen is off: nothing to ask");
+    }
+    addr
+}
+
+/// An answer from the admin listener: its status code and status line, and its body.
+struct AdminAnswer {
+    code: u16,
+    status_line: String,
+    body: String,
+}
+
+/// One request to the admin listener at `addr` with a plain socket (no
+/// `Origin`: the listener refuses requests from web pages), read until it
+/// closes; waits at most `timeout` to connect and for each read.
+fn admin_request(
+    addr: &str,
+    request: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<AdminAnswer> {
     use std::io::{Read, Write};
-    let timeout = std::time::Duration::from_secs(3);
-    let attempt = || -> std::io::Result<String> {
-        let sock = addr
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        Ok(answer)
-    };
-    match attempt() {
+    let sock = addr
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request.as_bytes())?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status_line = head.lines().next().unwrap_or("").to_string();
+    let code = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP answer: {status_line:?}"),
+            )
+        })?;
+    Ok(AdminAnswer {
+        code,
+        status_line,
+        body: body.to_string(),
+    })
+}
+
+/// `GET /healthz` on the admin listener: prints the answer's status line,
+/// exits 0 on `200`.
+fn health(addr: &str) -> ExitCode {
+    let request = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    match admin_request(addr, request, std::time::Duration::from_secs(3)) {
         Ok(answer) => {
-            let status_line = answer.lines().next().unwrap_or("").to_string();
-            println!("{addr}: {status_line}");
-            if status_line.starts_with("HTTP/1.1 200") {
+            println!("{addr}: {}", answer.status_line);
+            if answer.code == 200 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -178,6 +241,30 @@ fn health(addr: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `POST /reload` on the admin listener: prints the relay's answer, on
+/// standard output when it took the configuration (exit 0), on standard
+/// error when it refused it (`422`, the reason) or anything else went wrong
+/// (exit 1).
+fn reload(addr: &str) -> ExitCode {
+    let request = "POST /reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    // The relay reads and checks the file before it answers.
+    match admin_request(addr, request, std::time::Duration::from_secs(30)) {
+        Ok(answer) if answer.code == 200 => {
+            print!("{addr}: {}", answer.body);
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!("{addr}: {}", answer.status_line);
+            eprint!("{}", answer.body);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{addr}: cannot ask the relay to reload: {e}");
             ExitCode::FAILURE
         }
     }
