@@ -552,6 +552,44 @@ async fn redis_down_is_a_prompt_503_and_served_once_it_is_back() {
     assert_eq!(ids(&answer), vec![1]);
 }
 
+/// A publish sent to a redis that does not answer (the audit's M3: it was
+/// `503`, "retry is safe", and stored once redis went on, so a retrying
+/// publisher stored it twice) is `504`, outcome unknown, without
+/// `Retry-After`; the event is stored exactly once when redis resumes.
+#[tokio::test]
+async fn a_publish_redis_took_and_did_not_answer_is_504_outcome_unknown() {
+    let redis = RedisServer::start().await;
+    let relay = relay_with(&redis_events(&redis.url())).await;
+    let admin = relay.admin_url();
+    assert_eq!(publish_ok(&admin, "r1", "{\"n\":1}").await, 1);
+
+    redis.signal("STOP");
+    let started = Instant::now();
+    let out = publish(&admin, "r1", "{\"n\":3}").await;
+    redis.signal("CONT");
+    assert_eq!(out.status, 504, "{out:?}");
+    assert!(out.header("retry-after").is_empty(), "{out:?}");
+    let text = out.text();
+    assert!(
+        text.contains("redis event store, topic r1")
+            && text.contains("outcome unknown: the event may have been stored"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    // Redis ran it on resuming: the event is there once, and ids go on.
+    let answer = json(&poll(&relay.url(), "r1", "after=1&wait=5").run().await);
+    assert_eq!(ids(&answer), vec![2], "{answer}");
+    assert_eq!(answer["events"][0]["data"], serde_json::json!({"n": 3}));
+    assert_eq!(publish_ok(&admin, "r1", "{\"n\":4}").await, 3);
+    let answer = json(&poll(&relay.url(), "r1", "after=0").run().await);
+    assert_eq!(ids(&answer), vec![1, 2, 3], "{answer}");
+}
+
 #[tokio::test]
 async fn redis_store_conformance() {
     let redis = RedisServer::start().await;
