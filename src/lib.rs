@@ -778,7 +778,7 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
 /// persistence; killed on drop.
 pub struct RedisServer {
     pub addr: SocketAddr,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
 }
 
 impl RedisServer {
@@ -798,15 +798,24 @@ impl RedisServer {
             .expect("redis-server is installed (scripts/test.sh installs it)");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         wait_for_port(addr, Duration::from_secs(10)).await;
-        RedisServer {
-            addr,
-            _child: child,
-        }
+        RedisServer { addr, child }
     }
 
     /// `redis://127.0.0.1:PORT/0`.
     pub fn url(&self) -> String {
         format!("redis://{}/0", self.addr)
+    }
+
+    /// Sends a signal with kill(1): `"STOP"` pauses the server (its
+    /// connections stay open, nothing is answered), `"CONT"` resumes it.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("redis-server still running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{sig} {pid} failed");
     }
 }
 

@@ -350,6 +350,78 @@ async fn a_poller_behind_the_retention_learns_the_exact_missed_count() {
     );
 }
 
+/// A poller ahead of the store (the audit's M4): it saw ids up to 5, the
+/// relay restarted with a new memory store whose ids start again at 1. It
+/// gets the new events marked `"reset":true` instead of `{"events":[],
+/// "next":2}` forever; a long poll waiting from before the first new event
+/// is woken by it; an event stream resumed beyond the last id is told too.
+#[tokio::test]
+async fn a_poller_ahead_of_a_restarted_store_gets_the_new_events_marked_reset() {
+    let old = relay_with("").await;
+    for i in 1..=5 {
+        assert_eq!(
+            publish_ok(&old.admin_url(), "t", &format!("{{\"n\":{i}}}")).await,
+            i
+        );
+    }
+    let addr = old.addr;
+    old.shutdown().await;
+    // The same address, a new (empty) memory store.
+    let relay = Relay::start_at(&config_with("", "[events]\n"), addr).await;
+    let url = relay.url();
+
+    let started = Instant::now();
+    let waiting = tokio::spawn(poll(&url, "t", "after=5&wait=20").run());
+    wait_pollers(relay.admin, "t", 1).await;
+    assert_eq!(publish_ok(&relay.admin_url(), "t", "{\"n\":6}").await, 1);
+    assert_eq!(publish_ok(&relay.admin_url(), "t", "{\"n\":7}").await, 2);
+    let out = waiting.await.unwrap();
+    assert_eq!(out.status, 200, "{out:?}");
+    let answer = json(&out);
+    assert_eq!(ids(&answer).first(), Some(&1), "{answer}");
+    assert_eq!(answer["events"][0]["data"], serde_json::json!({"n": 6}));
+    assert_eq!(answer["reset"], true, "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?} of a 20 s wait",
+        started.elapsed()
+    );
+
+    let answer = json(&poll(&url, "t", "after=5").run().await);
+    assert_eq!(ids(&answer), vec![1, 2], "{answer}");
+    assert_eq!(
+        (answer["next"].as_u64(), answer["reset"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert!(
+        answer.get("missed").is_none(),
+        "nothing was dropped: {answer}"
+    );
+    // From the store's position on, the usual answers.
+    let answer = json(&poll(&url, "t", "after=2").run().await);
+    assert_eq!(answer, serde_json::json!({"events": [], "next": 2}));
+
+    let out = poll(&url, "t", "")
+        .header("Accept: text/event-stream")
+        .header("Last-Event-ID: 5")
+        .max_time(1)
+        .run()
+        .await;
+    let text = out.text();
+    assert!(
+        text.contains("event: missed\ndata: {\"missed\":0,\"reset\":true}\n\nid: 1\ndata: ")
+            && text.contains("id: 2\ndata: "),
+        "{text}"
+    );
+
+    // A topic the new store has no event on yet: a plain poll is told at once.
+    let answer = json(&poll(&url, "u", "after=3").run().await);
+    assert_eq!(
+        answer,
+        serde_json::json!({"events": [], "next": 0, "reset": true})
+    );
+}
+
 #[tokio::test]
 async fn bad_bodies_and_names_are_refused_and_nothing_is_stored() {
     let relay = relay_with("max_event_bytes = 100").await;
@@ -550,6 +622,44 @@ async fn redis_down_is_a_prompt_503_and_served_once_it_is_back() {
     assert_eq!(publish_ok(&relay.admin_url(), "plant-3", "1").await, 1);
     let answer = json(&poll(&relay.url(), "plant-3", "after=0").run().await);
     assert_eq!(ids(&answer), vec![1]);
+}
+
+/// A publish sent to a redis that does not answer (the audit's M3: it was
+/// `503`, "retry is safe", and stored once redis went on, so a retrying
+/// publisher stored it twice) is `504`, outcome unknown, without
+/// `Retry-After`; the event is stored exactly once when redis resumes.
+#[tokio::test]
+async fn a_publish_redis_took_and_did_not_answer_is_504_outcome_unknown() {
+    let redis = RedisServer::start().await;
+    let relay = relay_with(&redis_events(&redis.url())).await;
+    let admin = relay.admin_url();
+    assert_eq!(publish_ok(&admin, "r1", "{\"n\":1}").await, 1);
+
+    redis.signal("STOP");
+    let started = Instant::now();
+    let out = publish(&admin, "r1", "{\"n\":3}").await;
+    redis.signal("CONT");
+    assert_eq!(out.status, 504, "{out:?}");
+    assert!(out.header("retry-after").is_empty(), "{out:?}");
+    let text = out.text();
+    assert!(
+        text.contains("redis event store, topic r1")
+            && text.contains("outcome unknown: the event may have been stored"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    // Redis ran it on resuming: the event is there once, and ids go on.
+    let answer = json(&poll(&relay.url(), "r1", "after=1&wait=5").run().await);
+    assert_eq!(ids(&answer), vec![2], "{answer}");
+    assert_eq!(answer["events"][0]["data"], serde_json::json!({"n": 3}));
+    assert_eq!(publish_ok(&admin, "r1", "{\"n\":4}").await, 3);
+    let answer = json(&poll(&relay.url(), "r1", "after=0").run().await);
+    assert_eq!(ids(&answer), vec![1, 2, 3], "{answer}");
 }
 
 #[tokio::test]

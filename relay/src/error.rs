@@ -61,8 +61,12 @@ pub enum ErrorKind {
     EventTooLarge { limit: usize },
     /// `events.max_pollers_per_topic` or `events.max_pollers` reached.
     PollersFull { topic: String, limit: &'static str },
-    /// The event store failed (its error names the store and the topic).
+    /// The event store failed (its error names the store and the topic);
+    /// nothing was stored, a retry is safe.
     EventStore(crate::events::StoreError),
+    /// A publication reached the event store and got no answer: the event
+    /// may be stored, so a blind retry could store it twice.
+    EventOutcomeUnknown(crate::events::StoreError),
     /// The TLS handshake with the upstream failed (verification, protocol).
     UpstreamTls { upstream: String, cause: String },
     /// No valid `Proxy-Authorization` where one is needed.
@@ -117,7 +121,7 @@ impl RelayError {
             | ConnectTimeout { .. }
             | BadResponse { .. }
             | UpstreamTls { .. } => 502,
-            ResponseTimeout { .. } | SendTimeout { .. } => 504,
+            ResponseTimeout { .. } | SendTimeout { .. } | EventOutcomeUnknown(_) => 504,
             MethodNotAllowed { .. } => 405,
             BadTopic | BadPoll(_) | NotJson(_) => 400,
             EventTooLarge { .. } => 413,
@@ -170,7 +174,7 @@ impl RelayError {
             | NotJson(_)
             | EventTooLarge { .. }
             | PollersFull { .. } => Fault::Client,
-            EventStore(_) => Fault::Internal,
+            EventStore(_) | EventOutcomeUnknown(_) => Fault::Internal,
             ProxyAuthRequired { .. }
             | Forbidden(_)
             | TooManyRequests { .. }
@@ -260,6 +264,10 @@ impl fmt::Display for RelayError {
             }
             PollersFull { topic, limit } => write!(f, "too many pollers ({limit}), topic {topic}"),
             EventStore(e) => write!(f, "{e}"),
+            EventOutcomeUnknown(e) => write!(
+                f,
+                "{e}; outcome unknown: the event may have been stored, poll the topic before publishing it again"
+            ),
             UpstreamTls { upstream, cause } => write!(f, "TLS with {upstream} failed: {cause}"),
             ProxyAuthRequired { why, .. } => write!(f, "proxy authentication required: {why}"),
             Forbidden(denial) => write!(f, "{denial}"),
@@ -380,6 +388,32 @@ mod tests {
         let rule = RelayError::new(ErrorKind::Forbidden(Denial::Rule(2)));
         assert_eq!(rule.body(), "403 Forbidden: access refused by rule[2]\n");
         assert!(rule.headers().is_empty());
+    }
+
+    /// A store that stored nothing: 503, retry after 1 s. A publication
+    /// that may be stored: 504, no Retry-After, and the body says so.
+    #[test]
+    fn event_store_failures_tell_whether_a_retry_is_safe() {
+        use crate::events::StoreError;
+        let none = RelayError::new(ErrorKind::EventStore(StoreError::new(
+            "redis",
+            "r1",
+            "Connection refused",
+        )));
+        assert_eq!((none.status(), none.retry_after()), (503, Some("1")));
+        let maybe = RelayError::new(ErrorKind::EventOutcomeUnknown(StoreError::outcome_unknown(
+            "redis",
+            "r1",
+            "no answer from redis within 3s",
+        )));
+        assert_eq!((maybe.status(), maybe.retry_after()), (504, None));
+        assert!(maybe.headers().is_empty());
+        assert_eq!(maybe.fault(), Fault::Internal);
+        assert_eq!(
+            maybe.body(),
+            "504 Gateway Timeout: redis event store, topic r1: no answer from redis within 3s; \
+             outcome unknown: the event may have been stored, poll the topic before publishing it again\n"
+        );
     }
 
     #[test]

@@ -54,16 +54,26 @@ pub struct PollAnswer {
     pub next: u64,
     /// Events after the poller's `after` that it will never see.
     pub missed: u64,
+    /// The poller's `after` was beyond the last id the store ever gave out:
+    /// the store started again (a `memory` relay restarted, a redis without
+    /// persistence), and its ids start again at 1. The answer is from the
+    /// store's oldest retained event (as for `after=0`); `missed` counts only
+    /// what the new store no longer retains: how many the old one held after
+    /// `after` is unknown.
+    pub reset: bool,
 }
 
 impl PollAnswer {
-    /// "No event": nothing to tell a poller that asked for ids after `after`
-    /// (a poller ahead of the store is told at once, through `next`).
+    /// "No event": nothing to tell a poller that asked for ids after `after`.
+    /// A poller ahead of a store that has no event yet has nothing to learn
+    /// until one is published: it waits as any other, and the first event
+    /// comes with `reset`.
     pub fn nothing_new(&self, after: u64) -> bool {
-        self.events.is_empty() && self.missed == 0 && self.next == after
+        self.events.is_empty() && self.missed == 0 && (self.next == after || self.reset)
     }
 
-    /// `{"events":[...],"next":M}`, with `"missed":K` when K > 0.
+    /// `{"events":[...],"next":M}`, with `"missed":K` when K > 0 and
+    /// `"reset":true` for a poller whose position the store no longer has.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(
             64 + self.events.iter().map(|e| e.data.len() + 64).sum::<usize>(),
@@ -80,6 +90,9 @@ impl PollAnswer {
         if self.missed > 0 {
             out.push_str(",\"missed\":");
             out.push_str(&self.missed.to_string());
+        }
+        if self.reset {
+            out.push_str(",\"reset\":true");
         }
         out.push_str("}\n");
         out
@@ -158,7 +171,19 @@ impl Hub {
 
     /// The answer for a poller that has seen everything up to `after`.
     pub async fn read(&self, topic: &str, after: u64) -> Result<PollAnswer, StoreError> {
-        let batch = self.inner.store.read(topic, after, MAX_BATCH).await?;
+        let mut batch = self.inner.store.read(topic, after, MAX_BATCH).await?;
+        // A poller ahead of the store: the store started again (ids are
+        // never reused otherwise), and what it holds now is all new to the
+        // poller, ids 1, 2... below its `after` included. Read it from the
+        // start, as for a new poller, and say so (`reset`); otherwise those
+        // events would never be delivered, and nothing would tell.
+        let reset = after > batch.last_id;
+        let after = if reset {
+            batch = self.inner.store.read(topic, 0, MAX_BATCH).await?;
+            0
+        } else {
+            after
+        };
         let missed = batch.missed(after);
         let mut events = batch.events;
         let mut bytes = 0;
@@ -170,8 +195,7 @@ impl Hub {
         }
         let next = match events.last() {
             Some(e) => e.id,
-            // A poller ahead of the store (a memory store that restarted) is
-            // brought back to the store's position instead of waiting forever.
+            // Past the events no longer retained; never beyond the last id.
             None => after
                 .max(batch.first_id.saturating_sub(1))
                 .min(batch.last_id),
@@ -183,6 +207,7 @@ impl Hub {
             events,
             next,
             missed,
+            reset,
         })
     }
 
@@ -249,6 +274,38 @@ mod tests {
         assert_eq!(hub.publish("real", b"1").await.expect("publish"), 1);
         hub.read("real", 0).await.expect("read");
         assert_eq!(hub.topics(), vec![("real".to_string(), 1, 0)]);
+    }
+
+    /// A poller ahead of the store (the audit's M4: its store started
+    /// again) gets what the store holds from its oldest event, marked
+    /// `reset`, instead of an empty answer that skips ids 1..after for good.
+    #[tokio::test]
+    async fn a_poller_ahead_of_the_store_reads_it_from_the_start() {
+        let settings = EventSettings {
+            retain: 2,
+            ..EventSettings::default()
+        };
+        let hub = Hub::open(&settings).expect("hub");
+        // Nothing published yet: nothing to tell until something is.
+        let empty = hub.read("t", 5).await.expect("read");
+        assert!(empty.reset && empty.nothing_new(5), "{empty:?}");
+        assert_eq!(
+            empty.to_json(),
+            "{\"events\":[],\"next\":0,\"reset\":true}\n"
+        );
+
+        for n in 1..=3 {
+            assert_eq!(hub.publish("t", b"{}").await.expect("publish"), n);
+        }
+        let answer = hub.read("t", 5).await.expect("read");
+        let ids: Vec<u64> = answer.events.iter().map(|e| e.id).collect();
+        // Id 1 is gone: missed counts what the new store no longer retains.
+        assert_eq!((ids, answer.next, answer.missed), (vec![2, 3], 3, 1));
+        assert!(answer.reset && !answer.nothing_new(5), "{answer:?}");
+        // At the store's position or behind it: no reset.
+        assert!(!hub.read("t", 3).await.expect("read").reset);
+        assert!(hub.read("t", 3).await.expect("read").nothing_new(3));
+        assert!(!hub.read("t", 0).await.expect("read").reset);
     }
 
     #[tokio::test]

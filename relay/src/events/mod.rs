@@ -31,7 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use hub::{Hub, PollAnswer, PublishError};
 
 /// Publishes one event on `topic` and counts it: the id, or the error to
-/// answer (`400`, `413`, `503` for a store that failed).
+/// answer (`400`, `413`, `503` for a store that failed and stored nothing,
+/// `504` for one that may have stored it).
 pub async fn publish(
     shared: &crate::Shared,
     topic: &str,
@@ -51,6 +52,10 @@ pub async fn publish(
                 PublishError::BadTopic => ErrorKind::BadTopic,
                 PublishError::NotJson(why) => ErrorKind::NotJson(why),
                 PublishError::TooLarge { limit } => ErrorKind::EventTooLarge { limit },
+                PublishError::Store(e) if e.outcome_unknown => {
+                    tracing::error!(topic, error = %e, "publish outcome unknown");
+                    ErrorKind::EventOutcomeUnknown(e)
+                }
                 PublishError::Store(e) => {
                     tracing::error!(topic, error = %e, "publish failed");
                     ErrorKind::EventStore(e)
@@ -150,14 +155,31 @@ pub struct StoreError {
     pub store: &'static str,
     pub topic: String,
     pub cause: String,
+    /// An append whose request reached the store (or may have) and got no
+    /// answer: the event may be stored. `false`: nothing was stored.
+    pub outcome_unknown: bool,
 }
 
 impl StoreError {
+    /// A failure that changed nothing (for an append: the event is not stored).
     pub fn new(store: &'static str, topic: &str, cause: impl fmt::Display) -> StoreError {
         StoreError {
             store,
             topic: topic.to_string(),
             cause: cause.to_string(),
+            outcome_unknown: false,
+        }
+    }
+
+    /// An append that was sent and not answered: the event may be stored.
+    pub fn outcome_unknown(
+        store: &'static str,
+        topic: &str,
+        cause: impl fmt::Display,
+    ) -> StoreError {
+        StoreError {
+            outcome_unknown: true,
+            ..StoreError::new(store, topic, cause)
         }
     }
 }

@@ -267,7 +267,9 @@ async fn long_poll<S: Io>(
 }
 
 /// A server-sent event stream: `id:` and `data:` per event, an `event:
-/// missed` when the client fell behind, a comment every 15 s of quiet. Ends
+/// missed` when the client fell behind (with `"reset":true` when its
+/// `Last-Event-ID` is beyond the store's last id), a comment every 15 s of
+/// quiet. Ends
 /// when the client leaves or the relay drains (the client resumes elsewhere
 /// with `Last-Event-ID`). To a `HEAD`, only the head.
 async fn stream<S: Io>(
@@ -333,7 +335,14 @@ async fn stream<S: Io>(
             continue;
         }
         delivered(ctx, topic, &answer);
-        if answer.missed > 0 {
+        if answer.reset {
+            // Last-Event-ID beyond the store's last id: the store started
+            // again and the ids that follow start from its oldest event.
+            pending.push_str(&format!(
+                "event: missed\ndata: {{\"missed\":{},\"reset\":true}}\n\n",
+                answer.missed
+            ));
+        } else if answer.missed > 0 {
             pending.push_str(&format!(
                 "event: missed\ndata: {{\"missed\":{}}}\n\n",
                 answer.missed

@@ -13,13 +13,20 @@
 //!   and over short polling, which costs latency and load per poller.
 //!   Pub/sub is at most once: after every (re)subscription all local pollers
 //!   re-read their topic, so a notification lost in a reconnect delays no one.
+//! - Failures: redis runs a command it has received even after the relay
+//!   gave up waiting (a paused or overloaded server runs it later), so a
+//!   publish that got no answer may be stored. Only a publish that never
+//!   reached redis (no connection) or that redis refused with an error reply
+//!   is "not stored" (503, retry safe); one sent and not answered within
+//!   [`TIMEOUT`], or whose connection broke before the answer, is "outcome
+//!   unknown" (504). Hence one connection of our own, not redis-rs's
+//!   `ConnectionManager`, which reconnects inside the command call.
 
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
-use tokio::sync::OnceCell;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::waiters::Waiters;
@@ -27,7 +34,9 @@ use super::{to_ms, Batch, Event, Retention, Store, StoreError, StoreFuture};
 
 const KIND: &str = "redis";
 const NOTIFY_PREFIX: &str = "porthole:notify:";
-/// Connecting and each command; a poll or publish fails with 503 past it.
+/// Connecting and each command. Past it, a poll fails with 503; so does a
+/// publish that found no connection, while a publish whose command was sent
+/// gets 504, its outcome unknown (see [`RedisStore::append`]).
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 const APPEND: &str = r"
@@ -70,8 +79,12 @@ return out
 /// The `redis` store.
 pub struct RedisStore {
     client: redis::Client,
-    /// Connected on first use, so a relay starts even while redis is down.
-    conn: OnceCell<ConnectionManager>,
+    /// The shared (multiplexed) connection with its generation, made on
+    /// first use, so a relay starts even while redis is down, and made again
+    /// after it broke. Kept here rather than in a redis `ConnectionManager`,
+    /// which reconnects inside the command call: a failed publish must tell
+    /// "never sent" (a failed connect) from "sent, no answer".
+    conn: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
     retention: Retention,
     append: Script,
     read: Script,
@@ -100,7 +113,7 @@ impl RedisStore {
         tokio::spawn(listen(client.clone(), waiters, stop.clone()));
         Ok(RedisStore {
             client,
-            conn: OnceCell::new(),
+            conn: tokio::sync::Mutex::new(None),
             retention,
             append: Script::new(APPEND),
             read: Script::new(READ),
@@ -108,23 +121,29 @@ impl RedisStore {
         })
     }
 
-    /// The connection, made on first use; a poll or publish waits at most
-    /// [`TIMEOUT`] for it (the next one tries again).
-    async fn conn(&self, topic: &str) -> Result<ConnectionManager, StoreError> {
-        // redis-rs hands `factor` to backon as a multiplier of a 1 s first
-        // delay: its default of 100 made a refused first connection wait
-        // about 100 s before the retry. One retry, after at most 1 s.
-        let config = ConnectionManagerConfig::new()
+    /// The connection, made when there is none; a poll or publish waits at
+    /// most [`TIMEOUT`] for it (the next one tries again). Nothing has been
+    /// sent to redis when this fails. Returns the connection's generation,
+    /// for [`RedisStore::forget`].
+    async fn conn(&self, topic: &str) -> Result<(u64, MultiplexedConnection), StoreError> {
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(TIMEOUT)
-            .set_response_timeout(TIMEOUT)
-            .set_number_of_retries(1)
-            .set_factor(1)
-            .set_max_delay(1_000);
-        let connect = self
-            .conn
-            .get_or_try_init(|| self.client.get_connection_manager_with_config(config));
+            .set_response_timeout(TIMEOUT);
+        let connect = async {
+            let mut slot = self.conn.lock().await;
+            if let Some(conn) = slot.as_ref() {
+                return Ok(conn.clone());
+            }
+            let conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *slot = Some((generation, conn.clone()));
+            Ok::<_, RedisError>((generation, conn))
+        };
         match tokio::time::timeout(TIMEOUT, connect).await {
-            Ok(Ok(conn)) => Ok(conn.clone()),
+            Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(StoreError::new(KIND, topic, e)),
             Err(_) => Err(StoreError::new(
                 KIND,
@@ -132,6 +151,56 @@ impl RedisStore {
                 format!("no connection to redis within {TIMEOUT:?}"),
             )),
         }
+    }
+
+    /// Drops the connection of `generation` after it broke, so that the
+    /// next call connects again (a newer one is kept).
+    async fn forget(&self, generation: u64, e: &RedisError) {
+        if e.is_unrecoverable_error() {
+            let mut slot = self.conn.lock().await;
+            if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+                tracing::warn!(error = %e, "redis connection lost; reconnecting on next use");
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Generations of connections, to drop only the one that broke.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a failed append certainly stored nothing: redis itself refused it
+/// with an error reply (`LOADING`, `READONLY`, `OOM`, a script error: the
+/// append script cannot fail after its `XADD`, as `PEXPIRE` and `PUBLISH` do
+/// not). Anything else (no answer within [`TIMEOUT`], the connection broke,
+/// an answer that could not be read) came after the command was sent, and
+/// the script may have run.
+fn refused_by_redis(e: &RedisError) -> bool {
+    use redis::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ResponseError
+            | ExecAbortError
+            | BusyLoadingError
+            | NoScriptError
+            | Moved
+            | Ask
+            | TryAgain
+            | ClusterDown
+            | CrossSlot
+            | MasterDown
+            | ReadOnly
+            | NotBusy
+            | ExtensionError
+    )
+}
+
+/// A command's failure, in words a client can act on.
+fn command_error(e: &RedisError) -> String {
+    if e.is_timeout() {
+        format!("no answer from redis within {TIMEOUT:?}")
+    } else {
+        e.to_string()
     }
 }
 
@@ -147,11 +216,13 @@ impl Store for RedisStore {
         data: &'a str,
     ) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let mut conn = self.conn(topic).await?;
+            // Failing here, nothing was sent: the publisher may retry (503).
+            let (generation, mut conn) = self.conn(topic).await?;
             let ttl = u64::try_from(self.retention.age.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
-            self.append
+            let appended = self
+                .append
                 .key(stream_key(topic))
                 .key(counter_key(topic))
                 .arg(to_ms(time))
@@ -160,16 +231,26 @@ impl Store for RedisStore {
                 .arg(ttl)
                 .arg(format!("{NOTIFY_PREFIX}{topic}"))
                 .invoke_async::<u64>(&mut conn)
-                .await
-                .map_err(|e| StoreError::new(KIND, topic, e))
+                .await;
+            match appended {
+                Ok(id) => Ok(id),
+                Err(e) if refused_by_redis(&e) => Err(StoreError::new(KIND, topic, e)),
+                Err(e) => {
+                    // Sent: redis may have run the script, or run it later
+                    // (a paused or slow server does), so a retry could store
+                    // the event twice.
+                    self.forget(generation, &e).await;
+                    Err(StoreError::outcome_unknown(KIND, topic, command_error(&e)))
+                }
+            }
         })
     }
 
     fn read<'a>(&'a self, topic: &'a str, after: u64, limit: usize) -> StoreFuture<'a, Batch> {
         Box::pin(async move {
-            let mut conn = self.conn(topic).await?;
+            let (generation, mut conn) = self.conn(topic).await?;
             let cutoff = to_ms(self.retention.cutoff(SystemTime::now()));
-            let values: Vec<Value> = self
+            let values: Result<Vec<Value>, RedisError> = self
                 .read
                 .key(stream_key(topic))
                 .key(counter_key(topic))
@@ -178,8 +259,15 @@ impl Store for RedisStore {
                 .arg(limit)
                 .arg(cutoff)
                 .invoke_async(&mut conn)
-                .await
-                .map_err(|e| StoreError::new(KIND, topic, e))?;
+                .await;
+            // A read changes nothing a retry could duplicate: always 503.
+            let values = match values {
+                Ok(values) => values,
+                Err(e) => {
+                    self.forget(generation, &e).await;
+                    return Err(StoreError::new(KIND, topic, command_error(&e)));
+                }
+            };
             decode(&values).map_err(|e| StoreError::new(KIND, topic, e))
         })
     }
