@@ -320,6 +320,41 @@ async fn the_watcher_keeps_trying_while_the_relay_is_down_and_resumes_when_it_re
     assert!(stderr.contains("polling again"), "{stderr}");
 }
 
+/// A relay whose memory store started again numbers its events from 1: the
+/// watcher, ahead of it, prints them (the relay marks its answer `reset`)
+/// instead of dropping every id at or below the last one it printed.
+#[tokio::test]
+async fn after_a_memory_relay_restarts_its_new_events_are_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_conf = dir.path().join("relay.toml");
+    std::fs::write(&relay_conf, "[relay]\nname = \"relay.test\"\n").unwrap();
+    let mut relay = RelayProcess::spawn(&relay_conf, &[]).await;
+    let (addr, admin) = (relay.addr, relay.admin);
+    let (_shim_dir, conf) = workdir();
+    let state = dir.path().join("t.last");
+    let mut watcher = Watcher::spawn(&conf, addr, "t", &state);
+    for n in 1..=3 {
+        publish_ok(&relay.admin_url(), "t", &n.to_string()).await;
+    }
+    assert_eq!(watcher.next_ids(3).await, vec![1, 2, 3]);
+
+    relay.child.start_kill().unwrap();
+    relay.child.wait().await.unwrap();
+    let relay = RelayProcess::spawn_on(&relay_conf, addr, admin, &[], &[]).await;
+    publish_ok(&relay.admin_url(), "t", "\"new 1\"").await;
+    publish_ok(&relay.admin_url(), "t", "\"new 2\"").await;
+    let first = watcher.next_event().await;
+    let second = watcher.next_event().await;
+    assert_eq!(
+        (first["id"].as_u64(), second["id"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(first["data"], "new 1");
+    state_is(&state, 2).await;
+    let (status, _, stderr) = watcher.stop("TERM").await;
+    assert!(status.success(), "{status:?}\n{stderr}");
+}
+
 #[tokio::test]
 async fn a_full_relay_is_asked_again_after_retry_after() {
     let relay = Relay::start(&config_with("", "[events]\nmax_pollers_per_topic = 1")).await;

@@ -152,6 +152,10 @@ pub struct Answer {
     pub next: u64,
     #[serde(default)]
     pub missed: u64,
+    /// The relay's store started again behind the `after` asked for (a
+    /// `memory` relay restarted): its events are new, whatever their ids.
+    #[serde(default)]
+    pub reset: bool,
 }
 
 #[derive(Deserialize)]
@@ -184,7 +188,8 @@ pub struct Step {
 /// which moves on past events no longer retained, or back when the relay's
 /// store starts again.
 pub fn step(after: u64, answer: &Answer) -> Result<Step, String> {
-    let mut last = after;
+    // After a reset the ids start again: none of them was printed.
+    let mut last = if answer.reset { 0 } else { after };
     let mut lines = Vec::with_capacity(answer.events.len());
     for event in &answer.events {
         let id = serde_json::from_str::<EventId>(event.get())
@@ -201,7 +206,7 @@ pub fn step(after: u64, answer: &Answer) -> Result<Step, String> {
         lines,
         next,
         missed: answer.missed,
-        rewound: next < after,
+        rewound: answer.reset || next < after,
     })
 }
 
@@ -586,6 +591,15 @@ mod tests {
             ),
             // The relay's store started again: follow it back.
             (9, r#"{"events":[],"next":3}"#, &[], 3, 0, true),
+            // ...and print its new events, whatever their ids (audit 4).
+            (
+                9,
+                r#"{"events":[{"id":1,"data":0},{"id":2,"data":0}],"next":2,"reset":true}"#,
+                &[1, 2],
+                2,
+                0,
+                true,
+            ),
             // Never twice: ids at or below the last printed are dropped.
             (
                 3,
