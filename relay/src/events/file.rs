@@ -219,17 +219,25 @@ fn event_line(e: &Event) -> String {
 }
 
 /// Appends one event durably; runs in a blocking thread.
+/// Appends one event; its id. `Err` says whether the event was stored
+/// nonetheless (`true`: written and synced, only the new file's directory
+/// entry could not be synced).
 fn append_blocking(
     log: &TopicLog,
     time: SystemTime,
     data: &str,
     retention: Retention,
-) -> io::Result<u64> {
+) -> Result<u64, (io::Error, bool)> {
+    let not_stored = |e: io::Error| (e, false);
     let mut w = lock(&log.writer);
     let created = w.file.is_none();
     if created {
-        let file = OpenOptions::new().create(true).append(true).open(&w.path)?;
-        w.len = file.metadata()?.len();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&w.path)
+            .map_err(not_stored)?;
+        w.len = file.metadata().map_err(not_stored)?.len();
         w.file = Some(file);
     }
     let event = Event {
@@ -242,25 +250,30 @@ fn append_blocking(
     let file = w
         .file
         .as_mut()
-        .ok_or_else(|| io::Error::other("log not open"))?;
+        .ok_or_else(|| not_stored(io::Error::other("log not open")))?;
     let written = file
         .write_all(line.as_bytes())
         .and_then(|()| file.sync_data());
     if let Err(e) = written {
         // Nothing partial stays behind: the next append starts on a line boundary.
         let _ = file.set_len(len);
-        return Err(e);
+        return Err(not_stored(e));
     }
-    if created {
-        sync_dir(&path)?;
-    }
+    // Written and synced: the event is stored, whatever follows (its id is
+    // never given out again).
     w.len += line.len() as u64;
     w.lines += 1;
     w.last_id = event.id;
     let id = event.id;
     lock(&log.window).push(event, retention, SystemTime::now());
     if w.lines > 2 * retention.count + 64 {
-        compact(&mut w, log, retention)?;
+        // Housekeeping: a failure leaves the longer log, which loads as well.
+        if let Err(e) = compact(&mut w, log, retention) {
+            tracing::warn!(path = %path.display(), error = %e, "compacting the event log failed; it stays as it is");
+        }
+    }
+    if created {
+        sync_dir(&path).map_err(|e| (e, true))?;
     }
     Ok(id)
 }
@@ -316,7 +329,15 @@ impl Store for FileStore {
             tokio::task::spawn_blocking(move || append_blocking(&log, time, &data, retention))
                 .await
                 .map_err(|e| StoreError::new(KIND, topic, e))?
-                .map_err(|e| StoreError::new(KIND, topic, e))
+                .map_err(|(e, stored)| match stored {
+                    // Readable now; whether it survives a power loss is not known.
+                    true => StoreError::outcome_unknown(
+                        KIND,
+                        topic,
+                        format!("the event was written, its new log's directory entry not synced: {e}"),
+                    ),
+                    false => StoreError::new(KIND, topic, e),
+                })
         })
     }
 
