@@ -589,6 +589,41 @@ async fn workers_share_the_port_and_a_second_relay_on_it_is_refused() {
     assert_eq!(origin.received().len(), 30);
 }
 
+/// A path the configuration names that cannot be opened (an access log in
+/// a directory that does not exist) stops the relay before it binds
+/// anything, with exit 64 as any bad configuration (audit 4: it bound both
+/// ports first, then failed with exit 1, which systemd restarts in a loop).
+#[tokio::test]
+async fn an_access_log_that_cannot_be_opened_stops_the_relay_before_it_binds() {
+    let origin = Origin::ok().await;
+    let path = app_config(
+        "badlog",
+        &origin,
+        "[log]\naccess = \"/nonexistent-porthole-dir/access.log\"\n",
+    );
+    let addr = free_addr();
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary("porthole-relay"))
+            .arg("--config")
+            .arg(&path)
+            .env("PORTHOLE__RELAY__LISTEN", addr.to_string())
+            .env("RUST_LOG", "debug")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the relay did not exit")
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{log}");
+    assert!(
+        log.contains("log.access /nonexistent-porthole-dir/access.log"),
+        "{log}"
+    );
+    assert!(!log.contains("listening"), "{log}");
+}
+
 /// Two relays started in the same instant can both find the port free; the
 /// claim decides. The test holds the claim itself, as the first of two such
 /// relays would, on a port nobody listens on.

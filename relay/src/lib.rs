@@ -393,6 +393,18 @@ pub async fn run_until(
     cut_short: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared::new(config)?);
+    run_shared(listeners, shared, shutdown, cut_short).await
+}
+
+/// As [`run_until`], with the relay's state made beforehand: `main` opens
+/// the access log and the event store ([`Shared::new`]) before it binds,
+/// so a path that cannot be opened stops it with nothing bound.
+pub async fn run_shared(
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+    cut_short: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let aggregate = listeners.aggregate.local_addr().ok();
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     {

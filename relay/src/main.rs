@@ -154,7 +154,18 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         // Before binding: a signal right after start drains (a second one ends the drain).
         let signals = porthole_relay::StopSignals::install();
-        let listeners = match porthole_relay::Listeners::bind(&config).await {
+        // The access log and the event store open before anything is bound:
+        // a path named in the configuration that cannot be opened is a bad
+        // configuration (exit 64, which the systemd unit does not restart).
+        let shared = match porthole_relay::Shared::new(config) {
+            Ok(shared) => std::sync::Arc::new(shared),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("{source}: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        };
+        let listeners = match porthole_relay::Listeners::bind(&shared.config()).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot bind");
@@ -162,7 +173,7 @@ fn main() -> ExitCode {
             }
         };
         let (shutdown, cut_short) = (signals.nth(1), signals.nth(2));
-        match porthole_relay::run_until(listeners, config, shutdown, cut_short).await {
+        match porthole_relay::run_shared(listeners, shared, shutdown, cut_short).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "relay failed");

@@ -334,7 +334,9 @@ impl Store for FileStore {
                     true => StoreError::outcome_unknown(
                         KIND,
                         topic,
-                        format!("the event was written, its new log's directory entry not synced: {e}"),
+                        format!(
+                            "the event was written, its new log's directory entry not synced: {e}"
+                        ),
                     ),
                     false => StoreError::new(KIND, topic, e),
                 })

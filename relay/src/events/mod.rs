@@ -186,11 +186,15 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} event store, topic {}: {}",
-            self.store, self.topic, self.cause
-        )
+        match self.topic.as_str() {
+            // The store as a whole (opening it): no topic to name.
+            "-" | "" => write!(f, "{} event store: {}", self.store, self.cause),
+            topic => write!(
+                f,
+                "{} event store, topic {topic}: {}",
+                self.store, self.cause
+            ),
+        }
     }
 }
 
