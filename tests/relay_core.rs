@@ -742,19 +742,12 @@ async fn stalled_bodies_end_after_their_timeouts() {
 
     // The server takes no byte of a large upload: 504 naming it.
     let start = std::time::Instant::now();
-    let (mut read, mut write) = TcpStream::connect(relay.addr).await.unwrap().into_split();
-    let head = format!("PUT http://app-a.test:{port}/deaf HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: {}\r\n\r\n", 256 << 20);
-    let upload = tokio::spawn(async move {
-        write.write_all(head.as_bytes()).await?;
-        let chunk = vec![b'u'; 1 << 20];
-        for _ in 0..256 {
-            write.write_all(&chunk).await?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = upload_while_reading(
+        relay.addr,
+        &format!("http://app-a.test:{port}/deaf"),
+        256 << 20,
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}");
     assert!(
         answer.contains("took no byte of the request body"),
@@ -765,7 +758,6 @@ async fn stalled_bodies_end_after_their_timeouts() {
         "{:?}",
         start.elapsed()
     );
-    upload.abort();
 
     // The server pauses its body: the client connection closes after 100 bytes.
     let start = std::time::Instant::now();
@@ -878,25 +870,10 @@ async fn an_early_answer_from_a_server_that_stopped_reading_reaches_the_client()
         }
     });
     let relay = relay_to_port(port, "app-a.test", "").await;
-    let (mut read, mut write) = TcpStream::connect(relay.addr).await.unwrap().into_split();
-    let length = 8 << 20;
-    let head = format!(
-        "PUT http://app-a.test:{port}/up HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: {length}\r\n\r\n"
-    );
-    let upload = tokio::spawn(async move {
-        write.write_all(head.as_bytes()).await?;
-        let chunk = vec![b'u'; 64 << 10];
-        for _ in 0..(length / chunk.len()) {
-            write.write_all(&chunk).await?;
-        }
-        Ok::<_, std::io::Error>(())
-    });
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer =
+        upload_while_reading(relay.addr, &format!("http://app-a.test:{port}/up"), 8 << 20).await;
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     assert!(answer.ends_with("too large"), "{answer}");
-    upload.abort();
 }
 
 /// A route may name an IPv6 literal (`[::1]` or `::1`): requests for it, in
@@ -936,6 +913,26 @@ async fn an_ipv6_literal_route_takes_requests_in_any_spelling() {
         "{}",
         out.text()
     );
+}
+
+/// PUTs `length` bytes to `url` through the relay at `relay` while reading
+/// its answer (until it closes, 10 s at most): what came back, as text.
+async fn upload_while_reading(relay: std::net::SocketAddr, url: &str, length: usize) -> String {
+    let (mut read, mut write) = TcpStream::connect(relay).await.unwrap().into_split();
+    let head =
+        format!("PUT {url} HTTP/1.1\r\nHost: app-a.test\r\nContent-Length: {length}\r\n\r\n");
+    let upload = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..length / chunk.len() {
+            write.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer)).await;
+    upload.abort();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Reads from `s` until `end` has arrived; what came, as text.

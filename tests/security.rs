@@ -1036,6 +1036,18 @@ async fn a_chain_back_to_itself_is_a_loop_for_tunnels_too() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
 
+/// The lines of the access-log file `log`, once it has `n` (within 5 s).
+async fn access_lines(log: &std::path::Path, n: usize) -> Vec<String> {
+    let lines = || porthole_suite::lines_with(log, "status=");
+    let all_written = || async { lines().len() >= n };
+    assert!(
+        porthole_suite::eventually(Duration::from_secs(5), all_written).await,
+        "{:?}",
+        lines()
+    );
+    lines()
+}
+
 /// Requests the relay cannot read (a malformed head, too many fields, a
 /// target too long, a head too slow) get an access line with `-` for what
 /// could not be read, and count in the metrics (audit 4: they left no trace
@@ -1078,14 +1090,7 @@ async fn unreadable_requests_get_an_access_line_and_count() {
     let answer = raw_exchange(relay.addr, forged.as_bytes(), Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 
-    let lines = || porthole_suite::lines_with(&log, "status=");
-    let all_written = || async { lines().len() >= 5 };
-    assert!(
-        porthole_suite::eventually(Duration::from_secs(5), all_written).await,
-        "{:?}",
-        lines()
-    );
-    let lines = lines();
+    let lines = access_lines(&log, 5).await;
     for status in ["400", "431", "414", "408"] {
         porthole_suite::assert_some_line(
             &lines,
@@ -1177,14 +1182,7 @@ access = "{}"
         );
     }
 
-    let lines = || porthole_suite::lines_with(&log, "status=");
-    let all_written = || async { lines().len() >= 5 };
-    assert!(
-        porthole_suite::eventually(Duration::from_secs(5), all_written).await,
-        "{:?}",
-        lines()
-    );
-    let lines = lines();
+    let lines = access_lines(&log, 5).await;
     porthole_suite::assert_some_line(
         &lines,
         &["user=\"alice\"", "route=\"app-b.test\"", "status=403"],

@@ -109,7 +109,7 @@ impl Deadline {
 /// How long a body copy may wait for the sender's next bytes (`read`) and
 /// for the receiver to take bytes (`write`), on the connection's deadline.
 /// A stalled side past it ends the copy with an `io::ErrorKind::TimedOut`
-/// error ([`Stall::timed_out`]).
+/// error.
 pub struct Stall<'a> {
     pub timer: &'a mut Deadline,
     pub read: Duration,
@@ -123,10 +123,7 @@ impl Stall<'_> {
         fut: F,
     ) -> std::io::Result<T> {
         let after = self.read;
-        self.timer
-            .limit_wait(after, fut)
-            .await
-            .unwrap_or_else(|Expired| Err(Stall::timed_out("the sender", after)))
+        self.within(after, "the sender", fut).await
     }
 
     /// `fut`, a write to the receiver, within `write` of waiting.
@@ -135,17 +132,24 @@ impl Stall<'_> {
         fut: F,
     ) -> std::io::Result<T> {
         let after = self.write;
+        self.within(after, "the receiver", fut).await
+    }
+
+    async fn within<T, F: Future<Output = std::io::Result<T>>>(
+        &mut self,
+        after: Duration,
+        who: &str,
+        fut: F,
+    ) -> std::io::Result<T> {
         self.timer
             .limit_wait(after, fut)
             .await
-            .unwrap_or_else(|Expired| Err(Stall::timed_out("the receiver", after)))
-    }
-
-    fn timed_out(who: &str, after: Duration) -> std::io::Error {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("{who} moved no byte for {after:?}"),
-        )
+            .unwrap_or_else(|Expired| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{who} moved no byte for {after:?}"),
+                ))
+            })
     }
 }
 
