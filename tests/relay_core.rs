@@ -1281,6 +1281,33 @@ async fn drain_lets_an_open_request_finish() {
     );
 }
 
+/// A request the drain timeout cuts before its answer is logged `503` (the
+/// relay stopped serving it), not `499`, which says its client gave up
+/// (audit 4 L1).
+#[tokio::test]
+async fn a_request_the_drain_timeout_cuts_is_logged_503() {
+    let origin = Origin::start(|_| Reply::Silent).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let relay = Relay::start(&format!(
+        "[relay]\nlisten = \"127.0.0.1:0\"\nname = \"relay.test\"\ndrain_timeout = \"500ms\"\n[log]\naccess = \"{}\"\n{}",
+        log.display(),
+        route("app-a.test", "127.0.0.1", &[origin.port()], "")
+    ))
+    .await;
+    let url = format!("http://app-a.test:{}/never", origin.port());
+    let proxy = relay.url();
+    let waiting = tokio::spawn(async move { Curl::new(&url).proxy(&proxy).run().await });
+    while origin.received().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.shutdown().await;
+    let out = waiting.await.unwrap();
+    assert_ne!(out.status, 200, "{out:?}");
+    let lines = porthole_suite::lines_with(&log, "/never");
+    porthole_suite::assert_some_line(&lines, &["status=503", "route=\"app-a.test\""]);
+}
+
 /// A body of this many bytes, every byte different from its neighbours, so a
 /// lost, repeated or reordered piece shows.
 fn patterned(len: usize) -> Vec<u8> {

@@ -146,6 +146,10 @@ fn without_userinfo(target: &str) -> String {
 /// (nginx's 499, "client closed request").
 pub const CLIENT_GONE: u16 = 499;
 
+/// Status logged for a request the drain timeout ended before its answer:
+/// the relay stopped serving it, not its client.
+pub const CUT_BY_DRAIN: u16 = 503;
+
 /// An access record whose line is written even when its request is dropped
 /// before it ends: with the status already sent (a download the drain
 /// timeout cut), or [`CLIENT_GONE`] before any (an HTTP/2 client resets its
@@ -196,7 +200,12 @@ impl Drop for Pending<'_> {
         if let Some(mut access) = self.access.take() {
             tracing::debug!(target = %access.target, status = access.status, "request ended early");
             if access.status == 0 {
-                access.status = CLIENT_GONE;
+                // Ended before its answer: by the relay's drain timeout
+                // (it stopped serving) or by its client.
+                access.status = match self.ctx.shared.is_draining() {
+                    true => CUT_BY_DRAIN,
+                    false => CLIENT_GONE,
+                };
             }
             access.finish(self.ctx);
         }
