@@ -582,6 +582,50 @@ async fn rules_by_topic_on_the_event_endpoints() {
     assert_eq!(bob.status, 403, "{bob:?}");
 }
 
+/// A publisher that stalls its event's body is cut after
+/// `limits.body_timeout` with `408`, on the aggregate port and on the admin
+/// listener alike (they waited forever), and nothing is stored.
+#[tokio::test]
+async fn a_stalled_publish_gets_408_on_both_ports() {
+    use base64::Engine as _;
+    let dir = Dir::new();
+    let users = users_file(&dir, &[("sensor", "s-pw")]);
+    let extra = format!(
+        "[limits]\nbody_timeout = \"1s\"\n[auth]\nusers_file = \"{users}\"\n\
+         [events]\npublishers = [\"sensor\"]\n[[rule]]\ntopics = [\"plant-*\"]\nallow = true\n"
+    );
+    let relay = Relay::start(&config_with("", &extra)).await;
+    let basic = base64::engine::general_purpose::STANDARD.encode("sensor:s-pw");
+    let cases = [
+        (
+            relay.addr,
+            format!("POST http://relay.test/events/plant-1 HTTP/1.1\r\nHost: relay.test\r\nProxy-Authorization: Basic {basic}\r\nContent-Length: 100\r\n\r\n{{\"t\":"),
+        ),
+        (
+            relay.admin,
+            "POST /events/plant-2 HTTP/1.1\r\nHost: admin\r\nContent-Length: 100\r\n\r\n{\"t\":".to_string(),
+        ),
+    ];
+    for (addr, request) in &cases {
+        let start = std::time::Instant::now();
+        let answer = raw_exchange(*addr, request.as_bytes(), Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{request}: {answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let status = Curl::new(&format!("{}/status", relay.admin_url()))
+        .run()
+        .await
+        .text();
+    assert!(
+        !status.contains("plant-1") && !status.contains("plant-2"),
+        "{status}"
+    );
+}
+
 /// `[events] publishers`: named users may publish on the aggregate port,
 /// authenticated like any client, within the topics the rules allow them;
 /// the event reaches pollers as one published on the admin listener does.

@@ -226,7 +226,13 @@ async fn publish(req: Request<Incoming>, topic: &str, shared: &Shared) -> AdminR
     if declared.is_some_and(|n| n > limit as u64) {
         return refusal(&too_large());
     }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    // A stalled publisher is cut after body_timeout, as on the aggregate port.
+    let body_timeout = shared.config().limits.body_timeout;
+    let collect = Limited::new(req.into_body(), limit).collect();
+    let Ok(collected) = tokio::time::timeout(body_timeout, collect).await else {
+        return refusal(&RelayError::new(ErrorKind::BodyTimeout));
+    };
+    let body = match collected {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return refusal(&too_large()),
         Err(e) => {

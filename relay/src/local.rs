@@ -221,7 +221,13 @@ async fn publish<S: Io>(
         if matches!(framing, Framing::Length(n) if n > limit as u64) {
             return Err(RelayError::new(ErrorKind::EventTooLarge { limit }));
         }
-        let body = match read_body(conn, framing, limit as u64, true).await {
+        // A stalled publisher is cut after body_timeout (the whole body: it
+        // is one event, at most max_event_bytes).
+        let read = read_body(conn, framing, limit as u64, true);
+        let Ok(read) = tokio::time::timeout(config.limits.body_timeout, read).await else {
+            return Err(RelayError::new(ErrorKind::BodyTimeout));
+        };
+        let body = match read {
             Body::Read(body) => body,
             Body::TooLarge => return Err(RelayError::new(ErrorKind::EventTooLarge { limit })),
             Body::Broken => return Err(RelayError::new(ErrorKind::BadRequest("unreadable body"))),
