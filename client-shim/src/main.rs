@@ -134,23 +134,17 @@ fn main() -> ExitCode {
         Err(e) => return bad_config(&cli, &e),
     };
     // The command line wins over the file; forwards add up.
-    if cli.relay.is_some() {
-        raw.relay = cli.relay.clone();
-    }
-    if cli.listen.is_some() {
-        raw.listen = cli.listen.clone();
-    }
-    if cli.ca.is_some() {
-        raw.ca = cli.ca.clone();
-    }
-    if cli.cert.is_some() {
-        raw.cert = cli.cert.clone();
-    }
-    if cli.key.is_some() {
-        raw.key = cli.key.clone();
-    }
-    if cli.credentials_file.is_some() {
-        raw.credentials_file = cli.credentials_file.clone();
+    for (flag, key) in [
+        (&cli.relay, &mut raw.relay),
+        (&cli.listen, &mut raw.listen),
+        (&cli.ca, &mut raw.ca),
+        (&cli.cert, &mut raw.cert),
+        (&cli.key, &mut raw.key),
+        (&cli.credentials_file, &mut raw.credentials_file),
+    ] {
+        if flag.is_some() {
+            key.clone_from(flag);
+        }
     }
     raw.forward.extend(cli.forwards.iter().cloned());
     raw.forward_udp.extend(cli.udp_forwards.iter().cloned());

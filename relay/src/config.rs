@@ -418,14 +418,8 @@ impl Source {
             Source::Text { env, .. } => ("embedded configuration".to_string(), env.as_ref()),
         };
         let keys = match env {
-            Some(map) => env_keys(map.keys().map(String::as_str)),
-            None => env_keys(
-                std::env::vars()
-                    .map(|(k, _)| k)
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .map(String::as_str),
-            ),
+            Some(map) => env_keys(map.keys()),
+            None => env_keys(std::env::vars().map(|(name, _)| name)),
         };
         match keys.is_empty() {
             true => name,
@@ -436,10 +430,13 @@ impl Source {
 
 /// The configuration keys `PORTHOLE__...` variable names set
 /// (`PORTHOLE__RELAY__LISTEN` -> `relay.listen`), sorted.
-fn env_keys<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+fn env_keys<S: AsRef<str>>(names: impl Iterator<Item = S>) -> Vec<String> {
     let mut keys: Vec<String> = names
-        .filter_map(|n| n.strip_prefix("PORTHOLE__"))
-        .map(|k| k.to_ascii_lowercase().replace("__", "."))
+        .filter_map(|n| {
+            n.as_ref()
+                .strip_prefix("PORTHOLE__")
+                .map(|k| k.to_ascii_lowercase().replace("__", "."))
+        })
         .collect();
     keys.sort();
     keys
